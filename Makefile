@@ -1,0 +1,30 @@
+# Task runner. `make setup` builds .venv from scratch (torch 2.14.1 + torchvision
+# 0.29.1 come from this machine's local disk through pip); the other targets use it.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: setup test lint quickstart clean
+
+setup: $(BIN)/lightly-mcp-installed
+
+$(BIN)/lightly-mcp-installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet torch==2.14.1 torchvision==0.29.1
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+lint: setup
+	$(BIN)/ruff check lightly_mcp tests
+	$(BIN)/ruff format --check lightly_mcp tests
+	$(BIN)/mypy lightly_mcp
+
+quickstart: setup
+	$(BIN)/python -m lightly_mcp
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

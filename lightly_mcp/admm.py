@@ -1,0 +1,204 @@
+"""ADMM regularizer that drives a preset fraction of channels of every group to zero.
+
+Reference:
+    Momentum Contrastive Pruning, Section 3.4, Eq. (7)-(10); and
+    Zhang et al., A Systematic DNN Weight Pruning Framework using ADMM, ECCV 2018.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from lightly_mcp.groups import (
+    ChannelGroup,
+    channel_scores,
+    masked_tensors,
+    validate_pruning_ratio,
+)
+
+
+def project_onto_channel_budget(
+    tensors: Mapping[str, Tensor],
+    groups: Sequence[ChannelGroup],
+    pruning_ratio: float,
+) -> tuple[dict[str, Tensor], list[Tensor]]:
+    """Euclidean projection onto "at most ``n_g`` non-zero channels per group".
+
+    Per group, channels are ranked by the L2 norm of all their output-side members
+    (conv rows, depthwise filters, biases, norm weight and bias), the top ``n_g`` are
+    kept and the rest are set to zero. This is the exact projection: zeroing a channel
+    costs its squared norm, so keeping the largest norms is optimal.
+
+    Args:
+        tensors: Parameter-shaped tensors by name (e.g. ``θ_q + U``).
+        groups: The channel groups.
+        pruning_ratio: Fraction of channels removed in every group.
+
+    Returns:
+        ``(projected, masks)``: the projected member tensors by name, and per group a
+        boolean mask of kept channels.
+    """
+    masks = []
+    for group in groups:
+        scores = channel_scores(tensors, group)
+        keep = torch.topk(scores, group.num_kept(pruning_ratio), sorted=False).indices
+        mask = torch.zeros(group.num_channels, dtype=torch.bool, device=scores.device)
+        mask[keep] = True
+        masks.append(mask)
+    return masked_tensors(tensors, groups, masks), masks
+
+
+class ADMMRegularizer(nn.Module):
+    """ADMM penalty pulling the query encoder toward a channel-sparse copy ``Z``.
+
+    The loss is ``(ρ/2) Σ_g ‖θ_g − Z_g + U_g‖²`` over the output-side parameters of
+    every channel group. :meth:`update` performs the ADMM step
+    ``Z ← Π(θ + U)``, ``U ← U + θ − Z``, ``mask ← support(Z)``, where ``Π`` keeps the
+    ``n_g = max(1, C_g − floor(r·C_g))`` channels of largest norm in every group.
+    ``Z``, ``U``, the mask, ``ρ`` and the update count are buffers: they are saved in
+    ``state_dict()`` and move with the module.
+
+    Attributes:
+        groups: The channel groups (shared with the momentum subnet).
+        pruning_ratio: Fraction of channels removed in every group.
+        rho_growth: Factor applied to ρ after every update (1.0 keeps ρ constant).
+
+    Examples:
+        >>> admm = ADMMRegularizer(backbone, groups, pruning_ratio=0.5, rho=0.01)
+        >>> # in the training step:
+        >>> loss = criterion(query, key) + admm(backbone)
+        >>> # every admm_interval steps or epochs:
+        >>> changed = admm.update(backbone)
+    """
+
+    def __init__(
+        self,
+        encoder: nn.Module,
+        groups: Sequence[ChannelGroup],
+        pruning_ratio: float,
+        rho: float = 0.01,
+        rho_growth: float = 1.0,
+    ) -> None:
+        """Initialises ``Z⁰ = Π(θ⁰)``, ``U⁰ = 0`` from the encoder's current weights.
+
+        Args:
+            encoder: The query encoder; only its current weights are read.
+            groups: Channel groups of the encoder (see ``find_channel_groups``).
+            pruning_ratio: Fraction of channels removed in every group, in [0, 1).
+            rho: ADMM penalty ρ ≥ 0 (0.01 in the paper).
+            rho_growth: Factor ≥ 1 multiplying ρ after every update.
+        """
+        super().__init__()
+        self.pruning_ratio = validate_pruning_ratio(pruning_ratio)
+        if not rho >= 0:
+            raise ValueError(f"rho must be >= 0, got {rho}.")
+        if not rho_growth >= 1.0:
+            raise ValueError(f"rho_growth must be >= 1.0, got {rho_growth}.")
+        if not groups:
+            raise ValueError("groups must not be empty.")
+        self.groups = list(groups)
+        self.rho_growth = float(rho_growth)
+        self.param_names = [name for g in self.groups for name in g.param_names]
+
+        params = self._parameters_of(encoder)
+        with torch.no_grad():
+            z, masks = project_onto_channel_budget(
+                params, self.groups, self.pruning_ratio
+            )
+        self.register_buffer("rho_value", torch.tensor(float(rho), dtype=torch.float64))
+        self.register_buffer("num_updates", torch.tensor(0, dtype=torch.long))
+        for i, name in enumerate(self.param_names):
+            self.register_buffer(f"z_{i}", z[name].detach().clone())
+            self.register_buffer(f"u_{i}", torch.zeros_like(params[name]))
+        for g, mask in enumerate(masks):
+            self.register_buffer(f"mask_{g}", mask)
+
+    # --- state -------------------------------------------------------------------
+    @property
+    def rho(self) -> float:
+        """The current ADMM penalty ρ."""
+        return float(self.rho_value)
+
+    @property
+    def masks(self) -> list[Tensor]:
+        """Per group, the boolean mask of kept channels (support of ``Z``)."""
+        return [getattr(self, f"mask_{g}") for g in range(len(self.groups))]
+
+    def z(self) -> dict[str, Tensor]:
+        """``Z`` by parameter name."""
+        return {n: getattr(self, f"z_{i}") for i, n in enumerate(self.param_names)}
+
+    def u(self) -> dict[str, Tensor]:
+        """``U`` by parameter name."""
+        return {n: getattr(self, f"u_{i}") for i, n in enumerate(self.param_names)}
+
+    def _parameters_of(self, encoder: nn.Module) -> dict[str, Tensor]:
+        try:
+            return {name: encoder.get_parameter(name) for name in self.param_names}
+        except AttributeError as error:
+            raise ValueError(
+                f"The encoder does not match the channel groups of this regularizer: "
+                f"{error}. Build the groups from the same architecture."
+            ) from None
+
+    # --- ADMM --------------------------------------------------------------------
+    def forward(self, encoder: nn.Module) -> Tensor:
+        """Returns the ADMM penalty ``(ρ/2) Σ ‖θ − Z + U‖²`` (differentiable in θ)."""
+        total = None
+        for i, name in enumerate(self.param_names):
+            theta = encoder.get_parameter(name)
+            diff = theta - getattr(self, f"z_{i}") + getattr(self, f"u_{i}")
+            term = diff.pow(2).sum()
+            total = term if total is None else total + term
+        assert total is not None
+        return 0.5 * self.rho * total
+
+    loss = forward
+
+    @torch.no_grad()
+    def distance(self, encoder: nn.Module) -> float:
+        """``‖θ − Z‖`` over the output-side parameters: how far θ is from sparse."""
+        params = self._parameters_of(encoder)
+        z = self.z()
+        sq = sum(float((params[n] - z[n]).pow(2).sum()) for n in self.param_names)
+        return sq**0.5
+
+    @torch.no_grad()
+    def update(self, encoder: nn.Module) -> int:
+        """One ADMM step: ``Z ← Π(θ + U)``, ``U ← U + θ − Z``, ``mask ← support(Z)``.
+
+        Then ``ρ`` is multiplied by ``rho_growth``.
+
+        Returns:
+            The number of channels that entered or left the mask.
+        """
+        params = self._parameters_of(encoder)
+        u = self.u()
+        shifted = {n: params[n].detach() + u[n] for n in self.param_names}
+        z_new, masks_new = project_onto_channel_budget(
+            shifted, self.groups, self.pruning_ratio
+        )
+        for i, name in enumerate(self.param_names):
+            getattr(self, f"z_{i}").copy_(z_new[name])
+            getattr(self, f"u_{i}").add_(params[name].detach() - z_new[name])
+        changed = 0
+        for g, mask in enumerate(masks_new):
+            old = getattr(self, f"mask_{g}")
+            changed += int((old != mask).sum())
+            old.copy_(mask)
+        self.rho_value.mul_(self.rho_growth)
+        self.num_updates.add_(1)
+        return changed
+
+    def kept_channels(self) -> list[int]:
+        """Number of kept channels per group."""
+        return [int(mask.sum()) for mask in self.masks]
+
+    def extra_repr(self) -> str:
+        return (
+            f"groups={len(self.groups)}, pruning_ratio={self.pruning_ratio}, "
+            f"rho={self.rho:g}, rho_growth={self.rho_growth:g}"
+        )

@@ -1,0 +1,390 @@
+"""Channel groups: the coupled output channels of a backbone.
+
+Structured pruning removes output channels, and channels are coupled: a residual add
+ties the channels of every branch that feeds it, a depthwise convolution ties its input
+and output channels, a norm layer follows its convolution. A *channel group* is one
+such set of coupled channels, found once by tracing the network with torch-pruning's
+``DependencyGraph``. Everything else in MCP (the ADMM projection, the momentum-subnet
+mask, compaction and reports) speaks in groups and channel indices.
+
+A group's *output-side members* are the parameters that produce its channels: conv or
+linear output rows and biases, depthwise conv filters, norm-layer weights and biases.
+They are addressed by parameter name, so the same groups apply to the query encoder and
+to its momentum copy (which share one architecture).
+
+Reference:
+    Momentum Contrastive Pruning, Section 3.4 (ADMM on the encoder), and
+    DepGraph: Towards Any Structural Pruning, CVPR 2023 (torch-pruning).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch_pruning as tp
+from torch import Tensor, nn
+
+# Norm layers that mix channels: zeroing one channel changes the output of the others,
+# so a masked forward is not equivalent to removing the channel. Groups that contain
+# them are left unpruned.
+_CHANNEL_MIXING_LAYERS: tuple[type[nn.Module], ...] = (
+    nn.GroupNorm,
+    nn.LayerNorm,
+    nn.MultiheadAttention,
+)
+
+
+class NoPrunableGroupsError(ValueError):
+    """Raised when a backbone has no channel group that MCP can prune."""
+
+
+@dataclass(frozen=True)
+class GroupMember:
+    """One output-side parameter of a channel group.
+
+    Attributes:
+        param_name: Name of the parameter in the backbone (``named_parameters()``).
+        dim: Dimension of the parameter that indexes output channels.
+        channel_index: For every channel of the group (in group order), the index
+            along ``dim`` of this parameter. Usually ``0, 1, ..., C - 1``.
+    """
+
+    param_name: str
+    dim: int
+    channel_index: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class ChannelGroup:
+    """A set of coupled output channels and the parameters that produce them.
+
+    Attributes:
+        root: Name of the module (a conv or linear layer) whose output channels
+            define the group; used to replay the group on a copy of the backbone.
+        num_channels: Number of coupled channels ``C_g``.
+        members: The output-side parameters of the group.
+    """
+
+    root: str
+    num_channels: int
+    members: tuple[GroupMember, ...]
+
+    def num_kept(self, pruning_ratio: float) -> int:
+        """Channels kept at a pruning ratio: ``max(1, C_g - floor(r * C_g))``."""
+        return num_kept_channels(self.num_channels, pruning_ratio)
+
+    @property
+    def param_names(self) -> tuple[str, ...]:
+        """Names of the member parameters."""
+        return tuple(member.param_name for member in self.members)
+
+
+def validate_pruning_ratio(pruning_ratio: float) -> float:
+    """Returns the ratio as float or raises a ValueError if it is outside [0, 1)."""
+    if not isinstance(pruning_ratio, (int, float)) or isinstance(pruning_ratio, bool):
+        raise ValueError(
+            f"pruning_ratio must be a number in [0, 1), got {pruning_ratio!r}."
+        )
+    if not 0.0 <= pruning_ratio < 1.0:
+        raise ValueError(
+            f"pruning_ratio must be in [0, 1) (the fraction of channels removed in "
+            f"every group), got {pruning_ratio}."
+        )
+    return float(pruning_ratio)
+
+
+def num_kept_channels(num_channels: int, pruning_ratio: float) -> int:
+    """Number of channels a group keeps: ``max(1, C - floor(r * C))``.
+
+    Args:
+        num_channels: Channels ``C`` in the group.
+        pruning_ratio: Fraction ``r`` of channels removed, in [0, 1).
+    """
+    ratio = validate_pruning_ratio(pruning_ratio)
+    # The small epsilon keeps e.g. floor(0.3 * 10) at 3 despite float rounding.
+    return max(1, num_channels - math.floor(ratio * num_channels + 1e-9))
+
+
+def default_example_inputs(input_size: int = 64) -> Tensor:
+    """A dummy RGB batch used to trace image backbones."""
+    return torch.randn(1, 3, input_size, input_size)
+
+
+def build_dependency_graph(
+    model: nn.Module, example_inputs: Tensor | None = None
+) -> tp.DependencyGraph:
+    """Traces ``model`` with torch-pruning, leaving its state as it was.
+
+    torch-pruning needs gradients to trace and switches the model to eval mode; this
+    enables ``requires_grad`` while tracing and restores both afterwards. Tracing in
+    eval mode also leaves BatchNorm running statistics untouched.
+    """
+    if example_inputs is None:
+        example_inputs = default_example_inputs()
+    requires_grad = {p: p.requires_grad for p in model.parameters()}
+    training = {m: m.training for m in model.modules()}
+    try:
+        for p in model.parameters():
+            p.requires_grad_(True)
+        model.eval()
+        with torch.enable_grad():
+            graph = tp.DependencyGraph().build_dependency(
+                model, example_inputs=example_inputs, verbose=False
+            )
+    finally:
+        for p, flag in requires_grad.items():
+            p.requires_grad_(flag)
+        for m, flag in training.items():
+            m.train(flag)
+    return graph
+
+
+def _out_channel_dim(module: nn.Module) -> int:
+    if isinstance(module, nn.modules.conv._ConvTransposeNd):
+        return 1
+    return 0
+
+
+def _members_of(
+    tp_group: Any, graph: tp.DependencyGraph, module_names: Mapping[nn.Module, str]
+) -> tuple[list[GroupMember], bool, bool]:
+    """Output-side members of a torch-pruning group.
+
+    Returns:
+        (members, reaches_output, mixes_channels)
+    """
+    members: dict[str, GroupMember] = {}
+    reaches_output = False
+    mixes_channels = False
+    for item in tp_group.items:
+        module = item.dep.target.module
+        if isinstance(module, tp.ops._OutputOp):
+            reaches_output = True
+            continue
+        if isinstance(module, _CHANNEL_MIXING_LAYERS):
+            mixes_channels = True
+        if not graph.is_out_channel_pruning_fn(item.dep.handler):
+            continue
+        if not isinstance(module, nn.Module) or module not in module_names:
+            continue  # torch-pruning's placeholder ops (add, cat, ...)
+        dim = _out_channel_dim(module)
+        order = sorted(zip(item.root_idxs, item.idxs))
+        channel_index = tuple(int(idx) for _, idx in order)
+        size = None
+        for param_name, param in module.named_parameters(recurse=False):
+            if param.dim() <= dim:
+                continue
+            if size is None:
+                size = param.shape[dim]
+            if param.shape[dim] != size:
+                continue
+            full_name = f"{module_names[module]}.{param_name}".lstrip(".")
+            members[full_name] = GroupMember(full_name, dim, channel_index)
+    return list(members.values()), reaches_output, mixes_channels
+
+
+_ATTENTION_CLASS = re.compile(r"(Attention|SelfAttn)$")
+
+
+def _attention_modules(model: nn.Module) -> list[str]:
+    """Names of attention layers (e.g. timm's ``Attention``, ``MultiheadAttention``).
+
+    Their query/key/value channels are coupled through heads and softmax in ways the
+    dependency graph does not express, so masking them is not equivalent to removal.
+    """
+    return [
+        f"{name or type(model).__name__} ({type(module).__name__})"
+        for name, module in model.named_modules()
+        if isinstance(module, nn.MultiheadAttention)
+        or _ATTENTION_CLASS.search(type(module).__name__)
+    ]
+
+
+def _modules_returning_output(model: nn.Module, example_inputs: Tensor) -> set[str]:
+    """Names of modules whose output tensor is (a view of) the model's output.
+
+    torch-pruning marks the group reaching the output with an output node, except
+    when the last layer's output is returned directly (e.g. a final Linear).
+    """
+    # Keep the outputs alive until the comparison: a freed tensor's memory may be
+    # reused by a later one, which would make storage pointers collide.
+    outputs: dict[str, Tensor] = {}
+    handles = []
+    for name, module in model.named_modules():
+        if next(module.parameters(recurse=False), None) is None:
+            continue
+
+        def hook(_m: nn.Module, _i: Any, out: Any, name: str = name) -> None:
+            if isinstance(out, Tensor):
+                outputs[name] = out
+
+        handles.append(module.register_forward_hook(hook))
+    training = {m: m.training for m in model.modules()}
+    try:
+        model.eval()
+        with torch.no_grad():
+            out = model(example_inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+        for m, flag in training.items():
+            m.train(flag)
+    if not isinstance(out, Tensor):
+        return set()
+    ptr = out.untyped_storage().data_ptr()
+    return {
+        name
+        for name, tensor in outputs.items()
+        if tensor.untyped_storage().data_ptr() == ptr
+    }
+
+
+def find_channel_groups(
+    model: nn.Module,
+    example_inputs: Tensor | None = None,
+    keep_output_dim: bool = True,
+) -> list[ChannelGroup]:
+    """Finds the coupled output-channel groups of a backbone.
+
+    Args:
+        model: The backbone (maps images to features).
+        example_inputs: A batch to trace the model with. Defaults to one random
+            64x64 RGB image.
+        keep_output_dim: If True, the group that reaches the backbone's output is not
+            pruned, so the feature dimension stays the same.
+
+    Returns:
+        The prunable groups, in a deterministic order (by root module name).
+
+    Raises:
+        NoPrunableGroupsError: If the backbone has no prunable group (for example
+            attention models, which are not supported yet).
+
+    Examples:
+        >>> backbone = torchvision.models.resnet18()
+        >>> backbone.fc = torch.nn.Identity()
+        >>> groups = find_channel_groups(backbone)
+        >>> groups[0].num_channels, groups[0].param_names[:2]
+    """
+    attention = _attention_modules(model)
+    if attention:
+        raise NoPrunableGroupsError(
+            f"{type(model).__name__} contains attention layers ({attention[0]}); "
+            "MCP prunes convolutional channels and attention models (ViTs) are not "
+            "supported yet. Use a CNN backbone such as 'torchvision/mobilenet_v2' "
+            "or 'timm/resnet18'."
+        )
+    if example_inputs is None:
+        example_inputs = default_example_inputs()
+    graph = build_dependency_graph(model, example_inputs)
+    module_names = {module: name for name, module in model.named_modules()}
+    output_modules = _modules_returning_output(model, example_inputs)
+    groups: list[ChannelGroup] = []
+    claimed: dict[str, str] = {}
+    for tp_group in graph.get_all_groups():
+        members, reaches_output, mixes_channels = _members_of(
+            tp_group, graph, module_names
+        )
+        if mixes_channels or not members:
+            continue
+        reaches_output = reaches_output or any(
+            m.param_name.rsplit(".", 1)[0] in output_modules for m in members
+        )
+        if reaches_output and keep_output_dim:
+            continue
+        root = module_names[tp_group[0].dep.target.module]
+        num_channels = len(tp_group[0].idxs)
+        if any(len(m.channel_index) != num_channels for m in members):
+            continue  # partial coupling torch-pruning cannot express as one group
+        for member in members:
+            if member.param_name in claimed:
+                raise RuntimeError(
+                    f"Parameter '{member.param_name}' belongs to two channel groups "
+                    f"('{claimed[member.param_name]}' and '{root}'); this "
+                    "architecture is not supported."
+                )
+            claimed[member.param_name] = root
+        groups.append(ChannelGroup(root, num_channels, tuple(members)))
+    if not groups:
+        raise NoPrunableGroupsError(
+            f"{type(model).__name__} has no prunable channel group. MCP prunes "
+            "convolutional channels; attention models (ViTs) and networks whose "
+            "channels all pass through LayerNorm/GroupNorm are not supported yet. "
+            "Use a CNN backbone such as 'torchvision/mobilenet_v2' or 'timm/resnet18'."
+        )
+    groups.sort(key=lambda g: g.root)
+    return groups
+
+
+def channel_scores(
+    tensors: Mapping[str, Tensor], group: ChannelGroup
+) -> Tensor:
+    """Squared L2 norm of every channel of a group over all its output-side members.
+
+    Args:
+        tensors: Parameter-shaped tensors by parameter name (e.g. ``θ + U``).
+        group: The group.
+
+    Returns:
+        A float tensor of shape ``[C_g]``.
+    """
+    score: Tensor | None = None
+    for member in group.members:
+        tensor = tensors[member.param_name]
+        per_index = tensor.detach().movedim(member.dim, 0).reshape(
+            tensor.shape[member.dim], -1
+        )
+        per_index = per_index.pow(2).sum(dim=1)
+        index = torch.as_tensor(member.channel_index, device=tensor.device)
+        contribution = per_index[index]
+        score = contribution if score is None else score + contribution
+    assert score is not None
+    return score
+
+
+def member_mask(
+    member: GroupMember, group_mask: Tensor, param_shape: Sequence[int]
+) -> Tensor:
+    """The 0/1 multiplier of a member parameter for a group's channel mask.
+
+    Args:
+        member: The member parameter.
+        group_mask: Boolean mask over the group's channels (True = kept).
+        param_shape: Shape of the parameter.
+
+    Returns:
+        A float tensor broadcastable to ``param_shape``.
+    """
+    size = param_shape[member.dim]
+    multiplier = torch.ones(size, dtype=torch.float32, device=group_mask.device)
+    index = torch.as_tensor(member.channel_index, device=group_mask.device)
+    multiplier[index] = group_mask.to(multiplier.dtype)
+    view = [1] * len(param_shape)
+    view[member.dim] = size
+    return multiplier.view(view)
+
+
+def masked_tensors(
+    tensors: Mapping[str, Tensor],
+    groups: Sequence[ChannelGroup],
+    masks: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """Returns the member tensors with the dropped channels set to zero.
+
+    Tensors that are not a member of any group are not included.
+    """
+    if len(groups) != len(masks):
+        raise ValueError(f"Got {len(masks)} masks for {len(groups)} channel groups.")
+    out: dict[str, Tensor] = {}
+    for group, mask in zip(groups, masks):
+        for member in group.members:
+            tensor = tensors[member.param_name]
+            out[member.param_name] = tensor * member_mask(
+                member, mask.to(tensor.device), tensor.shape
+            ).to(tensor.dtype)
+    return out

@@ -1,0 +1,87 @@
+"""Solving for the uniform pruning ratio that meets a parameter or MAC budget."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from lightly_mcp.compaction import compact
+from lightly_mcp.counting import count_macs, count_parameters
+from lightly_mcp.groups import ChannelGroup
+
+METRICS = ("params", "macs")
+
+
+def removed_fraction(
+    encoder: nn.Module,
+    groups: Sequence[ChannelGroup],
+    pruning_ratio: float,
+    metric: str = "params",
+    input_size: int = 32,
+    example_inputs: Tensor | None = None,
+) -> float:
+    """Fraction of parameters or MACs removed when every group drops ``r`` of its
+    channels (which channels does not matter for the count)."""
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}.")
+    masks = []
+    for group in groups:
+        mask = torch.zeros(group.num_channels, dtype=torch.bool)
+        mask[: group.num_kept(pruning_ratio)] = True
+        masks.append(mask)
+    small = compact(encoder, groups, masks, example_inputs)
+    if metric == "params":
+        return 1.0 - count_parameters(small) / count_parameters(encoder)
+    return 1.0 - count_macs(small, input_size) / count_macs(encoder, input_size)
+
+
+def solve_pruning_ratio(
+    encoder: nn.Module,
+    groups: Sequence[ChannelGroup],
+    target: float,
+    metric: str = "params",
+    input_size: int = 32,
+    example_inputs: Tensor | None = None,
+    tolerance: float = 1e-3,
+) -> float:
+    """Smallest uniform ratio ``r`` that removes at least ``target`` of the params/MACs.
+
+    Solved by bisection over ``r ∈ [0, 1)``; the removed fraction grows with ``r``.
+
+    Args:
+        encoder: The dense encoder.
+        groups: Its channel groups.
+        target: Fraction of parameters (or MACs) to remove, in (0, 1).
+        metric: ``"params"`` or ``"macs"``.
+        input_size: Image size at which MACs are counted.
+        example_inputs: Batch for tracing (see ``find_channel_groups``).
+        tolerance: Width of the final bisection interval in ``r``.
+
+    Raises:
+        ValueError: If the target cannot be reached by pruning the groups (e.g. it
+            exceeds what removing all but one channel per group achieves).
+    """
+    if not 0.0 < target < 1.0:
+        raise ValueError(f"target must be in (0, 1), got {target}.")
+
+    def removed(r: float) -> float:
+        return removed_fraction(encoder, groups, r, metric, input_size, example_inputs)
+
+    high = 1.0 - 1e-6
+    reachable = removed(high)
+    if reachable < target:
+        raise ValueError(
+            f"Cannot remove {target:.1%} of the {metric}: pruning every group down to "
+            f"one channel removes only {reachable:.1%} (unprunable layers remain). "
+            "Choose a smaller target."
+        )
+    low = 0.0
+    while high - low > tolerance:
+        mid = 0.5 * (low + high)
+        if removed(mid) >= target:
+            high = mid
+        else:
+            low = mid
+    return high

@@ -1,0 +1,56 @@
+"""Shared fixtures: tiny networks with non-trivial BatchNorm state."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+
+def randomize_batchnorm(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Gives every norm layer random affine parameters and running statistics.
+
+    Freshly initialised BatchNorm layers have weight 1, bias 0, mean 0 and var 1,
+    under which some masking bugs (e.g. forgetting the norm bias) are invisible.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                c = module.num_features
+                module.running_mean.copy_(0.5 * torch.randn(c, generator=generator))
+                module.running_var.copy_(0.5 + 1.5 * torch.rand(c, generator=generator))
+                if module.affine:
+                    module.weight.copy_(1 + 0.3 * torch.randn(c, generator=generator))
+                    module.bias.copy_(0.3 * torch.randn(c, generator=generator))
+    return model
+
+
+class TinyConvNet(nn.Module):
+    """Conv-BN-ReLU, a residual block, a depthwise conv and a linear layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8))
+        self.block = nn.Sequential(
+            nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        )
+        self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.dw_bn = nn.BatchNorm2d(8)
+        self.expand = nn.Conv2d(8, 12, 1)
+        self.expand_bn = nn.BatchNorm2d(12)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.head = nn.Linear(12, 6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.stem(x))
+        x = torch.relu(x + self.block(x))
+        x = torch.relu(self.dw_bn(self.dw(x)))
+        x = torch.relu(self.expand_bn(self.expand(x)))
+        return self.head(self.pool(x).flatten(1))
+
+
+@pytest.fixture
+def tiny_net() -> nn.Module:
+    torch.manual_seed(0)
+    return randomize_batchnorm(TinyConvNet())

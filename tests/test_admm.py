@@ -1,0 +1,185 @@
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from torch import nn
+
+from lightly_mcp.admm import ADMMRegularizer, project_onto_channel_budget
+from lightly_mcp.groups import ChannelGroup, find_channel_groups
+from tests.conftest import TinyConvNet
+
+INPUT = torch.randn(1, 3, 8, 8)
+
+
+def _groups(net: nn.Module) -> list[ChannelGroup]:
+    return find_channel_groups(net, INPUT)
+
+
+def _brute_force_projection(
+    tensors: dict[str, torch.Tensor], group: ChannelGroup, keep: int
+) -> torch.Tensor:
+    """Mask minimising ||x - P(x)||^2 over all subsets of `keep` channels."""
+    best, best_cost = None, float("inf")
+    for subset in itertools.combinations(range(group.num_channels), keep):
+        mask = torch.zeros(group.num_channels, dtype=torch.bool)
+        mask[list(subset)] = True
+        cost = 0.0
+        for member in group.members:
+            t = tensors[member.param_name].movedim(member.dim, 0)
+            index = torch.tensor(member.channel_index)
+            cost += float(t[index[~mask]].pow(2).sum())
+        if cost < best_cost:
+            best, best_cost = mask, cost
+    assert best is not None
+    return best
+
+
+@pytest.mark.parametrize("ratio", [0.0, 0.25, 0.5, 0.7])
+def test_projection_keeps_n_g_channels_idempotent_and_optimal(
+    tiny_net: nn.Module, ratio: float
+) -> None:
+    groups = _groups(tiny_net)
+    tensors = {n: p.detach().clone() for n, p in tiny_net.named_parameters()}
+    projected, masks = project_onto_channel_budget(tensors, groups, ratio)
+    for group, mask in zip(groups, masks):
+        assert int(mask.sum()) == group.num_kept(ratio)
+        # Dropped channels are zero in every member; kept ones are unchanged.
+        for member in group.members:
+            out = projected[member.param_name].movedim(member.dim, 0)
+            original = tensors[member.param_name].movedim(member.dim, 0)
+            assert torch.all(out[~mask] == 0)
+            assert torch.equal(out[mask], original[mask])
+        assert torch.equal(mask, _brute_force_projection(tensors, group, int(mask.sum())))
+    again, masks_again = project_onto_channel_budget(
+        {**tensors, **projected}, groups, ratio
+    )
+    for name in projected:
+        assert torch.equal(again[name], projected[name])
+    for a, b in zip(masks, masks_again):
+        assert torch.equal(a, b)
+
+
+def test_projection_ranks_by_all_members_including_norm_and_depthwise() -> None:
+    net = TinyConvNet()
+    groups = _groups(net)
+    residual = [g for g in groups if "dw.weight" in g.param_names][0]
+    tensors = {n: torch.zeros_like(p) for n, p in net.named_parameters()}
+    # Channel 3 is large only in the depthwise filter, channel 5 only in a BN bias.
+    tensors["dw.weight"][3] = 10.0
+    tensors["dw_bn.bias"][5] = 10.0
+    tensors["stem.0.weight"][1] = 0.1
+    _, masks = project_onto_channel_budget(tensors, [residual], 0.75)
+    assert masks[0].nonzero().flatten().tolist() == [3, 5]
+
+
+def test_regularizer_initialises_z_as_projection_and_u_zero(tiny_net: nn.Module) -> None:
+    groups = _groups(tiny_net)
+    admm = ADMMRegularizer(tiny_net, groups, pruning_ratio=0.5, rho=0.1)
+    params = dict(tiny_net.named_parameters())
+    expected, masks = project_onto_channel_budget(params, groups, 0.5)
+    for name, z in admm.z().items():
+        assert torch.equal(z, expected[name])
+        assert torch.count_nonzero(admm.u()[name]) == 0
+    for a, b in zip(admm.masks, masks):
+        assert torch.equal(a, b)
+    # loss = rho/2 * sum ||theta - Z + U||^2, a reference computation:
+    reference = sum((params[n] - expected[n]).pow(2).sum() for n in admm.param_names)
+    assert torch.allclose(admm(tiny_net), 0.05 * reference)
+
+
+def test_loss_gradient_is_rho_times_residual(tiny_net: nn.Module) -> None:
+    groups = _groups(tiny_net)
+    admm = ADMMRegularizer(tiny_net, groups, pruning_ratio=0.5, rho=0.2)
+    admm(tiny_net).backward()
+    z = admm.z()
+    for name in admm.param_names:
+        param = tiny_net.get_parameter(name)
+        assert param.grad is not None
+        assert torch.allclose(param.grad, 0.2 * (param.detach() - z[name]))
+    # Parameters outside every group get no gradient from the penalty.
+    assert tiny_net.get_parameter("head.weight").grad is None
+
+
+def test_update_follows_admm_equations(tiny_net: nn.Module) -> None:
+    groups = _groups(tiny_net)
+    admm = ADMMRegularizer(tiny_net, groups, pruning_ratio=0.5, rho=0.1, rho_growth=2)
+    with torch.no_grad():
+        for p in tiny_net.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    params = {n: p.detach().clone() for n, p in tiny_net.named_parameters()}
+    u_old = {n: u.clone() for n, u in admm.u().items()}
+    old_masks = [m.clone() for m in admm.masks]
+    changed = admm.update(tiny_net)
+    expected_z, expected_masks = project_onto_channel_budget(
+        {n: params[n] + u_old[n] for n in admm.param_names}, groups, 0.5
+    )
+    for name in admm.param_names:
+        assert torch.allclose(admm.z()[name], expected_z[name])
+        assert torch.allclose(admm.u()[name], u_old[name] + params[name] - expected_z[name])
+    assert changed == sum(int((a != b).sum()) for a, b in zip(old_masks, expected_masks))
+    assert admm.rho == pytest.approx(0.2)
+    assert int(admm.num_updates) == 1
+
+
+def test_admm_drives_toy_problem_to_sparse_solution() -> None:
+    torch.manual_seed(0)
+    net = TinyConvNet()
+    groups = _groups(net)
+    x = torch.randn(16, 3, 8, 8)
+    target = torch.randn(16, 6)
+    admm = ADMMRegularizer(net, groups, pruning_ratio=0.5, rho=0.5)
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.05)
+    distances, changes = [], []
+    for _ in range(12):
+        for _ in range(25):
+            optimizer.zero_grad()
+            loss = nn.functional.mse_loss(net(x), target) + admm(net)
+            loss.backward()
+            optimizer.step()
+        changes.append(admm.update(net))
+        distances.append(admm.distance(net))
+    assert distances[-1] < 0.2 * distances[0]
+    assert changes[-3:] == [0, 0, 0]
+    for group, mask in zip(groups, admm.masks):
+        assert int(mask.sum()) == group.num_kept(0.5)
+
+
+def test_state_dict_round_trip(tiny_net: nn.Module) -> None:
+    groups = _groups(tiny_net)
+    admm = ADMMRegularizer(tiny_net, groups, pruning_ratio=0.5, rho=0.1, rho_growth=1.5)
+    with torch.no_grad():
+        for p in tiny_net.parameters():
+            p.mul_(-1.3)
+    admm.update(tiny_net)
+    clone = ADMMRegularizer(TinyConvNet(), groups, pruning_ratio=0.5)
+    clone.load_state_dict(admm.state_dict())
+    assert clone.rho == pytest.approx(0.15)
+    for a, b in zip(clone.masks, admm.masks):
+        assert torch.equal(a, b)
+    for name in admm.param_names:
+        assert torch.equal(clone.u()[name], admm.u()[name])
+    assert torch.equal(clone(tiny_net), admm(tiny_net))
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"pruning_ratio": 1.0}, r"pruning_ratio must be in \[0, 1\)"),
+        ({"pruning_ratio": -0.5}, r"pruning_ratio must be in \[0, 1\)"),
+        ({"pruning_ratio": 0.5, "rho": -1.0}, r"rho must be >= 0"),
+        ({"pruning_ratio": 0.5, "rho_growth": 0.5}, r"rho_growth must be >= 1.0"),
+    ],
+)
+def test_invalid_arguments(
+    tiny_net: nn.Module, kwargs: dict[str, float], match: str
+) -> None:
+    with pytest.raises(ValueError, match=match):
+        ADMMRegularizer(tiny_net, _groups(tiny_net), **kwargs)
+
+
+def test_mismatched_encoder_is_refused(tiny_net: nn.Module) -> None:
+    admm = ADMMRegularizer(tiny_net, _groups(tiny_net), pruning_ratio=0.5)
+    with pytest.raises(ValueError, match="does not match the channel groups"):
+        admm.update(nn.Sequential(nn.Conv2d(3, 8, 3)))

@@ -1,0 +1,154 @@
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+import torchvision
+from torch import nn
+
+from lightly_mcp.groups import (
+    NoPrunableGroupsError,
+    find_channel_groups,
+    masked_tensors,
+    num_kept_channels,
+)
+from tests.conftest import TinyConvNet
+
+
+def test_tiny_net_groups_cover_coupled_channels(tiny_net: nn.Module) -> None:
+    groups = find_channel_groups(tiny_net, torch.randn(1, 3, 8, 8))
+    by_root = {g.root: g for g in groups}
+    # The residual add couples the stem and the block outputs, and the depthwise
+    # conv ties its channels to them too: one group of 8 channels.
+    residual = [g for g in groups if "stem.0.weight" in g.param_names]
+    assert len(residual) == 1
+    assert set(residual[0].param_names) == {
+        "stem.0.weight",
+        "stem.0.bias",
+        "stem.1.weight",
+        "stem.1.bias",
+        "block.0.weight",
+        "block.1.weight",
+        "block.1.bias",
+        "dw.weight",
+        "dw.bias",
+        "dw_bn.weight",
+        "dw_bn.bias",
+    }
+    assert residual[0].num_channels == 8
+    # The head's output is the network output: kept by default.
+    assert all("head.weight" not in g.param_names for g in groups)
+    assert by_root["expand"].num_channels == 12
+    # Every member parameter belongs to exactly one group.
+    names = [n for g in groups for n in g.param_names]
+    assert len(names) == len(set(names))
+
+
+def test_keep_output_dim_false_includes_output_group(tiny_net: nn.Module) -> None:
+    groups = find_channel_groups(
+        tiny_net, torch.randn(1, 3, 8, 8), keep_output_dim=False
+    )
+    assert any("head.weight" in g.param_names for g in groups)
+
+
+def test_tracing_restores_mode_and_requires_grad() -> None:
+    net = TinyConvNet().train()
+    net.block.requires_grad_(False)
+    net.expand_bn.eval()
+    find_channel_groups(net, torch.randn(1, 3, 8, 8))
+    assert net.training and net.block.training and not net.expand_bn.training
+    assert not any(p.requires_grad for p in net.block.parameters())
+    assert all(p.requires_grad for p in net.stem.parameters())
+
+
+def test_frozen_backbone_still_has_groups() -> None:
+    net = TinyConvNet().requires_grad_(False)
+    assert len(find_channel_groups(net, torch.randn(1, 3, 8, 8))) == 2
+
+
+def test_tracing_does_not_touch_batchnorm_statistics(tiny_net: nn.Module) -> None:
+    before = {k: v.clone() for k, v in tiny_net.state_dict().items()}
+    find_channel_groups(tiny_net.train(), torch.randn(2, 3, 8, 8))
+    for key, value in tiny_net.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+def test_resnet18_residual_groups() -> None:
+    backbone = torchvision.models.resnet18()
+    backbone.fc = nn.Identity()
+    groups = find_channel_groups(backbone)
+    # layer1's residual group ties conv1/bn1 of the stem and all layer1 blocks.
+    stem = [g for g in groups if "bn1.bias" in g.param_names][0]
+    assert stem.num_channels == 64
+    assert "layer1.0.bn2.weight" in stem.param_names
+    assert "layer1.1.bn2.bias" in stem.param_names
+    # The last residual group reaches the output and is kept (512-d features).
+    assert all("layer4.1.bn2.weight" not in g.param_names for g in groups)
+
+
+def test_attention_model_is_refused_clearly() -> None:
+    class Attention(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.qkv = nn.Linear(16, 48)
+            self.proj = nn.Linear(16, 16)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            q, k, v = self.qkv(x).chunk(3, dim=-1)
+            att = torch.softmax(q @ k.transpose(-1, -2), dim=-1)
+            return self.proj(att @ v).mean(1)
+
+    with pytest.raises(NoPrunableGroupsError, match="attention models"):
+        find_channel_groups(Attention(), torch.randn(1, 4, 16))
+
+
+def test_timm_vit_is_refused_clearly() -> None:
+    vit = timm.create_model(
+        "vit_tiny_patch16_224", num_classes=0, img_size=32, patch_size=16, depth=1
+    )
+    with pytest.raises(NoPrunableGroupsError, match="not supported yet"):
+        find_channel_groups(vit, torch.randn(1, 3, 32, 32))
+
+
+def test_network_with_only_layernorm_channels_has_no_groups() -> None:
+    net = nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8), nn.Linear(8, 4))
+    with pytest.raises(NoPrunableGroupsError, match="no prunable channel group"):
+        find_channel_groups(net, torch.randn(2, 8))
+
+
+@pytest.mark.parametrize(
+    "channels, ratio, expected",
+    [(10, 0.0, 10), (10, 0.3, 7), (10, 0.73, 3), (1, 0.5, 1), (3, 0.99, 1), (64, 0.5, 32)],
+)
+def test_num_kept_channels(channels: int, ratio: float, expected: int) -> None:
+    assert num_kept_channels(channels, ratio) == expected
+
+
+@pytest.mark.parametrize("ratio", [-0.1, 1.0, 1.5, float("nan")])
+def test_invalid_ratio_names_argument_and_range(ratio: float) -> None:
+    with pytest.raises(ValueError, match=r"pruning_ratio must be in \[0, 1\)"):
+        num_kept_channels(10, ratio)
+
+
+def test_masked_tensors_zero_exactly_dropped_channels(tiny_net: nn.Module) -> None:
+    groups = find_channel_groups(tiny_net, torch.randn(1, 3, 8, 8))
+    params = dict(tiny_net.named_parameters())
+    masks = [torch.arange(g.num_channels) % 2 == 0 for g in groups]
+    masked = masked_tensors(params, groups, masks)
+    for group, mask in zip(groups, masks):
+        for member in group.members:
+            tensor = masked[member.param_name].movedim(member.dim, 0)
+            assert torch.all(tensor[~mask] == 0)
+            original = params[member.param_name].movedim(member.dim, 0)
+            assert torch.equal(tensor[mask], original[mask])
+
+
+def test_keep_output_dim_drops_exactly_the_output_group() -> None:
+    backbone = torchvision.models.mobilenet_v2()
+    backbone.classifier = nn.Identity()
+    kept = find_channel_groups(backbone)
+    every = find_channel_groups(backbone, keep_output_dim=False)
+    assert len(every) == len(kept) + 1
+    (output_group,) = set(every) - set(kept)
+    assert output_group.root == "features.18.0"
+    assert output_group.num_channels == 1280

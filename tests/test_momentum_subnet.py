@@ -1,0 +1,155 @@
+from __future__ import annotations
+
+import copy
+
+import pytest
+import timm
+import torch
+import torchvision
+from torch import nn
+
+from lightly_mcp.compaction import compact
+from lightly_mcp.counting import count_parameters
+from lightly_mcp.groups import ChannelGroup, find_channel_groups
+from lightly_mcp.momentum_subnet import MomentumSubnet
+from tests.conftest import TinyConvNet, randomize_batchnorm
+
+
+def _torchvision(name: str) -> nn.Module:
+    model = getattr(torchvision.models, name)()
+    if hasattr(model, "fc"):
+        model.fc = nn.Identity()
+    else:
+        model.classifier = nn.Identity()
+    return model
+
+
+BACKBONES = {
+    "torchvision/mobilenet_v2": lambda: _torchvision("mobilenet_v2"),
+    "torchvision/resnet18": lambda: _torchvision("resnet18"),
+    "timm/resnet18": lambda: timm.create_model("resnet18", num_classes=0),
+    "timm/efficientnet_b0": lambda: timm.create_model("efficientnet_b0", num_classes=0),
+}
+
+
+def _random_masks(groups: list[ChannelGroup], ratio: float, seed: int) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    masks = []
+    for group in groups:
+        keep = torch.randperm(group.num_channels, generator=generator)
+        mask = torch.zeros(group.num_channels, dtype=torch.bool)
+        mask[keep[: group.num_kept(ratio)]] = True
+        masks.append(mask)
+    return masks
+
+
+@pytest.mark.parametrize("name", list(BACKBONES))
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_masked_forward_equals_physically_pruned_network(name: str, mode: str) -> None:
+    torch.manual_seed(0)
+    encoder = randomize_batchnorm(BACKBONES[name]()).double()
+    example = torch.randn(1, 3, 32, 32, dtype=torch.float64)
+    groups = find_channel_groups(encoder, example)
+    masks = _random_masks(groups, 0.6, seed=1)
+    compact_model = compact(encoder, groups, masks, example)
+    # (ResNets keep their output residual group, hence the loose bound.)
+    assert count_parameters(compact_model) < 0.8 * count_parameters(encoder)
+
+    subnet = MomentumSubnet(encoder, groups, masks)
+    encoder.train(mode == "train")
+    compact_model.train(mode == "train")
+    weights_before = {k: v.clone() for k, v in encoder.named_parameters()}
+    x = torch.randn(4, 3, 32, 32, dtype=torch.float64)
+    with torch.no_grad():
+        masked_out = subnet(x)
+        compact_out = compact_model(x)
+    assert masked_out.shape == compact_out.shape
+    assert (masked_out - compact_out).abs().max() <= 1e-5
+    assert masked_out.abs().max() > 0.1  # the comparison is not between zeros
+    # The dense encoder is really different from the subnet and was not overwritten.
+    with torch.no_grad():
+        dense_out = copy.deepcopy(encoder)(x)
+    assert (dense_out - masked_out).abs().max() > 1e-2
+    for key, value in encoder.named_parameters():
+        assert torch.equal(value, weights_before[key]), key
+
+
+def test_masking_only_conv_filters_is_not_enough(tiny_net: nn.Module) -> None:
+    """Guards the reason every member (norm bias included) is masked."""
+    groups = find_channel_groups(tiny_net, torch.randn(1, 3, 8, 8))
+    masks = _random_masks(groups, 0.5, seed=0)
+    compact_model = compact(tiny_net, groups, masks, torch.randn(1, 3, 8, 8)).eval()
+    tiny_net.eval()
+    x = torch.randn(3, 3, 8, 8)
+    subnet = MomentumSubnet(tiny_net, groups, masks)
+    params = subnet.masked_parameters()
+    # Undo the masking of the norm layers' bias: the forward must then differ.
+    for name in list(params):
+        if name.endswith("bn.bias") or name == "stem.1.bias":
+            params[name] = tiny_net.get_parameter(name)
+    with torch.no_grad():
+        full = torch.func.functional_call(tiny_net, params, (x,))
+        assert torch.allclose(subnet(x), compact_model(x), atol=1e-5)
+        assert not torch.allclose(full, compact_model(x), atol=1e-3)
+
+
+def test_channel_reentering_the_mask_finds_real_weights(tiny_net: nn.Module) -> None:
+    tiny_net.eval()
+    groups = find_channel_groups(tiny_net, torch.randn(1, 3, 8, 8))
+    full_masks = [torch.ones(g.num_channels, dtype=torch.bool) for g in groups]
+    subnet = MomentumSubnet(tiny_net, groups, _random_masks(groups, 0.5, seed=0))
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        masked = subnet(x)
+        subnet.set_masks(full_masks)
+        assert torch.equal(subnet(x), tiny_net(x))
+        assert not torch.allclose(masked, tiny_net(x))
+
+
+def test_momentum_update_reaches_the_subnet(tiny_net: nn.Module) -> None:
+    """The subnet reads the encoder's current weights, not a snapshot."""
+    tiny_net.eval()
+    groups = find_channel_groups(tiny_net, torch.randn(1, 3, 8, 8))
+    subnet = MomentumSubnet(tiny_net, groups, _random_masks(groups, 0.5, seed=0))
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        before = subnet(x)
+        tiny_net.head.weight.mul_(2.0)
+        assert not torch.allclose(before, subnet(x))
+
+
+def test_masks_are_buffers_and_round_trip(tiny_net: nn.Module) -> None:
+    groups = find_channel_groups(tiny_net, torch.randn(1, 3, 8, 8))
+    masks = _random_masks(groups, 0.5, seed=3)
+    subnet = MomentumSubnet(tiny_net, groups, masks)
+    state = subnet.state_dict()
+    assert set(state) == {f"mask_{g}" for g in range(len(groups))}
+    assert not any(k.startswith("_encoder") for k in state)
+    restored = MomentumSubnet(tiny_net, groups)
+    restored.load_state_dict(state)
+    x = torch.randn(2, 3, 8, 8)
+    tiny_net.eval()
+    with torch.no_grad():
+        assert torch.equal(restored(x), subnet(x))
+
+
+def test_set_masks_validates_shapes(tiny_net: nn.Module) -> None:
+    groups = find_channel_groups(tiny_net, torch.randn(1, 3, 8, 8))
+    subnet = MomentumSubnet(tiny_net, groups)
+    with pytest.raises(ValueError, match="masks for"):
+        subnet.set_masks([])
+    bad = [torch.ones(g.num_channels + 1, dtype=torch.bool) for g in groups]
+    with pytest.raises(ValueError, match="expected"):
+        subnet.set_masks(bad)
+
+
+def test_compact_preserves_requires_grad_and_original(tiny_net: nn.Module) -> None:
+    tiny_net.stem.requires_grad_(False)
+    groups = find_channel_groups(tiny_net, torch.randn(1, 3, 8, 8))
+    state = {k: v.clone() for k, v in tiny_net.state_dict().items()}
+    small = compact(tiny_net, groups, _random_masks(groups, 0.5, 0), torch.randn(1, 3, 8, 8))
+    assert not any(p.requires_grad for p in small.stem.parameters())
+    assert all(p.requires_grad for p in small.block.parameters())
+    for key, value in tiny_net.state_dict().items():
+        assert torch.equal(value, state[key])
+    assert isinstance(small, TinyConvNet)
