@@ -10,7 +10,6 @@ setup: $(BIN)/lightly-mcp-installed
 
 $(BIN)/lightly-mcp-installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.14.1 torchvision==0.29.1
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $@

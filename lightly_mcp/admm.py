@@ -108,6 +108,8 @@ class ADMMRegularizer(nn.Module):
             z, masks = project_onto_channel_budget(
                 params, self.groups, self.pruning_ratio
             )
+        self.rho_value: Tensor
+        self.num_updates: Tensor
         self.register_buffer("rho_value", torch.tensor(float(rho), dtype=torch.float64))
         self.register_buffer("num_updates", torch.tensor(0, dtype=torch.long))
         for i, name in enumerate(self.param_names):
@@ -198,6 +200,7 @@ class ADMMRegularizer(nn.Module):
         return [int(mask.sum()) for mask in self.masks]
 
     def extra_repr(self) -> str:
+        """Summary shown by ``print(module)``."""
         return (
             f"groups={len(self.groups)}, pruning_ratio={self.pruning_ratio}, "
             f"rho={self.rho:g}, rho_growth={self.rho_growth:g}"

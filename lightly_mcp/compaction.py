@@ -8,6 +8,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from lightly_mcp.batchnorm import merge_split_batchnorm
 from lightly_mcp.groups import ChannelGroup, build_dependency_graph
 
 
@@ -22,7 +23,8 @@ def compact(
     The copy is traced once with torch-pruning and every group's dropped channels are
     removed through its dependency graph (so coupled layers, residual branches and
     the consumers' input channels shrink together). The original is not modified.
-    The copy's parameters require gradients like the original's did.
+    The copy's parameters require gradients like the original's did, and lightly's
+    ``SplitBatchNorm`` layers become plain ``BatchNorm2d`` (same eval-mode output).
 
     Args:
         encoder: The dense encoder (e.g. the momentum encoder).
@@ -36,6 +38,7 @@ def compact(
     if len(groups) != len(masks):
         raise ValueError(f"Got {len(masks)} masks for {len(groups)} channel groups.")
     compact_model = copy.deepcopy(encoder)
+    merge_split_batchnorm(compact_model)  # torch-pruning cannot cut split statistics
     requires_grad = {n: p.requires_grad for n, p in encoder.named_parameters()}
     graph = build_dependency_graph(compact_model, example_inputs)
     for group, mask in zip(groups, masks):

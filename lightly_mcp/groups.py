@@ -321,9 +321,7 @@ def find_channel_groups(
     return groups
 
 
-def channel_scores(
-    tensors: Mapping[str, Tensor], group: ChannelGroup
-) -> Tensor:
+def channel_scores(tensors: Mapping[str, Tensor], group: ChannelGroup) -> Tensor:
     """Squared L2 norm of every channel of a group over all its output-side members.
 
     Args:
@@ -336,8 +334,8 @@ def channel_scores(
     score: Tensor | None = None
     for member in group.members:
         tensor = tensors[member.param_name]
-        per_index = tensor.detach().movedim(member.dim, 0).reshape(
-            tensor.shape[member.dim], -1
+        per_index = (
+            tensor.detach().movedim(member.dim, 0).reshape(tensor.shape[member.dim], -1)
         )
         per_index = per_index.pow(2).sum(dim=1)
         index = torch.as_tensor(member.channel_index, device=tensor.device)

@@ -66,8 +66,15 @@ class MomentumSubnet(nn.Module):
     @property
     def encoder(self) -> nn.Module:
         """The (unmasked) momentum encoder."""
-        encoder: nn.Module = self._encoder
+        encoder = self.__dict__["_encoder"]
+        assert isinstance(encoder, nn.Module)
         return encoder
+
+    def train(self, mode: bool = True) -> MomentumSubnet:
+        """Sets train/eval mode of the subnet and of the encoder it runs."""
+        super().train(mode)
+        self.encoder.train(mode)
+        return self
 
     @property
     def masks(self) -> list[Tensor]:

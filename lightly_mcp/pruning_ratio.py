@@ -23,7 +23,8 @@ def removed_fraction(
     example_inputs: Tensor | None = None,
 ) -> float:
     """Fraction of parameters or MACs removed when every group drops ``r`` of its
-    channels (which channels does not matter for the count)."""
+    channels (which channels does not matter for the count).
+    """
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}.")
     masks = []

@@ -51,7 +51,9 @@ def test_projection_keeps_n_g_channels_idempotent_and_optimal(
             original = tensors[member.param_name].movedim(member.dim, 0)
             assert torch.all(out[~mask] == 0)
             assert torch.equal(out[mask], original[mask])
-        assert torch.equal(mask, _brute_force_projection(tensors, group, int(mask.sum())))
+        assert torch.equal(
+            mask, _brute_force_projection(tensors, group, int(mask.sum()))
+        )
     again, masks_again = project_onto_channel_budget(
         {**tensors, **projected}, groups, ratio
     )
@@ -74,7 +76,9 @@ def test_projection_ranks_by_all_members_including_norm_and_depthwise() -> None:
     assert masks[0].nonzero().flatten().tolist() == [3, 5]
 
 
-def test_regularizer_initialises_z_as_projection_and_u_zero(tiny_net: nn.Module) -> None:
+def test_regularizer_initialises_z_as_projection_and_u_zero(
+    tiny_net: nn.Module,
+) -> None:
     groups = _groups(tiny_net)
     admm = ADMMRegularizer(tiny_net, groups, pruning_ratio=0.5, rho=0.1)
     params = dict(tiny_net.named_parameters())
@@ -117,8 +121,12 @@ def test_update_follows_admm_equations(tiny_net: nn.Module) -> None:
     )
     for name in admm.param_names:
         assert torch.allclose(admm.z()[name], expected_z[name])
-        assert torch.allclose(admm.u()[name], u_old[name] + params[name] - expected_z[name])
-    assert changed == sum(int((a != b).sum()) for a, b in zip(old_masks, expected_masks))
+        assert torch.allclose(
+            admm.u()[name], u_old[name] + params[name] - expected_z[name]
+        )
+    assert changed == sum(
+        int((a != b).sum()) for a, b in zip(old_masks, expected_masks)
+    )
     assert admm.rho == pytest.approx(0.2)
     assert int(admm.num_updates) == 1
 

@@ -118,7 +118,14 @@ def test_network_with_only_layernorm_channels_has_no_groups() -> None:
 
 @pytest.mark.parametrize(
     "channels, ratio, expected",
-    [(10, 0.0, 10), (10, 0.3, 7), (10, 0.73, 3), (1, 0.5, 1), (3, 0.99, 1), (64, 0.5, 32)],
+    [
+        (10, 0.0, 10),
+        (10, 0.3, 7),
+        (10, 0.73, 3),
+        (1, 0.5, 1),
+        (3, 0.99, 1),
+        (64, 0.5, 32),
+    ],
 )
 def test_num_kept_channels(channels: int, ratio: float, expected: int) -> None:
     assert num_kept_channels(channels, ratio) == expected

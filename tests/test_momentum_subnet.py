@@ -32,7 +32,9 @@ BACKBONES = {
 }
 
 
-def _random_masks(groups: list[ChannelGroup], ratio: float, seed: int) -> list[torch.Tensor]:
+def _random_masks(
+    groups: list[ChannelGroup], ratio: float, seed: int
+) -> list[torch.Tensor]:
     generator = torch.Generator().manual_seed(seed)
     masks = []
     for group in groups:
@@ -147,9 +149,20 @@ def test_compact_preserves_requires_grad_and_original(tiny_net: nn.Module) -> No
     tiny_net.stem.requires_grad_(False)
     groups = find_channel_groups(tiny_net, torch.randn(1, 3, 8, 8))
     state = {k: v.clone() for k, v in tiny_net.state_dict().items()}
-    small = compact(tiny_net, groups, _random_masks(groups, 0.5, 0), torch.randn(1, 3, 8, 8))
+    small = compact(
+        tiny_net, groups, _random_masks(groups, 0.5, 0), torch.randn(1, 3, 8, 8)
+    )
     assert not any(p.requires_grad for p in small.stem.parameters())
     assert all(p.requires_grad for p in small.block.parameters())
     for key, value in tiny_net.state_dict().items():
         assert torch.equal(value, state[key])
     assert isinstance(small, TinyConvNet)
+
+
+def test_eval_mode_reaches_the_encoder(tiny_net: nn.Module) -> None:
+    groups = find_channel_groups(tiny_net, torch.randn(1, 3, 8, 8))
+    subnet = MomentumSubnet(tiny_net.train(), groups)
+    subnet.eval()
+    assert not tiny_net.training and not tiny_net.stem[1].training
+    subnet.train()
+    assert tiny_net.training

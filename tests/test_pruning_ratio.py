@@ -15,13 +15,18 @@ INPUT = torch.randn(1, 3, 8, 8)
 
 def test_removed_fraction_grows_with_ratio(tiny_net: nn.Module) -> None:
     groups = find_channel_groups(tiny_net, INPUT)
-    fractions = [removed_fraction(tiny_net, groups, r, example_inputs=INPUT) for r in (0, 0.25, 0.5, 0.75)]
+    fractions = [
+        removed_fraction(tiny_net, groups, r, example_inputs=INPUT)
+        for r in (0, 0.25, 0.5, 0.75)
+    ]
     assert fractions[0] == 0.0
     assert fractions == sorted(fractions) and fractions[-1] > fractions[1]
 
 
 @pytest.mark.parametrize("metric", ["params", "macs"])
-def test_solver_meets_target_with_smallest_ratio(tiny_net: nn.Module, metric: str) -> None:
+def test_solver_meets_target_with_smallest_ratio(
+    tiny_net: nn.Module, metric: str
+) -> None:
     groups = find_channel_groups(tiny_net, INPUT)
     ratio = solve_pruning_ratio(
         tiny_net, groups, 0.5, metric=metric, input_size=8, example_inputs=INPUT

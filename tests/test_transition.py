@@ -51,7 +51,9 @@ def test_subnet_fraction_and_iteration() -> None:
     assert transition.subnet_fraction == pytest.approx(0.5)
 
 
-@pytest.mark.parametrize("frq, dr, split", [(100, 1, 2345), (2, 1, 3), (1, 0, 7), (5, 2, 9)])
+@pytest.mark.parametrize(
+    "frq, dr, split", [(100, 1, 2345), (2, 1, 3), (1, 0, 7), (5, 2, 9)]
+)
 def test_state_round_trips_mid_sequence(frq: int, dr: int, split: int) -> None:
     reference = _sequence(SmoothTransition(frq, dr), 6000)
     first = SmoothTransition(frq, dr)

@@ -1,0 +1,74 @@
+"""Single-device shuffle-BN with lightly's ``SplitBatchNorm``, and its removal.
+
+On one device lightly's ``batch_shuffle`` only permutes the batch, which does nothing
+for BatchNorm. ``SplitBatchNorm`` normalises sub-batches separately instead, which is
+what MoCo's shuffle-BN achieves on several devices. For deployment the layers are
+turned back into plain ``BatchNorm2d`` (identical in eval mode).
+"""
+
+from __future__ import annotations
+
+import torch
+from lightly.models.batchnorm import SplitBatchNorm
+from torch import nn
+
+
+def _replace_modules(module: nn.Module, convert: type, make: object) -> int:
+    replaced = 0
+    for name, child in list(module.named_children()):
+        if type(child) is convert:
+            setattr(module, name, make(child))  # type: ignore[operator]
+            replaced += 1
+        else:
+            replaced += _replace_modules(child, convert, make)
+    return replaced
+
+
+def use_split_batchnorm(module: nn.Module, num_splits: int) -> int:
+    """Replaces every ``nn.BatchNorm2d`` in ``module`` by ``SplitBatchNorm``, in place.
+
+    Affine parameters and running statistics are copied. Returns the count replaced.
+    """
+    if num_splits < 2:
+        raise ValueError(f"num_splits must be >= 2, got {num_splits}.")
+
+    def make(bn: nn.BatchNorm2d) -> SplitBatchNorm:
+        split = SplitBatchNorm(
+            bn.num_features, num_splits, eps=bn.eps, momentum=bn.momentum
+        )
+        with torch.no_grad():
+            split.weight.copy_(bn.weight)
+            split.bias.copy_(bn.bias)
+            assert bn.running_mean is not None and bn.running_var is not None
+            split.running_mean.copy_(bn.running_mean.repeat(num_splits))
+            split.running_var.copy_(bn.running_var.repeat(num_splits))
+        split.train(bn.training)
+        return split
+
+    return _replace_modules(module, nn.BatchNorm2d, make)
+
+
+def merge_split_batchnorm(module: nn.Module) -> int:
+    """Replaces every ``SplitBatchNorm`` by an equivalent ``nn.BatchNorm2d``, in place.
+
+    Running statistics are averaged over the splits (what ``SplitBatchNorm`` uses in
+    eval mode), so eval-mode outputs are unchanged. Returns the count replaced.
+    """
+
+    def make(split: SplitBatchNorm) -> nn.BatchNorm2d:
+        c = split.num_features
+        bn = nn.BatchNorm2d(c, eps=split.eps, momentum=split.momentum)
+        bn = bn.to(device=split.weight.device, dtype=split.weight.dtype)
+        with torch.no_grad():
+            bn.weight.copy_(split.weight)
+            bn.bias.copy_(split.bias)
+            bn.weight.requires_grad_(split.weight.requires_grad)
+            bn.bias.requires_grad_(split.bias.requires_grad)
+            assert split.running_mean is not None and split.running_var is not None
+            bn.running_mean = split.running_mean.view(-1, c).mean(0).clone()
+            bn.running_var = split.running_var.view(-1, c).mean(0).clone()
+            bn.num_batches_tracked = split.num_batches_tracked
+        bn.train(split.training)
+        return bn
+
+    return _replace_modules(module, SplitBatchNorm, make)

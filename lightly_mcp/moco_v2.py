@@ -1,0 +1,238 @@
+"""MoCo v2, the dense starting point of MCP, as a lightly-style LightningModule.
+
+Shaped like lightly's ``benchmarks/imagenet/resnet50/mocov2.py`` and built from
+lightly's parts: ``MoCoProjectionHead``, ``NTXentLoss`` with a memory bank,
+``update_momentum``, ``batch_shuffle`` / ``batch_unshuffle``,
+``get_weight_decay_parameters`` and ``CosineWarmupScheduler``.
+
+Reference:
+    Improved Baselines with Momentum Contrastive Learning (MoCo v2), 2020,
+    https://arxiv.org/abs/2003.04297
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from lightly.loss import NTXentLoss
+from lightly.models.modules import MoCoProjectionHead
+from lightly.models.utils import (
+    batch_shuffle,
+    batch_unshuffle,
+    get_weight_decay_parameters,
+    update_momentum,
+)
+from lightly.utils.scheduler import CosineWarmupScheduler
+from pytorch_lightning import LightningModule
+from torch import Tensor, nn
+from torch.optim import SGD
+
+from lightly_mcp.backbones import build_backbone
+from lightly_mcp.batchnorm import use_split_batchnorm
+from lightly_mcp.transforms import build_transform
+
+
+class MoCoV2(LightningModule):
+    """MoCo v2: a query encoder trained by SGD and a momentum (key) encoder.
+
+    Attribute names follow lightly's examples: ``backbone`` / ``projection_head`` are
+    the query side, ``backbone_momentum`` / ``projection_head_momentum`` the key side.
+    The memory bank (a non-persistent buffer in lightly) is saved in and restored
+    from Lightning checkpoints.
+
+    Args:
+        backbone: Backbone name for ``build_backbone`` (e.g.
+            ``"torchvision/resnet18"``, ``"timm/efficientnet_b0"``).
+        backbone_kwargs: Options for ``build_backbone`` (``small_input``,
+            ``width_multiplier``, ``weights``).
+        batch_size_per_device: Batch size on one device (scales the learning rate).
+        temperature: InfoNCE temperature τ.
+        momentum: Momentum ``m`` of the key encoder update.
+        memory_bank_size: Number of negative keys K in the queue.
+        projection_hidden_dim: Hidden width of the projection head.
+        projection_dim: Output dimension of the projection head.
+        projection_batch_norm: BatchNorm in the projection head (MobileNetV2 needs it
+            to learn on small data, see DESIGN.md).
+        split_batch_norm: If > 1, replace every ``BatchNorm2d`` of both backbones by
+            lightly's ``SplitBatchNorm`` with that many splits (shuffle-BN on one
+            device).
+        lr: Base learning rate per 256 images (scaled by the global batch size).
+        weight_decay: SGD weight decay (not applied to norm and bias parameters).
+        sgd_momentum: SGD momentum.
+        warmup_epochs: Linear warm-up length (in steps of the cosine schedule: the
+            scheduler is stepped every optimizer step).
+        symmetric_loss: Use both views as query and key (lightly's CIFAR-10 setting).
+    """
+
+    def __init__(
+        self,
+        backbone: str = "torchvision/resnet18",
+        backbone_kwargs: dict[str, Any] | None = None,
+        batch_size_per_device: int = 256,
+        temperature: float = 0.2,
+        momentum: float = 0.999,
+        memory_bank_size: int = 65536,
+        projection_hidden_dim: int = 2048,
+        projection_dim: int = 128,
+        projection_batch_norm: bool = False,
+        split_batch_norm: int = 0,
+        lr: float = 0.03,
+        weight_decay: float = 1e-4,
+        sgd_momentum: float = 0.9,
+        warmup_epochs: int = 0,
+        symmetric_loss: bool = False,
+    ) -> None:
+        super().__init__()
+        _check_positive("batch_size_per_device", batch_size_per_device)
+        _check_positive("temperature", temperature)
+        _check_positive("lr", lr)
+        if not 0.0 <= momentum <= 1.0:
+            raise ValueError(f"momentum must be in [0, 1], got {momentum}.")
+        if memory_bank_size < 0:
+            raise ValueError(f"memory_bank_size must be >= 0, got {memory_bank_size}.")
+        self.save_hyperparameters()
+        self.batch_size_per_device = batch_size_per_device
+
+        self.backbone = build_backbone(backbone, **(backbone_kwargs or {}))
+        if split_batch_norm > 1:
+            use_split_batchnorm(self.backbone, split_batch_norm)
+        self.projection_head = MoCoProjectionHead(
+            input_dim=self.backbone.feature_dim,
+            hidden_dim=projection_hidden_dim,
+            output_dim=projection_dim,
+            batch_norm=projection_batch_norm,
+        )
+        self.backbone_momentum = copy.deepcopy(self.backbone)
+        self.projection_head_momentum = copy.deepcopy(self.projection_head)
+        self.backbone_momentum.requires_grad_(False)
+        self.projection_head_momentum.requires_grad_(False)
+        self.criterion = NTXentLoss(
+            temperature=temperature,
+            memory_bank_size=(memory_bank_size, projection_dim),
+            gather_distributed=True,
+        )
+
+    # --- forward -------------------------------------------------------------------
+    def forward(self, x: Tensor) -> Tensor:
+        """Features of the query encoder's backbone."""
+        features: Tensor = self.backbone(x)
+        return features
+
+    def forward_query_encoder(self, x: Tensor) -> Tensor:
+        """Projections of the query encoder."""
+        projections: Tensor = self.projection_head(self.backbone(x))
+        return projections
+
+    def key_backbone(self) -> nn.Module:
+        """The network that encodes this step's keys (MCP overrides this)."""
+        return self.backbone_momentum
+
+    @torch.no_grad()
+    def forward_key_encoder(self, x: Tensor) -> Tensor:
+        """Projections of the key encoder, with batch shuffling (shuffle-BN)."""
+        distributed = self.trainer.world_size > 1 if self._trainer else False
+        x, shuffle = batch_shuffle(batch=x, distributed=distributed)
+        projections = self.projection_head_momentum(self.key_backbone()(x))
+        projections = batch_unshuffle(
+            batch=projections, shuffle=shuffle, distributed=distributed
+        )
+        keys: Tensor = projections.detach()
+        return keys
+
+    # --- training ------------------------------------------------------------------
+    def update_momentum_encoder(self) -> None:
+        """``θ_k ← m·θ_k + (1 − m)·θ_q`` for the backbone and the projection head."""
+        m = self.hparams["momentum"]
+        update_momentum(self.backbone, self.backbone_momentum, m=m)
+        update_momentum(self.projection_head, self.projection_head_momentum, m=m)
+
+    def contrastive_loss(self, views: list[Tensor]) -> Tensor:
+        """InfoNCE of the query view against the key view (both ways if symmetric)."""
+        queries = self.forward_query_encoder(views[0])
+        keys = self.forward_key_encoder(views[1])
+        loss: Tensor = self.criterion(queries, keys)
+        if self.hparams["symmetric_loss"]:
+            queries_1 = self.forward_query_encoder(views[1])
+            keys_0 = self.forward_key_encoder(views[0])
+            loss = 0.5 * (loss + self.criterion(queries_1, keys_0))
+        return loss
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        """One MoCo v2 step; ``batch`` is ``(views, ...)`` as lightly datasets give."""
+        self.update_momentum_encoder()
+        views = batch[0]
+        loss = self.contrastive_loss(views)
+        self.log(
+            "train_loss", loss, prog_bar=True, sync_dist=True, batch_size=len(views[0])
+        )
+        return loss
+
+    def configure_optimizers(self) -> Any:
+        """SGD (no weight decay on norm and bias parameters) + cosine schedule."""
+        params, params_no_weight_decay = get_weight_decay_parameters(
+            [self.backbone, self.projection_head]
+        )
+        world_size = self.trainer.world_size if self._trainer else 1
+        lr = self.hparams["lr"] * self.batch_size_per_device * world_size / 256
+        optimizer = SGD(
+            [
+                {"name": "mocov2", "params": params},
+                {
+                    "name": "mocov2_no_weight_decay",
+                    "params": params_no_weight_decay,
+                    "weight_decay": 0.0,
+                },
+            ],
+            lr=lr,
+            momentum=self.hparams["sgd_momentum"],
+            weight_decay=self.hparams["weight_decay"],
+        )
+        max_steps = int(self.trainer.estimated_stepping_batches)
+        scheduler = {
+            "scheduler": CosineWarmupScheduler(
+                optimizer=optimizer,
+                warmup_epochs=self.hparams["warmup_epochs"],
+                max_epochs=max_steps,
+            ),
+            "interval": "step",
+        }
+        return [optimizer], [scheduler]
+
+    # --- checkpoint state that lightly keeps outside state_dict() ---------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Saves the memory bank (a non-persistent buffer in lightly)."""
+        bank = self.criterion.memory_bank
+        checkpoint["memory_bank"] = {
+            "bank": bank.bank.detach().cpu().clone(),
+            "bank_ptr": bank.bank_ptr.detach().cpu().clone(),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Restores the memory bank when the checkpoint has one."""
+        saved = checkpoint.get("memory_bank")
+        if saved is not None:
+            self.load_memory_bank(saved["bank"], saved["bank_ptr"])
+
+    @torch.no_grad()
+    def load_memory_bank(self, bank: Tensor, bank_ptr: Tensor) -> None:
+        """Copies a saved queue (keys and pointer) into the loss's memory bank."""
+        memory_bank = self.criterion.memory_bank
+        if tuple(bank.shape) != tuple(memory_bank.bank.shape):
+            raise ValueError(
+                f"Saved memory bank has shape {tuple(bank.shape)} but this model's has "
+                f"{tuple(memory_bank.bank.shape)}; set memory_bank_size and "
+                "projection_dim to the checkpoint's values."
+            )
+        memory_bank.bank.copy_(bank)
+        memory_bank.bank_ptr.copy_(bank_ptr)
+
+
+def _check_positive(name: str, value: float) -> None:
+    if not value > 0:
+        raise ValueError(f"{name} must be > 0, got {value}.")
+
+
+# Module-level transform, as in lightly's benchmark methods (ImageNet-size views).
+transform = build_transform(input_size=224)

@@ -1,0 +1,58 @@
+"""MoCo v2 views, configurable for small and grayscale images."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lightly.transforms import MoCoV2Transform
+from PIL import Image
+
+
+class _ToRGB:
+    """Converts any PIL image (grayscale, RGBA, 16-bit, palette) to 3-channel RGB."""
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        if image.mode == "RGB":
+            return image
+        if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+            # 16-bit or float grayscale: rescale to 8 bits before converting.
+            image = image.point(lambda v: v * (255.0 / 65535.0)).convert("L")
+        return image.convert("RGB")
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class MCPTransform:
+    """Two MoCo v2 views of an image (lightly's ``MoCoV2Transform``).
+
+    For images of at most 64 px Gaussian blur is off by default (as lightly's CIFAR-10
+    settings), and every input is converted to RGB first so that grayscale datasets
+    such as Fashion-MNIST feed 3-channel backbones.
+
+    Args:
+        input_size: Side of the random resized crops.
+        gaussian_blur: Blur probability; ``None`` picks 0.0 for ``input_size <= 64``
+            and MoCo v2's 0.5 otherwise.
+        **kwargs: Passed to ``lightly.transforms.MoCoV2Transform`` (e.g. ``min_scale``,
+            ``cj_strength``, ``normalize``).
+    """
+
+    def __init__(
+        self, input_size: int = 224, gaussian_blur: float | None = None, **kwargs: Any
+    ) -> None:
+        if gaussian_blur is None:
+            gaussian_blur = 0.0 if input_size <= 64 else 0.5
+        self.to_rgb = _ToRGB()
+        self.views = MoCoV2Transform(
+            input_size=input_size, gaussian_blur=gaussian_blur, **kwargs
+        )
+
+    def __call__(self, image: Image.Image) -> Any:
+        """Returns the list of two augmented views."""
+        return self.views(self.to_rgb(image))
+
+
+def build_transform(input_size: int = 224, **kwargs: Any) -> MCPTransform:
+    """The transform for MoCo v2 and MCP at ``input_size`` (see ``MCPTransform``)."""
+    return MCPTransform(input_size=input_size, **kwargs)

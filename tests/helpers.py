@@ -1,0 +1,56 @@
+"""Tiny in-memory data and trainers for method tests."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+
+class TwoViewTensors(Dataset):
+    """Random images as two "views" with a label, as lightly datasets give them."""
+
+    def __init__(self, n: int = 32, size: int = 16, seed: int = 0) -> None:
+        generator = torch.Generator().manual_seed(seed)
+        self.images = torch.randn(n, 3, size, size, generator=generator)
+        self.noise = 0.1 * torch.randn(n, 3, size, size, generator=generator)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> Any:
+        x = self.images[i]
+        return [x, x.flip(-1) + self.noise[i]], 0, str(i)
+
+
+def loader(n: int = 32, size: int = 16, batch_size: int = 8) -> DataLoader:
+    return DataLoader(
+        TwoViewTensors(n, size), batch_size=batch_size, shuffle=False, drop_last=True
+    )
+
+
+def trainer(tmp_path: Any, **kwargs: Any) -> pl.Trainer:
+    options: dict[str, Any] = dict(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=str(tmp_path),
+    )
+    options.update(kwargs)
+    return pl.Trainer(**options)
+
+
+TINY = dict(
+    backbone="torchvision/resnet18",
+    backbone_kwargs={"small_input": True},
+    batch_size_per_device=8,
+    memory_bank_size=64,
+    projection_hidden_dim=32,
+    projection_dim=16,
+    lr=0.06,
+)
