@@ -7,6 +7,7 @@ Reference:
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -74,6 +75,13 @@ class MomentumSubnet(nn.Module):
         """Sets train/eval mode of the subnet and of the encoder it runs."""
         super().train(mode)
         self.encoder.train(mode)
+        return self
+
+    def _apply(self, fn: Any, recurse: bool = True) -> MomentumSubnet:
+        """Moves/casts the encoder too (``.to(device)``, ``.double()``, ...)."""
+        super()._apply(fn, recurse)
+        self.encoder._apply(fn, recurse)
+        self._refresh_multipliers()
         return self
 
     @property

@@ -1,0 +1,188 @@
+"""Training-step cost of MCP against MoCo v2 (target: MCP ≤ 1.05 × MoCo v2).
+
+Three models with the same backbone, batch and threads, stepped interleaved in one
+process (A, B, C, A, B, C, ...) so machine noise hits all of them alike:
+
+- ``lightly-example``: a minimal MoCo v2 step written only from lightly's own
+  ``examples/pytorch/moco.py`` (backbone + ``MoCoProjectionHead``, ``NTXentLoss`` with
+  a memory bank, ``update_momentum``), the reference a lightly user knows;
+- ``MoCoV2``: this project's ``lightly_mcp.MoCoV2.training_step``;
+- ``MCP``: ``lightly_mcp.MCP.training_step`` with ``frq=0`` (keys from the momentum
+  subnet at every step: the most expensive case) and the ADMM penalty.
+
+Each step is forward + backward + SGD step. ADMM updates happen every N steps or
+epochs and are not part of a step; their cost is printed separately.
+
+Usage:
+    OMP_NUM_THREADS=2 python benchmarks/training_step_speed.py \
+        --backbone torchvision/mobilenet_v2 --width 0.5 --batch-size 64 --steps 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import platform
+import statistics
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from lightly.loss import NTXentLoss
+from lightly.models.modules import MoCoProjectionHead
+from lightly.models.utils import update_momentum
+from torch import nn
+
+from lightly_mcp import MCP, MoCoV2, build_backbone
+
+warnings.filterwarnings("ignore", message=".*self.log.*")
+
+
+class LightlyExampleMoCo(nn.Module):
+    """The model of lightly's ``examples/pytorch/moco.py`` with our backbone."""
+
+    def __init__(self, backbone: nn.Module, dim: int, batch_norm: bool) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.projection_head = MoCoProjectionHead(dim, 2048, 128, batch_norm=batch_norm)
+        self.backbone_momentum = copy.deepcopy(self.backbone)
+        self.projection_head_momentum = copy.deepcopy(self.projection_head)
+        self.backbone_momentum.requires_grad_(False)
+        self.projection_head_momentum.requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.projection_head(self.backbone(x).flatten(start_dim=1))
+
+    def forward_momentum(self, x: torch.Tensor) -> torch.Tensor:
+        query = self.backbone_momentum(x).flatten(start_dim=1)
+        return self.projection_head_momentum(query).detach()
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backbone", default="torchvision/mobilenet_v2")
+    parser.add_argument("--width", type=float, default=None)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--input-size", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per model")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--ratio", type=float, default=0.73)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+
+    torch.manual_seed(0)
+    device = torch.device(args.device)
+    kwargs: dict[str, Any] = {"small_input": True}
+    if args.width is not None:
+        kwargs["width_multiplier"] = args.width
+    common = dict(
+        backbone=args.backbone,
+        backbone_kwargs=kwargs,
+        batch_size_per_device=args.batch_size,
+        memory_bank_size=4096,
+        projection_batch_norm=True,
+    )
+    moco = MoCoV2(**common).to(device)
+    mcp = MCP(
+        **common, pruning_ratio=args.ratio, frq=0, dr=0, input_size=args.input_size
+    ).to(device)
+    backbone = build_backbone(args.backbone, **kwargs)
+    example = LightlyExampleMoCo(backbone, backbone.feature_dim, True).to(device)
+    criterion = NTXentLoss(memory_bank_size=(4096, 128)).to(device)
+
+    def sgd(params: Any) -> torch.optim.Optimizer:
+        return torch.optim.SGD(params, lr=0.06, momentum=0.9, weight_decay=5e-4)
+
+    optimizers = {
+        "lightly-example": sgd(
+            list(example.backbone.parameters())
+            + list(example.projection_head.parameters())
+        ),
+        "MoCoV2": sgd(
+            list(moco.backbone.parameters()) + list(moco.projection_head.parameters())
+        ),
+        "MCP": sgd(
+            list(mcp.backbone.parameters()) + list(mcp.projection_head.parameters())
+        ),
+    }
+    size = args.input_size
+    views = [
+        torch.randn(args.batch_size, 3, size, size, device=device) for _ in range(2)
+    ]
+    batch = (views, torch.zeros(args.batch_size))
+
+    def example_step() -> torch.Tensor:
+        update_momentum(example.backbone, example.backbone_momentum, m=0.99)
+        update_momentum(
+            example.projection_head, example.projection_head_momentum, m=0.99
+        )
+        query = example(views[0])
+        key = example.forward_momentum(views[1])
+        return criterion(query, key)
+
+    steps: dict[str, Callable[[], torch.Tensor]] = {
+        "lightly-example": example_step,
+        "MoCoV2": lambda: moco.training_step(batch, 0),
+        "MCP": lambda: mcp.training_step(batch, 0),
+    }
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for module in (moco, mcp, example):
+        module.train()
+    for i in range(args.warmup + args.steps):
+        for name, step in steps.items():
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            loss = step()
+            loss.backward()
+            optimizers[name].step()
+            optimizers[name].zero_grad(set_to_none=True)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if i >= args.warmup:
+                times[name].append(time.perf_counter() - start)
+    admm_start = time.perf_counter()
+    mcp.admm_update()
+    admm_seconds = time.perf_counter() - admm_start
+
+    medians = {name: statistics.median(t) for name, t in times.items()}
+    result = {
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "backbone": args.backbone,
+        "backbone_kwargs": kwargs,
+        "batch_size": args.batch_size,
+        "input_size": args.input_size,
+        "pruning_ratio": args.ratio,
+        "steps": args.steps,
+        "device": str(device),
+        "cpu": _cpu_name(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "median_step_seconds": medians,
+        "mcp_over_mocov2": medians["MCP"] / medians["MoCoV2"],
+        "mcp_over_lightly_example": medians["MCP"] / medians["lightly-example"],
+        "admm_update_seconds": admm_seconds,
+    }
+    print(json.dumps(result, indent=2))
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,102 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lightly_mcp.recipe import TOP_LEVEL_KEYS, RecipeError, load_recipe
+
+RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))
+
+
+def _write(tmp_path: Path, data: dict) -> Path:
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
+def test_shipped_recipes_are_valid(path: Path) -> None:
+    recipe = load_recipe(path)
+    assert set(recipe.to_dict()) == set(TOP_LEVEL_KEYS)
+
+
+def test_shipped_recipe_set() -> None:
+    names = {p.name for p in RECIPES}
+    assert {
+        "quickstart.yaml",
+        "fashion_mnist_mobilenetv2.yaml",
+        "cifar10_mobilenetv2.yaml",
+        "cifar100_resnet34.yaml",
+        "imagefolder_timm.yaml",
+    } <= names
+
+
+def test_top_level_keys() -> None:
+    assert TOP_LEVEL_KEYS == (
+        "seed",
+        "data",
+        "backbone",
+        "pretrain",
+        "mcp",
+        "export",
+        "eval",
+        "trainer",
+    )
+
+
+def test_defaults_and_overrides(tmp_path: Path) -> None:
+    path = _write(tmp_path, {"mcp": {"rho": 0.1}})
+    recipe = load_recipe(
+        path,
+        [
+            "mcp.pruning_ratio=0.5",
+            "data.subset=100",
+            "backbone.width_multiplier=null",
+            "trainer.devices=2",
+            "mcp.rho=1",
+        ],
+    )
+    assert recipe.mcp.pruning_ratio == 0.5
+    assert recipe.mcp.rho == 1.0 and isinstance(recipe.mcp.rho, float)
+    assert recipe.data.subset == 100
+    assert recipe.backbone.width_multiplier is None
+    assert recipe.trainer.devices == 2
+    assert recipe.pretrain.temperature == 0.1  # default kept
+
+
+@pytest.mark.parametrize(
+    "data, overrides, match",
+    [
+        ({"mcp": {"prning_ratio": 0.5}}, [], r"unknown key 'mcp.prning_ratio'"),
+        ({"foo": 1}, [], r"unknown key 'foo'"),
+        ({"mcp": {"rho": "high"}}, [], r"'mcp.rho' must be float"),
+        ({"pretrain": {"epochs": 1.5}}, [], r"'pretrain.epochs' must be int"),
+        ({"data": {"download": "yes"}}, [], r"'data.download' must be bool"),
+        ({}, ["mcp.pruning_ratio=1.0"], r"'mcp.pruning_ratio' must be in \[0, 1\)"),
+        ({}, ["mcp.pruning_ratio=-0.1"], r"'mcp.pruning_ratio' must be in \[0, 1\)"),
+        ({}, ["mcp.rho=-1"], r"'mcp.rho' must be >= 0"),
+        ({}, ["mcp.frq=-1"], r"'mcp.frq' must be an integer >= 0"),
+        ({}, ["mcp.dr=-3"], r"'mcp.dr' must be an integer >= 0"),
+        ({}, ["mcp.admm_interval=0"], r"'mcp.admm_interval' must be an integer >= 1"),
+        ({}, ["mcp.target_params=0.9"], r"exactly one of"),
+        ({}, ["pretrain.split_batch_norm=3"], r"divisible"),
+        ({}, ["mcp.pruning_ratio"], r"section.key=value"),
+        ({"mcp": 3}, [], r"'mcp' must be a mapping"),
+    ],
+)
+def test_bad_recipes_name_the_key(
+    tmp_path: Path, data: dict, overrides: list[str], match: str
+) -> None:
+    with pytest.raises(RecipeError, match=match):
+        load_recipe(_write(tmp_path, data), overrides)
+
+
+def test_missing_and_invalid_files(tmp_path: Path) -> None:
+    with pytest.raises(RecipeError, match="does not exist"):
+        load_recipe(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("mcp: [unclosed\n")
+    with pytest.raises(RecipeError, match="not valid YAML"):
+        load_recipe(bad)
