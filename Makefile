@@ -23,7 +23,7 @@ lint: setup
 	$(BIN)/mypy lightly_mcp
 
 quickstart: setup
-	$(BIN)/python -m lightly_mcp
+	$(BIN)/lightly-mcp run recipes/quickstart.yaml --out runs/quickstart
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

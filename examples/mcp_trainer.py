@@ -9,6 +9,8 @@ from lightly_mcp import MCP, build_transform
 
 
 class RandomImages(Dataset):
+    """Random 28x28 grayscale images (stand-ins for a real dataset)."""
+
     def __init__(self, n: int = 64) -> None:
         self.images = torch.randint(0, 256, (n, 28, 28), dtype=torch.uint8)
         self.transform = build_transform(input_size=32)  # two MoCo v2 views

@@ -1,15 +1,28 @@
 """Loading a dense MoCo starting point into MoCoV2 / MCP.
 
 Checkpoints are data, not code: they are read with ``torch.load(weights_only=True)``.
-Supported now: Lightning checkpoints and plain ``state_dict()`` files of this
-project's :class:`~lightly_mcp.moco_v2.MoCoV2` (keys ``backbone.*``,
-``backbone_momentum.*``, ``projection_head.*``, ``projection_head_momentum.*``, and
-the queue under ``memory_bank``).
+Every supported format is first mapped onto this project's key space
+(``backbone.net.*``, ``backbone_momentum.net.*``, ``projection_head.*``,
+``projection_head_momentum.*``, queue as ``[K, dim]``):
+
+- ``lightly-mcp``: Lightning checkpoints and ``state_dict()`` files of
+  :class:`~lightly_mcp.moco_v2.MoCoV2` (the queue under ``memory_bank``);
+- ``lightly-example``: lightly's ``examples/pytorch_lightning/moco.py`` and
+  ``examples/pytorch/moco.py`` models, whose backbone is
+  ``nn.Sequential(*list(resnet.children())[:-1])`` (positional keys
+  ``backbone.0.weight``, ``backbone.4.0.conv1.weight``, ...);
+- ``lightly-benchmark``: lightly's ImageNet benchmark module (``backbone.*`` the query
+  encoder, ``key_backbone.*`` the key encoder, ``projection_head.*``,
+  ``key_projection_head.*``);
+- ``moco-official``: facebookresearch/moco releases (``state_dict`` with
+  ``module.encoder_q.*`` / ``module.encoder_k.*``, the MLP head as ``fc.0``/``fc.2``,
+  and ``module.queue`` as ``[dim, K]``).
 """
 
 from __future__ import annotations
 
 import pickle
+import re
 import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -48,6 +61,90 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def _rename(state: dict[str, Any], mapping: list[tuple[str, str]]) -> dict[str, Any]:
+    out = {}
+    for key, value in state.items():
+        for old, new in mapping:
+            if key.startswith(old):
+                out[new + key[len(old) :]] = value
+                break
+    return out
+
+
+def canonical_moco_state(
+    data: dict[str, Any], model: MoCoV2
+) -> tuple[str, dict[str, Any], Tensor | None, Tensor | None]:
+    """Maps a MoCo checkpoint of any supported format onto this project's keys.
+
+    Returns:
+        ``(format, state, bank, bank_ptr)`` with ``bank`` as ``[K, dim]`` or None.
+    """
+    state: dict[str, Any] = data.get("state_dict", data)
+    if not isinstance(state, dict):
+        raise CheckpointError("the checkpoint's 'state_dict' is not a mapping.")
+    keys = list(state)
+    bank = (
+        data.get("memory_bank") if isinstance(data.get("memory_bank"), dict) else None
+    )
+    if any(k.startswith("backbone.net.") for k in keys):
+        b = bank or {}
+        return "lightly-mcp", state, b.get("bank"), b.get("bank_ptr")
+    official = next(
+        (
+            p
+            for p in ("module.encoder_q.", "encoder_q.")
+            if any(k.startswith(p) for k in keys)
+        ),
+        None,
+    )
+    if official is not None:
+        root = official[: -len("encoder_q.")]
+        mapping = []
+        for enc, side in (("encoder_q.", ""), ("encoder_k.", "_momentum")):
+            mapping += [
+                (f"{root}{enc}fc.0.", f"projection_head{side}.layers.0."),
+                (f"{root}{enc}fc.2.", f"projection_head{side}.layers.2."),
+                (f"{root}{enc}", f"backbone{side}.net."),
+            ]
+        queue = state.get(f"{root}queue")
+        ptr = state.get(f"{root}queue_ptr")
+        return (
+            "moco-official",
+            _rename(state, mapping),
+            queue.t().contiguous() if isinstance(queue, Tensor) else None,
+            ptr.reshape(1).long() if isinstance(ptr, Tensor) else None,
+        )
+    if any(re.match(r"backbone\.\d+\.", k) for k in keys):
+        children = [name for name, _ in model.backbone.net.named_children()]
+        mapping = []
+        for side in ("", "_momentum"):
+            for index, child in enumerate(children):
+                mapping.append(
+                    (f"backbone{side}.{index}.", f"backbone{side}.net.{child}.")
+                )
+            mapping.append((f"projection_head{side}.", f"projection_head{side}."))
+        return "lightly-example", _rename(state, mapping), None, None
+    if any(k.startswith("key_backbone.") for k in keys):
+        mapping = [
+            ("key_backbone.", "backbone_momentum.net."),
+            ("key_projection_head.", "projection_head_momentum."),
+            ("backbone.", "backbone.net."),
+            ("projection_head.", "projection_head."),
+        ]
+        b = bank or {}
+        return (
+            "lightly-benchmark",
+            _rename(state, mapping),
+            b.get("bank"),
+            b.get("bank_ptr"),
+        )
+    raise CheckpointError(
+        "not a MoCo checkpoint this project knows: expected keys of lightly-mcp "
+        "(backbone.net.*), lightly's examples (backbone.0.*), lightly's benchmark "
+        "(backbone.*, key_backbone.*) or the official MoCo release (encoder_q.*)."
+    )
+
+
 def load_dense_moco(model: MoCoV2, path: str | Path) -> list[str]:
     """Loads encoders, heads and queue of a dense MoCo checkpoint into ``model``.
 
@@ -62,7 +159,10 @@ def load_dense_moco(model: MoCoV2, path: str | Path) -> list[str]:
             not fit the model.
     """
     data = read_checkpoint(path)
-    state: dict[str, Any] = data.get("state_dict", data)
+    try:
+        fmt, state, bank, bank_ptr = canonical_moco_state(data, model)
+    except CheckpointError as error:
+        raise CheckpointError(f"Checkpoint '{path}': {error}") from None
     wanted = model.hparams.get("backbone")
     saved = data.get("hyper_parameters", {}).get("backbone")
     if saved is not None and wanted is not None and saved != wanted:
@@ -71,7 +171,7 @@ def load_dense_moco(model: MoCoV2, path: str | Path) -> list[str]:
             f"uses '{wanted}'. Set the backbone to '{saved}' or use a matching "
             "checkpoint."
         )
-    report = []
+    report = [f"format: {fmt}"]
     for part in PARTS:
         prefix = part + "."
         sub = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
@@ -87,11 +187,15 @@ def load_dense_moco(model: MoCoV2, path: str | Path) -> list[str]:
             )
         _load_part(getattr(model, part), sub, part, path, wanted)
         report.append(f"{part}: {len(sub)} tensors loaded")
-    bank = data.get("memory_bank")
-    if isinstance(bank, dict) and isinstance(bank.get("bank"), Tensor):
+    if isinstance(bank, Tensor):
+        ptr = (
+            bank_ptr
+            if isinstance(bank_ptr, Tensor)
+            else torch.zeros(1, dtype=torch.long)
+        )
         try:
-            model.load_memory_bank(bank["bank"], bank["bank_ptr"])
-            report.append(f"memory bank: {tuple(bank['bank'].shape)} loaded")
+            model.load_memory_bank(bank, ptr)
+            report.append(f"memory bank: {tuple(bank.shape)} loaded")
         except ValueError as error:
             report.append(f"memory bank: not loaded ({error})")
     else:

@@ -93,8 +93,9 @@ class MCP(MoCoV2):
                 f"{admm_interval_unit!r}."
             )
         self.save_hyperparameters()
+        self.dense_load_report: list[str] = []
         if dense_checkpoint is not None:
-            self.load_dense_checkpoint(dense_checkpoint)
+            self.dense_load_report = self.load_dense_checkpoint(dense_checkpoint)
 
         example_inputs = torch.randn(1, 3, input_size, input_size)
         self.groups = find_channel_groups(

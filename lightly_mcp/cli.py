@@ -1,0 +1,245 @@
+"""The ``lightly-mcp`` command line (also ``python -m lightly_mcp``)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+EXIT_USAGE = 2
+
+SET_HELP = (
+    "override a recipe value, e.g. --set mcp.pruning_ratio=0.5 or "
+    "--set data.subset=null (values are parsed as YAML; repeatable)"
+)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lightly-mcp",
+        description=(
+            "Momentum Contrastive Pruning: prune a MoCo model once, without labels "
+            "and without fine-tuning, and export a compact momentum subnet."
+        ),
+        epilog="Each subcommand has --help. Recipes live in recipes/.",
+    )
+    parser.add_argument(
+        "--debug", action="store_true", help="show full tracebacks on errors"
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    def common(p: argparse.ArgumentParser, recipe: bool = True) -> None:
+        if recipe:
+            p.add_argument(
+                "--set", action="append", default=[], metavar="KEY=VALUE", help=SET_HELP
+            )
+        p.add_argument("--out", type=Path, required=True, help="output directory")
+        p.add_argument(
+            "--device",
+            default=None,
+            help="Lightning accelerator: cpu, cuda, auto (overrides "
+            "trainer.accelerator)",
+        )
+        p.add_argument(
+            "--devices",
+            default=None,
+            help="number of devices (overrides trainer.devices)",
+        )
+        p.add_argument("--quiet", action="store_true", help="no progress bars")
+        p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+
+    p = sub.add_parser(
+        "pretrain",
+        help="dense MoCo v2 → OUT/pretrain/",
+        description="Dense MoCo v2 pretraining → OUT/pretrain/.",
+    )
+    p.add_argument("recipe", type=Path, help="YAML recipe")
+    common(p)
+
+    p = sub.add_parser(
+        "prune",
+        help="MCP from a dense checkpoint → OUT/prune/",
+        description="MCP from a dense MoCo checkpoint → OUT/prune/.",
+    )
+    p.add_argument("recipe", type=Path, help="YAML recipe")
+    p.add_argument(
+        "--from",
+        dest="dense",
+        type=Path,
+        default=None,
+        help="dense MoCo checkpoint (default: pretrain.dense_checkpoint)",
+    )
+    common(p)
+
+    p = sub.add_parser(
+        "export",
+        help="compact model + report → OUT/",
+        description="Physically prune an MCP checkpoint's momentum "
+        "subnet and write model.pt, model.ts, model.onnx, report.json.",
+    )
+    p.add_argument("checkpoint", type=Path, help="MCP checkpoint")
+    p.add_argument(
+        "--round-to",
+        type=int,
+        default=None,
+        help="keep channel counts multiples of this (speed)",
+    )
+    p.add_argument("--no-latency", action="store_true", help="skip latency timing")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    common(p, recipe=False)
+
+    p = sub.add_parser(
+        "evaluate",
+        help="kNN and linear-probe top-1 → OUT/eval.json",
+        description="kNN and linear-probe top-1 of a checkpoint or an "
+        "exported model.pt → OUT/eval.json.",
+    )
+    p.add_argument(
+        "model", type=Path, help="MoCoV2/MCP checkpoint or exported model.pt"
+    )
+    p.add_argument("recipe", type=Path, help="YAML recipe (data and eval sections)")
+    common(p)
+
+    p = sub.add_parser(
+        "run",
+        help="pretrain → prune → export → evaluate",
+        description="All stages in order, skipping complete ones "
+        "(an interrupted run continues) → OUT/report.json.",
+    )
+    p.add_argument("recipe", type=Path, help="YAML recipe")
+    common(p)
+
+    sub.add_parser("smoke", help="quick check of the building blocks (no data)")
+    return parser
+
+
+def _recipe(args: argparse.Namespace) -> Any:
+    from lightly_mcp.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, args.set)
+    if args.device is not None:
+        recipe.trainer.accelerator = args.device
+    if args.devices is not None:
+        recipe.trainer.devices = (
+            int(args.devices) if args.devices.isdigit() else args.devices
+        )
+    return recipe
+
+
+def _eval_device(recipe: Any) -> str:
+    import torch
+
+    accelerator = recipe.trainer.accelerator
+    if accelerator in ("cuda", "gpu") or (
+        accelerator == "auto" and torch.cuda.is_available()
+    ):
+        return "cuda"
+    return "cpu"
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from lightly_mcp import pipeline
+    from lightly_mcp.report import print_run_summary
+
+    console = Console()
+    progress = not args.quiet if hasattr(args, "quiet") else True
+    if args.command == "smoke":
+        from lightly_mcp.smoke import smoke
+
+        smoke()
+        return 0
+    if args.command == "export":
+        from lightly_mcp.export import export
+
+        export(
+            args.checkpoint,
+            args.out,
+            round_to=args.round_to,
+            latency=not args.no_latency,
+            console=console,
+            overwrite=args.overwrite,
+        )
+        console.print(f"exported to {args.out}")
+        return 0
+    recipe = _recipe(args)
+    out: Path = args.out
+    if args.command == "pretrain":
+        path = pipeline.pretrain(recipe, out, progress)
+        console.print(f"dense checkpoint: {path}")
+    elif args.command == "prune":
+        dense = args.dense or recipe.pretrain.dense_checkpoint
+        path = pipeline.prune(recipe, Path(dense) if dense else None, out, progress)
+        console.print(f"MCP checkpoint: {path}")
+    elif args.command == "evaluate":
+        networks = pipeline.load_backbone_for_eval(args.model, recipe)
+        results = pipeline.evaluate(
+            networks, recipe, out / "eval.json", _eval_device(recipe), progress
+        )
+        for name, r in results["models"].items():
+            console.print(
+                f"{name}: kNN top-1 {r['knn_top1']:.4f}, "
+                f"linear top-1 {r['linear_top1']:.4f}"
+            )
+    elif args.command == "run":
+        report = pipeline.run(recipe, out, progress, console, _eval_device(recipe))
+        print_run_summary(report, console)
+    return 0
+
+
+def _expected_errors() -> tuple[type[BaseException], ...]:
+    from lightly_mcp.checkpoints import CheckpointError
+    from lightly_mcp.recipe import RecipeError
+
+    errors: list[type[BaseException]] = [
+        RecipeError,
+        CheckpointError,
+        FileNotFoundError,
+        ValueError,
+    ]
+    return tuple(errors)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``lightly-mcp`` console script."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return EXIT_USAGE
+    if not args.debug:
+        warnings.filterwarnings("ignore")
+        logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
+        logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+        os.environ.setdefault("PYTHONWARNINGS", "ignore")
+    try:
+        return _dispatch(args)
+    except KeyboardInterrupt:
+        print(
+            "lightly-mcp: interrupted; run the same command again to continue.",
+            file=sys.stderr,
+        )
+        return 130
+    except Exception as error:  # noqa: BLE001 (one clear line, --debug for more)
+        if args.debug:
+            raise
+        message = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        if isinstance(error, _expected_errors()):
+            print(f"lightly-mcp: error: {message}", file=sys.stderr)
+            return EXIT_USAGE
+        print(
+            f"lightly-mcp: unexpected {type(error).__name__}: {message} "
+            "(rerun with --debug for the traceback)",
+            file=sys.stderr,
+        )
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,598 @@
+"""Compact export: from an MCP checkpoint to a deployable, physically pruned backbone.
+
+:func:`export` reads an MCP Lightning checkpoint safely, removes the dropped channels
+of the momentum subnet for real (:func:`lightly_mcp.compaction.compact`), checks that
+the compact network computes what the masked momentum subnet computes, and writes one
+output folder, atomically:
+
+- ``model.pt``: the compact backbone as a whole pickled ``nn.Module``. Loading it runs
+  pickle (``torch.load(path, weights_only=False)``): load only files you trust.
+- ``model.ts``: TorchScript (traced in eval mode), loadable with ``torch.jit.load``.
+- ``model.onnx``: ONNX with a dynamic batch axis, when the exporter supports the
+  architecture (a failure is noted in the report, not raised).
+- ``report.json``: sizes, MACs, latencies, speedups and the equivalence check.
+
+Examples:
+    >>> report = export("runs/mcp/last.ckpt", "exported/mobilenet_v2_73")
+    >>> compact = torch.load("exported/mobilenet_v2_73/model.pt", weights_only=False)
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import shutil
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.table import Table
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+
+from lightly_mcp.batchnorm import merge_split_batchnorm
+from lightly_mcp.checkpoints import read_checkpoint
+from lightly_mcp.compaction import compact
+from lightly_mcp.counting import MAC_COUNTER, count_macs, count_parameters
+from lightly_mcp.groups import ChannelGroup, channel_scores
+from lightly_mcp.mcp import MCP
+from lightly_mcp.momentum_subnet import MomentumSubnet
+
+#: Resolution of the second set of MACs and latencies (ImageNet deployment size).
+DEPLOY_RESOLUTION = 224
+#: Batch size of the equivalence check.
+CHECK_BATCH_SIZE = 4
+#: Relative tolerance of the equivalence check: ``err <= TOL * max(1, scale)``.
+CHECK_TOLERANCE = 1e-4
+#: Warm-up runs before latency is timed.
+WARMUP_RUNS = 3
+#: What ``model.pt`` needs to be loaded, repeated in the report.
+PICKLE_NOTE = (
+    "whole pickled nn.Module: torch.load(path, weights_only=False) runs pickle, "
+    "load only files you trust; model.ts / model.onnx need no pickle"
+)
+
+
+class ExportError(ValueError):
+    """An export that cannot be done or did not verify; the message says why."""
+
+
+# --- loading ------------------------------------------------------------------------
+def load_mcp_checkpoint(
+    checkpoint: str | Path, expected_backbone: str | None = None
+) -> MCP:
+    """Rebuilds an :class:`MCP` module from a Lightning checkpoint, safely.
+
+    The file is read with ``weights_only=True``; the module is rebuilt from the
+    checkpoint's hyper-parameters (with ``dense_checkpoint=None``: the weights come
+    from this checkpoint, no other file is read), then its state, queue and
+    transition scheduler are restored.
+
+    Args:
+        checkpoint: Path of a checkpoint written by a Lightning ``Trainer`` for MCP.
+        expected_backbone: If given, the backbone name the checkpoint must have.
+
+    Returns:
+        The MCP module, in eval mode, on the CPU.
+
+    Raises:
+        CheckpointError: If the file cannot be read safely (corrupt, truncated, code).
+        ExportError: If it is not an MCP checkpoint (e.g. a MoCo v2 one) or was
+            trained with another backbone than ``expected_backbone``.
+    """
+    data = read_checkpoint(checkpoint)
+    state = data.get("state_dict")
+    hparams = data.get("hyper_parameters")
+    if not isinstance(state, Mapping) or not isinstance(hparams, Mapping):
+        raise ExportError(
+            f"Checkpoint '{checkpoint}' is not a Lightning checkpoint (no "
+            "'state_dict' and 'hyper_parameters'); export needs the checkpoint an MCP "
+            "training run wrote."
+        )
+    if not any(str(key).startswith("admm.") for key in state):
+        if any(str(key).startswith("backbone_momentum.") for key in state):
+            raise ExportError(
+                f"Checkpoint '{checkpoint}' is a MoCo v2 checkpoint (no ADMM state), "
+                "not an MCP checkpoint: there is no pruning mask to export. Prune it "
+                "first with MCP(dense_checkpoint=...) and export that run's checkpoint."
+            )
+        raise ExportError(
+            f"Checkpoint '{checkpoint}' is not an MCP checkpoint (no 'admm.*' state)."
+        )
+    backbone = hparams.get("backbone")
+    if expected_backbone is not None and backbone != expected_backbone:
+        raise ExportError(
+            f"Checkpoint '{checkpoint}' was trained with backbone '{backbone}', but "
+            f"'{expected_backbone}' was expected. Use a checkpoint of "
+            f"'{expected_backbone}' or expect '{backbone}'."
+        )
+    kwargs = dict(hparams)
+    kwargs["dense_checkpoint"] = None
+    try:
+        model = MCP(**kwargs)
+        model.load_state_dict(dict(state))
+    except (TypeError, RuntimeError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        raise ExportError(
+            f"Checkpoint '{checkpoint}' does not rebuild as an MCP model of backbone "
+            f"'{backbone}': {type(error).__name__}: {first_line}"
+        ) from None
+    model.on_load_checkpoint(data)
+    return model.eval()
+
+
+# --- masks --------------------------------------------------------------------------
+def round_masks(
+    encoder: nn.Module,
+    groups: Sequence[ChannelGroup],
+    masks: Sequence[Tensor],
+    round_to: int,
+) -> list[Tensor]:
+    """Widens masks so that every group keeps a multiple of ``round_to`` channels.
+
+    Per group, the kept count is rounded up to the next multiple of ``round_to``
+    (capped at the group's size); the extra channels are the dropped ones with the
+    highest L2 norm over the group's members in ``encoder`` (as
+    :func:`lightly_mcp.groups.channel_scores`). Kept channels stay kept.
+
+    Args:
+        encoder: The encoder whose weights rank the dropped channels (the momentum
+            encoder).
+        groups: Its channel groups.
+        masks: Per group, the boolean mask of kept channels.
+        round_to: The channel multiple, >= 1.
+
+    Returns:
+        New boolean masks (the inputs are not modified).
+    """
+    if isinstance(round_to, bool) or not (isinstance(round_to, int) and round_to >= 1):
+        raise ValueError(f"round_to must be an integer >= 1, got {round_to!r}.")
+    params = dict(encoder.named_parameters())
+    widened = []
+    for group, mask in zip(groups, masks):
+        mask = mask.detach().cpu().to(torch.bool).clone()
+        kept = int(mask.sum())
+        target = min(group.num_channels, math.ceil(kept / round_to) * round_to)
+        if target > kept:
+            scores = channel_scores(params, group).detach().cpu().float()
+            scores[mask] = -math.inf
+            extra = torch.topk(scores, target - kept).indices
+            mask[extra] = True
+        widened.append(mask)
+    return widened
+
+
+# --- timing -------------------------------------------------------------------------
+def measure_latency(
+    models: Mapping[str, Callable[[Tensor], Any]],
+    input_shape: Sequence[int],
+    repeats: int = 20,
+    warmup: int = WARMUP_RUNS,
+) -> dict[str, float]:
+    """Median latency in milliseconds of several models, timed interleaved.
+
+    Every model runs ``warmup`` times first; then each repeat runs every model once,
+    in turn, so that slow drifts of the machine (turbo, other load) affect all of
+    them alike and their ratios are fair. Runs are under ``torch.inference_mode()``
+    on one random input of ``input_shape``; ``nn.Module`` models are put in eval mode.
+
+    Args:
+        models: Callables taking one tensor (modules, TorchScript, wrappers).
+        input_shape: Shape of the input batch, e.g. ``(1, 3, 224, 224)``.
+        repeats: Timed runs per model, >= 1.
+        warmup: Untimed runs per model before timing.
+
+    Returns:
+        Per model name, the median latency in milliseconds.
+    """
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}.")
+    x = torch.randn(*input_shape)
+    times: dict[str, list[float]] = {name: [] for name in models}
+    with torch.inference_mode():
+        for model in models.values():
+            if isinstance(model, nn.Module):
+                model.eval()
+            for _ in range(warmup):
+                model(x)
+        for _ in range(repeats):
+            for name, model in models.items():
+                start = time.perf_counter()
+                model(x)
+                times[name].append(1000.0 * (time.perf_counter() - start))
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+# --- BatchNorm recalibration --------------------------------------------------------
+def _images(batch: Any) -> Tensor:
+    """The image tensor of a batch: a tensor, or ``(views, label, ...)``."""
+    while isinstance(batch, (list, tuple)):
+        if not batch:
+            break
+        batch = batch[0]
+    if not isinstance(batch, Tensor):
+        raise ExportError(
+            f"Cannot find images in a recalibration batch of type "
+            f"{type(batch).__name__}; give tensors or (views, label, ...) batches."
+        )
+    return batch
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(
+    model: nn.Module, batches: Iterable[Any], num_batches: int = 10
+) -> int:
+    """Recomputes the running statistics of every BatchNorm layer of ``model``.
+
+    The statistics are reset and re-estimated as a cumulative average
+    (``momentum=None``) over ``num_batches`` batches in train mode; the layers'
+    momentum is restored afterwards and the model is left in eval mode.
+
+    Args:
+        model: The network (e.g. the compact backbone).
+        batches: Batches of images, or ``(views, label, ...)`` (first view is used).
+        num_batches: How many batches to run.
+
+    Returns:
+        The number of batches that were run.
+    """
+    norms = [
+        m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+    ]
+    momenta = [m.momentum for m in norms]
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    model.train()
+    seen = 0
+    try:
+        for batch in batches:
+            if seen >= num_batches:
+                break
+            model(_images(batch).to(device))
+            seen += 1
+    finally:
+        for norm, momentum in zip(norms, momenta):
+            norm.momentum = momentum
+        model.eval()
+    if seen == 0:
+        raise ExportError("The recalibration DataLoader gave no batch.")
+    return seen
+
+
+# --- export -------------------------------------------------------------------------
+def export(
+    checkpoint: str | Path,
+    out_dir: str | Path,
+    *,
+    recalibrate: DataLoader | None = None,
+    recalibration_batches: int = 10,
+    round_to: int | None = None,
+    latency: bool = True,
+    latency_repeats: int = 20,
+    expected_backbone: str | None = None,
+    overwrite: bool = False,
+    console: Console | None = None,
+) -> dict[str, Any]:
+    """Exports the compact momentum subnet of an MCP checkpoint to a folder.
+
+    Steps: read the checkpoint safely and rebuild the MCP module; optionally widen
+    the masks to multiples of ``round_to``; compact the momentum subnet; check in
+    eval mode, on random inputs at the training resolution, that the compact network
+    matches the masked momentum subnet (before any BatchNorm recalibration, which
+    changes outputs on purpose); optionally recalibrate BatchNorm statistics; count
+    parameters and MACs; time dense vs compact; write ``model.pt``, ``model.ts``,
+    ``model.onnx`` and ``report.json``. Everything is written to a temporary sibling
+    folder that is renamed to ``out_dir`` at the end, so a failed export leaves no
+    partial output. The compact model is saved in eval mode with all parameters
+    requiring gradients (ready to fine-tune).
+
+    Args:
+        checkpoint: Path of an MCP Lightning checkpoint.
+        out_dir: Output folder; must not exist or be empty unless ``overwrite``.
+        recalibrate: Optional DataLoader for BatchNorm recalibration of the compact
+            model (tensors or ``(views, label, ...)`` batches).
+        recalibration_batches: Batches used for recalibration.
+        round_to: Keep channel counts multiples of this (extra channels are the
+            highest-norm dropped ones); None keeps the trained masks as they are.
+        latency: Time dense and compact models; if False, latency fields are null.
+        latency_repeats: Timed runs per model and setting (median reported).
+        expected_backbone: If given, refuse checkpoints of another backbone.
+        overwrite: Replace a non-empty ``out_dir``.
+        console: Where the summary table is printed (a new ``Console`` if None).
+
+    Returns:
+        The report, as written to ``report.json``.
+
+    Raises:
+        CheckpointError: If the checkpoint cannot be read safely.
+        ExportError: For a non-MCP checkpoint, a backbone mismatch, an existing
+            output folder, or a compact model that does not match the subnet.
+    """
+    console = console if console is not None else Console()
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ExportError(f"Output path '{out_dir}' exists and is not a folder.")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
+        raise ExportError(
+            f"Output folder '{out_dir}' exists and is not empty; choose another "
+            "folder or pass overwrite=True to replace it."
+        )
+    if latency and latency_repeats < 1:
+        raise ValueError(f"latency_repeats must be >= 1, got {latency_repeats}.")
+
+    model = load_mcp_checkpoint(checkpoint, expected_backbone=expected_backbone)
+    size = int(model.hparams["input_size"])
+    masks = [mask.detach().cpu().clone() for mask in model.subnet.masks]
+    if round_to is not None:
+        masks = round_masks(model.backbone_momentum, model.groups, masks, round_to)
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=".export-"))
+    try:
+        tmp.chmod(0o755)  # mkdtemp makes it private; the export is an ordinary folder
+        report = _build(
+            model,
+            masks,
+            tmp,
+            size=size,
+            recalibrate=recalibrate,
+            recalibration_batches=recalibration_batches,
+            latency=latency,
+            latency_repeats=latency_repeats,
+        )
+        report["round_to"] = round_to
+        report["checkpoint"] = str(checkpoint)
+        _write_report(tmp / "report.json", report)
+        _move_into_place(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    console.print(summary_table(report))
+    return report
+
+
+def _build(
+    model: MCP,
+    masks: list[Tensor],
+    folder: Path,
+    *,
+    size: int,
+    recalibrate: DataLoader | None,
+    recalibration_batches: int,
+    latency: bool,
+    latency_repeats: int,
+) -> dict[str, Any]:
+    """Compacts, checks, measures and writes the model files into ``folder``."""
+    example = torch.randn(1, 3, size, size)
+    compact_model = compact(model.backbone_momentum, model.groups, masks, example)
+    compact_model.eval()
+    for param in compact_model.parameters():
+        param.requires_grad_(True)
+
+    # Equivalence with the masked momentum subnet, before any recalibration.
+    subnet = MomentumSubnet(model.backbone_momentum, model.groups, masks).eval()
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(CHECK_BATCH_SIZE, 3, size, size, generator=generator)
+    with torch.no_grad():
+        expected = subnet(x)
+        got = compact_model(x)
+    if got.shape != expected.shape:
+        raise ExportError(
+            f"Compact output shape {tuple(got.shape)} differs from the momentum "
+            f"subnet's {tuple(expected.shape)}."
+        )
+    err = float((got - expected).abs().max())
+    scale = float(expected.abs().max())
+    if not err <= CHECK_TOLERANCE * max(1.0, scale):
+        raise ExportError(
+            f"The compact model does not match the masked momentum subnet: max abs "
+            f"error {err:.3g} > {CHECK_TOLERANCE:g} * max(1, {scale:.3g}). Nothing "
+            "was written."
+        )
+
+    recalibrated = False
+    if recalibrate is not None:
+        recalibrate_batchnorm(compact_model, recalibrate, recalibration_batches)
+        recalibrated = True
+    compact_model.eval()
+
+    dense = copy.deepcopy(model.backbone_momentum)
+    merge_split_batchnorm(dense)
+    dense.eval()
+
+    files = _save_models(compact_model, folder, size)
+
+    sides: dict[str, dict[str, Any]] = {}
+    for name, net in (("dense", dense), ("compact", compact_model)):
+        with torch.no_grad():
+            feature_dim = int(net(example).shape[-1])
+        sides[name] = {
+            "params": count_parameters(net),
+            "macs": count_macs(net, size),
+            "feature_dim": feature_dim,
+            "latency_ms": {"bs1": None, "bs64": None},
+            "at_224": {
+                "macs": count_macs(net, DEPLOY_RESOLUTION),
+                "latency_ms": {"bs1": None, "bs64": None},
+            },
+        }
+    speedup: dict[str, Any] = {"bs1": None, "bs64": None, "at_224": {}}
+    speedup["at_224"] = {"bs1": None, "bs64": None}
+    if latency:
+        nets = {"dense": dense, "compact": compact_model}
+        for resolution in (size, DEPLOY_RESOLUTION):
+            for batch in (1, 64):
+                key = f"bs{batch}"
+                ms = measure_latency(
+                    nets, (batch, 3, resolution, resolution), latency_repeats
+                )
+                for name in nets:
+                    side = sides[name]
+                    target = side if resolution == size else side["at_224"]
+                    target["latency_ms"][key] = ms[name]
+                ratio = ms["dense"] / ms["compact"]
+                if resolution == size:
+                    speedup[key] = ratio
+                else:
+                    speedup["at_224"][key] = ratio
+
+    return {
+        "backbone": model.hparams["backbone"],
+        "pruning_ratio": float(model.hparams["pruning_ratio"]),
+        "resolution": size,
+        "dense": sides["dense"],
+        "compact": sides["compact"],
+        "speedup": speedup,
+        "macs_ratio": sides["dense"]["macs"] / sides["compact"]["macs"],
+        "params_removed": 1.0 - sides["compact"]["params"] / sides["dense"]["params"],
+        "equivalence_max_abs_err": err,
+        "equivalence_output_scale": scale,
+        "equivalence_note": (
+            "compact vs masked momentum subnet, eval mode, random inputs "
+            f"{CHECK_BATCH_SIZE}x3x{size}x{size}, checked before BatchNorm "
+            "recalibration"
+        ),
+        "kept_channels": [
+            {"group": g.root, "kept": int(m.sum()), "total": g.num_channels}
+            for g, m in zip(model.groups, masks)
+        ],
+        "torch_version": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "device": "cpu",
+        "mac_counter": MAC_COUNTER,
+        "files": files,
+        "bn_recalibrated": recalibrated,
+    }
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    line = text.splitlines()[0] if text else ""
+    return f"{type(error).__name__}: {line}"[:300]
+
+
+def _save_models(model: nn.Module, folder: Path, size: int) -> dict[str, Any]:
+    """Writes model.pt, model.ts and (when it exports) model.onnx into ``folder``."""
+    written = []
+    notes: dict[str, Any] = {}
+    torch.save(model, folder / "model.pt")
+    written.append("model.pt")
+    notes["model.pt"] = PICKLE_NOTE
+
+    x = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        reference = model(x)
+    try:
+        with torch.no_grad():
+            traced = torch.jit.trace(model, torch.randn(1, 3, size, size))
+        traced.save(str(folder / "model.ts"))
+        reloaded = torch.jit.load(str(folder / "model.ts"))
+        with torch.no_grad():
+            ts_err = float((reloaded(x) - reference).abs().max())
+    except Exception as error:  # noqa: BLE001 - recorded in the report
+        (folder / "model.ts").unlink(missing_ok=True)
+        notes["torchscript"] = f"failed: {_first_line(error)}"
+    else:
+        if not ts_err <= CHECK_TOLERANCE * max(1.0, float(reference.abs().max())):
+            raise ExportError(
+                f"The reloaded TorchScript model differs from the compact model by "
+                f"{ts_err:.3g}."
+            )
+        written.append("model.ts")
+        notes["torchscript"] = f"ok (traced, eval mode; max abs err {ts_err:.3g})"
+
+    try:
+        torch.onnx.export(
+            model,
+            (torch.randn(1, 3, size, size),),
+            str(folder / "model.onnx"),
+            input_names=["images"],
+            output_names=["features"],
+            dynamic_axes={"images": {0: "batch"}, "features": {0: "batch"}},
+            dynamo=False,
+        )
+    except Exception as error:  # noqa: BLE001 - recorded in the report
+        for leftover in folder.glob("model.onnx*"):
+            leftover.unlink()
+        notes["onnx"] = f"failed: {_first_line(error)}"
+    else:
+        written.append("model.onnx")
+        notes["onnx"] = "ok (dynamic batch axis)"
+    model.eval()
+    return {"written": written, **notes}
+
+
+def _write_report(path: Path, report: Mapping[str, Any]) -> None:
+    """Writes the report as JSON (via a temporary file renamed into place)."""
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(report, indent=2) + "\n")
+    os.replace(partial, path)
+
+
+def _move_into_place(tmp: Path, out_dir: Path) -> None:
+    """Renames the finished temporary folder to ``out_dir`` (replacing it if any)."""
+    old: Path | None = None
+    if out_dir.is_dir() and any(out_dir.iterdir()):
+        old = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=".export-old-"))
+        os.replace(out_dir, old / "previous")
+    os.replace(tmp, out_dir)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# --- summary ------------------------------------------------------------------------
+def _fmt(value: Any, spec: str = ",") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def summary_table(report: Mapping[str, Any]) -> Table:
+    """A rich table of dense vs compact size, MACs, latency and speedup."""
+    size = report["resolution"]
+    dense, comp, speed = report["dense"], report["compact"], report["speedup"]
+    table = Table(
+        title=f"MCP export: {report['backbone']} "
+        f"(pruning ratio {report['pruning_ratio']:g})"
+    )
+    table.add_column("")
+    table.add_column("dense", justify="right")
+    table.add_column("compact", justify="right")
+    table.add_column("dense / compact", justify="right")
+
+    def row(label: str, d: Any, c: Any, ratio: Any, spec: str = ",") -> None:
+        table.add_row(label, _fmt(d, spec), _fmt(c, spec), _fmt(ratio, ".2f"))
+
+    row("params", dense["params"], comp["params"], dense["params"] / comp["params"])
+    row(f"MACs @{size}", dense["macs"], comp["macs"], report["macs_ratio"])
+    d224, c224 = dense["at_224"], comp["at_224"]
+    row("MACs @224", d224["macs"], c224["macs"], d224["macs"] / c224["macs"])
+    row("feature dim", dense["feature_dim"], comp["feature_dim"], None)
+    for batch in ("bs1", "bs64"):
+        row(
+            f"latency ms @{size} {batch}",
+            dense["latency_ms"][batch],
+            comp["latency_ms"][batch],
+            speed[batch],
+            ".2f",
+        )
+        row(
+            f"latency ms @224 {batch}",
+            d224["latency_ms"][batch],
+            c224["latency_ms"][batch],
+            speed["at_224"][batch],
+            ".2f",
+        )
+    table.caption = (
+        f"equivalence max abs err {report['equivalence_max_abs_err']:.2e} "
+        f"(output scale {report['equivalence_output_scale']:.3g}); "
+        f"threads {report['threads']}; BN recalibrated: {report['bn_recalibrated']}"
+    )
+    return table

@@ -1,0 +1,452 @@
+"""The stages of a ``lightly-mcp`` run: pretrain → prune → export → evaluate.
+
+Data flows one way: each stage reads the previous stage's file and writes its own
+folder under the run directory. A stage is *complete* when its ``done.json`` marker
+(or, for export, its ``report.json``) exists; ``run`` skips complete stages and an
+interrupted training stage resumes from its ``last.ckpt``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import ModelCheckpoint, RichProgressBar
+from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
+from rich.console import Console
+from torch import nn
+from torch.utils.data import DataLoader
+
+from lightly_mcp.backbones import build_backbone
+from lightly_mcp.data import (
+    LabeledImages,
+    build_dataset,
+    default_dataset_kind,
+    eval_transform,
+)
+from lightly_mcp.evaluation import evaluate_backbone, raw_pixel_baseline
+from lightly_mcp.export import export
+from lightly_mcp.groups import find_channel_groups
+from lightly_mcp.mcp import MCP
+from lightly_mcp.moco_v2 import MoCoV2
+from lightly_mcp.pruning_ratio import solve_pruning_ratio
+from lightly_mcp.recipe import Recipe, RecipeError, dump_recipe
+from lightly_mcp.report import write_plots
+from lightly_mcp.transforms import build_transform
+
+DONE = "done.json"
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Writes JSON to ``path`` through a temporary file and a rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2, default=str)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_json(path: Path) -> Any:
+    """Reads a JSON file."""
+    return json.loads(path.read_text())
+
+
+# --- data ---------------------------------------------------------------------------
+def dataset_kind(recipe: Recipe) -> str:
+    """The dataset kind, resolving ``auto``."""
+    return default_dataset_kind() if recipe.data.kind == "auto" else recipe.data.kind
+
+
+def training_data(recipe: Recipe, batch_size: int) -> tuple[LabeledImages, DataLoader]:
+    """Two-view training data and loader; refuses a batch larger than the data."""
+    d = recipe.data
+    dataset = build_dataset(
+        dataset_kind(recipe),
+        root=d.root,
+        train=True,
+        transform=build_transform(input_size=d.input_size, min_scale=d.min_scale),
+        subset=d.subset,
+        seed=recipe.seed,
+        download=d.download,
+    )
+    if batch_size > len(dataset):
+        raise RecipeError(
+            f"batch size {batch_size} is larger than the training set "
+            f"({len(dataset)} images); lower the batch size or use more data."
+        )
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=True,
+        drop_last=True,
+        num_workers=d.num_workers,
+        persistent_workers=d.num_workers > 0,
+    )
+    return dataset, loader
+
+
+def evaluation_data(recipe: Recipe) -> tuple[DataLoader, DataLoader, str]:
+    """Loaders of the labelled train (bank) and test images, and a description."""
+    d, e = recipe.data, recipe.eval
+    kind = dataset_kind(recipe)
+    transform = eval_transform(d.input_size)
+    common: dict[str, Any] = {
+        "root": d.root,
+        "transform": transform,
+        "seed": recipe.seed,
+        "download": d.download,
+    }
+    train = build_dataset(kind, train=True, subset=e.train_subset, **common)
+    test = build_dataset(kind, train=False, subset=e.test_subset, **common)
+    loaders = [
+        DataLoader(
+            ds, batch_size=e.batch_size, shuffle=False, num_workers=d.num_workers
+        )
+        for ds in (train, test)
+    ]
+    description = f"{train.describe()}; {test.describe()}"
+    return loaders[0], loaders[1], description
+
+
+# --- model construction ------------------------------------------------------------
+def backbone_kwargs(recipe: Recipe) -> dict[str, Any]:
+    """Options for ``build_backbone`` from the recipe."""
+    b = recipe.backbone
+    kwargs: dict[str, Any] = {"small_input": b.small_input}
+    if b.width_multiplier is not None:
+        kwargs["width_multiplier"] = b.width_multiplier
+    if b.weights is not None:
+        kwargs["weights"] = b.weights
+    return kwargs
+
+
+def moco_kwargs(recipe: Recipe, stage: str) -> dict[str, Any]:
+    """``MoCoV2`` arguments; the training schedule comes from ``stage``'s section."""
+    p = recipe.pretrain
+    schedule = recipe.pretrain if stage == "pretrain" else recipe.mcp
+    return {
+        "backbone": recipe.backbone.name,
+        "backbone_kwargs": backbone_kwargs(recipe),
+        "batch_size_per_device": schedule.batch_size,
+        "temperature": p.temperature,
+        "momentum": p.momentum,
+        "memory_bank_size": p.memory_bank_size,
+        "projection_hidden_dim": p.projection_hidden_dim,
+        "projection_dim": p.projection_dim,
+        "projection_batch_norm": p.projection_batch_norm,
+        "split_batch_norm": p.split_batch_norm,
+        "lr": schedule.lr,
+        "weight_decay": schedule.weight_decay,
+        "symmetric_loss": p.symmetric_loss,
+        "warmup_epochs": p.warmup_epochs if stage == "pretrain" else 0,
+    }
+
+
+def pruning_ratio(recipe: Recipe) -> float:
+    """The uniform ratio: given, or solved for ``mcp.target_params``."""
+    m = recipe.mcp
+    if m.pruning_ratio is not None:
+        return m.pruning_ratio
+    assert m.target_params is not None
+    size = recipe.data.input_size
+    backbone = build_backbone(recipe.backbone.name, **backbone_kwargs(recipe))
+    example = torch.randn(1, 3, size, size)
+    groups = find_channel_groups(backbone, example, keep_output_dim=m.keep_output_dim)
+    return solve_pruning_ratio(
+        backbone, groups, m.target_params, "params", size, example
+    )
+
+
+def trainer_for(
+    recipe: Recipe, stage_dir: Path, epochs: int, max_steps: int, progress: bool
+) -> pl.Trainer:
+    """A Lightning Trainer writing checkpoints and logs into ``stage_dir``."""
+    t = recipe.trainer
+    loggers: list[Any] = [CSVLogger(str(stage_dir), name="logs", version="")]
+    loggers.append(TensorBoardLogger(str(stage_dir), name="tensorboard", version=""))
+    callbacks: list[Any] = [
+        ModelCheckpoint(
+            dirpath=str(stage_dir),
+            filename="last",
+            save_last=False,
+            save_top_k=1,
+            every_n_epochs=1,
+            save_on_train_epoch_end=True,
+        )
+    ]
+    if progress:
+        callbacks.append(RichProgressBar())
+    return pl.Trainer(
+        max_epochs=epochs,
+        max_steps=max_steps,
+        accelerator=t.accelerator,
+        devices=t.devices,
+        strategy=t.strategy,
+        precision=t.precision,  # type: ignore[arg-type]
+        log_every_n_steps=t.log_every_n_steps,
+        default_root_dir=str(stage_dir),
+        logger=loggers,
+        callbacks=callbacks,
+        enable_progress_bar=progress,
+        enable_model_summary=progress,
+    )
+
+
+def _fit(
+    model: pl.LightningModule,
+    recipe: Recipe,
+    stage_dir: Path,
+    loader: DataLoader,
+    epochs: int,
+    max_steps: int,
+    progress: bool,
+) -> Path:
+    """Fits (resuming from ``last.ckpt``) and saves ``final.ckpt`` atomically."""
+    pl.seed_everything(recipe.seed, workers=True, verbose=False)
+    trainer = trainer_for(recipe, stage_dir, epochs, max_steps, progress)
+    last = stage_dir / "last.ckpt"
+    trainer.fit(model, loader, ckpt_path=str(last) if last.is_file() else None)
+    final = stage_dir / "final.ckpt"
+    tmp = stage_dir / ".final.ckpt.tmp"
+    trainer.save_checkpoint(str(tmp))
+    os.replace(tmp, final)
+    return final
+
+
+# --- stages ------------------------------------------------------------------------
+def pretrain(recipe: Recipe, out: Path, progress: bool = True) -> Path:
+    """Dense MoCo v2 → ``out/pretrain/final.ckpt``."""
+    stage_dir = out / "pretrain"
+    if (stage_dir / DONE).is_file():
+        return stage_dir / "final.ckpt"
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    dump_recipe(recipe, stage_dir / "recipe.yaml")
+    start = time.perf_counter()
+    dataset, loader = training_data(recipe, recipe.pretrain.batch_size)
+    pl.seed_everything(recipe.seed, verbose=False)
+    model = MoCoV2(**moco_kwargs(recipe, "pretrain"))
+    p = recipe.pretrain
+    final = _fit(model, recipe, stage_dir, loader, p.epochs, p.max_steps, progress)
+    write_json_atomic(
+        stage_dir / DONE,
+        {
+            "checkpoint": str(final),
+            "seconds": time.perf_counter() - start,
+            "data": dataset.describe(),
+        },
+    )
+    return final
+
+
+def prune(recipe: Recipe, dense: Path | None, out: Path, progress: bool = True) -> Path:
+    """MCP from the dense checkpoint → ``out/prune/final.ckpt``."""
+    stage_dir = out / "prune"
+    if (stage_dir / DONE).is_file():
+        return stage_dir / "final.ckpt"
+    if dense is not None and not Path(dense).is_file():
+        raise FileNotFoundError(f"dense checkpoint '{dense}' does not exist.")
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    dump_recipe(recipe, stage_dir / "recipe.yaml")
+    start = time.perf_counter()
+    dataset, loader = training_data(recipe, recipe.mcp.batch_size)
+    m = recipe.mcp
+    ratio = pruning_ratio(recipe)
+    pl.seed_everything(recipe.seed, verbose=False)
+    model = MCP(
+        pruning_ratio=ratio,
+        rho=m.rho,
+        rho_growth=m.rho_growth,
+        admm_interval=m.admm_interval,
+        admm_interval_unit=m.admm_interval_unit,
+        frq=m.frq,
+        dr=m.dr,
+        keep_output_dim=m.keep_output_dim,
+        input_size=recipe.data.input_size,
+        dense_checkpoint=str(dense) if dense is not None else None,
+        **moco_kwargs(recipe, "mcp"),
+    )
+    if model.dense_load_report and progress:
+        Console().print(f"loaded {dense}: " + "; ".join(model.dense_load_report))
+    final = _fit(model, recipe, stage_dir, loader, m.epochs, m.max_steps, progress)
+    write_json_atomic(
+        stage_dir / DONE,
+        {
+            "checkpoint": str(final),
+            "dense_checkpoint": str(dense) if dense is not None else None,
+            "pruning_ratio": ratio,
+            "dense_load_report": model.dense_load_report,
+            "seconds": time.perf_counter() - start,
+            "data": dataset.describe(),
+        },
+    )
+    return final
+
+
+def export_stage(
+    recipe: Recipe, checkpoint: Path, out: Path, console: Console | None = None
+) -> dict[str, Any]:
+    """Compact export → ``out/export/`` (skipped when its report exists)."""
+    export_dir = out / "export"
+    if (export_dir / "report.json").is_file():
+        report: dict[str, Any] = read_json(export_dir / "report.json")
+        return report
+    e = recipe.export
+    recalibrate = None
+    if e.recalibrate_bn:
+        _, recalibrate = training_data(recipe, recipe.mcp.batch_size)
+    return export(
+        checkpoint,
+        export_dir,
+        recalibrate=recalibrate,
+        round_to=e.round_to,
+        latency=e.latency,
+        latency_repeats=e.latency_repeats,
+        console=console,
+        expected_backbone=recipe.backbone.name,
+        overwrite=True,
+    )
+
+
+def load_backbone_for_eval(path: Path, recipe: Recipe) -> dict[str, nn.Module]:
+    """The networks to evaluate in a file, by name.
+
+    A MoCo v2 checkpoint gives ``dense`` (its momentum encoder); an MCP checkpoint
+    gives ``dense`` (the unmasked momentum encoder) and ``subnet`` (the masked one);
+    an exported ``model.pt`` gives ``compact``.
+    """
+    if path.suffix == ".pt" or path.is_dir():
+        model_file = path / "model.pt" if path.is_dir() else path
+        if not model_file.is_file():
+            raise FileNotFoundError(f"exported model '{model_file}' does not exist.")
+        module = torch.load(model_file, map_location="cpu", weights_only=False)
+        if not isinstance(module, nn.Module):
+            raise ValueError(f"'{model_file}' does not hold a torch.nn.Module.")
+        return {"compact": module}
+    from lightly_mcp.checkpoints import read_checkpoint
+
+    data = read_checkpoint(path)
+    state = data.get("state_dict", {})
+    hparams = dict(data.get("hyper_parameters", {}))
+    if any(k.startswith("admm.") for k in state):
+        hparams["dense_checkpoint"] = None
+        model: MoCoV2 = MCP(**hparams)
+    elif any(k.startswith("backbone_momentum.") for k in state):
+        model = MoCoV2(**{k: v for k, v in hparams.items() if k != "dense_checkpoint"})
+    else:
+        raise ValueError(
+            f"'{path}' is neither a MoCoV2/MCP checkpoint nor an exported model.pt."
+        )
+    model.load_state_dict(state)
+    networks: dict[str, nn.Module] = {"dense": model.backbone_momentum}
+    if isinstance(model, MCP):
+        networks["subnet"] = model.subnet
+    return networks
+
+
+def evaluate(
+    networks: dict[str, nn.Module],
+    recipe: Recipe,
+    out_file: Path,
+    device: str = "cpu",
+    progress: bool = True,
+    baselines: bool = False,
+) -> dict[str, Any]:
+    """KNN and linear-probe top-1 of each network → ``out_file`` (JSON)."""
+    train_loader, test_loader, description = evaluation_data(recipe)
+    e = recipe.eval
+    results: dict[str, Any] = {"data": description, "models": {}}
+    options: dict[str, Any] = {
+        "device": device,
+        "k": e.k,
+        "temperature": e.temperature,
+        "linear_epochs": e.linear_epochs,
+        "seed": recipe.seed,
+        "progress": progress,
+    }
+    for name, network in networks.items():
+        network = network.to(device)
+        results["models"][name] = evaluate_backbone(
+            network, train_loader, test_loader, **options
+        )
+    if baselines:
+        torch.manual_seed(recipe.seed)
+        random_init = build_backbone(
+            recipe.backbone.name,
+            **{k: v for k, v in backbone_kwargs(recipe).items() if k != "weights"},
+        )
+        results["baselines"] = {
+            "random_init": evaluate_backbone(
+                random_init.to(device), train_loader, test_loader, **options
+            ),
+            "raw_pixels": raw_pixel_baseline(
+                train_loader, test_loader, k=e.k, temperature=e.temperature
+            ),
+        }
+    write_json_atomic(out_file, results)
+    return results
+
+
+def run(
+    recipe: Recipe,
+    out: Path,
+    progress: bool = True,
+    console: Console | None = None,
+    device: str = "cpu",
+) -> dict[str, Any]:
+    """All stages in order, skipping complete ones → ``out/report.json``."""
+    out.mkdir(parents=True, exist_ok=True)
+    dump_recipe(recipe, out / "recipe.yaml")
+    stages: dict[str, float] = {}
+
+    def timed(name: str, fn: Callable[[], Any]) -> Any:
+        start = time.perf_counter()
+        result = fn()
+        stages[name] = round(time.perf_counter() - start, 2)
+        return result
+
+    dense: Path | None
+    if recipe.pretrain.dense_checkpoint is not None:
+        dense = Path(recipe.pretrain.dense_checkpoint)
+        stages["pretrain"] = 0.0
+    else:
+        dense = timed("pretrain", lambda: pretrain(recipe, out, progress))
+    pruned = timed("prune", lambda: prune(recipe, dense, out, progress))
+    report: dict[str, Any] = dict(
+        timed("export", lambda: export_stage(recipe, pruned, out, console))
+    )
+    eval_file = out / "eval" / "eval.json"
+    if eval_file.is_file():
+        evaluation = read_json(eval_file)
+        stages["evaluate"] = 0.0
+    else:
+        networks = load_backbone_for_eval(pruned, recipe)
+        networks.update(load_backbone_for_eval(out / "export" / "model.pt", recipe))
+        evaluation = timed(
+            "evaluate",
+            lambda: evaluate(
+                networks, recipe, eval_file, device, progress, recipe.eval.baselines
+            ),
+        )
+    for name, result in evaluation["models"].items():
+        entry = report.setdefault(name, {})
+        entry["knn_top1"] = result["knn_top1"]
+        entry["linear_top1"] = result["linear_top1"]
+    report["baselines"] = evaluation.get("baselines", {})
+    report["data"] = evaluation["data"]
+    report["frq"], report["dr"] = recipe.mcp.frq, recipe.mcp.dr
+    report["stages"] = stages
+    report["plots"] = [str(p) for p in write_plots(out, report)]
+    write_json_atomic(out / "report.json", report)
+    return report

@@ -1,0 +1,167 @@
+"""Dense MoCo starting points in every supported checkpoint format."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+import torchvision
+from lightly.loss import NTXentLoss
+from lightly.models.modules import MoCoProjectionHead
+from lightly.models.utils import update_momentum
+from torch import nn
+
+from lightly_mcp.checkpoints import CheckpointError
+from lightly_mcp.mcp import MCP
+from lightly_mcp.moco_v2 import MoCoV2
+from tests.helpers import loader, trainer
+
+# The projection head of lightly's MoCo examples: MoCoProjectionHead(512, 512, 128).
+EXAMPLE = dict(
+    backbone="torchvision/resnet18",
+    backbone_kwargs={"small_input": False},
+    batch_size_per_device=8,
+    projection_hidden_dim=512,
+    projection_dim=128,
+    memory_bank_size=64,
+)
+
+
+class LightlyExampleMoCo(pl.LightningModule):
+    """The model of lightly's examples/pytorch_lightning/moco.py, as that file defines it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        resnet = torchvision.models.resnet18()
+        self.backbone = nn.Sequential(*list(resnet.children())[:-1])
+        self.projection_head = MoCoProjectionHead(512, 512, 128)
+        self.backbone_momentum = copy.deepcopy(self.backbone)
+        self.projection_head_momentum = copy.deepcopy(self.projection_head)
+        self.backbone_momentum.requires_grad_(False)
+        self.projection_head_momentum.requires_grad_(False)
+        self.criterion = NTXentLoss(memory_bank_size=(64, 128))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.projection_head(self.backbone(x).flatten(start_dim=1))
+
+    def forward_momentum(self, x: torch.Tensor) -> torch.Tensor:
+        key = self.backbone_momentum(x).flatten(start_dim=1)
+        return self.projection_head_momentum(key).detach()
+
+    def training_step(self, batch, batch_idx):  # type: ignore[no-untyped-def]
+        update_momentum(self.backbone, self.backbone_momentum, m=0.9)
+        update_momentum(self.projection_head, self.projection_head_momentum, m=0.9)
+        (x_query, x_key) = batch[0]
+        return self.criterion(self.forward(x_query), self.forward_momentum(x_key))
+
+    def configure_optimizers(self):  # type: ignore[no-untyped-def]
+        return torch.optim.SGD(self.parameters(), lr=0.06)
+
+
+def _assert_loaded(mcp: MCP, example: LightlyExampleMoCo) -> None:
+    x = torch.randn(2, 3, 32, 32)
+    mcp.eval(), example.eval()
+    with torch.no_grad():
+        assert torch.allclose(mcp.backbone(x), example.backbone(x).flatten(1))
+        assert torch.allclose(
+            mcp.backbone_momentum(x), example.backbone_momentum(x).flatten(1)
+        )
+        assert torch.allclose(mcp.forward_query_encoder(x), example(x))
+
+
+@pytest.fixture(scope="module")
+def example_model(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> tuple[LightlyExampleMoCo, Path]:
+    torch.manual_seed(0)
+    model = LightlyExampleMoCo()
+    directory = tmp_path_factory.mktemp("example")
+    fit = trainer(directory, max_steps=2)
+    fit.fit(model, loader(size=32))
+    path = directory / "example.ckpt"
+    fit.save_checkpoint(path)
+    return model, path
+
+
+def test_lightly_lightning_example_checkpoint(example_model, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    example, path = example_model
+    mcp = MCP(**EXAMPLE, pruning_ratio=0.5, dense_checkpoint=str(path), input_size=32)
+    assert mcp.dense_load_report[0] == "format: lightly-example"
+    _assert_loaded(mcp, example)
+
+
+def test_lightly_pytorch_example_state_dict(example_model, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    example, _ = example_model
+    path = tmp_path / "moco_state_dict.pt"
+    torch.save(example.state_dict(), path)
+    mcp = MCP(**EXAMPLE, pruning_ratio=0.5, dense_checkpoint=str(path), input_size=32)
+    _assert_loaded(mcp, example)
+
+
+def test_official_moco_release_format(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    source = MoCoV2(**{**EXAMPLE, "projection_hidden_dim": 512})
+    state = {}
+    for ours, theirs in (("", "encoder_q"), ("_momentum", "encoder_k")):
+        for key, value in getattr(source, f"backbone{ours}").net.state_dict().items():
+            state[f"module.{theirs}.{key}"] = value
+        head = getattr(source, f"projection_head{ours}").state_dict()
+        for key, value in head.items():
+            index, name = key.split(".")[1:]
+            state[f"module.{theirs}.fc.{index}.{name}"] = value
+    queue = torch.nn.functional.normalize(torch.randn(128, 64), dim=0)
+    state["module.queue"] = queue
+    state["module.queue_ptr"] = torch.tensor([8])
+    path = tmp_path / "moco_v2_200ep_pretrain.pth.tar"
+    torch.save({"epoch": 200, "arch": "resnet18", "state_dict": state}, path)
+    mcp = MCP(**EXAMPLE, pruning_ratio=0.5, dense_checkpoint=str(path), input_size=32)
+    assert mcp.dense_load_report[0] == "format: moco-official"
+    for a, b in zip(
+        mcp.backbone_momentum.parameters(), source.backbone_momentum.parameters()
+    ):
+        assert torch.equal(a, b)
+    assert torch.equal(mcp.criterion.memory_bank.bank, queue.t())
+    assert int(mcp.criterion.memory_bank.bank_ptr) == 8
+
+
+def test_lightly_benchmark_format(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    source = MoCoV2(**EXAMPLE)
+    state = {}
+    for key, value in source.state_dict().items():
+        key = key.replace("backbone_momentum.net.", "key_backbone.")
+        key = key.replace("projection_head_momentum.", "key_projection_head.")
+        key = key.replace("backbone.net.", "backbone.")
+        state[key] = value
+    path = tmp_path / "benchmark.ckpt"
+    torch.save({"state_dict": state}, path)
+    mcp = MCP(**EXAMPLE, pruning_ratio=0.5, dense_checkpoint=str(path), input_size=32)
+    assert mcp.dense_load_report[0] == "format: lightly-benchmark"
+    for part in ("backbone", "backbone_momentum", "projection_head_momentum"):
+        for a, b in zip(
+            getattr(mcp, part).parameters(), getattr(source, part).parameters()
+        ):
+            assert torch.equal(a, b)
+
+
+def test_example_checkpoint_for_other_backbone_is_refused(example_model) -> None:  # type: ignore[no-untyped-def]
+    _, path = example_model
+    with pytest.raises(
+        CheckpointError, match="does not match backbone of 'torchvision/resnet34'"
+    ):
+        MCP(
+            **{**EXAMPLE, "backbone": "torchvision/resnet34"},
+            dense_checkpoint=str(path),
+        )
+
+
+def test_unknown_format_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "other.pt"
+    torch.save({"encoder.weight": torch.zeros(2)}, path)
+    with pytest.raises(
+        CheckpointError, match="not a MoCo checkpoint this project knows"
+    ):
+        MCP(**EXAMPLE, dense_checkpoint=str(path))

@@ -1,0 +1,210 @@
+"""End-to-end tests of the `lightly-mcp` command line on a tiny recipe (digits)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lightly_mcp.cli import main
+
+TINY_RECIPE = {
+    "seed": 0,
+    "data": {"kind": "digits", "input_size": 16, "subset": 64},
+    "backbone": {"name": "torchvision/resnet18", "small_input": False},
+    "pretrain": {
+        "epochs": 1,
+        "batch_size": 16,
+        "memory_bank_size": 64,
+        "projection_hidden_dim": 32,
+        "projection_dim": 16,
+    },
+    "mcp": {
+        "pruning_ratio": 0.5,
+        "frq": 2,
+        "dr": 1,
+        "admm_interval": 2,
+        "admm_interval_unit": "steps",
+        "epochs": 1,
+        "batch_size": 16,
+    },
+    "export": {"latency": False},
+    "eval": {"train_subset": 200, "test_subset": 100, "linear_epochs": 2},
+    "trainer": {"accelerator": "cpu", "log_every_n_steps": 1},
+}
+
+
+def write_recipe(directory: Path, **sections: dict) -> Path:
+    recipe = {
+        k: (dict(v) if isinstance(v, dict) else v) for k, v in TINY_RECIPE.items()
+    }
+    for key, value in sections.items():
+        recipe[key] = {**recipe[key], **value}
+    path = directory / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp("cli")
+    recipe = write_recipe(directory)
+    out = directory / "run"
+    assert (
+        main(
+            ["run", str(recipe), "--out", str(out), "--quiet", "--set", "mcp.rho=0.02"]
+        )
+        == 0
+    )
+    return out
+
+
+def test_run_writes_every_output(finished_run: Path) -> None:
+    out = finished_run
+    for path in [
+        "recipe.yaml",
+        "report.json",
+        "pretrain/final.ckpt",
+        "pretrain/done.json",
+        "pretrain/logs/metrics.csv",
+        "prune/final.ckpt",
+        "prune/done.json",
+        "prune/logs/metrics.csv",
+        "export/model.pt",
+        "export/model.ts",
+        "export/report.json",
+        "eval/eval.json",
+        "plots/losses.png",
+        "plots/transition.png",
+        "plots/kept_channels.png",
+    ]:
+        assert (out / path).is_file(), path
+    assert any((out / "pretrain" / "tensorboard").iterdir())
+    report = json.loads((out / "report.json").read_text())
+    for key in [
+        "backbone",
+        "pruning_ratio",
+        "resolution",
+        "dense",
+        "compact",
+        "speedup",
+        "equivalence_max_abs_err",
+        "kept_channels",
+        "torch_version",
+        "threads",
+        "device",
+        "stages",
+        "baselines",
+        "data",
+    ]:
+        assert key in report, key
+    for name in ("dense", "compact"):
+        assert 0.0 <= report[name]["knn_top1"] <= 1.0
+        assert 0.0 <= report[name]["linear_top1"] <= 1.0
+    assert report["compact"]["params"] < report["dense"]["params"]
+    assert set(report["stages"]) == {"pretrain", "prune", "export", "evaluate"}
+    assert "digits" in report["data"]
+    # The masked momentum subnet and the exported compact model agree.
+    evaluation = json.loads((out / "eval" / "eval.json").read_text())
+    models = evaluation["models"]
+    assert models["subnet"]["knn_top1"] == pytest.approx(models["compact"]["knn_top1"])
+    # --set reached the recipe that was run.
+    assert yaml.safe_load((out / "recipe.yaml").read_text())["mcp"]["rho"] == 0.02
+
+
+def test_run_resumes_after_a_stage_is_deleted(
+    finished_run: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "copy"
+    shutil.copytree(finished_run, out)
+    recipe = finished_run / "recipe.yaml"
+    pretrain_mtime = (out / "pretrain" / "final.ckpt").stat().st_mtime
+    shutil.rmtree(out / "export")
+    (out / "eval" / "eval.json").unlink()
+    assert main(["run", str(recipe), "--out", str(out), "--quiet"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["stages"]["pretrain"] < 1.0 and report["stages"]["prune"] < 1.0
+    assert (out / "export" / "model.pt").is_file()
+    assert (out / "pretrain" / "final.ckpt").stat().st_mtime == pretrain_mtime
+
+
+def test_evaluate_command(finished_run: Path, tmp_path: Path) -> None:
+    recipe = finished_run / "recipe.yaml"
+    assert (
+        main(
+            [
+                "evaluate",
+                str(finished_run / "export" / "model.pt"),
+                str(recipe),
+                "--out",
+                str(tmp_path),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
+    result = json.loads((tmp_path / "eval.json").read_text())
+    assert set(result["models"]) == {"compact"}
+    assert result["models"]["compact"]["settings"]["k"] == 200
+
+
+def _error(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
+    assert main(argv) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+def test_bad_input_gives_one_line_and_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], finished_run: Path
+) -> None:
+    recipe = write_recipe(tmp_path)
+    out = str(tmp_path / "out")
+    assert "does not exist" in _error(
+        capsys, ["run", str(tmp_path / "nope.yaml"), "--out", out]
+    )
+    assert "unknown key 'mcp.ratio'" in _error(
+        capsys, ["run", str(recipe), "--out", out, "--set", "mcp.ratio=0.5"]
+    )
+    assert "pruning_ratio' must be in [0, 1)" in _error(
+        capsys, ["run", str(recipe), "--out", out, "--set", "mcp.pruning_ratio=1.5"]
+    )
+    assert "larger than the training set" in _error(
+        capsys,
+        ["pretrain", str(recipe), "--out", out, "--set", "pretrain.batch_size=512"],
+    )
+    assert "torchvision/" in _error(
+        capsys,
+        ["pretrain", str(recipe), "--out", out, "--set", "backbone.name=foo/bar"],
+    )
+    assert "does not exist" in _error(
+        capsys,
+        ["prune", str(recipe), "--from", str(tmp_path / "missing.ckpt"), "--out", out],
+    )
+    broken = tmp_path / "broken.ckpt"
+    broken.write_bytes(b"garbage")
+    assert "cannot be read safely" in _error(
+        capsys, ["export", str(broken), "--out", str(tmp_path / "exp")]
+    )
+    other = write_recipe(tmp_path, backbone={"name": "torchvision/resnet34"})
+    message = _error(
+        capsys,
+        [
+            "prune",
+            str(other),
+            "--from",
+            str(finished_run / "pretrain" / "final.ckpt"),
+            "--out",
+            out,
+        ],
+    )
+    assert "resnet18" in message and "resnet34" in message
+
+
+def test_help_documents_set_syntax(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["run", "--help"])
+    assert "--set mcp.pruning_ratio=0.5" in capsys.readouterr().out

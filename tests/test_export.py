@@ -1,0 +1,386 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from rich.console import Console
+from torch import nn
+
+import lightly_mcp.export as export_module
+from lightly_mcp.checkpoints import CheckpointError
+from lightly_mcp.compaction import compact
+from lightly_mcp.counting import count_macs, count_parameters
+from lightly_mcp.export import (
+    ExportError,
+    export,
+    load_mcp_checkpoint,
+    measure_latency,
+    round_masks,
+)
+from lightly_mcp.mcp import MCP
+from lightly_mcp.moco_v2 import MoCoV2
+from lightly_mcp.momentum_subnet import MomentumSubnet
+from tests.helpers import TINY, loader, trainer
+
+BACKBONES = ("torchvision/mobilenet_v2", "torchvision/resnet18", "timm/efficientnet_b0")
+SMALLEST = "torchvision/mobilenet_v2"
+SIZE = 16
+
+
+def _quiet() -> Console:
+    return Console(file=open("/dev/null", "w"), width=120)  # noqa: SIM115
+
+
+def _tiny(backbone: str) -> dict[str, Any]:
+    return {
+        **TINY,
+        "backbone": backbone,
+        "backbone_kwargs": {"small_input": True},
+        "input_size": SIZE,
+    }
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("ckpt")
+    paths = {}
+    for backbone in BACKBONES:
+        torch.manual_seed(0)
+        model = MCP(
+            **_tiny(backbone),
+            pruning_ratio=0.5,
+            frq=0,
+            dr=0,
+            admm_interval=1,
+            admm_interval_unit="steps",
+        )
+        fit = trainer(root, max_steps=1)
+        fit.fit(model, loader(n=8, size=SIZE))
+        path = root / f"{backbone.replace('/', '_')}.ckpt"
+        fit.save_checkpoint(path)
+        paths[backbone] = path
+    return paths
+
+
+@pytest.fixture(scope="module")
+def exported(
+    checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, tuple[Path, dict[str, Any]]]:
+    root = tmp_path_factory.mktemp("exported")
+    out = {}
+    with pytest.MonkeyPatch.context() as patch:
+        for backbone, path in checkpoints.items():
+            # Counting at 224 px with stride-1 stems is slow; the smallest model
+            # keeps the real deployment resolution.
+            resolution = 224 if backbone == SMALLEST else 32
+            patch.setattr(export_module, "DEPLOY_RESOLUTION", resolution)
+            out_dir = root / backbone.replace("/", "_")
+            report = export(path, out_dir, latency=False, console=_quiet())
+            out[backbone] = (out_dir, report)
+    return out
+
+
+def _load_pt(out_dir: Path) -> nn.Module:
+    model = torch.load(out_dir / "model.pt", weights_only=False)
+    assert isinstance(model, nn.Module)
+    return model
+
+
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_compact_export_matches_subnet_and_formats(
+    backbone: str,
+    checkpoints: dict[str, Path],
+    exported: dict[str, tuple[Path, dict[str, Any]]],
+) -> None:
+    out_dir, report = exported[backbone]
+    assert json.loads((out_dir / "report.json").read_text()) == report
+    compact_model = _load_pt(out_dir)
+    assert not compact_model.training
+    assert all(p.requires_grad for p in compact_model.parameters())
+
+    mcp = load_mcp_checkpoint(checkpoints[backbone])
+    subnet = mcp.subnet.eval()
+    x = torch.randn(3, 3, SIZE, SIZE)
+    with torch.no_grad():
+        expected = subnet(x)
+        got = compact_model(x)
+    assert (got - expected).abs().max() <= 1e-5
+
+    # Sizes against an independent compaction of the reloaded model.
+    independent = compact(
+        mcp.backbone_momentum,
+        mcp.groups,
+        mcp.subnet.masks,
+        torch.randn(1, 3, SIZE, SIZE),
+    )
+    assert report["compact"]["params"] == count_parameters(independent)
+    assert report["compact"]["params"] == count_parameters(compact_model)
+    assert report["dense"]["params"] == count_parameters(mcp.backbone_momentum)
+    assert report["compact"]["params"] < report["dense"]["params"]
+    assert report["params_removed"] == pytest.approx(
+        1 - count_parameters(independent) / count_parameters(mcp.backbone_momentum)
+    )
+    assert report["compact"]["macs"] == count_macs(independent, SIZE)
+    assert report["macs_ratio"] == pytest.approx(
+        report["dense"]["macs"] / report["compact"]["macs"]
+    )
+    assert report["compact"]["feature_dim"] == got.shape[-1]
+    assert report["dense"]["feature_dim"] == mcp.backbone_momentum.feature_dim
+
+    # Report fields.
+    assert report["backbone"] == backbone
+    assert report["resolution"] == SIZE
+    assert report["pruning_ratio"] == 0.5
+    assert report["equivalence_max_abs_err"] <= 1e-4 * max(
+        1, report["equivalence_output_scale"]
+    )
+    assert report["bn_recalibrated"] is False
+    assert report["round_to"] is None
+    assert report["checkpoint"] == str(checkpoints[backbone])
+    assert report["threads"] == torch.get_num_threads()
+    assert report["torch_version"] == torch.__version__
+    for key in ("device", "mac_counter"):
+        assert report[key]
+    for side in ("dense", "compact"):
+        assert report[side]["latency_ms"] == {"bs1": None, "bs64": None}
+        assert report[side]["at_224"]["latency_ms"] == {"bs1": None, "bs64": None}
+        assert report[side]["at_224"]["macs"] > report[side]["macs"]
+    assert report["speedup"] == {
+        "bs1": None,
+        "bs64": None,
+        "at_224": {"bs1": None, "bs64": None},
+    }
+    kept = report["kept_channels"]
+    assert [k["group"] for k in kept] == [g.root for g in mcp.groups]
+    for entry, group in zip(kept, mcp.groups):
+        assert entry["kept"] == group.num_kept(0.5)
+        assert entry["total"] == group.num_channels
+
+    # TorchScript reloads and agrees with model.pt.
+    assert "model.ts" in report["files"]["written"]
+    scripted = torch.jit.load(str(out_dir / "model.ts"))
+    with torch.no_grad():
+        assert torch.allclose(scripted(x), got, atol=1e-5)
+
+    # ONNX, when it was written, agrees too (with another batch size).
+    if "model.onnx" in report["files"]["written"]:
+        import onnxruntime as ort
+
+        session = ort.InferenceSession(
+            str(out_dir / "model.onnx"), providers=["CPUExecutionProvider"]
+        )
+        (onnx_out,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+        np.testing.assert_allclose(onnx_out, got.numpy(), atol=1e-4)
+    else:
+        assert report["files"]["onnx"].startswith("failed: ")
+
+
+def test_macs_at_224_are_counted_at_224(
+    exported: dict[str, tuple[Path, dict[str, Any]]],
+) -> None:
+    out_dir, report = exported[SMALLEST]
+    assert report["compact"]["at_224"]["macs"] == count_macs(_load_pt(out_dir), 224)
+
+
+def test_latency_speedup_is_the_latency_ratio(
+    checkpoints: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(export_module, "DEPLOY_RESOLUTION", 32)  # keep it fast
+    report = export(
+        checkpoints[SMALLEST],
+        tmp_path / "out",
+        latency=True,
+        latency_repeats=2,
+        console=_quiet(),
+    )
+    dense, comp, speed = report["dense"], report["compact"], report["speedup"]
+    for key in ("bs1", "bs64"):
+        assert dense["latency_ms"][key] > 0 and comp["latency_ms"][key] > 0
+        assert speed[key] == pytest.approx(
+            dense["latency_ms"][key] / comp["latency_ms"][key]
+        )
+        assert speed["at_224"][key] == pytest.approx(
+            dense["at_224"]["latency_ms"][key] / comp["at_224"]["latency_ms"][key]
+        )
+
+
+def test_measure_latency_times_every_model_interleaved() -> None:
+    order: list[str] = []
+
+    def model(name: str) -> Any:
+        return lambda x: order.append(name)
+
+    ms = measure_latency({"a": model("a"), "b": model("b")}, (1, 3, 4, 4), 3, warmup=1)
+    assert set(ms) == {"a", "b"}
+    assert order == ["a", "b"] + ["a", "b"] * 3
+
+
+def test_interrupted_export_leaves_no_partial_folder(
+    checkpoints: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def fail(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(export_module, "_write_report", fail)
+    out_dir = tmp_path / "exports" / "model"
+    with pytest.raises(RuntimeError, match="disk full"):
+        export(checkpoints[SMALLEST], out_dir, latency=False, console=_quiet())
+    assert not out_dir.exists()
+    assert list(out_dir.parent.iterdir()) == []
+
+
+def test_onnx_failure_is_recorded_not_raised(
+    checkpoints: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def fail(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("unsupported operator\nmore detail")
+
+    monkeypatch.setattr(torch.onnx, "export", fail)
+    monkeypatch.setattr(export_module, "DEPLOY_RESOLUTION", 32)
+    report = export(
+        checkpoints[SMALLEST], tmp_path / "out", latency=False, console=_quiet()
+    )
+    assert report["files"]["onnx"] == "failed: RuntimeError: unsupported operator"
+    assert report["files"]["written"] == ["model.pt", "model.ts"]
+    assert not (tmp_path / "out" / "model.onnx").exists()
+
+
+def test_existing_output_folder_is_refused_unless_overwrite(
+    checkpoints: dict[str, Path],
+    exported: dict[str, tuple[Path, dict[str, Any]]],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    (out_dir / "keep.txt").write_text("x")
+    with pytest.raises(ExportError, match="not empty"):
+        export(checkpoints[SMALLEST], out_dir, latency=False, console=_quiet())
+    assert (out_dir / "keep.txt").exists()
+    monkeypatch.setattr(export_module, "DEPLOY_RESOLUTION", 32)
+    export(
+        checkpoints[SMALLEST],
+        out_dir,
+        latency=False,
+        overwrite=True,
+        console=_quiet(),
+    )
+    assert not (out_dir / "keep.txt").exists()
+    assert (out_dir / "report.json").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_checkpoint_of_another_backbone_is_refused(
+    checkpoints: dict[str, Path], tmp_path: Path
+) -> None:
+    with pytest.raises(ExportError) as info:
+        export(
+            checkpoints[SMALLEST],
+            tmp_path / "out",
+            expected_backbone="torchvision/resnet18",
+            latency=False,
+            console=_quiet(),
+        )
+    assert "torchvision/mobilenet_v2" in str(info.value)
+    assert "torchvision/resnet18" in str(info.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_moco_v2_checkpoint_is_refused(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    moco = MoCoV2(**{**TINY, "backbone": SMALLEST})
+    fit = trainer(tmp_path, max_steps=1)
+    fit.fit(moco, loader(n=8, size=SIZE))
+    path = tmp_path / "moco.ckpt"
+    fit.save_checkpoint(path)
+    with pytest.raises(ExportError, match="MoCo v2 checkpoint"):
+        export(path, tmp_path / "out", latency=False, console=_quiet())
+    assert not (tmp_path / "out").exists()
+
+
+def test_corrupt_checkpoint_gives_the_checkpoint_error(
+    checkpoints: dict[str, Path], tmp_path: Path
+) -> None:
+    path = tmp_path / "broken.ckpt"
+    path.write_bytes(checkpoints[SMALLEST].read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match="cannot be read safely"):
+        export(path, tmp_path / "out", latency=False, console=_quiet())
+    assert not (tmp_path / "out").exists()
+
+
+def test_round_to_keeps_multiples_and_matches_widened_subnet(
+    checkpoints: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(export_module, "DEPLOY_RESOLUTION", 32)
+    path = checkpoints[SMALLEST]
+    report = export(path, tmp_path / "out", round_to=8, latency=False, console=_quiet())
+    assert report["round_to"] == 8
+    mcp = load_mcp_checkpoint(path)
+    widened = round_masks(mcp.backbone_momentum, mcp.groups, mcp.subnet.masks, 8)
+    some_widened = False
+    for entry, group, trained, mask in zip(
+        report["kept_channels"], mcp.groups, mcp.subnet.masks, widened
+    ):
+        assert entry["kept"] == int(mask.sum())
+        assert entry["kept"] % 8 == 0 or entry["kept"] == group.num_channels
+        assert bool(mask[trained].all())  # trained channels stay
+        some_widened |= entry["kept"] > int(trained.sum())
+    assert some_widened
+    compact_model = _load_pt(tmp_path / "out")
+    subnet = MomentumSubnet(mcp.backbone_momentum, mcp.groups, widened).eval()
+    x = torch.randn(2, 3, SIZE, SIZE)
+    with torch.no_grad():
+        assert (compact_model(x) - subnet(x)).abs().max() <= 1e-5
+
+
+def test_round_masks_adds_highest_norm_dropped_channels() -> None:
+    from lightly_mcp.groups import ChannelGroup, GroupMember
+
+    conv = nn.Conv2d(1, 6, 1, bias=False)
+    with torch.no_grad():
+        conv.weight.copy_(torch.tensor([6.0, 1, 5, 2, 4, 3]).view(6, 1, 1, 1))
+    encoder = nn.Sequential(conv)
+    group = ChannelGroup("0", 6, (GroupMember("0.weight", 0, tuple(range(6))),))
+    mask = torch.tensor([False, True, False, False, False, False])
+    (widened,) = round_masks(encoder, [group], [mask], 4)
+    assert widened.tolist() == [True, True, True, False, True, False]
+    (same,) = round_masks(encoder, [group], [widened], 4)
+    assert torch.equal(same, widened)
+    (capped,) = round_masks(encoder, [group], [mask], 8)
+    assert int(capped.sum()) == 6
+    assert mask.sum() == 1  # input unchanged
+
+
+def test_bn_recalibration_changes_running_stats(
+    checkpoints: dict[str, Path],
+    exported: dict[str, tuple[Path, dict[str, Any]]],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(export_module, "DEPLOY_RESOLUTION", 32)
+    report = export(
+        checkpoints[SMALLEST],
+        tmp_path / "out",
+        recalibrate=loader(n=16, size=SIZE, batch_size=8),
+        recalibration_batches=2,
+        latency=False,
+        console=_quiet(),
+    )
+    assert report["bn_recalibrated"] is True
+    recalibrated = _load_pt(tmp_path / "out")
+    plain = _load_pt(exported[SMALLEST][0])
+    assert not recalibrated.training
+    norms = [
+        (a, b)
+        for a, b in zip(recalibrated.modules(), plain.modules())
+        if isinstance(a, nn.BatchNorm2d)
+    ]
+    assert norms
+    assert any(not torch.allclose(a.running_mean, b.running_mean) for a, b in norms)
+    for a, b in norms:
+        assert a.momentum == b.momentum  # restored after the cumulative average
+        assert int(a.num_batches_tracked) == 2
