@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup test lint quickstart clean
+.PHONY: setup test lint data quickstart clean
 
 setup: $(BIN)/lightly-mcp-installed
 
@@ -22,7 +22,19 @@ lint: setup
 	$(BIN)/ruff format --check lightly_mcp tests
 	$(BIN)/mypy lightly_mcp
 
-quickstart: setup
+# Fashion-MNIST from Debian (real data, offline afterwards); without it the quickstart
+# falls back to scikit-learn's bundled digits and says so.
+data:
+	@if [ -d /usr/share/datasets/fashion-mnist ]; then \
+		echo "Fashion-MNIST present in /usr/share/datasets/fashion-mnist"; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		(apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) \
+		|| echo "could not install dataset-fashion-mnist: using scikit-learn digits"; \
+	else \
+		echo "run 'sudo apt-get install dataset-fashion-mnist' for Fashion-MNIST; using scikit-learn digits"; \
+	fi
+
+quickstart: setup data
 	$(BIN)/lightly-mcp run recipes/quickstart.yaml --out runs/quickstart
 
 clean:

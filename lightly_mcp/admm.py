@@ -117,6 +117,12 @@ class ADMMRegularizer(nn.Module):
             self.register_buffer(f"u_{i}", torch.zeros_like(params[name]))
         for g, mask in enumerate(masks):
             self.register_buffer(f"mask_{g}", mask)
+        # Z − U, derived state cached for the per-step loss (refreshed on update/load).
+        for i, name in enumerate(self.param_names):
+            self.register_buffer(
+                f"target_{i}", z[name].detach().clone(), persistent=False
+            )
+        self.register_load_state_dict_post_hook(_refresh_targets_after_load)
 
     # --- state -------------------------------------------------------------------
     @property
@@ -147,16 +153,24 @@ class ADMMRegularizer(nn.Module):
             ) from None
 
     # --- ADMM --------------------------------------------------------------------
+    def _targets(self) -> list[Tensor]:
+        return [getattr(self, f"target_{i}") for i in range(len(self.param_names))]
+
+    @torch.no_grad()
+    def _refresh_targets(self) -> None:
+        for target, z, u in zip(self._targets(), self.z().values(), self.u().values()):
+            torch.sub(z, u, out=target)
+
     def forward(self, encoder: nn.Module) -> Tensor:
-        """Returns the ADMM penalty ``(ρ/2) Σ ‖θ − Z + U‖²`` (differentiable in θ)."""
-        total = None
-        for i, name in enumerate(self.param_names):
-            theta = encoder.get_parameter(name)
-            diff = theta - getattr(self, f"z_{i}") + getattr(self, f"u_{i}")
-            term = diff.pow(2).sum()
-            total = term if total is None else total + term
-        assert total is not None
-        return 0.5 * self.rho * total
+        """Returns the ADMM penalty ``(ρ/2) Σ ‖θ − Z + U‖²`` (differentiable in θ).
+
+        One fused (``torch._foreach_*``) pass over the member parameters; ``Z − U``
+        is cached between updates.
+        """
+        params: list[Tensor] = [encoder.get_parameter(n) for n in self.param_names]
+        diffs = torch._foreach_sub(params, self._targets())
+        squares = torch.stack(torch._foreach_norm(diffs)).pow(2).sum()
+        return 0.5 * self.rho * squares
 
     loss = forward
 
@@ -191,6 +205,7 @@ class ADMMRegularizer(nn.Module):
             old = getattr(self, f"mask_{g}")
             changed += int((old != mask).sum())
             old.copy_(mask)
+        self._refresh_targets()
         self.rho_value.mul_(self.rho_growth)
         self.num_updates.add_(1)
         return changed
@@ -205,3 +220,8 @@ class ADMMRegularizer(nn.Module):
             f"groups={len(self.groups)}, pruning_ratio={self.pruning_ratio}, "
             f"rho={self.rho:g}, rho_growth={self.rho_growth:g}"
         )
+
+
+def _refresh_targets_after_load(module: nn.Module, incompatible_keys: object) -> None:
+    assert isinstance(module, ADMMRegularizer)
+    module._refresh_targets()

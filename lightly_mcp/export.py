@@ -43,7 +43,6 @@ from lightly_mcp.compaction import compact
 from lightly_mcp.counting import MAC_COUNTER, count_macs, count_parameters
 from lightly_mcp.groups import ChannelGroup, channel_scores
 from lightly_mcp.mcp import MCP
-from lightly_mcp.momentum_subnet import MomentumSubnet
 
 #: Resolution of the second set of MACs and latencies (ImageNet deployment size).
 DEPLOY_RESOLUTION = 224
@@ -373,13 +372,16 @@ def _build(
 ) -> dict[str, Any]:
     """Compacts, checks, measures and writes the model files into ``folder``."""
     example = torch.randn(1, 3, size, size)
-    compact_model = compact(model.backbone_momentum, model.groups, masks, example)
+    # The trained subnet (its own normalisation statistics), with the export masks.
+    subnet = copy.deepcopy(model.subnet)
+    subnet.set_masks(masks)
+    subnet.eval()
+    compact_model = compact(subnet.materialize(), model.groups, masks, example)
     compact_model.eval()
     for param in compact_model.parameters():
         param.requires_grad_(True)
 
     # Equivalence with the masked momentum subnet, before any recalibration.
-    subnet = MomentumSubnet(model.backbone_momentum, model.groups, masks).eval()
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(CHECK_BATCH_SIZE, 3, size, size, generator=generator)
     with torch.no_grad():

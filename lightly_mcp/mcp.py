@@ -140,7 +140,7 @@ class MCP(MoCoV2):
         """A physically pruned copy of the momentum subnet, ready for export."""
         size = self.hparams["input_size"]
         return compact(
-            self.backbone_momentum,
+            self.subnet.materialize(),
             self.groups,
             self.subnet.masks,
             torch.randn(1, 3, size, size, device=self.device),

@@ -6,14 +6,18 @@ Reference:
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from typing import Any
 
 import torch
+from lightly.models.batchnorm import SplitBatchNorm
 from torch import Tensor, nn
 from torch.func import functional_call
 
 from lightly_mcp.groups import ChannelGroup, member_mask
+
+_RUNNING_STATS = ("running_mean", "running_var")
 
 
 class MomentumSubnet(nn.Module):
@@ -23,11 +27,20 @@ class MomentumSubnet(nn.Module):
     group (conv/linear rows and biases, depthwise filters, norm weight *and* bias) is
     multiplied by the group's 0/1 channel mask inside a ``torch.func.functional_call``.
     A channel that re-enters the mask later therefore finds its real momentum weights.
-    The forward equals that of a physically pruned copy (see
+    The forward equals that of a physically pruned copy (:meth:`materialize`, then
     ``lightly_mcp.compaction.compact``) in train and eval mode.
 
+    **Normalisation statistics.** The subnet keeps its own copy of the encoder's
+    buffers (BatchNorm running mean and variance, ...), initialised from the encoder
+    and updated only by the subnet's own train-mode forwards. The full momentum
+    encoder's statistics therefore describe the full network and the subnet's describe
+    the subnet: neither is polluted by the other's activations. The statistics of a
+    dropped channel are frozen while it is dropped (its input is zero, which would
+    drive its running variance to 0 and make it explode in eval mode if it re-enters
+    the mask).
+
     The per-parameter multipliers are computed only when the mask changes
-    (:meth:`set_masks`), never in the forward pass. The masks are buffers.
+    (:meth:`set_masks`), never in the forward pass. Masks and statistics are buffers.
 
     The encoder is referenced, not owned: it does not appear in this module's
     ``state_dict()`` or ``parameters()``.
@@ -60,7 +73,11 @@ class MomentumSubnet(nn.Module):
             self.register_buffer(
                 f"mask_{g}", torch.ones(group.num_channels, dtype=torch.bool)
             )
+        self.buffer_names = [name for name, _ in encoder.named_buffers()]
+        for i, (_, buffer) in enumerate(encoder.named_buffers()):
+            self.register_buffer(f"stat_{i}", buffer.detach().clone())
         self._multipliers: dict[str, Tensor] = {}
+        self._frozen: list[tuple[Tensor, Tensor]] = []
         self.register_load_state_dict_post_hook(_refresh_after_load)
         self.set_masks(masks if masks is not None else self.masks)
 
@@ -72,7 +89,13 @@ class MomentumSubnet(nn.Module):
         return encoder
 
     def train(self, mode: bool = True) -> MomentumSubnet:
-        """Sets train/eval mode of the subnet and of the encoder it runs."""
+        """Sets train/eval mode of the subnet and of the encoder it runs.
+
+        Like lightly's ``SplitBatchNorm``, switching to eval mode averages the
+        per-split running statistics of split layers.
+        """
+        if self.training and not mode:
+            self._collate_split_statistics()
         super().train(mode)
         self.encoder.train(mode)
         return self
@@ -81,13 +104,17 @@ class MomentumSubnet(nn.Module):
         """Moves/casts the encoder too (``.to(device)``, ``.double()``, ...)."""
         super()._apply(fn, recurse)
         self.encoder._apply(fn, recurse)
-        self._refresh_multipliers()
+        self._refresh_derived()
         return self
 
     @property
     def masks(self) -> list[Tensor]:
         """Per group, the boolean mask of kept channels."""
         return [getattr(self, f"mask_{g}") for g in range(len(self.groups))]
+
+    def buffers_dict(self) -> dict[str, Tensor]:
+        """The subnet's own buffers under the encoder's buffer names."""
+        return {n: getattr(self, f"stat_{i}") for i, n in enumerate(self.buffer_names)}
 
     @torch.no_grad()
     def set_masks(self, masks: Sequence[Tensor]) -> None:
@@ -104,17 +131,45 @@ class MomentumSubnet(nn.Module):
                 )
             buffer = getattr(self, f"mask_{g}")
             buffer.copy_(mask.to(device=buffer.device, dtype=torch.bool))
-        self._refresh_multipliers()
+        self._refresh_derived()
 
-    def _refresh_multipliers(self) -> None:
+    def _refresh_derived(self) -> None:
+        """Recomputes the weight multipliers and the frozen-statistics indices."""
         params = dict(self.encoder.named_parameters())
+        modules = dict(self.encoder.named_modules())
+        buffers = self.buffers_dict()
         self._multipliers = {}
+        self._frozen = []
         for group, mask in zip(self.groups, self.masks):
             for member in group.members:
                 param = params[member.param_name]
-                self._multipliers[member.param_name] = member_mask(
-                    member, mask.to(param.device), param.shape
-                ).to(param.dtype)
+                multiplier = member_mask(member, mask.to(param.device), param.shape)
+                self._multipliers[member.param_name] = multiplier.to(param.dtype)
+                module_name, _, param_kind = member.param_name.rpartition(".")
+                module = modules[module_name]
+                if param_kind != "weight" or not isinstance(
+                    module, nn.modules.batchnorm._NormBase
+                ):
+                    continue
+                dropped = multiplier.flatten() == 0
+                for stat in _RUNNING_STATS:
+                    buffer = buffers.get(f"{module_name}.{stat}")
+                    if buffer is None or not bool(dropped.any()):
+                        continue
+                    repeat = buffer.numel() // dropped.numel()  # SplitBatchNorm
+                    index = torch.nonzero(dropped.repeat(repeat)).flatten()
+                    self._frozen.append((buffer, index.to(buffer.device)))
+
+    @torch.no_grad()
+    def _collate_split_statistics(self) -> None:
+        buffers = self.buffers_dict()
+        for name, module in self.encoder.named_modules():
+            if not isinstance(module, SplitBatchNorm):
+                continue
+            for stat in _RUNNING_STATS:
+                buffer = buffers[f"{name}.{stat}"]
+                c = module.num_features
+                buffer.copy_(buffer.view(-1, c).mean(0).repeat(buffer.numel() // c))
 
     def masked_parameters(self) -> dict[str, Tensor]:
         """The encoder's parameters with the dropped channels set to zero."""
@@ -131,11 +186,34 @@ class MomentumSubnet(nn.Module):
         return params
 
     def forward(self, x: Tensor) -> Tensor:
-        """Forward of ``φ ⊙ θ_k``; BatchNorm buffers are the encoder's own."""
-        out: Tensor = functional_call(self.encoder, self.masked_parameters(), (x,))
+        """Forward of ``φ ⊙ θ_k`` with the subnet's own normalisation statistics."""
+        tensors = {**self.masked_parameters(), **self.buffers_dict()}
+        if not self.training:
+            out: Tensor = functional_call(self.encoder, tensors, (x,))
+            return out
+        with torch.no_grad():
+            saved = [buffer[index] for buffer, index in self._frozen]
+        out = functional_call(self.encoder, tensors, (x,))
+        with torch.no_grad():
+            for (buffer, index), values in zip(self._frozen, saved):
+                buffer[index] = values
         return out
+
+    @torch.no_grad()
+    def materialize(self) -> nn.Module:
+        """A dense copy of the encoder with the subnet's masked weights and statistics.
+
+        Its forward equals the subnet's; ``lightly_mcp.compaction.compact`` shrinks it.
+        """
+        dense = copy.deepcopy(self.encoder)
+        for name, tensor in self.masked_parameters().items():
+            dense.get_parameter(name).copy_(tensor)
+        for name, tensor in self.buffers_dict().items():
+            dense.get_buffer(name).copy_(tensor)
+        dense.train(self.training)
+        return dense
 
 
 def _refresh_after_load(module: nn.Module, incompatible_keys: object) -> None:
     assert isinstance(module, MomentumSubnet)
-    module._refresh_multipliers()
+    module._refresh_derived()

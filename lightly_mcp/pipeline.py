@@ -97,8 +97,10 @@ def training_data(recipe: Recipe, batch_size: int) -> tuple[LabeledImages, DataL
     return dataset, loader
 
 
-def evaluation_data(recipe: Recipe) -> tuple[DataLoader, DataLoader, str]:
-    """Loaders of the labelled train (bank) and test images, and a description."""
+def evaluation_data(recipe: Recipe) -> tuple[DataLoader, DataLoader, str, bool]:
+    """Loaders of the train (bank) and test images, a description, and whether
+    the images carry labels (image folders without class sub-folders do not).
+    """
     d, e = recipe.data, recipe.eval
     kind = dataset_kind(recipe)
     transform = eval_transform(d.input_size)
@@ -117,7 +119,7 @@ def evaluation_data(recipe: Recipe) -> tuple[DataLoader, DataLoader, str]:
         for ds in (train, test)
     ]
     description = f"{train.describe()}; {test.describe()}"
-    return loaders[0], loaders[1], description
+    return loaders[0], loaders[1], description, train.has_labels and test.has_labels
 
 
 # --- model construction ------------------------------------------------------------
@@ -364,9 +366,18 @@ def evaluate(
     baselines: bool = False,
 ) -> dict[str, Any]:
     """KNN and linear-probe top-1 of each network → ``out_file`` (JSON)."""
-    train_loader, test_loader, description = evaluation_data(recipe)
+    train_loader, test_loader, description, has_labels = evaluation_data(recipe)
     e = recipe.eval
     results: dict[str, Any] = {"data": description, "models": {}}
+    if not has_labels:
+        results["skipped"] = (
+            "evaluation skipped: the images have no labels (put them in class "
+            "sub-folders to get kNN and linear-probe accuracy)"
+        )
+        if progress:
+            Console().print(results["skipped"])
+        write_json_atomic(out_file, results)
+        return results
     options: dict[str, Any] = {
         "device": device,
         "k": e.k,
@@ -443,6 +454,8 @@ def run(
         entry = report.setdefault(name, {})
         entry["knn_top1"] = result["knn_top1"]
         entry["linear_top1"] = result["linear_top1"]
+    if "skipped" in evaluation:
+        report["evaluation"] = evaluation["skipped"]
     report["baselines"] = evaluation.get("baselines", {})
     report["data"] = evaluation["data"]
     report["frq"], report["dr"] = recipe.mcp.frq, recipe.mcp.dr

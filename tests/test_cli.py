@@ -208,3 +208,26 @@ def test_help_documents_set_syntax(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         main(["run", "--help"])
     assert "--set mcp.pruning_ratio=0.5" in capsys.readouterr().out
+
+
+def test_unlabelled_image_folder_runs_and_skips_evaluation(tmp_path: Path) -> None:
+    from PIL import Image
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    generator = __import__("random").Random(0)
+    for i in range(40):
+        color = tuple(generator.randrange(256) for _ in range(3))
+        Image.new("RGB", (20, 20), color=color).save(folder / f"{i}.png")
+    (folder / "notes.txt").write_text("not an image")
+    recipe = write_recipe(
+        tmp_path,
+        data={"kind": "imagefolder", "root": str(folder), "subset": None},
+        eval={"train_subset": None, "test_subset": None, "baselines": False},
+    )
+    out = tmp_path / "run"
+    assert main(["run", str(recipe), "--out", str(out), "--quiet"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert "no labels" in report["evaluation"]
+    assert "knn_top1" not in report["compact"]
+    assert (out / "export" / "model.pt").is_file()

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,6 @@ from lightly_mcp.export import (
 )
 from lightly_mcp.mcp import MCP
 from lightly_mcp.moco_v2 import MoCoV2
-from lightly_mcp.momentum_subnet import MomentumSubnet
 from tests.helpers import TINY, loader, trainer
 
 BACKBONES = ("torchvision/mobilenet_v2", "torchvision/resnet18", "timm/efficientnet_b0")
@@ -331,7 +331,9 @@ def test_round_to_keeps_multiples_and_matches_widened_subnet(
         some_widened |= entry["kept"] > int(trained.sum())
     assert some_widened
     compact_model = _load_pt(tmp_path / "out")
-    subnet = MomentumSubnet(mcp.backbone_momentum, mcp.groups, widened).eval()
+    subnet = copy.deepcopy(mcp.subnet)  # the trained statistics, widened masks
+    subnet.set_masks(widened)
+    subnet.eval()
     x = torch.randn(2, 3, SIZE, SIZE)
     with torch.no_grad():
         assert (compact_model(x) - subnet(x)).abs().max() <= 1e-5

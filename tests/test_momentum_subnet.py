@@ -125,7 +125,10 @@ def test_masks_are_buffers_and_round_trip(tiny_net: nn.Module) -> None:
     masks = _random_masks(groups, 0.5, seed=3)
     subnet = MomentumSubnet(tiny_net, groups, masks)
     state = subnet.state_dict()
-    assert set(state) == {f"mask_{g}" for g in range(len(groups))}
+    num_buffers = len(list(tiny_net.buffers()))
+    assert set(state) == {f"mask_{g}" for g in range(len(groups))} | {
+        f"stat_{i}" for i in range(num_buffers)
+    }
     assert not any(k.startswith("_encoder") for k in state)
     restored = MomentumSubnet(tiny_net, groups)
     restored.load_state_dict(state)
@@ -166,3 +169,44 @@ def test_eval_mode_reaches_the_encoder(tiny_net: nn.Module) -> None:
     assert not tiny_net.training and not tiny_net.stem[1].training
     subnet.train()
     assert tiny_net.training
+
+
+def test_subnet_and_encoder_keep_separate_statistics(tiny_net: nn.Module) -> None:
+    groups = find_channel_groups(tiny_net, torch.randn(1, 3, 8, 8))
+    masks = _random_masks(groups, 0.5, seed=0)
+    subnet = MomentumSubnet(tiny_net, groups, masks).train()
+    encoder_stats = {k: v.clone() for k, v in tiny_net.named_buffers()}
+    subnet(torch.randn(6, 3, 8, 8))
+    for name, value in tiny_net.named_buffers():
+        assert torch.equal(value, encoder_stats[name]), name  # encoder untouched
+    subnet_stats = {k: v.clone() for k, v in subnet.buffers_dict().items()}
+    assert not torch.equal(
+        subnet_stats["stem.1.running_mean"], encoder_stats["stem.1.running_mean"]
+    )
+    tiny_net(torch.randn(6, 3, 8, 8))  # a full-encoder forward
+    for name, value in subnet.buffers_dict().items():
+        assert torch.equal(value, subnet_stats[name]), name  # subnet untouched
+
+
+def test_dropped_channel_statistics_are_frozen_and_reentry_is_safe(
+    tiny_net: nn.Module,
+) -> None:
+    example = torch.randn(1, 3, 8, 8)
+    groups = find_channel_groups(tiny_net, example)
+    first = _random_masks(groups, 0.5, seed=0)
+    subnet = MomentumSubnet(tiny_net, groups, first).train()
+    residual = [i for i, g in enumerate(groups) if "stem.1.weight" in g.param_names][0]
+    dropped = ~first[residual]
+    before = subnet.buffers_dict()["stem.1.running_var"].clone()
+    for _ in range(20):
+        subnet(torch.randn(6, 3, 8, 8))
+    after = subnet.buffers_dict()["stem.1.running_var"]
+    assert torch.equal(after[dropped], before[dropped])  # frozen, not driven to 0
+    assert not torch.equal(after[~dropped], before[~dropped])
+    # Every channel re-enters: the eval forward stays equal to the compact network.
+    subnet.set_masks([~m | m for m in first])
+    subnet.eval()
+    small = compact(subnet.materialize(), groups, subnet.masks, example).eval()
+    x = torch.randn(4, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.allclose(subnet(x), small(x), atol=1e-5)
