@@ -156,6 +156,10 @@ class ADMMRegularizer(nn.Module):
     def _targets(self) -> list[Tensor]:
         return [getattr(self, f"target_{i}") for i in range(len(self.param_names))]
 
+    def refresh(self) -> None:
+        """Recomputes the cached ``Z − U`` (after buffers were overwritten)."""
+        self._refresh_targets()
+
     @torch.no_grad()
     def _refresh_targets(self) -> None:
         for target, z, u in zip(self._targets(), self.z().values(), self.u().values()):

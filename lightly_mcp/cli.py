@@ -206,6 +206,12 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
+def _stage_interrupted() -> type[BaseException]:
+    from lightly_mcp.pipeline import StageInterrupted
+
+    return StageInterrupted
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``lightly-mcp`` console script."""
     parser = _parser()
@@ -220,6 +226,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.environ.setdefault("PYTHONWARNINGS", "ignore")
     try:
         return _dispatch(args)
+    except _stage_interrupted() as error:
+        print(f"lightly-mcp: {error}", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print(
             "lightly-mcp: interrupted; run the same command again to continue.",

@@ -155,6 +155,7 @@ class MCP(MoCoV2):
         info_nce = self.contrastive_loss(views)
         admm_loss = self.admm(self.backbone)
         loss = info_nce + admm_loss
+        self.check_finite(loss)
         batch_size = len(views[0])
         log: dict[str, Any] = {"batch_size": batch_size, "sync_dist": True}
         self.log("train_loss", info_nce, prog_bar=True, **log)
@@ -163,6 +164,16 @@ class MCP(MoCoV2):
         self.log("rho", self.admm.rho, **log)
         self.log("kept_parameter_fraction", self.kept_parameter_fraction, **log)
         return loss
+
+    def on_train_start(self) -> None:
+        """Re-derives the subnet's mask from the ADMM state after setup.
+
+        Under DDP, rank 0's buffers (Z, U, masks) are broadcast to every rank when
+        the model is wrapped; the subnet's weight multipliers are derived state and
+        are recomputed here so that every rank uses the same momentum subnet.
+        """
+        self.admm.refresh()
+        self.subnet.set_masks(self.admm.masks)
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         """ADMM update every ``admm_interval`` optimizer steps."""

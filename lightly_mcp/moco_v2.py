@@ -13,8 +13,10 @@ Reference:
 from __future__ import annotations
 
 import copy
+import random
 from typing import Any
 
+import numpy as np
 import torch
 from lightly.loss import NTXentLoss
 from lightly.models.modules import MoCoProjectionHead
@@ -164,10 +166,20 @@ class MoCoV2(LightningModule):
         self.update_momentum_encoder()
         views = batch[0]
         loss = self.contrastive_loss(views)
+        self.check_finite(loss)
         self.log(
             "train_loss", loss, prog_bar=True, sync_dist=True, batch_size=len(views[0])
         )
         return loss
+
+    def check_finite(self, loss: Tensor) -> None:
+        """Stops training on a NaN/Inf loss, before it reaches the weights."""
+        if not bool(torch.isfinite(loss)):
+            raise TrainingDivergedError(
+                f"the loss became {float(loss)} at step {self.global_step}; the "
+                f"learning rate (lr={self.hparams['lr']}) or, for MCP, rho is probably "
+                "too large. The weights of the last checkpoint are unaffected."
+            )
 
     def configure_optimizers(self) -> Any:
         """SGD (no weight decay on norm and bias parameters) + cosine schedule."""
@@ -202,18 +214,21 @@ class MoCoV2(LightningModule):
 
     # --- checkpoint state that lightly keeps outside state_dict() ---------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Saves the memory bank (a non-persistent buffer in lightly)."""
+        """Saves the memory bank (a non-persistent buffer in lightly) and the RNGs."""
         bank = self.criterion.memory_bank
         checkpoint["memory_bank"] = {
             "bank": bank.bank.detach().cpu().clone(),
             "bank_ptr": bank.bank_ptr.detach().cpu().clone(),
         }
+        checkpoint["rng_states"] = _rng_states()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Restores the memory bank when the checkpoint has one."""
+        """Restores the memory bank and the RNGs when the checkpoint has them."""
         saved = checkpoint.get("memory_bank")
         if saved is not None:
             self.load_memory_bank(saved["bank"], saved["bank_ptr"])
+        if "rng_states" in checkpoint:
+            _set_rng_states(checkpoint["rng_states"])
 
     @torch.no_grad()
     def load_memory_bank(self, bank: Tensor, bank_ptr: Tensor) -> None:
@@ -227,6 +242,53 @@ class MoCoV2(LightningModule):
             )
         memory_bank.bank.copy_(bank)
         memory_bank.bank_ptr.copy_(bank_ptr)
+
+
+class TrainingDivergedError(ValueError):
+    """The loss became NaN or infinite; the message names the likely cause."""
+
+
+def _rng_states() -> dict[str, Any]:
+    """Torch (CPU and CUDA), numpy and Python RNG states, for exact resume."""
+    states: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": _numpy_state_to_tensors(np.random.get_state()),
+        "python": _python_state_to_lists(random.getstate()),
+    }
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def _set_rng_states(states: dict[str, Any]) -> None:
+    torch.set_rng_state(states["torch"])
+    if "numpy" in states:
+        kind, keys, pos, has_gauss, cached = states["numpy"]
+        np.random.set_state(
+            (kind, keys.numpy(), int(pos), int(has_gauss), float(cached))
+        )
+    if "python" in states:
+        version, internal, gauss = states["python"]
+        random.setstate((version, tuple(internal), gauss))
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def _numpy_state_to_tensors(state: Any) -> list[Any]:
+    # Plain types and tensors only, so that weights_only=True loading accepts them.
+    kind, keys, pos, has_gauss, cached = state
+    return [
+        str(kind),
+        torch.from_numpy(keys.astype(np.int64)),
+        int(pos),
+        int(has_gauss),
+        float(cached),
+    ]
+
+
+def _python_state_to_lists(state: Any) -> list[Any]:
+    version, internal, gauss = state
+    return [version, list(internal), gauss]
 
 
 def _check_positive(name: str, value: float) -> None:

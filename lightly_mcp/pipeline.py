@@ -20,11 +20,13 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import ModelCheckpoint, RichProgressBar
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 from rich.console import Console
 from torch import nn
 from torch.utils.data import DataLoader
 
 from lightly_mcp.backbones import build_backbone
+from lightly_mcp.checkpoints import CheckpointError, read_checkpoint
 from lightly_mcp.data import (
     LabeledImages,
     build_dataset,
@@ -42,6 +44,10 @@ from lightly_mcp.report import write_plots
 from lightly_mcp.transforms import build_transform
 
 DONE = "done.json"
+
+
+class StageInterrupted(RuntimeError):
+    """A training stage was stopped by SIGTERM after saving its checkpoint."""
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
@@ -179,13 +185,14 @@ def trainer_for(
     loggers: list[Any] = [CSVLogger(str(stage_dir), name="logs", version="")]
     loggers.append(TensorBoardLogger(str(stage_dir), name="tensorboard", version=""))
     callbacks: list[Any] = [
+        # last.ckpt after every epoch (Lightning writes it atomically).
         ModelCheckpoint(
             dirpath=str(stage_dir),
             filename="last",
-            save_last=False,
             save_top_k=1,
             every_n_epochs=1,
             save_on_train_epoch_end=True,
+            enable_version_counter=False,
         )
     ]
     if progress:
@@ -219,7 +226,26 @@ def _fit(
     pl.seed_everything(recipe.seed, workers=True, verbose=False)
     trainer = trainer_for(recipe, stage_dir, epochs, max_steps, progress)
     last = stage_dir / "last.ckpt"
-    trainer.fit(model, loader, ckpt_path=str(last) if last.is_file() else None)
+    resume = None
+    if last.is_file():
+        try:
+            read_checkpoint(last)
+        except CheckpointError as error:
+            raise CheckpointError(
+                f"cannot resume {stage_dir.name}: {error} Delete '{last}' to restart "
+                "the stage from scratch."
+            ) from None
+        resume = str(last)
+    try:
+        trainer.fit(model, loader, ckpt_path=resume, weights_only=True)
+    except SIGTERMException:
+        # Lightning stops at the next step boundary; keep everything done so far.
+        trainer.save_checkpoint(str(last))
+        raise StageInterrupted(
+            f"stage '{stage_dir.name}' stopped by SIGTERM at step "
+            f"{trainer.global_step}; saved '{last}'. Run the same command again to "
+            "continue."
+        ) from None
     final = stage_dir / "final.ckpt"
     tmp = stage_dir / ".final.ckpt.tmp"
     trainer.save_checkpoint(str(tmp))
@@ -326,8 +352,13 @@ def load_backbone_for_eval(path: Path, recipe: Recipe) -> dict[str, nn.Module]:
 
     A MoCo v2 checkpoint gives ``dense`` (its momentum encoder); an MCP checkpoint
     gives ``dense`` (the unmasked momentum encoder) and ``subnet`` (the masked one);
-    an exported ``model.pt`` gives ``compact``.
+    an exported ``model.ts`` (TorchScript, no pickled code) or ``model.pt`` (a
+    pickled module: only for files you trust) gives ``compact``.
     """
+    if path.suffix == ".ts":
+        if not path.is_file():
+            raise FileNotFoundError(f"TorchScript model '{path}' does not exist.")
+        return {"compact": torch.jit.load(str(path), map_location="cpu")}
     if path.suffix == ".pt" or path.is_dir():
         model_file = path / "model.pt" if path.is_dir() else path
         if not model_file.is_file():
@@ -336,8 +367,6 @@ def load_backbone_for_eval(path: Path, recipe: Recipe) -> dict[str, nn.Module]:
         if not isinstance(module, nn.Module):
             raise ValueError(f"'{model_file}' does not hold a torch.nn.Module.")
         return {"compact": module}
-    from lightly_mcp.checkpoints import read_checkpoint
-
     data = read_checkpoint(path)
     state = data.get("state_dict", {})
     hparams = dict(data.get("hyper_parameters", {}))

@@ -14,7 +14,11 @@ from lightly_mcp.cli import main
 TINY_RECIPE = {
     "seed": 0,
     "data": {"kind": "digits", "input_size": 16, "subset": 64},
-    "backbone": {"name": "torchvision/resnet18", "small_input": False},
+    "backbone": {
+        "name": "torchvision/mobilenet_v2",
+        "small_input": False,
+        "width_multiplier": 0.5,
+    },
     "pretrain": {
         "epochs": 1,
         "batch_size": 16,
@@ -201,7 +205,7 @@ def test_bad_input_gives_one_line_and_exit_2(
             out,
         ],
     )
-    assert "resnet18" in message and "resnet34" in message
+    assert "mobilenet_v2" in message and "resnet34" in message
 
 
 def test_help_documents_set_syntax(capsys: pytest.CaptureFixture[str]) -> None:
