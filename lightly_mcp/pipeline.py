@@ -472,6 +472,13 @@ def run(
         stages["evaluate"] = 0.0
     else:
         networks = load_backbone_for_eval(pruned, recipe)
+        # "dense" is the starting point of MCP (its momentum encoder) when its
+        # checkpoint is one of ours; otherwise MCP's unmasked momentum encoder.
+        if dense is not None:
+            try:
+                networks["dense"] = load_backbone_for_eval(dense, recipe)["dense"]
+            except (ValueError, CheckpointError):
+                pass
         networks.update(load_backbone_for_eval(out / "export" / "model.pt", recipe))
         evaluation = timed(
             "evaluate",
@@ -483,6 +490,8 @@ def run(
         entry = report.setdefault(name, {})
         entry["knn_top1"] = result["knn_top1"]
         entry["linear_top1"] = result["linear_top1"]
+    if "dense" in report:
+        report["dense"]["evaluated_checkpoint"] = str(dense) if dense else str(pruned)
     if "skipped" in evaluation:
         report["evaluation"] = evaluation["skipped"]
     report["baselines"] = evaluation.get("baselines", {})

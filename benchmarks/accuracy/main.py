@@ -1,0 +1,661 @@
+"""Accuracy benchmark: the paper's experiment grid at CPU scale on Fashion-MNIST.
+
+Shaped like lightly's ``benchmarks/imagenet/resnet50/main.py``: a registry ``METHODS``
+of ``{"model": <builds a LightningModule>, "transform": ...}`` and one entry point.
+All settings come from ``recipes/fashion_mnist_mobilenetv2.yaml`` (32x32 3-channel
+Fashion-MNIST, torchvision MobileNetV2 width 0.5 with the small-input stem), loaded
+with ``lightly_mcp.recipe.load_recipe`` and ``--set section.key=value`` overrides.
+
+The grid (the paper's Tables 1-4 and Fig. 3, DESIGN.md section 3):
+
+- one dense MoCo v2 pretraining run (``pretrain`` epochs, ``lightly_mcp.pipeline``),
+  cached in ``OUT/pretrain_seed0`` and shared by every pruning method;
+- ``dense``: that model's momentum encoder (and its query encoder, reported beside
+  it); seeds 1 and 2 of ``dense`` are their own pretraining runs
+  (``OUT/pretrain_seed{k}``);
+- ``typical_pruning``: filter-magnitude pruning of the dense momentum encoder (top
+  n_g channels per group by ``channel_scores``), query and key encoders compacted
+  with those masks, then MoCo v2 for the pruning-phase budget (``mcp.epochs``);
+- ``scratch_small``: the compact architecture from random init, MoCo v2 for
+  ``pretrain.epochs + mcp.epochs``;
+- ``random_mask``: a random mask and the masked momentum update
+  θ_k ← m·θ_k + φ ⊙ (1−m)·θ_q with θ_k⁰ = φ ⊙ θ_q (Eq. 3), from the dense model,
+  ``mcp.epochs``;
+- ``mcp_r0.31`` / ``mcp_r0.52`` / ``mcp_r0.76``: MCP removing 50.0 % / 74.7 % /
+  92.6 % of the backbone's parameters (uniform ratios from
+  ``solve_pruning_ratio(..., target=0.5 / 0.75 / 0.927, "params")`` on
+  ``keep_output_dim=False`` groups, rounded to two decimals);
+- ablations at r = 0.76: ρ ∈ {0.1, 0.001} (``mcp_r0.76_rho0.1``, ``..._rho0.001``;
+  ρ = 0.01 is ``mcp_r0.76`` itself) and (frq, dr) ∈ {(1, 0), (0, 0)}
+  (``mcp_r0.76_frq1_dr0``, ``mcp_r0.76_frq0_dr0``; the paper's (100, 1) is
+  ``mcp_r0.76`` itself).
+
+All pruned rows prune ``keep_output_dim=False`` groups (the feature dimension is
+pruned too) at the same ratio, so their compact networks have the same size.
+
+Transition scaling: the paper's (frq, dr) = (100, 1) spends 5,150 iterations with
+keys from the full momentum encoder in a 450-epoch pruning phase of 195 iterations per
+epoch (CIFAR-10, batch 256), i.e. 5.87 % of the phase. Here ``(100, 1)`` means the
+largest frq with dr = 1 whose transition fits in the same 5.87 % of this run's
+pruning steps (``scaled_frq``; 780 steps → frq = 8, 44 iterations). (1, 0) and
+(0, 0) do not depend on the run length and are used as they are.
+
+Every configuration writes ``OUT/<name>_seed<k>.json`` (atomically) with kNN and
+linear-probe top-1 (10k test images, 60k bank, 30-epoch probe: the recipe's
+``eval`` section), parameters, MACs, wall time and the command; configurations whose
+JSON exists are skipped, and an interrupted training resumes from its ``last.ckpt``.
+
+Usage:
+    OMP_NUM_THREADS=2 python benchmarks/accuracy/main.py            # full grid
+    OMP_NUM_THREADS=2 python benchmarks/accuracy/main.py --quick    # smoke run
+    python benchmarks/accuracy/main.py --only typical_pruning --device cuda
+    python benchmarks/accuracy/report.py benchmarks/accuracy/results
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import math
+import platform
+import shlex
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from lightly.models.utils import update_momentum
+from pytorch_lightning import LightningModule
+from torch import Tensor, nn
+
+from lightly_mcp.backbones import build_backbone
+from lightly_mcp.batchnorm import use_split_batchnorm
+from lightly_mcp.checkpoints import load_dense_moco, read_checkpoint
+from lightly_mcp.compaction import compact
+from lightly_mcp.counting import MAC_COUNTER, count_macs, count_parameters
+from lightly_mcp.evaluation import evaluate_backbone
+from lightly_mcp.groups import (
+    ChannelGroup,
+    channel_scores,
+    find_channel_groups,
+    member_mask,
+)
+from lightly_mcp.mcp import MCP
+from lightly_mcp.moco_v2 import MoCoV2
+from lightly_mcp.pipeline import (
+    backbone_kwargs,
+    evaluation_data,
+    moco_kwargs,
+    pretrain,
+    trainer_for,
+    training_data,
+    write_json_atomic,
+)
+from lightly_mcp.recipe import Recipe, load_recipe
+from lightly_mcp.transforms import build_transform
+
+warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+
+HERE = Path(__file__).resolve().parent
+RECIPE = HERE.parents[1] / "recipes" / "fashion_mnist_mobilenetv2.yaml"
+DEFAULT_OUT = HERE / "results"
+
+# Uniform channel ratios (keep_output_dim=False groups) and the fraction of backbone
+# parameters they remove, from solve_pruning_ratio at 32 px (MobileNetV2 width 0.5).
+RATIOS = {0.31: 0.4997, 0.52: 0.7465, 0.76: 0.9264}
+R92 = 0.76
+
+# The paper's transition (frq=100, dr=1: 5,150 iterations) over its pruning phase
+# (450 epochs x 195 iterations of batch 256 on CIFAR-10's 50k images).
+PAPER_TRANSITION_FRACTION = 5150 / (450 * (50000 // 256))
+
+QUICK_OVERRIDES = [
+    "data.subset=512",
+    "pretrain.epochs=1",
+    "mcp.epochs=1",
+    "eval.train_subset=1000",
+    "eval.test_subset=500",
+    "eval.linear_epochs=10",
+]
+
+
+# --- models -------------------------------------------------------------------------
+def _output_feature_index(
+    backbone: nn.Module, groups: list[ChannelGroup], masks: list[Tensor]
+) -> Tensor | None:
+    """Indices of the backbone's output features that survive the masks.
+
+    The backbone's last parameter (the final norm layer's bias in torchvision CNNs)
+    carries the feature channels; None when no group contains it (the feature
+    dimension is kept).
+    """
+    last = [name for name, _ in backbone.named_parameters()][-1]
+    for group, mask in zip(groups, masks):
+        for member in group.members:
+            if member.param_name == last:
+                kept = torch.nonzero(mask.cpu()).flatten().tolist()
+                return torch.tensor(sorted(member.channel_index[i] for i in kept))
+    return None
+
+
+def _slice_head_input(head: nn.Module, index: Tensor) -> None:
+    """Keeps only the input columns ``index`` of the head's first ``nn.Linear``."""
+    for parent in head.modules():
+        for child_name, child in parent.named_children():
+            if isinstance(child, nn.Linear):
+                new = nn.Linear(len(index), child.out_features, child.bias is not None)
+                with torch.no_grad():
+                    new.weight.copy_(child.weight[:, index])
+                    if child.bias is not None:
+                        new.bias.copy_(child.bias)
+                new.weight.requires_grad_(child.weight.requires_grad)
+                if new.bias is not None and child.bias is not None:
+                    new.bias.requires_grad_(child.bias.requires_grad)
+                setattr(parent, child_name, new)
+                return
+    raise ValueError("the projection head has no nn.Linear layer")
+
+
+def _torchvision_init(module: nn.Module) -> None:
+    """torchvision's MobileNetV2/ResNet initialisation (fresh random weights)."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, 0, 0.01)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+
+class CompactMoCoV2(MoCoV2):
+    """MoCo v2 on a physically pruned backbone (``typical_pruning``, ``scratch_small``).
+
+    The channel groups (``keep_output_dim=False``) of the dense backbone are traced,
+    n_g channels per group are kept, the query and momentum backbones are replaced by
+    ``compact`` copies and the projection heads lose the dropped feature inputs.
+
+    Args:
+        pruning_ratio: Fraction of channels removed in every group.
+        input_size: Image size for tracing.
+        dense_checkpoint: Dense MoCo checkpoint loaded before pruning.
+        masks_from: ``"magnitude"``: the top-n_g channels of the momentum encoder by
+            ``channel_scores`` (filter-magnitude pruning); ``"first"``: the first n_g
+            channels (architecture only, with ``reinit``).
+        reinit: Re-initialise the compact networks (training from scratch).
+        **kwargs: Arguments of :class:`MoCoV2`.
+    """
+
+    def __init__(
+        self,
+        pruning_ratio: float = R92,
+        input_size: int = 32,
+        dense_checkpoint: str | None = None,
+        masks_from: str = "magnitude",
+        reinit: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.save_hyperparameters()
+        if dense_checkpoint is not None:
+            load_dense_moco(self, dense_checkpoint)
+        example = torch.randn(1, 3, input_size, input_size)
+        groups = find_channel_groups(self.backbone, example, keep_output_dim=False)
+        tensors = dict(self.backbone_momentum.named_parameters())
+        masks = []
+        for group in groups:
+            mask = torch.zeros(group.num_channels, dtype=torch.bool)
+            n = group.num_kept(pruning_ratio)
+            if masks_from == "magnitude":
+                mask[torch.topk(channel_scores(tensors, group), n).indices] = True
+            elif masks_from == "first":
+                mask[:n] = True
+            else:
+                raise ValueError(
+                    f"masks_from must be 'magnitude' or 'first', got {masks_from!r}."
+                )
+            masks.append(mask)
+        index = _output_feature_index(self.backbone, groups, masks)
+        split = int(self.hparams["split_batch_norm"])
+        for name in ("backbone", "backbone_momentum"):
+            dense = getattr(self, name)
+            small = compact(dense, groups, masks, example)
+            if split > 1:
+                use_split_batchnorm(small, split)
+            if index is not None and hasattr(small, "feature_dim"):
+                small.feature_dim = len(index)
+            setattr(self, name, small)
+        if index is not None:
+            _slice_head_input(self.projection_head, index)
+            _slice_head_input(self.projection_head_momentum, index)
+        if reinit:
+            _torchvision_init(self.backbone)
+            _torchvision_init(self.projection_head)
+            self.backbone_momentum.load_state_dict(self.backbone.state_dict())
+            self.projection_head_momentum.load_state_dict(
+                self.projection_head.state_dict()
+            )
+        self.backbone_momentum.requires_grad_(False)
+        self.projection_head_momentum.requires_grad_(False)
+
+
+class RandomMaskMoCoV2(MoCoV2):
+    """MoCo v2 with a fixed random mask φ on the momentum update (the paper's Eq. 3).
+
+    ``θ_k ← m·θ_k + φ ⊙ (1 − m)·θ_q`` for every output-side member parameter of the
+    channel groups (``keep_output_dim=False``), ``θ_k⁰ = φ ⊙ θ_q``; all other
+    parameters (and the projection head) follow the plain momentum update. Dropped
+    channels of the key encoder are therefore exactly zero at all times (weights,
+    norm scale and shift), so the key encoder *is* the masked network, and
+    ``compact_key_encoder()`` is its physically pruned copy. The query encoder is not
+    masked.
+
+    Args:
+        pruning_ratio: Fraction of channels removed in every group.
+        input_size: Image size for tracing.
+        mask_seed: Seed of the random mask.
+        dense_checkpoint: Dense MoCo checkpoint to start from (None: random init).
+        **kwargs: Arguments of :class:`MoCoV2`.
+    """
+
+    def __init__(
+        self,
+        pruning_ratio: float = R92,
+        input_size: int = 32,
+        mask_seed: int = 0,
+        dense_checkpoint: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.save_hyperparameters()
+        if dense_checkpoint is not None:
+            load_dense_moco(self, dense_checkpoint)
+        example = torch.randn(1, 3, input_size, input_size)
+        self.groups = find_channel_groups(self.backbone, example, keep_output_dim=False)
+        generator = torch.Generator().manual_seed(mask_seed)
+        for g, group in enumerate(self.groups):
+            mask = torch.zeros(group.num_channels, dtype=torch.bool)
+            n = group.num_kept(pruning_ratio)
+            mask[torch.randperm(group.num_channels, generator=generator)[:n]] = True
+            self.register_buffer(f"mask_{g}", mask)
+        self._multipliers: dict[str, Tensor] = {}
+        self._refresh_multipliers()
+        self.reset_momentum_encoder()
+
+    @property
+    def masks(self) -> list[Tensor]:
+        """Per group, the boolean mask of kept channels."""
+        return [getattr(self, f"mask_{g}") for g in range(len(self.groups))]
+
+    def _refresh_multipliers(self) -> None:
+        params = dict(self.backbone.named_parameters())
+        multipliers: dict[str, Tensor] = {}
+        for group, mask in zip(self.groups, self.masks):
+            for member in group.members:
+                shape = params[member.param_name].shape
+                mult = member_mask(member, mask.cpu(), shape)
+                previous = multipliers.get(member.param_name)
+                multipliers[member.param_name] = (
+                    mult if previous is None else previous * mult
+                )
+        self._multipliers = multipliers
+
+    def _multiplier(self, name: str, like: Tensor) -> Tensor | None:
+        mult = self._multipliers.get(name)
+        if mult is None:
+            return None
+        if mult.device != like.device or mult.dtype != like.dtype:
+            mult = mult.to(device=like.device, dtype=like.dtype)
+            self._multipliers[name] = mult
+        return mult
+
+    @torch.no_grad()
+    def reset_momentum_encoder(self) -> None:
+        """``θ_k⁰ = φ ⊙ θ_q`` (backbone; the head is copied as it is)."""
+        query = dict(self.backbone.named_parameters())
+        for name, p_k in self.backbone_momentum.named_parameters():
+            p_q = query[name].detach()
+            mult = self._multiplier(name, p_q)
+            p_k.copy_(p_q if mult is None else p_q * mult)
+        self.projection_head_momentum.load_state_dict(self.projection_head.state_dict())
+
+    @torch.no_grad()
+    def update_momentum_encoder(self) -> None:
+        """``θ_k ← m·θ_k + φ ⊙ (1 − m)·θ_q``; plain update outside the groups."""
+        m = float(self.hparams["momentum"])
+        query = dict(self.backbone.named_parameters())
+        for name, p_k in self.backbone_momentum.named_parameters():
+            p_q = query[name].detach()
+            mult = self._multiplier(name, p_q)
+            p_k.mul_(m).add_(p_q if mult is None else p_q * mult, alpha=1.0 - m)
+        update_momentum(self.projection_head, self.projection_head_momentum, m=m)
+
+    def compact_key_encoder(self) -> nn.Module:
+        """The physically pruned key encoder (equal to the masked one)."""
+        size = self.hparams["input_size"]
+        return compact(
+            self.backbone_momentum,
+            self.groups,
+            self.masks,
+            torch.randn(1, 3, size, size, device=self.device),
+        )
+
+
+# --- the registry -------------------------------------------------------------------
+@dataclass
+class Context:
+    """What a registry entry needs to build its model."""
+
+    recipe: Recipe
+    dense_checkpoint: Path
+    seed: int
+
+
+def _mcp_settings(recipe: Recipe) -> dict[str, Any]:
+    steps = recipe.mcp.epochs * ((recipe.data.subset or 60000) // recipe.mcp.batch_size)
+    return {"steps": steps, "frq": scaled_frq(steps)}
+
+
+def transition_length(frq: int, dr: int) -> int:
+    """Iterations until every key comes from the subnet (math.inf if never)."""
+    if frq <= 0:
+        return 0
+    if dr <= 0:
+        return math.inf  # type: ignore[return-value]
+    total, f = 0, frq
+    while f > 0:
+        total += f + 1
+        f -= dr
+    return total
+
+
+def scaled_frq(steps: int, fraction: float = PAPER_TRANSITION_FRACTION) -> int:
+    """Largest frq (dr = 1) whose transition fits in ``fraction`` of ``steps`` (≥ 1)."""
+    frq = 1
+    while transition_length(frq + 1, 1) <= fraction * steps:
+        frq += 1
+    return frq
+
+
+def build_dense(ctx: Context) -> LightningModule:
+    """The pretrained dense MoCo v2 model (no further training)."""
+    model = MoCoV2(**moco_kwargs(ctx.recipe, "pretrain"))
+    model.load_state_dict(read_checkpoint(ctx.dense_checkpoint)["state_dict"])
+    return model
+
+
+def build_typical_pruning(ctx: Context) -> LightningModule:
+    return CompactMoCoV2(
+        pruning_ratio=R92,
+        input_size=ctx.recipe.data.input_size,
+        dense_checkpoint=str(ctx.dense_checkpoint),
+        masks_from="magnitude",
+        **moco_kwargs(ctx.recipe, "mcp"),
+    )
+
+
+def build_scratch_small(ctx: Context) -> LightningModule:
+    return CompactMoCoV2(
+        pruning_ratio=R92,
+        input_size=ctx.recipe.data.input_size,
+        masks_from="first",
+        reinit=True,
+        **moco_kwargs(ctx.recipe, "pretrain"),
+    )
+
+
+def build_random_mask(ctx: Context) -> LightningModule:
+    return RandomMaskMoCoV2(
+        pruning_ratio=R92,
+        input_size=ctx.recipe.data.input_size,
+        mask_seed=ctx.seed,
+        dense_checkpoint=str(ctx.dense_checkpoint),
+        **moco_kwargs(ctx.recipe, "mcp"),
+    )
+
+
+def mcp_builder(
+    ratio: float, rho: float | None = None, transition: tuple[int, int] | None = None
+) -> Callable[[Context], LightningModule]:
+    """An MCP row: ``transition=None`` is the paper's (100, 1), scaled."""
+
+    def build(ctx: Context) -> LightningModule:
+        m = ctx.recipe.mcp
+        frq, dr = transition or (_mcp_settings(ctx.recipe)["frq"], 1)
+        return MCP(
+            pruning_ratio=ratio,
+            rho=m.rho if rho is None else rho,
+            rho_growth=m.rho_growth,
+            admm_interval=m.admm_interval,
+            admm_interval_unit=m.admm_interval_unit,
+            frq=frq,
+            dr=dr,
+            keep_output_dim=False,
+            input_size=ctx.recipe.data.input_size,
+            dense_checkpoint=str(ctx.dense_checkpoint),
+            **moco_kwargs(ctx.recipe, "mcp"),
+        )
+
+    return build
+
+
+def networks_of(model: LightningModule) -> dict[str, nn.Module]:
+    """The networks to evaluate, the first one being the row's result."""
+    if isinstance(model, MCP):
+        return {"momentum_subnet": model.compact_momentum_subnet()}
+    if isinstance(model, RandomMaskMoCoV2):
+        return {"key_encoder": model.compact_key_encoder()}
+    if isinstance(model, CompactMoCoV2):
+        return {"key_encoder": model.backbone_momentum}
+    assert isinstance(model, MoCoV2)
+    return {"momentum": model.backbone_momentum, "query": model.backbone}
+
+
+transform = build_transform(input_size=32, min_scale=0.2)
+
+# "epochs": which recipe sections give the training length ([] = no training).
+METHODS: dict[str, dict[str, Any]] = {
+    "dense": {"model": build_dense, "transform": transform, "epochs": [], "seeds": 3},
+    "typical_pruning": {
+        "model": build_typical_pruning,
+        "transform": transform,
+        "epochs": ["mcp"],
+        "seeds": 3,
+    },
+    "scratch_small": {
+        "model": build_scratch_small,
+        "transform": transform,
+        "epochs": ["pretrain", "mcp"],
+        "seeds": 3,
+    },
+    "random_mask": {
+        "model": build_random_mask,
+        "transform": transform,
+        "epochs": ["mcp"],
+        "seeds": 1,
+    },
+}
+for _ratio in RATIOS:
+    METHODS[f"mcp_r{_ratio}"] = {
+        "model": mcp_builder(_ratio),
+        "transform": transform,
+        "epochs": ["mcp"],
+        "seeds": 3 if _ratio == R92 else 1,
+    }
+for _rho in (0.1, 0.001):
+    METHODS[f"mcp_r{R92}_rho{_rho}"] = {
+        "model": mcp_builder(R92, rho=_rho),
+        "transform": transform,
+        "epochs": ["mcp"],
+        "seeds": 1,
+    }
+for _frq, _dr in ((1, 0), (0, 0)):
+    METHODS[f"mcp_r{R92}_frq{_frq}_dr{_dr}"] = {
+        "model": mcp_builder(R92, transition=(_frq, _dr)),
+        "transform": transform,
+        "epochs": ["mcp"],
+        "seeds": 1,
+    }
+
+
+# --- running ------------------------------------------------------------------------
+def dense_checkpoint(
+    out: Path, overrides: list[str], seed: int, progress: bool
+) -> Path:
+    """The cached dense pretraining run of ``seed`` (trained on first use)."""
+    recipe = load_recipe(RECIPE, [*overrides, f"seed={seed}"])
+    return pretrain(recipe, out / f"pretrain_seed{seed}", progress=progress)
+
+
+def run_config(
+    name: str,
+    seed: int,
+    out: Path,
+    overrides: list[str],
+    device: str,
+    progress: bool,
+    command: str,
+) -> dict[str, Any] | None:
+    """Trains and evaluates one configuration; None when its JSON exists."""
+    result_file = out / f"{name}_seed{seed}.json"
+    if result_file.is_file():
+        print(f"[skip] {result_file.name} exists")
+        return None
+    entry = METHODS[name]
+    start = time.perf_counter()
+    # The data subset stays that of seed 0; the seed varies model and training.
+    recipe = load_recipe(RECIPE, overrides)
+    dense_seed = seed if name == "dense" else 0
+    dense = dense_checkpoint(out, overrides, dense_seed, progress)
+    pretrain_seconds = time.perf_counter() - start
+    ctx = Context(recipe=recipe, dense_checkpoint=dense, seed=seed)
+    pl.seed_everything(seed, verbose=False)
+    model = entry["model"](ctx)
+    epochs = sum(getattr(recipe, section).epochs for section in entry["epochs"])
+    train_start = time.perf_counter()
+    if epochs:
+        run_dir = out / "runs" / f"{name}_seed{seed}"
+        batch = recipe.mcp.batch_size
+        _, loader = training_data(recipe, batch)
+        trainer = trainer_for(recipe, run_dir, epochs, -1, progress)
+        last = run_dir / "last.ckpt"
+        trainer.fit(
+            model,
+            loader,
+            ckpt_path=str(last) if last.is_file() else None,
+            weights_only=True,
+        )
+    train_seconds = time.perf_counter() - train_start
+    model = model.cpu().eval()
+    networks = networks_of(model)
+    size = recipe.data.input_size
+    dense_backbone = build_backbone(recipe.backbone.name, **backbone_kwargs(recipe))
+    dense_params = count_parameters(dense_backbone)
+    dense_macs = count_macs(dense_backbone, size)
+    eval_start = time.perf_counter()
+    train_loader, test_loader, description, _ = evaluation_data(recipe)
+    e = recipe.eval
+    evaluations = {}
+    for net_name, network in networks.items():
+        evaluations[net_name] = evaluate_backbone(
+            network.to(device),
+            train_loader,
+            test_loader,
+            device=device,
+            k=e.k,
+            temperature=e.temperature,
+            linear_epochs=e.linear_epochs,
+            seed=seed,
+        )
+        evaluations[net_name]["params"] = count_parameters(network)
+        evaluations[net_name]["macs"] = count_macs(network.cpu(), size)
+    eval_seconds = time.perf_counter() - eval_start
+    primary = next(iter(networks))
+    result: dict[str, Any] = {
+        "name": name,
+        "seed": seed,
+        "network": primary,
+        "knn_top1": evaluations[primary]["knn_top1"],
+        "linear_top1": evaluations[primary]["linear_top1"],
+        "params": evaluations[primary]["params"],
+        "macs": evaluations[primary]["macs"],
+        "dense_params": dense_params,
+        "dense_macs": dense_macs,
+        "params_removed": 1.0 - evaluations[primary]["params"] / dense_params,
+        "macs_removed": 1.0 - evaluations[primary]["macs"] / dense_macs,
+        "mac_counter": MAC_COUNTER,
+        "hparams": {
+            k: v
+            for k, v in dict(model.hparams).items()
+            if isinstance(v, (int, float, str, bool, type(None)))
+        },
+        "train_epochs": epochs,
+        "dense_checkpoint": str(dense),
+        "networks": evaluations,
+        "data": description,
+        "wall_seconds": round(time.perf_counter() - start, 2),
+        "pretrain_seconds_this_call": round(pretrain_seconds, 2),
+        "train_seconds": round(train_seconds, 2),
+        "eval_seconds": round(eval_seconds, 2),
+        "command": command,
+        "overrides": overrides,
+        "device": device,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "machine": platform.platform(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+    }
+    write_json_atomic(result_file, result)
+    print(
+        f"[done] {name} seed {seed}: kNN {result['knn_top1']:.4f} linear "
+        f"{result['linear_top1']:.4f} params {result['params']:,} "
+        f"({result['params_removed']:.1%} removed) in {result['wall_seconds']:.0f} s"
+    )
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--quick", action="store_true", help="tiny smoke grid")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
+    parser.add_argument("--only", action="append", choices=sorted(METHODS))
+    parser.add_argument("--seeds", type=int, default=None, help="cap seeds per row")
+    parser.add_argument("--set", action="append", default=[], dest="overrides")
+    parser.add_argument("--progress", action="store_true")
+    args = parser.parse_args(argv)
+    command = shlex.join([Path(sys.executable).name, *sys.argv])
+    out = args.out or (DEFAULT_OUT / "quick" if args.quick else DEFAULT_OUT)
+    out.mkdir(parents=True, exist_ok=True)
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    overrides = [*(QUICK_OVERRIDES if args.quick else []), *args.overrides]
+    overrides.append(f"trainer.accelerator={'gpu' if device == 'cuda' else 'cpu'}")
+    max_seeds = 1 if args.quick else args.seeds
+    names = args.only or list(METHODS)
+    start = time.perf_counter()
+    for name in names:
+        seeds = METHODS[name]["seeds"]
+        if max_seeds is not None:
+            seeds = min(seeds, max_seeds)
+        for seed in range(seeds):
+            run_config(name, seed, out, overrides, device, args.progress, command)
+    print(f"grid finished in {time.perf_counter() - start:.0f} s; results in {out}")
+    from report import write_report  # benchmarks/accuracy/report.py
+
+    print(write_report(out))
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(HERE))
+    main()

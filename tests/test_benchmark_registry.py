@@ -1,0 +1,131 @@
+"""The accuracy benchmark's registry, its two baseline modules and its report."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+from lightly_mcp.counting import count_parameters
+from lightly_mcp.moco_v2 import MoCoV2
+from tests.helpers import TINY, loader, trainer
+
+ACCURACY = Path(__file__).resolve().parents[1] / "benchmarks" / "accuracy"
+
+
+def _load(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(
+        f"accuracy_{name}", ACCURACY / f"{name}.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+main = _load("main")
+report = _load("report")
+
+
+def test_registry_names() -> None:
+    assert list(main.METHODS) == [
+        "dense",
+        "typical_pruning",
+        "scratch_small",
+        "random_mask",
+        "mcp_r0.31",
+        "mcp_r0.52",
+        "mcp_r0.76",
+        "mcp_r0.76_rho0.1",
+        "mcp_r0.76_rho0.001",
+        "mcp_r0.76_frq1_dr0",
+        "mcp_r0.76_frq0_dr0",
+    ]
+    for entry in main.METHODS.values():
+        assert callable(entry["model"]) and entry["transform"] is not None
+    seeds = {name: e["seeds"] for name, e in main.METHODS.items() if e["seeds"] > 1}
+    assert seeds == {
+        "dense": 3,
+        "typical_pruning": 3,
+        "scratch_small": 3,
+        "mcp_r0.76": 3,
+    }
+
+
+def test_transition_scaling() -> None:
+    assert main.transition_length(100, 1) == 5150
+    assert main.transition_length(0, 0) == 0
+    assert main.scaled_frq(780) == 8  # 44 iterations <= 5.87 % of 780
+    assert main.scaled_frq(4) == 1
+
+
+def test_random_mask_momentum_update_is_exact() -> None:
+    torch.manual_seed(0)
+    model = main.RandomMaskMoCoV2(pruning_ratio=0.5, input_size=16, **TINY)
+    m = model.hparams["momentum"]
+    key = dict(model.backbone_momentum.named_parameters())
+    query = dict(model.backbone.named_parameters())
+    masked = 0
+    # θ_k⁰ = φ ⊙ θ_q.
+    for name, p_k in key.items():
+        mult = model._multipliers.get(name)
+        expected = query[name] if mult is None else query[name] * mult
+        assert torch.equal(p_k, expected)
+        if mult is not None:
+            masked += int((mult == 0).sum())
+    assert masked > 0
+    # Move the query encoder, then one update.
+    with torch.no_grad():
+        for p in model.backbone.parameters():
+            p.add_(torch.randn_like(p))
+    before = {n: p.detach().clone() for n, p in key.items()}
+    model.update_momentum_encoder()
+    for name, p_k in key.items():
+        mult = model._multipliers.get(name)
+        q = query[name].detach()
+        phi = torch.ones_like(q) if mult is None else mult.expand_as(q)
+        expected = m * before[name] + phi * (1 - m) * q
+        torch.testing.assert_close(p_k, expected, rtol=0, atol=1e-6)
+        if mult is not None:  # dropped entries stay at φ ⊙ θ_q⁰ = 0
+            assert torch.all(p_k[phi.expand_as(p_k) == 0] == 0)
+
+
+def test_typical_pruning_is_smaller_and_trains(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    dense = MoCoV2(**TINY)
+    model = main.CompactMoCoV2(pruning_ratio=0.5, input_size=16, **TINY)
+    assert count_parameters(model.backbone) < count_parameters(dense.backbone)
+    assert count_parameters(model.backbone_momentum) == count_parameters(model.backbone)
+    x = torch.randn(2, 3, 16, 16)
+    assert model.projection_head(model.backbone(x)).shape == (2, 16)
+    before = [p.detach().clone() for p in model.backbone.parameters()]
+    trainer(tmp_path, max_steps=1).fit(model, loader())
+    after = list(model.backbone.parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(after, before))
+
+
+def test_report_mean_and_std(tmp_path: Path) -> None:
+    for seed, (knn, linear) in enumerate(((0.80, 0.70), (0.82, 0.74))):
+        result = {
+            "name": "typical_pruning",
+            "seed": seed,
+            "network": "key_encoder",
+            "knn_top1": knn,
+            "linear_top1": linear,
+            "params": 50_000,
+            "macs": 1_000_000,
+            "dense_params": 687_680,
+            "params_removed": 1 - 50_000 / 687_680,
+            "networks": {},
+        }
+        (tmp_path / f"typical_pruning_seed{seed}.json").write_text(json.dumps(result))
+    table = report.write_report(tmp_path)
+    assert "| typical_pruning | 2 | 50,000 | 92.7% | 1.00 M |" in table
+    assert "81.00 ± 1.41" in table  # kNN: mean 0.81, sample std 0.01414
+    assert "72.00 ± 2.83" in table
+    assert (tmp_path / "results.md").is_file()
