@@ -165,3 +165,49 @@ def test_unknown_format_is_refused(tmp_path: Path) -> None:
         CheckpointError, match="not a MoCo checkpoint this project knows"
     ):
         MCP(**EXAMPLE, dense_checkpoint=str(path))
+
+
+def test_cli_prunes_from_a_lightly_example_checkpoint(
+    example_model, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    """`lightly-mcp prune RECIPE --from CKPT` with lightly's example checkpoint."""
+    import json
+
+    import yaml
+
+    from lightly_mcp.cli import main
+    from tests.test_cli import TINY_RECIPE
+
+    _, path = example_model
+    recipe = {
+        k: (dict(v) if isinstance(v, dict) else v) for k, v in TINY_RECIPE.items()
+    }
+    recipe["backbone"] = {"name": "torchvision/resnet18", "small_input": False}
+    recipe["pretrain"] = {
+        **recipe["pretrain"],
+        "projection_hidden_dim": 512,
+        "projection_dim": 128,
+        "projection_batch_norm": False,
+        "memory_bank_size": 64,
+    }
+    recipe_path = tmp_path / "recipe.yaml"
+    recipe_path.write_text(yaml.safe_dump(recipe))
+    out = tmp_path / "out"
+    assert (
+        main(
+            [
+                "prune",
+                str(recipe_path),
+                "--from",
+                str(path),
+                "--out",
+                str(out),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
+    done = json.loads((out / "prune" / "done.json").read_text())
+    assert done["dense_load_report"][0] == "format: lightly-example"
+    assert any("backbone_momentum" in line for line in done["dense_load_report"])
+    assert (out / "prune" / "final.ckpt").is_file()
