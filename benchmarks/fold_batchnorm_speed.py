@@ -13,11 +13,9 @@ from __future__ import annotations
 import argparse
 
 import torch
-import torchvision
-from torch import nn
+from common import mobilenet_v2_pair
 from torch.fx.experimental.optimization import fuse
 
-from lightly_mcp import compact, find_channel_groups, num_kept_channels
 from lightly_mcp.export import measure_latency
 
 
@@ -27,16 +25,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    dense = torchvision.models.mobilenet_v2()
-    dense.classifier = nn.Identity()
-    dense.eval()
-    groups = find_channel_groups(dense, keep_output_dim=False)
-    masks = []
-    for group in groups:
-        mask = torch.zeros(group.num_channels, dtype=torch.bool)
-        mask[: num_kept_channels(group.num_channels, args.ratio)] = True
-        masks.append(mask)
-    small = compact(dense, groups, masks).eval()
+    dense, small = mobilenet_v2_pair(args.ratio)
     folded = {"dense": fuse(dense), "compact": fuse(small)}
     x = torch.randn(4, 3, 224, 224)
     with torch.no_grad():

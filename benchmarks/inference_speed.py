@@ -23,34 +23,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from common import cpu_model, first_channels_masks
 from torch import Tensor, nn
 
 from lightly_mcp.backbones import build_backbone
 from lightly_mcp.compaction import compact
 from lightly_mcp.counting import MAC_COUNTER, count_macs, count_parameters
 from lightly_mcp.export import measure_latency, round_masks
-from lightly_mcp.groups import find_channel_groups, num_kept_channels
+from lightly_mcp.groups import find_channel_groups
 
 SETTINGS = [(1, 32), (64, 32), (1, 224), (64, 224)]
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def first_channels_masks(groups: list[Any], ratio: float) -> list[Tensor]:
-    masks = []
-    for group in groups:
-        mask = torch.zeros(group.num_channels, dtype=torch.bool)
-        mask[: num_kept_channels(group.num_channels, ratio)] = True
-        masks.append(mask)
-    return masks
 
 
 def channels_last(model: nn.Module) -> Callable[[Tensor], Any]:

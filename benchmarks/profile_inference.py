@@ -12,11 +12,9 @@ import argparse
 import time
 
 import torch
-import torchvision
+from common import mobilenet_v2_pair
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
-
-from lightly_mcp import compact, find_channel_groups, num_kept_channels
 
 
 def conv_split(model: nn.Module, x: torch.Tensor) -> dict[str, float]:
@@ -49,16 +47,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    dense = torchvision.models.mobilenet_v2()
-    dense.classifier = nn.Identity()
-    dense.eval()
-    groups = find_channel_groups(dense, keep_output_dim=False)
-    masks = []
-    for group in groups:
-        mask = torch.zeros(group.num_channels, dtype=torch.bool)
-        mask[: num_kept_channels(group.num_channels, args.ratio)] = True
-        masks.append(mask)
-    small = compact(dense, groups, masks).eval()
+    dense, small = mobilenet_v2_pair(args.ratio)
     x = torch.randn(64, 3, 224, 224)
     for name, model in (("dense", dense), ("compact", small)):
         with torch.inference_mode():

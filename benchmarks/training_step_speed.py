@@ -24,7 +24,6 @@ import argparse
 import copy
 import datetime
 import json
-import platform
 import statistics
 import time
 import warnings
@@ -33,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from common import cpu_model
 from lightly.loss import NTXentLoss
 from lightly.models.modules import MoCoProjectionHead
 from lightly.models.utils import update_momentum
@@ -61,16 +61,6 @@ class LightlyExampleMoCo(nn.Module):
     def forward_momentum(self, x: torch.Tensor) -> torch.Tensor:
         query = self.backbone_momentum(x).flatten(start_dim=1)
         return self.projection_head_momentum(query).detach()
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def main() -> None:
@@ -171,7 +161,7 @@ def main() -> None:
         "pruning_ratio": args.ratio,
         "steps": args.steps,
         "device": str(device),
-        "cpu": _cpu_name(),
+        "cpu": cpu_model(),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "median_step_seconds": medians,
