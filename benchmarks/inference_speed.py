@@ -1,7 +1,7 @@
 """CPU inference speed of a dense backbone vs its compact (channel-pruned) copy.
 
 No checkpoint is needed: the backbone has random weights and every channel group keeps
-its first n_g channels (``num_kept_channels``), which gives exactly the architecture an
+its first n_g channels (``leading_masks``), which gives exactly the architecture an
 MCP run at the same ratio exports. Latencies are medians of dense/compact runs timed
 interleaved (``lightly_mcp.export.measure_latency``).
 
@@ -23,14 +23,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from common import cpu_model, first_channels_masks
+from common import cpu_model
 from torch import Tensor, nn
 
 from lightly_mcp.backbones import build_backbone
 from lightly_mcp.compaction import compact
 from lightly_mcp.counting import MAC_COUNTER, count_macs, count_parameters
 from lightly_mcp.export import measure_latency, round_masks
-from lightly_mcp.groups import find_channel_groups
+from lightly_mcp.groups import find_channel_groups, leading_masks
 
 SETTINGS = [(1, 32), (64, 32), (1, 224), (64, 224)]
 
@@ -146,7 +146,7 @@ def main() -> None:
     dense = build_backbone(args.backbone, small_input=args.small_input).eval()
     example = torch.randn(1, 3, 32, 32)
     groups = find_channel_groups(dense, example, keep_output_dim=False)
-    masks = first_channels_masks(groups, args.ratio)
+    masks = leading_masks(groups, args.ratio)
     compact_model = compact(dense, groups, masks, example).eval()
     models = {"compact": compact_model}
     if args.round_to:

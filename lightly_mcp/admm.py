@@ -156,12 +156,9 @@ class ADMMRegularizer(nn.Module):
     def _targets(self) -> list[Tensor]:
         return [getattr(self, f"target_{i}") for i in range(len(self.param_names))]
 
+    @torch.no_grad()
     def refresh(self) -> None:
         """Recomputes the cached ``Z − U`` (after buffers were overwritten)."""
-        self._refresh_targets()
-
-    @torch.no_grad()
-    def _refresh_targets(self) -> None:
         for target, z, u in zip(self._targets(), self.z().values(), self.u().values()):
             torch.sub(z, u, out=target)
 
@@ -209,7 +206,7 @@ class ADMMRegularizer(nn.Module):
             old = getattr(self, f"mask_{g}")
             changed += int((old != mask).sum())
             old.copy_(mask)
-        self._refresh_targets()
+        self.refresh()
         self.rho_value.mul_(self.rho_growth)
         self.num_updates.add_(1)
         return changed
@@ -228,4 +225,4 @@ class ADMMRegularizer(nn.Module):
 
 def _refresh_targets_after_load(module: nn.Module, incompatible_keys: object) -> None:
     assert isinstance(module, ADMMRegularizer)
-    module._refresh_targets()
+    module.refresh()

@@ -32,6 +32,9 @@ import torch
 import torchvision
 from torch import Tensor, nn
 
+from lightly_mcp.counting import count_parameters
+from lightly_mcp.errors import describe_error
+
 SUPPORTED_TORCHVISION: tuple[str, ...] = (
     "mobilenet_v2",
     "resnet18",
@@ -216,7 +219,7 @@ def load_weights(backbone: Backbone, path: str | os.PathLike[str]) -> None:
     except (pickle.UnpicklingError, RuntimeError, EOFError) as error:
         raise ValueError(
             f"weights file '{file}' could not be read as a state dict: "
-            f"{_describe(error)}"
+            f"{describe_error(error)}"
         ) from error
     state_dict = _extract_state_dict(loaded, file)
 
@@ -391,14 +394,14 @@ def _create_timm_with_width(
     except (AssertionError, ValueError, RuntimeError) as error:
         raise ValueError(
             f"{name} cannot be built with width_multiplier={width_multiplier}: "
-            f"{_describe(error)}"
+            f"{describe_error(error)}"
         ) from error
     if width_multiplier != 1.0:
         # Models that take **kwargs may accept the argument and ignore it. Compare
         # with the default width, built on the meta device (no memory, no init).
         with torch.device("meta"):
             default = timm.create_model(arch, **kwargs)
-        if _num_parameters(default) == _num_parameters(net):
+        if count_parameters(default) == count_parameters(net):
             raise ValueError(no_multiplier)
     return net
 
@@ -605,31 +608,6 @@ def _unknown_name_message(name: str) -> str:
         f"torchvision/ ({', '.join(SUPPORTED_TORCHVISION)}), "
         f"timm/ (any timm model); valid names include {', '.join(_EXAMPLE_NAMES)}"
     )
-
-
-def _describe(error: BaseException) -> str:
-    """Describes an exception in one line.
-
-    Args:
-        error: The exception.
-
-    Returns:
-        ``"TypeName: first line of the message"``, or just the type name.
-    """
-    lines = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
-
-
-def _num_parameters(module: nn.Module) -> int:
-    """Counts parameters (works on the meta device).
-
-    Args:
-        module: The module.
-
-    Returns:
-        The number of parameter elements.
-    """
-    return sum(p.numel() for p in module.parameters())
 
 
 def _has_submodule(root: nn.Module, target: str) -> bool:

@@ -30,6 +30,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from lightly_mcp.errors import describe_error
+
 if TYPE_CHECKING:
     from lightly_mcp.moco_v2 import MoCoV2
 
@@ -48,10 +50,9 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError) as err:
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else ""
         raise CheckpointError(
             f"Checkpoint '{path}' cannot be read safely (truncated, corrupt, or it "
-            f"contains code rather than tensors): {type(err).__name__}: {first_line}"
+            f"contains code rather than tensors): {describe_error(err)}"
         ) from None
     if not isinstance(data, dict):
         raise CheckpointError(
@@ -59,6 +60,51 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
             "(a Lightning checkpoint or a state_dict)."
         )
     return data
+
+
+def module_from_checkpoint(data: dict[str, Any], path: str | Path) -> MoCoV2:
+    """Rebuilds the :class:`MoCoV2` or :class:`MCP` module a Lightning checkpoint of
+    this project holds (read with :func:`read_checkpoint`).
+
+    The class is told by the state (``admm.*`` keys: MCP), the module is built from
+    the checkpoint's hyper-parameters (an MCP's ``dense_checkpoint`` is not re-read:
+    the weights come from this checkpoint), then its state, queue and transition
+    position are restored. The caller's RNG state is left alone.
+
+    Raises:
+        CheckpointError: If it is not such a checkpoint or does not rebuild.
+    """
+    from lightly_mcp.mcp import MCP
+    from lightly_mcp.moco_v2 import MoCoV2
+
+    state = data.get("state_dict")
+    hparams = data.get("hyper_parameters")
+    if not isinstance(state, dict) or not isinstance(hparams, dict):
+        raise CheckpointError(
+            f"Checkpoint '{path}' is not a Lightning checkpoint (no 'state_dict' and "
+            "'hyper_parameters'); use the checkpoint a MoCoV2 or MCP run wrote."
+        )
+    kwargs = dict(hparams)
+    cls: type[MoCoV2]
+    if any(str(key).startswith("admm.") for key in state):
+        cls, kwargs["dense_checkpoint"] = MCP, None
+    elif any(str(key).startswith("backbone_momentum.") for key in state):
+        cls = MoCoV2
+        kwargs.pop("dense_checkpoint", None)
+    else:
+        raise CheckpointError(
+            f"Checkpoint '{path}' is neither a MoCoV2 nor an MCP checkpoint."
+        )
+    try:
+        model = cls(**kwargs)
+        model.load_state_dict(state)
+    except (TypeError, RuntimeError) as error:
+        raise CheckpointError(
+            f"Checkpoint '{path}' does not rebuild as a {cls.__name__} model of "
+            f"backbone '{hparams.get('backbone')}': {describe_error(error)}"
+        ) from None
+    model.on_load_checkpoint({k: v for k, v in data.items() if k != "rng_states"})
+    return model
 
 
 def _rename(state: dict[str, Any], mapping: list[tuple[str, str]]) -> dict[str, Any]:

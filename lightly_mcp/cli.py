@@ -224,6 +224,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
         logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
         os.environ.setdefault("PYTHONWARNINGS", "ignore")
+    from lightly_mcp.errors import first_line
+
     try:
         return _dispatch(args)
     except _stage_interrupted() as error:
@@ -238,7 +240,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as error:  # noqa: BLE001 (one clear line, --debug for more)
         if args.debug:
             raise
-        message = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        message = first_line(error)
         if isinstance(error, _expected_errors()):
             print(f"lightly-mcp: error: {message}", file=sys.stderr)
             return EXIT_USAGE

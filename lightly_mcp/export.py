@@ -20,7 +20,6 @@ Examples:
 from __future__ import annotations
 
 import copy
-import json
 import math
 import os
 import shutil
@@ -38,9 +37,11 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from lightly_mcp.batchnorm import merge_split_batchnorm
-from lightly_mcp.checkpoints import read_checkpoint
+from lightly_mcp.checkpoints import module_from_checkpoint, read_checkpoint
 from lightly_mcp.compaction import compact
 from lightly_mcp.counting import MAC_COUNTER, count_macs, count_parameters
+from lightly_mcp.errors import describe_error
+from lightly_mcp.files import write_json_atomic
 from lightly_mcp.groups import ChannelGroup, channel_scores
 from lightly_mcp.mcp import MCP
 
@@ -82,7 +83,8 @@ def load_mcp_checkpoint(
         The MCP module, in eval mode, on the CPU.
 
     Raises:
-        CheckpointError: If the file cannot be read safely (corrupt, truncated, code).
+        CheckpointError: If the file cannot be read safely (corrupt, truncated, code)
+            or does not rebuild.
         ExportError: If it is not an MCP checkpoint (e.g. a MoCo v2 one) or was
             trained with another backbone than ``expected_backbone``.
     """
@@ -112,18 +114,8 @@ def load_mcp_checkpoint(
             f"'{expected_backbone}' was expected. Use a checkpoint of "
             f"'{expected_backbone}' or expect '{backbone}'."
         )
-    kwargs = dict(hparams)
-    kwargs["dense_checkpoint"] = None
-    try:
-        model = MCP(**kwargs)
-        model.load_state_dict(dict(state))
-    except (TypeError, RuntimeError) as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
-        raise ExportError(
-            f"Checkpoint '{checkpoint}' does not rebuild as an MCP model of backbone "
-            f"'{backbone}': {type(error).__name__}: {first_line}"
-        ) from None
-    model.on_load_checkpoint(data)
+    model = module_from_checkpoint(data, checkpoint)
+    assert isinstance(model, MCP)
     return model.eval()
 
 
@@ -350,7 +342,7 @@ def export(
         )
         report["round_to"] = round_to
         report["checkpoint"] = str(checkpoint)
-        _write_report(tmp / "report.json", report)
+        write_json_atomic(tmp / "report.json", report)
         _move_into_place(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -476,12 +468,6 @@ def _build(
     }
 
 
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    line = text.splitlines()[0] if text else ""
-    return f"{type(error).__name__}: {line}"[:300]
-
-
 def _save_models(model: nn.Module, folder: Path, size: int) -> dict[str, Any]:
     """Writes model.pt, model.ts and (when it exports) model.onnx into ``folder``."""
     written = []
@@ -502,7 +488,7 @@ def _save_models(model: nn.Module, folder: Path, size: int) -> dict[str, Any]:
             ts_err = float((reloaded(x) - reference).abs().max())
     except Exception as error:  # noqa: BLE001 - recorded in the report
         (folder / "model.ts").unlink(missing_ok=True)
-        notes["torchscript"] = f"failed: {_first_line(error)}"
+        notes["torchscript"] = f"failed: {describe_error(error)[:300]}"
     else:
         if not ts_err <= CHECK_TOLERANCE * max(1.0, float(reference.abs().max())):
             raise ExportError(
@@ -525,19 +511,12 @@ def _save_models(model: nn.Module, folder: Path, size: int) -> dict[str, Any]:
     except Exception as error:  # noqa: BLE001 - recorded in the report
         for leftover in folder.glob("model.onnx*"):
             leftover.unlink()
-        notes["onnx"] = f"failed: {_first_line(error)}"
+        notes["onnx"] = f"failed: {describe_error(error)[:300]}"
     else:
         written.append("model.onnx")
         notes["onnx"] = "ok (dynamic batch axis)"
     model.eval()
     return {"written": written, **notes}
-
-
-def _write_report(path: Path, report: Mapping[str, Any]) -> None:
-    """Writes the report as JSON (via a temporary file renamed into place)."""
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(report, indent=2) + "\n")
-    os.replace(partial, path)
 
 
 def _move_into_place(tmp: Path, out_dir: Path) -> None:

@@ -367,6 +367,20 @@ def member_mask(
     return multiplier.view(view)
 
 
+def leading_masks(groups: Sequence[ChannelGroup], pruning_ratio: float) -> list[Tensor]:
+    """Masks keeping the first ``n_g`` channels of every group.
+
+    Parameter and MAC counts depend only on how many channels each group keeps, so
+    these masks give the compact architecture of any mask at ``pruning_ratio``.
+    """
+    masks = []
+    for group in groups:
+        mask = torch.zeros(group.num_channels, dtype=torch.bool)
+        mask[: group.num_kept(pruning_ratio)] = True
+        masks.append(mask)
+    return masks
+
+
 def masked_tensors(
     tensors: Mapping[str, Tensor],
     groups: Sequence[ChannelGroup],

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -26,7 +25,11 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from lightly_mcp.backbones import build_backbone
-from lightly_mcp.checkpoints import CheckpointError, read_checkpoint
+from lightly_mcp.checkpoints import (
+    CheckpointError,
+    module_from_checkpoint,
+    read_checkpoint,
+)
 from lightly_mcp.data import (
     LabeledImages,
     build_dataset,
@@ -35,6 +38,7 @@ from lightly_mcp.data import (
 )
 from lightly_mcp.evaluation import evaluate_backbone, raw_pixel_baseline
 from lightly_mcp.export import export
+from lightly_mcp.files import write_json_atomic
 from lightly_mcp.groups import find_channel_groups
 from lightly_mcp.mcp import MCP
 from lightly_mcp.moco_v2 import MoCoV2
@@ -48,20 +52,6 @@ DONE = "done.json"
 
 class StageInterrupted(RuntimeError):
     """A training stage was stopped by SIGTERM after saving its checkpoint."""
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Writes JSON to ``path`` through a temporary file and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, default=str)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def read_json(path: Path) -> Any:
@@ -367,19 +357,7 @@ def load_backbone_for_eval(path: Path, recipe: Recipe) -> dict[str, nn.Module]:
         if not isinstance(module, nn.Module):
             raise ValueError(f"'{model_file}' does not hold a torch.nn.Module.")
         return {"compact": module}
-    data = read_checkpoint(path)
-    state = data.get("state_dict", {})
-    hparams = dict(data.get("hyper_parameters", {}))
-    if any(k.startswith("admm.") for k in state):
-        hparams["dense_checkpoint"] = None
-        model: MoCoV2 = MCP(**hparams)
-    elif any(k.startswith("backbone_momentum.") for k in state):
-        model = MoCoV2(**{k: v for k, v in hparams.items() if k != "dense_checkpoint"})
-    else:
-        raise ValueError(
-            f"'{path}' is neither a MoCoV2/MCP checkpoint nor an exported model.pt."
-        )
-    model.load_state_dict(state)
+    model = module_from_checkpoint(read_checkpoint(path), path)
     networks: dict[str, nn.Module] = {"dense": model.backbone_momentum}
     if isinstance(model, MCP):
         networks["subnet"] = model.subnet

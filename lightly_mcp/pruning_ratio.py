@@ -4,12 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
 from torch import Tensor, nn
 
 from lightly_mcp.compaction import compact
 from lightly_mcp.counting import count_macs, count_parameters
-from lightly_mcp.groups import ChannelGroup
+from lightly_mcp.groups import ChannelGroup, leading_masks
 
 METRICS = ("params", "macs")
 
@@ -27,12 +26,9 @@ def removed_fraction(
     """
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}.")
-    masks = []
-    for group in groups:
-        mask = torch.zeros(group.num_channels, dtype=torch.bool)
-        mask[: group.num_kept(pruning_ratio)] = True
-        masks.append(mask)
-    small = compact(encoder, groups, masks, example_inputs)
+    small = compact(
+        encoder, groups, leading_masks(groups, pruning_ratio), example_inputs
+    )
     if metric == "params":
         return 1.0 - count_parameters(small) / count_parameters(encoder)
     return 1.0 - count_macs(small, input_size) / count_macs(encoder, input_size)

@@ -225,7 +225,7 @@ def test_interrupted_export_leaves_no_partial_folder(
     def fail(*args: Any, **kwargs: Any) -> None:
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(export_module, "_write_report", fail)
+    monkeypatch.setattr(export_module, "write_json_atomic", fail)
     out_dir = tmp_path / "exports" / "model"
     with pytest.raises(RuntimeError, match="disk full"):
         export(checkpoints[SMALLEST], out_dir, latency=False, console=_quiet())
