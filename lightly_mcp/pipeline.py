@@ -45,6 +45,7 @@ from lightly_mcp.moco_v2 import MoCoV2
 from lightly_mcp.pruning_ratio import solve_pruning_ratio
 from lightly_mcp.recipe import Recipe, RecipeError, dump_recipe
 from lightly_mcp.report import write_plots
+from lightly_mcp.callbacks import KeepEpochCheckpoints, TrainingClock
 from lightly_mcp.transforms import build_transform
 
 DONE = "done.json"
@@ -168,9 +169,18 @@ def pruning_ratio(recipe: Recipe) -> float:
 
 
 def trainer_for(
-    recipe: Recipe, stage_dir: Path, epochs: int, max_steps: int, progress: bool
+    recipe: Recipe,
+    stage_dir: Path,
+    epochs: int,
+    max_steps: int,
+    progress: bool,
+    keep_every_n_epochs: int = 0,
 ) -> pl.Trainer:
-    """A Lightning Trainer writing checkpoints and logs into ``stage_dir``."""
+    """A Lightning Trainer writing checkpoints and logs into ``stage_dir``.
+
+    With ``keep_every_n_epochs > 0`` a checkpoint of every n-th epoch is also kept as
+    ``stage_dir/epochs/epoch=NNN.ckpt`` (epochs counted from 1) (for learning curves).
+    """
     t = recipe.trainer
     loggers: list[Any] = [CSVLogger(str(stage_dir), name="logs", version="")]
     loggers.append(TensorBoardLogger(str(stage_dir), name="tensorboard", version=""))
@@ -183,8 +193,13 @@ def trainer_for(
             every_n_epochs=1,
             save_on_train_epoch_end=True,
             enable_version_counter=False,
-        )
+        ),
+        TrainingClock(),
     ]
+    if keep_every_n_epochs > 0:
+        callbacks.append(
+            KeepEpochCheckpoints(stage_dir / "epochs", keep_every_n_epochs)
+        )
     if progress:
         callbacks.append(RichProgressBar())
     return pl.Trainer(
@@ -211,10 +226,13 @@ def _fit(
     epochs: int,
     max_steps: int,
     progress: bool,
+    keep_every_n_epochs: int = 0,
 ) -> Path:
     """Fits (resuming from ``last.ckpt``) and saves ``final.ckpt`` atomically."""
     pl.seed_everything(recipe.seed, workers=True, verbose=False)
-    trainer = trainer_for(recipe, stage_dir, epochs, max_steps, progress)
+    trainer = trainer_for(
+        recipe, stage_dir, epochs, max_steps, progress, keep_every_n_epochs
+    )
     last = stage_dir / "last.ckpt"
     resume = None
     if last.is_file():
@@ -256,7 +274,16 @@ def pretrain(recipe: Recipe, out: Path, progress: bool = True) -> Path:
     pl.seed_everything(recipe.seed, verbose=False)
     model = MoCoV2(**moco_kwargs(recipe, "pretrain"))
     p = recipe.pretrain
-    final = _fit(model, recipe, stage_dir, loader, p.epochs, p.max_steps, progress)
+    final = _fit(
+        model,
+        recipe,
+        stage_dir,
+        loader,
+        p.epochs,
+        p.max_steps,
+        progress,
+        keep_every_n_epochs=p.keep_every_n_epochs,
+    )
     write_json_atomic(
         stage_dir / DONE,
         {

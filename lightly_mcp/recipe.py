@@ -64,6 +64,8 @@ class PretrainSection:
 
     Attributes:
         dense_checkpoint: Start MCP from this dense checkpoint and skip pretraining.
+        keep_every_n_epochs: Also keep the checkpoint of every n-th epoch in
+            ``pretrain/epochs/`` (0: only ``last.ckpt`` and ``final.ckpt``).
     """
 
     dense_checkpoint: str | None = None
@@ -81,6 +83,7 @@ class PretrainSection:
     split_batch_norm: int = 0
     symmetric_loss: bool = False
     warmup_epochs: int = 0
+    keep_every_n_epochs: int = 0
 
 
 @dataclass
@@ -320,6 +323,11 @@ def validate(recipe: Recipe, source: str = "recipe") -> None:
         _require(section.lr > 0, f"'{name}.lr' must be > 0.", source)
         _require(section.epochs >= 1, f"'{name}.epochs' must be >= 1.", source)
     _require(p.temperature > 0, "'pretrain.temperature' must be > 0.", source)
+    _require(
+        p.keep_every_n_epochs >= 0,
+        "'pretrain.keep_every_n_epochs' must be >= 0 (0 keeps no epoch checkpoints).",
+        source,
+    )
     _require(0 <= p.momentum <= 1, "'pretrain.momentum' must be in [0, 1].", source)
     _require(
         p.memory_bank_size >= 0, "'pretrain.memory_bank_size' must be >= 0.", source

@@ -1,0 +1,81 @@
+"""Lightning callbacks of the pipeline: a training clock and epoch checkpoints."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+from pytorch_lightning.callbacks import Callback
+
+
+class TrainingClock(Callback):
+    """Cumulative training seconds, kept in every checkpoint.
+
+    The time of each fit is added to what the resumed checkpoint had measured, so a
+    run interrupted and resumed reports the seconds it really trained. At the end of
+    every training epoch the total is logged as ``train_seconds`` (one row per epoch
+    in ``metrics.csv``), which is what learning curves against wall time need.
+    """
+
+    def __init__(self) -> None:
+        self.seconds_before = 0.0
+        self._started: float | None = None
+
+    @property
+    def seconds(self) -> float:
+        """Training seconds so far (earlier fits included)."""
+        running = 0.0 if self._started is None else time.perf_counter() - self._started
+        return self.seconds_before + running
+
+    def on_train_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule
+    ) -> None:
+        self._started = time.perf_counter()
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.seconds_before = self.seconds
+        self._started = None
+
+    def on_train_epoch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule
+    ) -> None:
+        pl_module.log("train_seconds", self.seconds, on_step=False, on_epoch=True)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"seconds": self.seconds}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.seconds_before = float(state_dict.get("seconds", 0.0))
+
+
+class KeepEpochCheckpoints(Callback):
+    """Keeps the checkpoint of every n-th training epoch as ``epoch=NNN.ckpt``.
+
+    Files are written to a temporary name and renamed, so a kill never leaves a
+    truncated checkpoint. Epoch numbers start at 1 (``epoch=001.ckpt`` is the model
+    after one epoch).
+    """
+
+    def __init__(
+        self, dirpath: str | os.PathLike[str], every_n_epochs: int = 1
+    ) -> None:
+        if every_n_epochs < 1:
+            raise ValueError(f"every_n_epochs must be >= 1, got {every_n_epochs}.")
+        self.dirpath = Path(dirpath)
+        self.every_n_epochs = every_n_epochs
+
+    def on_train_epoch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule
+    ) -> None:
+        epoch = trainer.current_epoch + 1
+        if epoch % self.every_n_epochs != 0 or trainer.sanity_checking:
+            return
+        self.dirpath.mkdir(parents=True, exist_ok=True)
+        target = self.dirpath / f"epoch={epoch:03d}.ckpt"
+        tmp = self.dirpath / f".{target.name}.tmp"
+        trainer.save_checkpoint(str(tmp))
+        if trainer.is_global_zero:
+            os.replace(tmp, target)
