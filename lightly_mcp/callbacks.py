@@ -33,21 +33,26 @@ class TrainingClock(Callback):
     def on_train_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule
     ) -> None:
+        """Starts the clock of this fit."""
         self._started = time.perf_counter()
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Adds this fit's seconds to the total."""
         self.seconds_before = self.seconds
         self._started = None
 
     def on_train_epoch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule
     ) -> None:
+        """Logs ``train_seconds``."""
         pl_module.log("train_seconds", self.seconds, on_step=False, on_epoch=True)
 
     def state_dict(self) -> dict[str, Any]:
+        """The seconds so far, saved in checkpoints."""
         return {"seconds": self.seconds}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Continues from a checkpoint's seconds."""
         self.seconds_before = float(state_dict.get("seconds", 0.0))
 
 
@@ -70,6 +75,7 @@ class KeepEpochCheckpoints(Callback):
     def on_train_epoch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule
     ) -> None:
+        """Saves ``epoch=NNN.ckpt`` when the epoch is a multiple of n."""
         epoch = trainer.current_epoch + 1
         if epoch % self.every_n_epochs != 0 or trainer.sanity_checking:
             return

@@ -31,6 +31,11 @@ import torch
 from torch import Tensor
 
 from lightly_mcp.errors import describe_error
+from lightly_mcp.provenance import (
+    ProvenanceError,
+    missing_checkpoint_message,
+    verify_checkpoint,
+)
 
 if TYPE_CHECKING:
     from lightly_mcp.moco_v2 import MoCoV2
@@ -43,10 +48,18 @@ class CheckpointError(ValueError):
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Reads a checkpoint file safely (``weights_only=True``) into a dict."""
+    """Reads a checkpoint file safely (``weights_only=True``) into a dict.
+
+    A file with a provenance sidecar (``NAME.provenance.json``, see
+    :mod:`lightly_mcp.provenance`) must match the sha256 recorded there.
+    """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"Checkpoint '{path}' does not exist.")
+        raise FileNotFoundError(missing_checkpoint_message(path))
+    try:
+        verify_checkpoint(path)
+    except ProvenanceError as error:
+        raise CheckpointError(str(error)) from None
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError) as err:

@@ -427,8 +427,11 @@ def raw_pixel_baseline(
     k: int = 200,
     temperature: float = 0.1,
     center: bool = True,
+    linear_epochs: int | None = None,
+    seed: int = 0,
 ) -> dict[str, Any]:
-    """Top-1 of kNN on flattened pixels, the baseline shown beside the models.
+    """Top-1 of kNN (and optionally a linear probe) on flattened pixels, the
+    baseline shown beside the models.
 
     Args:
         train_loader: Labelled training data ``(images, labels, ...)``.
@@ -438,11 +441,14 @@ def raw_pixel_baseline(
         center: Whether to subtract the training set's mean image (per channel and
             pixel) from every image before the cosine similarity; without it the
             similarity is dominated by overall brightness.
+        linear_epochs: If set, also train :func:`linear_probe_top1` on the pixels
+            for that many epochs (``"linear_top1"`` in the result).
+        seed: Seed of the linear probe.
 
     Returns:
-        ``{"knn_top1", "feature_dim", "num_train", "num_test", "settings"}`` where
-        ``settings`` holds ``k``, ``temperature``, ``center`` and a description of
-        the kNN classifier.
+        ``{"knn_top1", "feature_dim", "num_train", "num_test", "settings"}`` (and
+        ``"linear_top1"`` with ``linear_epochs``) where ``settings`` holds ``k``,
+        ``temperature``, ``center`` and a description of the kNN classifier.
 
     Raises:
         ValueError: If the data is unlabelled (all labels -1) or otherwise
@@ -455,7 +461,7 @@ def raw_pixel_baseline(
         mean = train_x.mean(dim=0, keepdim=True)
         train_x = train_x - mean
         test_x = test_x - mean
-    return {
+    result: dict[str, Any] = {
         "knn_top1": knn_top1(
             train_x, train_y, test_x, test_y, k=k, temperature=temperature
         ),
@@ -470,3 +476,9 @@ def raw_pixel_baseline(
             + (", centred on the training mean image" if center else ""),
         },
     }
+    if linear_epochs is not None:
+        result["linear_top1"] = linear_probe_top1(
+            train_x, train_y, test_x, test_y, epochs=linear_epochs, seed=seed
+        )
+        result["settings"]["linear_epochs"] = linear_epochs
+    return result

@@ -25,6 +25,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from lightly_mcp.backbones import build_backbone
+from lightly_mcp.callbacks import KeepEpochCheckpoints, TrainingClock
 from lightly_mcp.checkpoints import (
     CheckpointError,
     module_from_checkpoint,
@@ -42,10 +43,10 @@ from lightly_mcp.files import write_json_atomic
 from lightly_mcp.groups import find_channel_groups
 from lightly_mcp.mcp import MCP
 from lightly_mcp.moco_v2 import MoCoV2
+from lightly_mcp.provenance import missing_checkpoint_message
 from lightly_mcp.pruning_ratio import solve_pruning_ratio
 from lightly_mcp.recipe import Recipe, RecipeError, dump_recipe
 from lightly_mcp.report import write_plots
-from lightly_mcp.callbacks import KeepEpochCheckpoints, TrainingClock
 from lightly_mcp.transforms import build_transform
 
 DONE = "done.json"
@@ -301,7 +302,8 @@ def prune(recipe: Recipe, dense: Path | None, out: Path, progress: bool = True) 
     if (stage_dir / DONE).is_file():
         return stage_dir / "final.ckpt"
     if dense is not None and not Path(dense).is_file():
-        raise FileNotFoundError(f"dense checkpoint '{dense}' does not exist.")
+        message = missing_checkpoint_message(dense)  # "Checkpoint 'X' does not ..."
+        raise FileNotFoundError(f"dense c{message[1:]}")
     stage_dir.mkdir(parents=True, exist_ok=True)
     dump_recipe(recipe, stage_dir / "recipe.yaml")
     start = time.perf_counter()
@@ -436,7 +438,12 @@ def evaluate(
                 random_init.to(device), train_loader, test_loader, **options
             ),
             "raw_pixels": raw_pixel_baseline(
-                train_loader, test_loader, k=e.k, temperature=e.temperature
+                train_loader,
+                test_loader,
+                k=e.k,
+                temperature=e.temperature,
+                linear_epochs=e.linear_epochs,
+                seed=recipe.seed,
             ),
         }
     write_json_atomic(out_file, results)

@@ -243,3 +243,10 @@ def test_raw_pixel_baseline() -> None:
     # Deterministic for these seeds: 0.85 centred vs 0.75 uncentred.
     assert centred["knn_top1"] >= 0.8
     assert centred["knn_top1"] > plain["knn_top1"]
+    # With linear_epochs the same pixels also get a linear probe (deterministic for
+    # the seed, above chance on this separable pattern).
+    with_probe = raw_pixel_baseline(train, test, k=5, linear_epochs=20, seed=0)
+    again = raw_pixel_baseline(train, test, k=5, linear_epochs=20, seed=0)
+    assert with_probe["knn_top1"] == centred["knn_top1"]
+    assert with_probe["linear_top1"] == again["linear_top1"] > 0.6
+    assert with_probe["settings"]["linear_epochs"] == 20

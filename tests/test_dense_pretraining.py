@@ -1,0 +1,147 @@
+"""The dense pretraining recipe and its learning-curve checkpoints, on tiny data."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from lightly_mcp.checkpoints import module_from_checkpoint, read_checkpoint
+from lightly_mcp.pipeline import pretrain
+from lightly_mcp.provenance import provenance_path, sha256_of
+from lightly_mcp.recipe import RecipeError, load_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+DENSE_RECIPE = ROOT / "recipes" / "fashion_mnist_dense_mobilenetv2.yaml"
+
+# The shipped protocol with its data swapped for scikit-learn's digits at 16 px and
+# shortened to a few dozen steps; every model and optimizer setting stays as shipped.
+TINY_DATA = [
+    "data.kind=digits",
+    "data.root=null",
+    "data.input_size=16",
+    "data.subset=256",
+    "pretrain.epochs=4",
+    "pretrain.batch_size=32",
+    "pretrain.memory_bank_size=128",
+    "pretrain.warmup_epochs=4",
+    "trainer.accelerator=cpu",
+    "trainer.log_every_n_steps=1",
+    "eval.train_subset=300",
+    "eval.test_subset=100",
+    "eval.linear_epochs=2",
+]
+
+
+def _losses(stage_dir: Path) -> dict[int, list[float]]:
+    by_epoch: dict[int, list[float]] = {}
+    with open(stage_dir / "logs" / "metrics.csv") as f:
+        for row in csv.DictReader(f):
+            if row.get("train_loss"):
+                by_epoch.setdefault(int(row["epoch"]), []).append(
+                    float(row["train_loss"])
+                )
+    return by_epoch
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("dense")
+    recipe = load_recipe(DENSE_RECIPE, TINY_DATA)
+    pretrain(recipe, out, progress=False)
+    return out / "pretrain"
+
+
+def test_dense_recipe_is_the_full_dataset_protocol() -> None:
+    recipe = load_recipe(DENSE_RECIPE)
+    assert recipe.data.kind == "fashion_mnist" and recipe.data.subset is None
+    assert recipe.backbone.name == "torchvision/mobilenet_v2"
+    assert recipe.pretrain.projection_batch_norm and recipe.pretrain.split_batch_norm
+    assert recipe.pretrain.keep_every_n_epochs == 1
+    assert recipe.eval.train_subset is None and recipe.eval.k == 200
+
+
+def test_dense_recipe_learns_on_tiny_data(tiny_run: Path) -> None:
+    losses = _losses(tiny_run)
+    assert sorted(losses) == [0, 1, 2, 3]
+    first, last = losses[0], losses[3]
+    # The queue starts with random keys (low loss) and fills within 4 steps; from
+    # then on the loss must fall.
+    assert sum(last) / len(last) < sum(first[4:]) / len(first[4:])
+
+
+def test_epoch_checkpoints_carry_the_training_clock(tiny_run: Path) -> None:
+    files = sorted((tiny_run / "epochs").glob("epoch=*.ckpt"))
+    assert [f.name for f in files] == [f"epoch={e:03d}.ckpt" for e in (1, 2, 3, 4)]
+    seconds = []
+    for epoch, path in enumerate(files, start=1):
+        data = read_checkpoint(path)
+        assert data["epoch"] == epoch - 1
+        seconds.append(data["callbacks"]["TrainingClock"]["seconds"])
+    assert 0 < seconds[0] < seconds[1] < seconds[2] < seconds[3]
+    final = read_checkpoint(tiny_run / "final.ckpt")
+    assert final["callbacks"]["TrainingClock"]["seconds"] >= seconds[3]
+    assert not list((tiny_run / "epochs").glob(".*.tmp"))
+
+
+def test_negative_keep_every_n_epochs_is_refused() -> None:
+    with pytest.raises(RecipeError, match="keep_every_n_epochs' must be >= 0"):
+        load_recipe(DENSE_RECIPE, ["pretrain.keep_every_n_epochs=-1"])
+
+
+def _benchmark(name: str):  # type: ignore[no-untyped-def]
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / name)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_curve_and_shipping_scripts(tiny_run: Path, tmp_path: Path) -> None:
+    """The learning-curve benchmark evaluates the kept epochs (0 = random init) and
+    the shipping script writes a verified slim checkpoint with its provenance."""
+    run = tiny_run.parent
+    out = tmp_path / "curve"
+    curve_script = _benchmark("pretraining_curve.py")
+    assert curve_script.main([str(run), "--epochs", "2,4", "--out", str(out)]) == 0
+    curve = json.loads((out / "curve.json").read_text())
+    assert [row["epoch"] for row in curve["epochs"]] == [0, 2, 4]
+    seconds = [row["train_seconds"] for row in curve["epochs"]]
+    assert seconds[0] == 0 < seconds[1] < seconds[2]
+    for row in curve["epochs"]:
+        assert 0 <= row["knn_top1"] <= 1 and 0 <= row["linear_top1"] <= 1
+    assert {"knn_top1", "linear_top1"} <= set(curve["raw_pixels"])
+    table = (out / "RESULTS_pretraining.md").read_text()
+    assert "| 0 (random init) |" in table and "| raw pixels (centred) |" in table
+    # A second call reuses every stored evaluation (resumable) and gives the same.
+    assert curve_script.main([str(run), "--epochs", "2,4", "--out", str(out)]) == 0
+    assert json.loads((out / "curve.json").read_text())["epochs"] == curve["epochs"]
+
+    target = tmp_path / "pretrained" / "tiny.ckpt"
+    ship = _benchmark("ship_dense_checkpoint.py")
+    args = [str(run), "--epoch", "4", "--curve", str(out / "curve.json")]
+    assert ship.main([*args, "--target", str(target), "--commit", "abc"]) == 0
+    record = json.loads(provenance_path(target).read_text())
+    assert record["sha256"] == sha256_of(target) and record["commit"] == "abc"
+    assert record["epoch"] == 4 and record["knn_top1"] == curve["epochs"][2]["knn_top1"]
+    assert record["checkpoint_of_run"] == "pretrain/epochs/epoch=004.ckpt"
+    assert "lightly-mcp pretrain" in record["regenerate"]
+    data = read_checkpoint(target)
+    assert "optimizer_states" not in data
+    model = module_from_checkpoint(data, target)
+    assert model.backbone_momentum.feature_dim == record["feature_dim"]
+    with pytest.raises(SystemExit):  # epoch 3 was not evaluated
+        ship.main(
+            [
+                str(run),
+                "--epoch",
+                "3",
+                "--curve",
+                str(out / "curve.json"),
+                "--target",
+                str(tmp_path / "x.ckpt"),
+            ]
+        )
