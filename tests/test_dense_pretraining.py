@@ -55,13 +55,24 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out / "pretrain"
 
 
-def test_dense_recipe_is_the_full_dataset_protocol() -> None:
-    recipe = load_recipe(DENSE_RECIPE)
+@pytest.mark.parametrize(
+    ("name", "backbone"),
+    [
+        ("fashion_mnist_dense_mobilenetv2.yaml", "torchvision/mobilenet_v2"),
+        ("fashion_mnist_dense_resnet18.yaml", "torchvision/resnet18"),
+    ],
+)
+def test_dense_recipes_are_the_full_dataset_protocol(name: str, backbone: str) -> None:
+    recipe = load_recipe(ROOT / "recipes" / name)
     assert recipe.data.kind == "fashion_mnist" and recipe.data.subset is None
-    assert recipe.backbone.name == "torchvision/mobilenet_v2"
+    assert recipe.backbone.name == backbone
     assert recipe.pretrain.projection_batch_norm and recipe.pretrain.split_batch_norm
     assert recipe.pretrain.keep_every_n_epochs == 1
-    assert recipe.eval.train_subset is None and recipe.eval.k == 200
+    assert recipe.eval.train_subset is None and recipe.eval.test_subset is None
+    assert recipe.eval.k == 200 and recipe.eval.temperature == 0.1
+    # Same MoCo settings in both protocols.
+    reference = load_recipe(DENSE_RECIPE)
+    assert recipe.pretrain == reference.pretrain and recipe.data == reference.data
 
 
 def test_dense_recipe_learns_on_tiny_data(tiny_run: Path) -> None:

@@ -30,6 +30,8 @@ def test_shipped_recipe_set() -> None:
         "cifar10_mobilenetv2.yaml",
         "cifar100_resnet34.yaml",
         "imagefolder_timm.yaml",
+        "fashion_mnist_dense_mobilenetv2.yaml",
+        "fashion_mnist_dense_resnet18.yaml",
     } <= names
 
 
