@@ -69,9 +69,7 @@ def test_shipped_checkpoint_is_slim_and_verified(
         full.state_dict().items(), slim.state_dict().items(), strict=True
     ):
         assert torch.equal(a, b), name
-    assert torch.equal(
-        full.criterion.memory_bank.bank, slim.criterion.memory_bank.bank
-    )
+    assert torch.equal(full.criterion.memory_bank.bank, slim.criterion.memory_bank.bank)
     # ...and MCP starts from it.
     mcp = MCP(**TINY, pruning_ratio=0.5, input_size=16)
     report = load_dense_moco(mcp, target)
