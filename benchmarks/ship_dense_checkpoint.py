@@ -7,7 +7,7 @@ machine, sha256). ``lightly_mcp.checkpoints.read_checkpoint`` verifies the sha25
 whenever the file is loaded.
 
 Usage:
-    python benchmarks/ship_dense_checkpoint.py runs/dense_mobilenetv2 --epoch 12 \
+    python benchmarks/ship_dense_checkpoint.py runs/dense_mobilenetv2 --epoch 16 \
         --curve benchmarks/pretraining/curve.json \
         --target pretrained/fashion_mnist_mobilenetv2_w0.5.ckpt --commit <sha>
 """
@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         "--epoch",
         type=int,
         default=None,
-        help="ship epochs/epoch=NNN.ckpt instead of pretrain/final.ckpt",
+        help="ship pretrain/epochs/epoch=NNN.ckpt (default: the last kept epoch)",
     )
     parser.add_argument("--curve", type=Path, required=True, help="curve.json")
     parser.add_argument("--target", type=Path, required=True)
@@ -61,12 +61,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--note", default="", help="free text kept in the provenance")
     args = parser.parse_args(argv)
     stage_dir = args.run / "pretrain"
+    kept = sorted((stage_dir / "epochs").glob("epoch=*.ckpt"))
+    if args.epoch is None and not kept:
+        parser.error(f"no epoch checkpoints in '{stage_dir / 'epochs'}'.")
     source = (
-        stage_dir / "final.ckpt"
+        kept[-1]
         if args.epoch is None
         else stage_dir / "epochs" / f"epoch={args.epoch:03d}.ckpt"
     )
     data = read_checkpoint(source)
+    # Saved at the end of a training epoch: "epoch" is that epoch, counted from 0.
     epoch = int(data["epoch"]) + 1
     curve = json.loads(args.curve.read_text())
     rows = {row["epoch"]: row for row in curve["epochs"]}
@@ -80,8 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     command = f"lightly-mcp pretrain {args.recipe} --out {args.run}"
     regenerate = command + (
         f" && python benchmarks/ship_dense_checkpoint.py {args.run} "
-        + (f"--epoch {args.epoch} " if args.epoch is not None else "")
-        + f"--curve {args.curve} --target {args.target}"
+        + f"--epoch {epoch} --curve {args.curve} --target {args.target}"
     )
     features = module_from_checkpoint(data, source).backbone_momentum.feature_dim
     record = {

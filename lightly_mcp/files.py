@@ -9,10 +9,20 @@ from pathlib import Path
 from typing import Any
 
 
+def default_file_mode() -> int:
+    """The mode ``open()`` would give a new file (0o666 less the umask); temporary
+    files from ``tempfile.mkstemp`` are 0o600 and get this mode before the rename.
+    """
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def write_json_atomic(path: Path, data: Any) -> None:
     """Writes JSON to ``path`` through a temporary file and a rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.chmod(tmp, default_file_mode())
     try:
         with os.fdopen(fd, "w") as f:
             json.dump(data, f, indent=2, default=str)

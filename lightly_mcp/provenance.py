@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from lightly_mcp.files import write_json_atomic
+from lightly_mcp.files import default_file_mode, write_json_atomic
 
 # What MCP needs to start from a dense MoCo v2 checkpoint: encoders, heads (in
 # ``state_dict``), the model's settings and the queue. No optimizer, scheduler,
@@ -159,6 +159,7 @@ def ship_checkpoint(
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
     os.close(fd)
+    os.chmod(tmp, default_file_mode())
     try:
         torch.save(slim_checkpoint(data), tmp)
         record = {

@@ -14,6 +14,7 @@ from lightly_mcp.checkpoints import (
     module_from_checkpoint,
     read_checkpoint,
 )
+from lightly_mcp.files import default_file_mode
 from lightly_mcp.mcp import MCP
 from lightly_mcp.moco_v2 import MoCoV2
 from lightly_mcp.provenance import (
@@ -58,6 +59,8 @@ def test_shipped_checkpoint_is_slim_and_verified(
     assert record["sha256"] == sha256_of(target)
     assert record["bytes"] == target.stat().st_size
     assert record["file"] == "dense.ckpt" and record["knn_top1"] == 0.5
+    for written in (target, provenance_path(target)):  # readable like any new file
+        assert written.stat().st_mode & 0o777 == default_file_mode()
     data = read_checkpoint(target)  # verifies the hash
     assert set(data) <= set(SLIM_KEYS)
     assert "optimizer_states" not in data and "rng_states" not in data
