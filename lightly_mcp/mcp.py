@@ -172,6 +172,7 @@ class MCP(MoCoV2):
         the model is wrapped; the subnet's weight multipliers are derived state and
         are recomputed here so that every rank uses the same momentum subnet.
         """
+        super().on_train_start()
         self.admm.refresh()
         self.subnet.set_masks(self.admm.masks)
 

@@ -33,6 +33,7 @@ from torch.optim import SGD
 
 from lightly_mcp.backbones import build_backbone
 from lightly_mcp.batchnorm import use_split_batchnorm
+from lightly_mcp.resumable_data import restore_loader_positions
 from lightly_mcp.transforms import build_transform
 
 
@@ -211,6 +212,12 @@ class MoCoV2(LightningModule):
             "interval": "step",
         }
         return [optimizer], [scheduler]
+
+    def on_train_start(self) -> None:
+        """Restores a resumable loader's position (``configure_optimizers`` reads
+        ``estimated_stepping_batches``, after which Lightning 2.6 does not).
+        """
+        restore_loader_positions(self.trainer)
 
     # --- checkpoint state that lightly keeps outside state_dict() ---------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -68,7 +68,15 @@ def dataset_kind(recipe: Recipe) -> str:
 
 
 def training_data(recipe: Recipe, batch_size: int) -> tuple[LabeledImages, DataLoader]:
-    """Two-view training data and loader; refuses a batch larger than the data."""
+    """Two-view training data and loader; refuses a batch larger than the data.
+
+    The loader shuffles with a permutation seeded by ``(recipe.seed, epoch)``, seeds
+    every image's augmentations by ``(recipe.seed, epoch, index)`` and keeps its
+    position in Lightning checkpoints, so a stage interrupted mid-epoch resumes with
+    the very next batch (see ``lightly_mcp.resumable_data``).
+    """
+    from lightly_mcp.resumable_data import ResumableLoader
+
     d = recipe.data
     dataset = build_dataset(
         dataset_kind(recipe),
@@ -84,13 +92,8 @@ def training_data(recipe: Recipe, batch_size: int) -> tuple[LabeledImages, DataL
             f"batch size {batch_size} is larger than the training set "
             f"({len(dataset)} images); lower the batch size or use more data."
         )
-    loader = DataLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=True,
-        drop_last=True,
-        num_workers=d.num_workers,
-        persistent_workers=d.num_workers > 0,
+    loader = ResumableLoader(
+        dataset, batch_size=batch_size, seed=recipe.seed, num_workers=d.num_workers
     )
     return dataset, loader
 

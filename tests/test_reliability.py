@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import signal
 import subprocess
@@ -14,11 +15,14 @@ import pytorch_lightning as pl
 import torch
 import yaml
 from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from lightly_mcp.checkpoints import CheckpointError, read_checkpoint
 from lightly_mcp.cli import main
 from lightly_mcp.mcp import MCP
 from lightly_mcp.moco_v2 import TrainingDivergedError
+from lightly_mcp.pipeline import moco_kwargs, training_data
+from lightly_mcp.recipe import Recipe, recipe_from_dict
 from tests.helpers import TINY, loader, trainer
 from tests.test_cli import TINY_RECIPE
 
@@ -195,3 +199,142 @@ def test_run_survives_sigterm_and_sigkill(tmp_path: Path, sig: signal.Signals) -
     assert (out / "pretrain" / "final.ckpt").stat().st_mtime == pretrain_mtime
     done = read_checkpoint(out / "prune" / "final.ckpt")
     assert done["global_step"] == 40 * 4  # 64 images / batch 16, 40 epochs
+
+
+# --- resume from inside an epoch, through the pipeline's loader ---------------------
+MID_EPOCH_RECIPE = {
+    **TINY_RECIPE,
+    "seed": 3,
+    "data": {"kind": "digits", "input_size": 16, "subset": 24},  # 3 batches of 8
+    "pretrain": {**TINY_RECIPE["pretrain"], "batch_size": 8, "memory_bank_size": 32},
+    "mcp": {**TINY_RECIPE["mcp"], "batch_size": 8, "frq": 3, "admm_interval": 3},
+}
+EPOCHS = 2
+
+
+def _pipeline_mcp(recipe: Recipe, seed: int) -> MCP:
+    """MCP as ``pipeline.prune`` builds it (random dense weights)."""
+    m = recipe.mcp
+    assert m.pruning_ratio is not None
+    torch.manual_seed(seed)
+    return MCP(
+        pruning_ratio=m.pruning_ratio,
+        rho=m.rho,
+        rho_growth=m.rho_growth,
+        admm_interval=m.admm_interval,
+        admm_interval_unit=m.admm_interval_unit,
+        frq=m.frq,
+        dr=m.dr,
+        keep_output_dim=m.keep_output_dim,
+        input_size=recipe.data.input_size,
+        **moco_kwargs(recipe, "mcp"),
+    )
+
+
+@pytest.fixture(scope="module")
+def mid_epoch_runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The initial model, another one, and the model trained straight (6 steps)."""
+    recipe = recipe_from_dict(MID_EPOCH_RECIPE)
+    initial = _pipeline_mcp(recipe, seed=0)
+    other = _pipeline_mcp(recipe, seed=999)
+    straight = copy.deepcopy(initial)
+    pl.seed_everything(recipe.seed, workers=True, verbose=False)  # as pipeline._fit
+    fit = trainer(tmp_path_factory.mktemp("straight"), max_epochs=EPOCHS)
+    fit.fit(straight, training_data(recipe, 8)[1])
+    assert fit.global_step == 6
+    return {"recipe": recipe, "initial": initial, "other": other, "straight": fit}
+
+
+class _Crash(Exception):
+    """A process dying right after a checkpoint (SIGKILL, node failure)."""
+
+
+class _InterruptAt(Callback):
+    """Interrupts training after global step ``step`` and checks that the loader
+    counts exactly the batches trained on (Lightning does not prefetch ahead of it).
+
+    ``how="sigterm"``: a real SIGTERM; Lightning stops at the step boundary and the
+    caller saves the checkpoint, as ``pipeline._fit`` does. ``how="batch_end"``: a
+    checkpoint written in ``on_train_batch_end`` (as ``ModelCheckpoint(
+    every_n_train_steps=...)`` writes it), then a crash.
+    """
+
+    def __init__(self, step: int, how: str, path: Path, loader: object) -> None:
+        self.step, self.how, self.path, self.loader = step, how, path, loader
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):  # type: ignore[no-untyped-def]
+        assert self.loader.state_dict()["batches"] == batch_idx + 1
+        if trainer.global_step != self.step:
+            return
+        if self.how == "sigterm":
+            os.kill(os.getpid(), signal.SIGTERM)
+        else:
+            trainer.save_checkpoint(self.path)
+            raise _Crash
+
+
+# SIGTERM after step 4 (1 batch into epoch 2, just after an ADMM update); a
+# checkpoint from on_train_batch_end after step 2 (the resumed run finishes epoch 1
+# and runs epoch 2). Such a checkpoint is written before MCP's own
+# on_train_batch_end runs its ADMM update, so it is not taken at an ADMM step.
+@pytest.mark.parametrize("how, step", [("sigterm", 4), ("batch_end", 2)])
+def test_mid_epoch_resume_equals_uninterrupted_run(
+    tmp_path: Path,
+    how: str,
+    step: int,
+    mid_epoch_runs: dict,
+    recwarn: pytest.WarningsRecorder,
+) -> None:
+    """2 epochs of 3 steps straight == interrupted inside an epoch + resume, with the
+    pipeline's shuffling loader and real MoCo v2 augmentations of digits."""
+    recipe = mid_epoch_runs["recipe"]
+    path = tmp_path / "mid.ckpt"
+    first = copy.deepcopy(mid_epoch_runs["initial"])
+    _, first_loader = training_data(recipe, 8)
+    interrupt = _InterruptAt(step, how, path, first_loader)
+    pl.seed_everything(recipe.seed, workers=True, verbose=False)
+    fit = trainer(tmp_path / "b", max_epochs=EPOCHS, callbacks=[interrupt])
+    with pytest.raises(SIGTERMException if how == "sigterm" else _Crash):
+        fit.fit(first, first_loader)
+    if how == "sigterm":
+        fit.save_checkpoint(path)  # as pipeline._fit does
+    saved = read_checkpoint(path)
+    assert saved["global_step"] == step
+    (state,) = saved["loops"]["fit_loop"]["state_dict"]["combined_loader"]
+    epoch, batch = divmod(step - 1, 3)
+    assert (state["epoch"], state["batches"]) == (epoch, batch + 1)
+
+    torch.manual_seed(1234)  # the resumed run must not depend on the caller's RNG
+    resumed = copy.deepcopy(mid_epoch_runs["other"])
+    _, resumed_loader = training_data(recipe, 8)
+    resumed_fit = trainer(tmp_path / "c", max_epochs=EPOCHS)
+    resumed_fit.fit(resumed, resumed_loader, ckpt_path=str(path), weights_only=True)
+    assert resumed_fit.global_step == 6
+    assert not [w for w in recwarn if "not resumable" in str(w.message)]
+
+    straight_fit = mid_epoch_runs["straight"]
+    straight = straight_fit.lightning_module
+    # Query and momentum weights, Z, U, masks, rho, BatchNorm statistics: every
+    # parameter and buffer of the module.
+    assert set(straight.state_dict()) == set(resumed.state_dict())
+    for name, a in straight.state_dict().items():
+        b = resumed.state_dict()[name]
+        assert torch.allclose(a.float(), b.float(), atol=1e-6), name
+    assert straight.admm.num_updates == resumed.admm.num_updates == 2
+    for a, b in zip(straight.admm.masks, resumed.admm.masks, strict=True):
+        assert torch.equal(a, b)
+    for name, z in straight.admm.z().items():
+        assert torch.allclose(z, resumed.admm.z()[name], atol=1e-6), name
+        assert torch.allclose(
+            straight.admm.u()[name], resumed.admm.u()[name], atol=1e-6
+        )
+    assert resumed.transition.state_dict() == straight.transition.state_dict()
+    bank_a, bank_b = straight.criterion.memory_bank, resumed.criterion.memory_bank
+    assert torch.allclose(bank_a.bank, bank_b.bank, atol=1e-6)
+    assert torch.equal(bank_a.bank_ptr, bank_b.bank_ptr)
+    opt_a = straight_fit.optimizers[0].state_dict()["state"]
+    opt_b = resumed_fit.optimizers[0].state_dict()["state"]
+    for key in opt_a:
+        assert torch.allclose(
+            opt_a[key]["momentum_buffer"], opt_b[key]["momentum_buffer"], atol=1e-6
+        )
