@@ -22,9 +22,8 @@ from pathlib import Path
 
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from lightly_mcp.checkpoints import module_from_checkpoint, read_checkpoint  # noqa: E402
-from lightly_mcp.provenance import ship_checkpoint  # noqa: E402
+from lightly_mcp.checkpoints import module_from_checkpoint, read_checkpoint
+from lightly_mcp.provenance import ship_checkpoint
 
 MAX_BYTES = 20 * 1024 * 1024
 

@@ -47,6 +47,7 @@ from lightly_mcp.provenance import missing_checkpoint_message
 from lightly_mcp.pruning_ratio import solve_pruning_ratio
 from lightly_mcp.recipe import Recipe, RecipeError, dump_recipe
 from lightly_mcp.report import write_plots
+from lightly_mcp.resumable_data import ResumableLoader
 from lightly_mcp.transforms import build_transform
 
 DONE = "done.json"
@@ -75,8 +76,6 @@ def training_data(recipe: Recipe, batch_size: int) -> tuple[LabeledImages, DataL
     position in Lightning checkpoints, so a stage interrupted mid-epoch resumes with
     the very next batch (see ``lightly_mcp.resumable_data``).
     """
-    from lightly_mcp.resumable_data import ResumableLoader
-
     d = recipe.data
     dataset = build_dataset(
         dataset_kind(recipe),
@@ -169,6 +168,24 @@ def pruning_ratio(recipe: Recipe) -> float:
     groups = find_channel_groups(backbone, example, keep_output_dim=m.keep_output_dim)
     return solve_pruning_ratio(
         backbone, groups, m.target_params, "params", size, example
+    )
+
+
+def mcp_model(recipe: Recipe, dense: Path | None = None) -> MCP:
+    """The ``MCP`` module of the recipe, starting from ``dense`` when given."""
+    m = recipe.mcp
+    return MCP(
+        pruning_ratio=pruning_ratio(recipe),
+        rho=m.rho,
+        rho_growth=m.rho_growth,
+        admm_interval=m.admm_interval,
+        admm_interval_unit=m.admm_interval_unit,
+        frq=m.frq,
+        dr=m.dr,
+        keep_output_dim=m.keep_output_dim,
+        input_size=recipe.data.input_size,
+        dense_checkpoint=str(dense) if dense is not None else None,
+        **moco_kwargs(recipe, "mcp"),
     )
 
 
@@ -305,28 +322,14 @@ def prune(recipe: Recipe, dense: Path | None, out: Path, progress: bool = True) 
     if (stage_dir / DONE).is_file():
         return stage_dir / "final.ckpt"
     if dense is not None and not Path(dense).is_file():
-        message = missing_checkpoint_message(dense)  # "Checkpoint 'X' does not ..."
-        raise FileNotFoundError(f"dense c{message[1:]}")
+        raise FileNotFoundError(missing_checkpoint_message(dense, "dense checkpoint"))
     stage_dir.mkdir(parents=True, exist_ok=True)
     dump_recipe(recipe, stage_dir / "recipe.yaml")
     start = time.perf_counter()
     dataset, loader = training_data(recipe, recipe.mcp.batch_size)
     m = recipe.mcp
-    ratio = pruning_ratio(recipe)
     pl.seed_everything(recipe.seed, verbose=False)
-    model = MCP(
-        pruning_ratio=ratio,
-        rho=m.rho,
-        rho_growth=m.rho_growth,
-        admm_interval=m.admm_interval,
-        admm_interval_unit=m.admm_interval_unit,
-        frq=m.frq,
-        dr=m.dr,
-        keep_output_dim=m.keep_output_dim,
-        input_size=recipe.data.input_size,
-        dense_checkpoint=str(dense) if dense is not None else None,
-        **moco_kwargs(recipe, "mcp"),
-    )
+    model = mcp_model(recipe, dense)
     if model.dense_load_report and progress:
         Console().print(f"loaded {dense}: " + "; ".join(model.dense_load_report))
     final = _fit(model, recipe, stage_dir, loader, m.epochs, m.max_steps, progress)
@@ -335,7 +338,7 @@ def prune(recipe: Recipe, dense: Path | None, out: Path, progress: bool = True) 
         {
             "checkpoint": str(final),
             "dense_checkpoint": str(dense) if dense is not None else None,
-            "pruning_ratio": ratio,
+            "pruning_ratio": model.hparams["pruning_ratio"],
             "dense_load_report": model.dense_load_report,
             "seconds": time.perf_counter() - start,
             "data": dataset.describe(),

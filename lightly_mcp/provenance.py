@@ -83,16 +83,18 @@ def regenerate_hint(record: dict[str, Any] | None) -> str:
     return "restore it from where it came from"
 
 
-def missing_checkpoint_message(checkpoint: str | os.PathLike[str]) -> str:
-    """The error for a checkpoint file that does not exist."""
+def missing_checkpoint_message(
+    checkpoint: str | os.PathLike[str], what: str = "Checkpoint"
+) -> str:
+    """The error for a checkpoint file that does not exist (``what`` names it)."""
     try:
         record = read_provenance(checkpoint)
     except ProvenanceError:
         record = None
     if record is None:
-        return f"Checkpoint '{checkpoint}' does not exist."
+        return f"{what} '{checkpoint}' does not exist."
     hint = regenerate_hint(record).replace("FILE", str(checkpoint))
-    return f"Checkpoint '{checkpoint}' does not exist; {hint}."
+    return f"{what} '{checkpoint}' does not exist; {hint}."
 
 
 def verify_checkpoint(checkpoint: str | os.PathLike[str]) -> dict[str, Any] | None:

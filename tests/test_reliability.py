@@ -21,7 +21,7 @@ from lightly_mcp.checkpoints import CheckpointError, read_checkpoint
 from lightly_mcp.cli import main
 from lightly_mcp.mcp import MCP
 from lightly_mcp.moco_v2 import TrainingDivergedError
-from lightly_mcp.pipeline import moco_kwargs, training_data
+from lightly_mcp.pipeline import mcp_model, training_data
 from lightly_mcp.recipe import Recipe, recipe_from_dict
 from tests.helpers import TINY, loader, trainer
 from tests.test_cli import TINY_RECIPE
@@ -214,21 +214,8 @@ EPOCHS = 2
 
 def _pipeline_mcp(recipe: Recipe, seed: int) -> MCP:
     """MCP as ``pipeline.prune`` builds it (random dense weights)."""
-    m = recipe.mcp
-    assert m.pruning_ratio is not None
     torch.manual_seed(seed)
-    return MCP(
-        pruning_ratio=m.pruning_ratio,
-        rho=m.rho,
-        rho_growth=m.rho_growth,
-        admm_interval=m.admm_interval,
-        admm_interval_unit=m.admm_interval_unit,
-        frq=m.frq,
-        dr=m.dr,
-        keep_output_dim=m.keep_output_dim,
-        input_size=recipe.data.input_size,
-        **moco_kwargs(recipe, "mcp"),
-    )
+    return mcp_model(recipe)
 
 
 @pytest.fixture(scope="module")
