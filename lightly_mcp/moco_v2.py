@@ -206,7 +206,8 @@ class MoCoV2(LightningModule):
         scheduler = {
             "scheduler": CosineWarmupScheduler(
                 optimizer=optimizer,
-                warmup_epochs=self.hparams["warmup_epochs"],
+                # A run shorter than its warm-up warms up over the whole run.
+                warmup_epochs=min(self.hparams["warmup_epochs"], max_steps),
                 max_epochs=max_steps,
             ),
             "interval": "step",

@@ -68,8 +68,16 @@ def dataset_kind(recipe: Recipe) -> str:
     return default_dataset_kind() if recipe.data.kind == "auto" else recipe.data.kind
 
 
-def training_data(recipe: Recipe, batch_size: int) -> tuple[LabeledImages, DataLoader]:
+def training_data(
+    recipe: Recipe,
+    batch_size: int,
+    transform: Any = None,
+    loader_seed: int | None = None,
+) -> tuple[LabeledImages, DataLoader]:
     """Two-view training data and loader; refuses a batch larger than the data.
+
+    ``transform`` defaults to the recipe's MoCo v2 two-view transform; ``loader_seed``
+    (default ``recipe.seed``) seeds the order and augmentations, not the subset.
 
     The loader shuffles with a permutation seeded by ``(recipe.seed, epoch)``, seeds
     every image's augmentations by ``(recipe.seed, epoch, index)`` and keeps its
@@ -81,7 +89,8 @@ def training_data(recipe: Recipe, batch_size: int) -> tuple[LabeledImages, DataL
         dataset_kind(recipe),
         root=d.root,
         train=True,
-        transform=build_transform(input_size=d.input_size, min_scale=d.min_scale),
+        transform=transform
+        or build_transform(input_size=d.input_size, min_scale=d.min_scale),
         subset=d.subset,
         seed=recipe.seed,
         download=d.download,
@@ -92,7 +101,10 @@ def training_data(recipe: Recipe, batch_size: int) -> tuple[LabeledImages, DataL
             f"({len(dataset)} images); lower the batch size or use more data."
         )
     loader = ResumableLoader(
-        dataset, batch_size=batch_size, seed=recipe.seed, num_workers=d.num_workers
+        dataset,
+        batch_size=batch_size,
+        seed=recipe.seed if loader_seed is None else loader_seed,
+        num_workers=d.num_workers,
     )
     return dataset, loader
 

@@ -10,8 +10,11 @@ from types import ModuleType
 
 import torch
 
+from lightly_mcp.checkpoints import read_checkpoint
 from lightly_mcp.counting import count_parameters
 from lightly_mcp.moco_v2 import MoCoV2
+from lightly_mcp.pipeline import moco_kwargs
+from lightly_mcp.recipe import load_recipe
 from tests.helpers import TINY, loader, trainer
 
 ACCURACY = Path(__file__).resolve().parents[1] / "benchmarks" / "accuracy"
@@ -55,6 +58,54 @@ def test_registry_names() -> None:
         "scratch_small": 3,
         "mcp_r0.76": 3,
     }
+
+
+def test_grid_starts_from_the_shipped_dense_model_with_its_settings(
+    tmp_path: Path,
+) -> None:
+    recipe = load_recipe(main.RECIPE)
+    for seed in (0, 1, 2):  # no pretraining: every row shares the shipped model
+        path = main.dense_checkpoint(tmp_path, [], seed, progress=False)
+        assert path == main.REPO / "pretrained" / "fashion_mnist_mobilenetv2_w0.5.ckpt"
+    assert not any(tmp_path.iterdir())
+    shipped = read_checkpoint(path)["hyper_parameters"]  # sha256-verified
+    ours = moco_kwargs(recipe, "pretrain")
+    for key in (
+        "backbone",
+        "backbone_kwargs",
+        "temperature",
+        "momentum",
+        "memory_bank_size",
+        "projection_hidden_dim",
+        "projection_dim",
+        "projection_batch_norm",
+        "split_batch_norm",
+        "batch_size_per_device",
+        "lr",
+        "warmup_epochs",
+    ):
+        assert ours[key] == shipped[key], key
+
+
+def test_training_budgets_in_steps() -> None:
+    recipe = load_recipe(
+        main.RECIPE, ["data.subset=1000", "mcp.epochs=3", "pretrain.epochs=2"]
+    )
+    assert main.pruning_steps(recipe) == 3 * (1000 // 128)
+    assert main.pretraining_steps(recipe) == 2 * (60000 // 128)
+    pruning = {"pruning": main.pruning_steps(recipe)}
+    for name, entry in main.METHODS.items():
+        if name == "dense":
+            assert entry["steps"] is None
+        elif name == "scratch_small":  # pretraining + pruning, on all images
+            assert entry["data"] == "pretraining"
+            assert entry["steps"](recipe) == 2 * 468 + 3 * 7
+        else:  # the same pruning-phase budget for every pruning method
+            assert entry["data"] == "pruning"
+            assert entry["steps"](recipe) == pruning["pruning"]
+    capped = load_recipe(main.RECIPE, ["mcp.max_steps=5", "pretrain.max_steps=9"])
+    assert main.pruning_steps(capped) == 5
+    assert main.pretraining_steps(capped) == 9
 
 
 def test_transition_scaling() -> None:
@@ -107,6 +158,12 @@ def test_typical_pruning_is_smaller_and_trains(tmp_path: Path) -> None:
     trainer(tmp_path, max_steps=1).fit(model, loader())
     after = list(model.backbone.parameters())
     assert any(not torch.equal(a, b) for a, b in zip(after, before))
+
+
+def test_warmup_longer_than_the_run_is_clamped(tmp_path: Path) -> None:
+    model = MoCoV2(**{**TINY, "warmup_epochs": 200})
+    trainer(tmp_path, max_steps=2).fit(model, loader())  # lightly would raise
+    assert model.trainer.global_step == 2
 
 
 def test_report_mean_and_std(tmp_path: Path) -> None:

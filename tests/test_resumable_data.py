@@ -177,3 +177,17 @@ def test_pipeline_loader_is_the_same_with_workers_and_after_resume() -> None:
 
     assert len(head) + len(tail) == len(reference) == 6
     assert _same([flat(head + tail)], [flat(reference)])
+
+
+def test_loader_seed_changes_order_and_views_but_not_the_subset() -> None:
+    recipe = recipe_from_dict(
+        {"seed": 1, "data": {"kind": "digits", "input_size": 16, "subset": 24}}
+    )
+    data_a, loader_a = training_data(recipe, 4)
+    data_b, loader_b = training_data(recipe, 4, loader_seed=7)
+    assert list(data_a.base_labels) == list(data_b.base_labels)  # same images
+    assert loader_a.sampler.seed == 1 and loader_b.sampler.seed == 7
+    labels_a = torch.cat([label for _, label in _batches(loader_a)])
+    labels_b = torch.cat([label for _, label in _batches(loader_b)])
+    assert sorted(labels_a.tolist()) == sorted(labels_b.tolist())
+    assert not torch.equal(labels_a, labels_b)  # another order

@@ -102,7 +102,8 @@ from lightly_mcp.transforms import build_transform
 warnings.filterwarnings("ignore", message=".*does not have many workers.*")
 
 HERE = Path(__file__).resolve().parent
-RECIPE = HERE.parents[1] / "recipes" / "fashion_mnist_mobilenetv2.yaml"
+REPO = HERE.parents[1]
+RECIPE = REPO / "recipes" / "fashion_mnist_mobilenetv2.yaml"
 DEFAULT_OUT = HERE / "results"
 
 # Uniform channel ratios (keep_output_dim=False groups) and the fraction of backbone
@@ -117,6 +118,7 @@ PAPER_TRANSITION_FRACTION = 5150 / (450 * (50000 // 256))
 QUICK_OVERRIDES = [
     "data.subset=512",
     "pretrain.epochs=1",
+    "pretrain.max_steps=8",
     "mcp.epochs=1",
     "eval.train_subset=1000",
     "eval.test_subset=500",
@@ -360,8 +362,27 @@ class Context:
     seed: int
 
 
+FULL_TRAINING_SET = 60000  # Fashion-MNIST's training images
+
+
+def pruning_steps(recipe: Recipe) -> int:
+    """SGD steps of the pruning phase (``mcp.epochs`` over the data subset)."""
+    m = recipe.mcp
+    if m.max_steps > 0:
+        return m.max_steps
+    return m.epochs * ((recipe.data.subset or FULL_TRAINING_SET) // m.batch_size)
+
+
+def pretraining_steps(recipe: Recipe) -> int:
+    """SGD steps of the dense pretraining (``pretrain.epochs`` over all images)."""
+    p = recipe.pretrain
+    if p.max_steps > 0:
+        return p.max_steps
+    return p.epochs * (FULL_TRAINING_SET // p.batch_size)
+
+
 def _mcp_settings(recipe: Recipe) -> dict[str, Any]:
-    steps = recipe.mcp.epochs * ((recipe.data.subset or 60000) // recipe.mcp.batch_size)
+    steps = pruning_steps(recipe)
     return {"steps": steps, "frq": scaled_frq(steps)}
 
 
@@ -460,27 +481,42 @@ def networks_of(model: LightningModule) -> dict[str, nn.Module]:
     return {"momentum": model.backbone_momentum, "query": model.backbone}
 
 
-transform = build_transform(input_size=32, min_scale=0.2)
+def moco_transform(recipe: Recipe) -> Any:
+    """MoCo v2's two-view augmentation at the recipe's size and crop scale."""
+    return build_transform(
+        input_size=recipe.data.input_size, min_scale=recipe.data.min_scale
+    )
 
-# "epochs": which recipe sections give the training length ([] = no training).
+
+transform = moco_transform
+
+# "steps": the row's training length in SGD steps (None = no training); "data":
+# which training images ("pruning": the recipe's subset, "pretraining": all images).
+# Seeds: for the pruned rows they vary the training (data order, augmentations,
+# initialisation); all of them start from the one shared dense model. For ``dense``
+# they vary only the linear probe: the dense model is the shipped pretraining run
+# (113 min on 2 cores), which the 2.5-hour grid cannot repeat three times.
 METHODS: dict[str, dict[str, Any]] = {
-    "dense": {"model": build_dense, "transform": transform, "epochs": [], "seeds": 3},
+    "dense": {"model": build_dense, "transform": transform, "steps": None, "seeds": 3},
     "typical_pruning": {
         "model": build_typical_pruning,
         "transform": transform,
-        "epochs": ["mcp"],
+        "steps": pruning_steps,
+        "data": "pruning",
         "seeds": 3,
     },
     "scratch_small": {
         "model": build_scratch_small,
         "transform": transform,
-        "epochs": ["pretrain", "mcp"],
+        "steps": lambda r: pretraining_steps(r) + pruning_steps(r),
+        "data": "pretraining",
         "seeds": 3,
     },
     "random_mask": {
         "model": build_random_mask,
         "transform": transform,
-        "epochs": ["mcp"],
+        "steps": pruning_steps,
+        "data": "pruning",
         "seeds": 1,
     },
 }
@@ -488,21 +524,24 @@ for _ratio in RATIOS:
     METHODS[f"mcp_r{_ratio}"] = {
         "model": mcp_builder(_ratio),
         "transform": transform,
-        "epochs": ["mcp"],
+        "steps": pruning_steps,
+        "data": "pruning",
         "seeds": 3 if _ratio == R92 else 1,
     }
 for _rho in (0.1, 0.001):
     METHODS[f"mcp_r{R92}_rho{_rho}"] = {
         "model": mcp_builder(R92, rho=_rho),
         "transform": transform,
-        "epochs": ["mcp"],
+        "steps": pruning_steps,
+        "data": "pruning",
         "seeds": 1,
     }
 for _frq, _dr in ((1, 0), (0, 0)):
     METHODS[f"mcp_r{R92}_frq{_frq}_dr{_dr}"] = {
         "model": mcp_builder(R92, transition=(_frq, _dr)),
         "transform": transform,
-        "epochs": ["mcp"],
+        "steps": pruning_steps,
+        "data": "pruning",
         "seeds": 1,
     }
 
@@ -511,8 +550,13 @@ for _frq, _dr in ((1, 0), (0, 0)):
 def dense_checkpoint(
     out: Path, overrides: list[str], seed: int, progress: bool
 ) -> Path:
-    """The cached dense pretraining run of ``seed`` (trained on first use)."""
+    """The shared dense model: ``pretrain.dense_checkpoint`` when the recipe names
+    one (verified against its provenance sha256 when loaded), else the cached dense
+    pretraining run of ``seed`` (trained on first use)."""
     recipe = load_recipe(RECIPE, [*overrides, f"seed={seed}"])
+    if recipe.pretrain.dense_checkpoint is not None:
+        path = Path(recipe.pretrain.dense_checkpoint)
+        return path if path.is_absolute() else REPO / path
     return pretrain(recipe, out / f"pretrain_seed{seed}", progress=progress)
 
 
@@ -534,19 +578,27 @@ def run_config(
     start = time.perf_counter()
     # The data subset stays that of seed 0; the seed varies model and training.
     recipe = load_recipe(RECIPE, overrides)
-    dense_seed = seed if name == "dense" else 0
+    shared = recipe.pretrain.dense_checkpoint is not None
+    dense_seed = seed if name == "dense" and not shared else 0
     dense = dense_checkpoint(out, overrides, dense_seed, progress)
     pretrain_seconds = time.perf_counter() - start
     ctx = Context(recipe=recipe, dense_checkpoint=dense, seed=seed)
     pl.seed_everything(seed, verbose=False)
     model = entry["model"](ctx)
-    epochs = sum(getattr(recipe, section).epochs for section in entry["epochs"])
+    steps = entry["steps"](recipe) if entry["steps"] is not None else 0
     train_start = time.perf_counter()
-    if epochs:
+    if steps:
         run_dir = out / "runs" / f"{name}_seed{seed}"
         batch = recipe.mcp.batch_size
-        _, loader = training_data(recipe, batch)
-        trainer = trainer_for(recipe, run_dir, epochs, -1, progress)
+        data_recipe = recipe
+        if entry["data"] == "pretraining":
+            data_recipe = load_recipe(RECIPE, [*overrides, "data.subset=null"])
+        # The loader's order and augmentations follow the row's seed; the subset
+        # stays that of the recipe's seed.
+        _, loader = training_data(
+            data_recipe, batch, entry["transform"](recipe), loader_seed=seed
+        )
+        trainer = trainer_for(recipe, run_dir, -1, steps, progress)
         last = run_dir / "last.ckpt"
         trainer.fit(
             model,
@@ -598,7 +650,9 @@ def run_config(
             for k, v in dict(model.hparams).items()
             if isinstance(v, (int, float, str, bool, type(None)))
         },
-        "train_epochs": epochs,
+        "train_steps": steps,
+        "train_images": steps * recipe.mcp.batch_size,
+        "dense_seed": dense_seed,
         "dense_checkpoint": str(dense),
         "networks": evaluations,
         "data": description,
