@@ -63,21 +63,10 @@ class LightlyExampleMoCo(nn.Module):
         return self.projection_head_momentum(query).detach()
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--backbone", default="torchvision/mobilenet_v2")
-    parser.add_argument("--width", type=float, default=None)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--input-size", type=int, default=32)
-    parser.add_argument("--steps", type=int, default=20, help="timed steps per model")
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--ratio", type=float, default=0.73)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--out", type=Path, default=None)
-    args = parser.parse_args()
-
-    torch.manual_seed(0)
-    device = torch.device(args.device)
+def build_step(
+    name: str, args: argparse.Namespace, device: torch.device
+) -> tuple[Callable[[], torch.Tensor], torch.optim.Optimizer, nn.Module]:
+    """One model's training step (loss only), its SGD optimizer and the module."""
     kwargs: dict[str, Any] = {"small_input": True}
     if args.width is not None:
         kwargs["width_multiplier"] = args.width
@@ -88,65 +77,96 @@ def main() -> None:
         memory_bank_size=4096,
         projection_batch_norm=True,
     )
-    moco = MoCoV2(**common).to(device)
-    mcp = MCP(
-        **common, pruning_ratio=args.ratio, frq=0, dr=0, input_size=args.input_size
-    ).to(device)
-    backbone = build_backbone(args.backbone, **kwargs)
-    example = LightlyExampleMoCo(backbone, backbone.feature_dim, True).to(device)
-    criterion = NTXentLoss(memory_bank_size=(4096, 128)).to(device)
-
-    def sgd(params: Any) -> torch.optim.Optimizer:
-        return torch.optim.SGD(params, lr=0.06, momentum=0.9, weight_decay=5e-4)
-
-    optimizers = {
-        "lightly-example": sgd(
-            list(example.backbone.parameters())
-            + list(example.projection_head.parameters())
-        ),
-        "MoCoV2": sgd(
-            list(moco.backbone.parameters()) + list(moco.projection_head.parameters())
-        ),
-        "MCP": sgd(
-            list(mcp.backbone.parameters()) + list(mcp.projection_head.parameters())
-        ),
-    }
     size = args.input_size
+    generator = torch.Generator().manual_seed(1)
     views = [
-        torch.randn(args.batch_size, 3, size, size, device=device) for _ in range(2)
+        torch.randn(args.batch_size, 3, size, size, generator=generator).to(device)
+        for _ in range(2)
     ]
     batch = (views, torch.zeros(args.batch_size))
 
-    def example_step() -> torch.Tensor:
-        update_momentum(example.backbone, example.backbone_momentum, m=0.99)
-        update_momentum(
-            example.projection_head, example.projection_head_momentum, m=0.99
-        )
-        query = example(views[0])
-        key = example.forward_momentum(views[1])
-        return criterion(query, key)
+    def sgd(*modules: nn.Module) -> torch.optim.Optimizer:
+        params = [p for module in modules for p in module.parameters()]
+        return torch.optim.SGD(params, lr=0.06, momentum=0.9, weight_decay=5e-4)
 
-    steps: dict[str, Callable[[], torch.Tensor]] = {
-        "lightly-example": example_step,
-        "MoCoV2": lambda: moco.training_step(batch, 0),
-        "MCP": lambda: mcp.training_step(batch, 0),
-    }
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    for module in (moco, mcp, example):
+    step: Callable[[], torch.Tensor]
+    if name == "lightly-example":
+        backbone = build_backbone(args.backbone, **kwargs)
+        example = LightlyExampleMoCo(backbone, backbone.feature_dim, True).to(device)
+        criterion = NTXentLoss(memory_bank_size=(4096, 128)).to(device)
+
+        def step() -> torch.Tensor:
+            update_momentum(example.backbone, example.backbone_momentum, m=0.99)
+            update_momentum(
+                example.projection_head, example.projection_head_momentum, m=0.99
+            )
+            query = example(views[0])
+            key = example.forward_momentum(views[1])
+            return criterion(query, key)
+
+        return step, sgd(example.backbone, example.projection_head), example
+    if name == "MoCoV2":
+        model: MoCoV2 = MoCoV2(**common).to(device)
+    elif name == "MCP":
+        model = MCP(
+            **common, pruning_ratio=args.ratio, frq=0, dr=0, input_size=size
+        ).to(device)
+    else:
+        raise ValueError(f"unknown model {name!r}; use one of {MODELS}")
+    return (
+        lambda: model.training_step(batch, 0),
+        sgd(model.backbone, model.projection_head),
+        model,
+    )
+
+
+MODELS = ("lightly-example", "MoCoV2", "MCP")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backbone", default="torchvision/mobilenet_v2")
+    parser.add_argument("--width", type=float, default=None)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--input-size", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per model")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--ratio", type=float, default=0.73)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--out", type=Path, default=None)
+    return parser.parse_args(argv)
+
+
+def run_step(
+    step: Callable[[], torch.Tensor], optimizer: torch.optim.Optimizer
+) -> None:
+    """Forward + backward + SGD step."""
+    loss = step()
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def main() -> None:
+    args = parse_args()
+    torch.manual_seed(0)
+    device = torch.device(args.device)
+    built = {name: build_step(name, args, device) for name in MODELS}
+    times: dict[str, list[float]] = {name: [] for name in MODELS}
+    for _, _, module in built.values():
         module.train()
     for i in range(args.warmup + args.steps):
-        for name, step in steps.items():
+        for name, (step, optimizer, _) in built.items():
             if device.type == "cuda":
                 torch.cuda.synchronize()
             start = time.perf_counter()
-            loss = step()
-            loss.backward()
-            optimizers[name].step()
-            optimizers[name].zero_grad(set_to_none=True)
+            run_step(step, optimizer)
             if device.type == "cuda":
                 torch.cuda.synchronize()
             if i >= args.warmup:
                 times[name].append(time.perf_counter() - start)
+    mcp = built["MCP"][2]
+    assert isinstance(mcp, MCP)
     admm_start = time.perf_counter()
     mcp.admm_update()
     admm_seconds = time.perf_counter() - admm_start
@@ -155,7 +175,7 @@ def main() -> None:
     result = {
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "backbone": args.backbone,
-        "backbone_kwargs": kwargs,
+        "width_multiplier": args.width,
         "batch_size": args.batch_size,
         "input_size": args.input_size,
         "pruning_ratio": args.ratio,

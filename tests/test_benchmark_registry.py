@@ -186,3 +186,20 @@ def test_report_mean_and_std(tmp_path: Path) -> None:
     assert "81.00 ± 1.41" in table  # kNN: mean 0.81, sample std 0.01414
     assert "72.00 ± 2.83" in table
     assert (tmp_path / "results.md").is_file()
+
+
+def test_training_curves_table(tmp_path: Path) -> None:
+    curves = _load("curves")
+    logs = tmp_path / "runs" / "mcp_r0.76_seed0" / "logs"
+    logs.mkdir(parents=True)
+    (logs / "metrics.csv").write_text(
+        "epoch,step,train_loss,channels_changed,admm_distance\n"
+        "0,19,8.0,,\n0,39,7.0,12,3.5\n0,59,6.0,,\n0,79,5.0,4,1.25\n0,99,4.0,,\n"
+    )
+    series = curves.read_metrics(logs / "metrics.csv")
+    assert series["channels_changed"] == [(39, 12.0), (79, 4.0)]
+    table = curves.write_curves(tmp_path)
+    # loss: mean of the first / last three logged values; churn, distance: ends.
+    assert "| mcp_r0.76_seed0 | 100 | 7.000 → 5.000 | 12 → 4 | 3.50 → 1.25 |" in table
+    assert (tmp_path / "training_curves.md").is_file()
+    assert (tmp_path / "training_curves.png").is_file()

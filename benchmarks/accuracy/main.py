@@ -8,19 +8,22 @@ with ``lightly_mcp.recipe.load_recipe`` and ``--set section.key=value`` override
 
 The grid (the paper's Tables 1-4 and Fig. 3, DESIGN.md section 3):
 
-- one dense MoCo v2 pretraining run (``pretrain`` epochs, ``lightly_mcp.pipeline``),
-  cached in ``OUT/pretrain_seed0`` and shared by every pruning method;
+- the shared dense MoCo v2 model: ``pretrain.dense_checkpoint`` (the checkpoint
+  shipped in ``pretrained/``, 16 epochs of all 60k images; sha256-verified on load);
+  with ``pretrain.dense_checkpoint=null`` the benchmark pretrains its own
+  (``pretrain`` section, cached in ``OUT/pretrain_seed0``);
 - ``dense``: that model's momentum encoder (and its query encoder, reported beside
-  it); seeds 1 and 2 of ``dense`` are their own pretraining runs
-  (``OUT/pretrain_seed{k}``);
+  it). With the shipped model its seeds vary only the linear probe (one pretraining
+  run); with its own pretraining, seeds 1 and 2 are their own pretraining runs;
 - ``typical_pruning``: filter-magnitude pruning of the dense momentum encoder (top
   n_g channels per group by ``channel_scores``), query and key encoders compacted
-  with those masks, then MoCo v2 for the pruning-phase budget (``mcp.epochs``);
-- ``scratch_small``: the compact architecture from random init, MoCo v2 for
-  ``pretrain.epochs + mcp.epochs``;
+  with those masks, then MoCo v2 for the pruning-phase budget;
+- ``scratch_small``: the compact architecture from random init, MoCo v2 on all
+  training images for the pretraining budget (``pretrain.epochs`` epochs) plus the
+  pruning-phase budget;
 - ``random_mask``: a random mask and the masked momentum update
   θ_k ← m·θ_k + φ ⊙ (1−m)·θ_q with θ_k⁰ = φ ⊙ θ_q (Eq. 3), from the dense model,
-  ``mcp.epochs``;
+  the pruning-phase budget;
 - ``mcp_r0.31`` / ``mcp_r0.52`` / ``mcp_r0.76``: MCP removing 50.0 % / 74.7 % /
   92.6 % of the backbone's parameters (uniform ratios from
   ``solve_pruning_ratio(..., target=0.5 / 0.75 / 0.927, "params")`` on
@@ -30,6 +33,11 @@ The grid (the paper's Tables 1-4 and Fig. 3, DESIGN.md section 3):
   (``mcp_r0.76_frq1_dr0``, ``mcp_r0.76_frq0_dr0``; the paper's (100, 1) is
   ``mcp_r0.76`` itself).
 
+The pruning-phase budget is ``mcp.epochs`` over the recipe's fixed-seed subset
+(``data.subset``), the same number of SGD steps for every pruning method
+(``pruning_steps``); budgets are counted in steps so that every row's schedule
+(cosine LR, ADMM interval, transition) is exact.
+
 All pruned rows prune ``keep_output_dim=False`` groups (the feature dimension is
 pruned too) at the same ratio, so their compact networks have the same size.
 
@@ -37,7 +45,7 @@ Transition scaling: the paper's (frq, dr) = (100, 1) spends 5,150 iterations wit
 keys from the full momentum encoder in a 450-epoch pruning phase of 195 iterations per
 epoch (CIFAR-10, batch 256), i.e. 5.87 % of the phase. Here ``(100, 1)`` means the
 largest frq with dr = 1 whose transition fits in the same 5.87 % of this run's
-pruning steps (``scaled_frq``; 780 steps → frq = 8, 44 iterations). (1, 0) and
+pruning steps (``scaled_frq``; 312 steps → frq = 4, 14 iterations). (1, 0) and
 (0, 0) do not depend on the run length and are used as they are.
 
 Every configuration writes ``OUT/<name>_seed<k>.json`` (atomically) with kNN and

@@ -61,10 +61,14 @@ def _row(label: str, entries: list[dict[str, Any]], dense_params: int | None) ->
     params = entries[0].get("params")
     macs = entries[0].get("macs")
     removed = f"{1 - params / dense_params:.1%}" if params and dense_params else "–"
+    steps = entries[0].get("train_steps")
+    seconds = [e["train_seconds"] for e in entries if "train_seconds" in e]
+    minutes = f"{statistics.fmean(seconds) / 60:.1f}" if seconds else "–"
     return (
         f"| {label} | {len(entries)} | {params:,} | {removed} | "
         f"{macs / 1e6:.2f} M | {mean_std([e['knn_top1'] for e in entries])} | "
-        f"{mean_std([e['linear_top1'] for e in entries])} |"
+        f"{mean_std([e['linear_top1'] for e in entries])} | "
+        f"{steps if steps is not None else '–'} | {minutes} |"
     )
 
 
@@ -72,8 +76,8 @@ def markdown_table(results: dict[str, list[dict[str, Any]]]) -> str:
     """The markdown table of all configurations (accuracies in %)."""
     lines = [
         "| configuration | seeds | params | params removed | MACs @32 | "
-        "kNN top-1 (%) | linear top-1 (%) |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "kNN top-1 (%) | linear top-1 (%) | training steps | training min / seed |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, runs in results.items():
         dense_params = runs[0].get("dense_params")
@@ -150,7 +154,9 @@ def write_report(folder: Path) -> str:
     folder = Path(folder)
     results = load_results(folder)
     table = markdown_table(results)
-    (folder / "results.md").write_text(table + "\n")
+    tmp = folder / "results.md.tmp"
+    tmp.write_text(table + "\n")
+    tmp.replace(folder / "results.md")
     figure = plot(results, folder / "accuracy_vs_params_removed.png")
     return table + (f"\n\nfigure: {figure}" if figure else "")
 
