@@ -102,6 +102,7 @@ def main() -> None:
     parser.add_argument("--ratio", type=float, default=0.73)
     parser.add_argument("--backbone", default="torchvision/mobilenet_v2")
     parser.add_argument("--small-input", action="store_true")
+    parser.add_argument("--width", type=float, default=None, help="width multiplier")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=20, help="bs1 repeats")
     parser.add_argument("--repeats-bs64", type=int, default=10, help="bs64@32")
@@ -143,7 +144,8 @@ def main() -> None:
         environment["onnxruntime_version"] = None
     print(json.dumps(environment, indent=2))
 
-    dense = build_backbone(args.backbone, small_input=args.small_input).eval()
+    width = {} if args.width is None else {"width_multiplier": args.width}
+    dense = build_backbone(args.backbone, small_input=args.small_input, **width).eval()
     example = torch.randn(1, 3, 32, 32)
     groups = find_channel_groups(dense, example, keep_output_dim=False)
     masks = leading_masks(groups, args.ratio)
