@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from lightly_mcp.admm import ADMMRegularizer
@@ -29,6 +30,12 @@ from lightly_mcp.transforms import build_transform
 from lightly_mcp.transition import SmoothTransition
 
 ADMM_INTERVAL_UNITS = ("steps", "epochs")
+
+
+# A mask is "oscillating" when at least this fraction of the possible channel swaps
+# happens at this many ADMM updates in a row.
+OSCILLATION_CHURN = 0.5
+OSCILLATION_UPDATES = 3
 
 
 class MCP(MoCoV2):
@@ -117,6 +124,8 @@ class MCP(MoCoV2):
         ) / count_parameters(self.backbone_momentum)
         self._use_subnet = False
         self._last_changed = 0
+        self._oscillating_updates = 0
+        self._warned = False
 
     # --- the dense starting point --------------------------------------------------
     def load_dense_checkpoint(self, path: str | Path) -> list[str]:
@@ -200,10 +209,43 @@ class MCP(MoCoV2):
         """
         self._last_changed = self.admm.update(self.backbone)
         self.subnet.set_masks(self.admm.masks)
+        churn = self.mask_churn_fraction(self._last_changed)
+        self._check_mask_oscillation(churn)
         if self._trainer is not None:
             self.log("channels_changed", float(self._last_changed), sync_dist=True)
+            self.log("mask_churn", churn, sync_dist=True)
             self.log("admm_distance", self.admm.distance(self.backbone), sync_dist=True)
         return self._last_changed
+
+    def mask_churn_fraction(self, changed: int) -> float:
+        """``changed`` as a fraction of the most an update can change (every dropped
+        channel swapped for a kept one: twice the number of dropped channels).
+        """
+        dropped = sum(
+            g.num_channels - kept
+            for g, kept in zip(self.admm.groups, self.admm.kept_channels())
+        )
+        return changed / (2 * dropped) if dropped else 0.0
+
+    def _check_mask_oscillation(self, churn: float) -> None:
+        """Warns once when half or more of the dropped set swaps at 3 updates in a row.
+
+        That is ADMM whose θ-step is missing: θ_q does not move towards Z − U between
+        updates (ρ · lr · steps per interval far below 1), so U carries the dropped
+        channels' weights back into the projection and the mask flips between two
+        sets instead of settling (benchmarks/RESULTS.md, "ADMM response").
+        """
+        self._oscillating_updates = (
+            self._oscillating_updates + 1 if churn >= OSCILLATION_CHURN else 0
+        )
+        if self._oscillating_updates >= OSCILLATION_UPDATES and not self._warned:
+            self._warned = True
+            rank_zero_warn(
+                f"MCP: the ADMM mask is oscillating ({churn:.0%} of the possible "
+                f"channel swaps at each of the last {OSCILLATION_UPDATES} updates): "
+                f"the query encoder barely follows the ADMM penalty between updates "
+                f"(rho={self.admm.rho:g}). Raise mcp.rho or mcp.admm_interval."
+            )
 
     # --- checkpoint state outside state_dict() ----------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import pytest
@@ -91,6 +92,33 @@ def test_admm_shrinks_pruned_channels_and_masks_have_exact_size(tmp_path: Path) 
         assert int(mask.sum()) == group.num_kept(0.5)
     for a, b in zip(model.admm.masks, model.subnet.masks):
         assert torch.equal(a, b)
+
+
+def test_oscillating_mask_is_reported_once_and_a_settling_one_is_not() -> None:
+    torch.manual_seed(0)
+    model = MCP(**TINY, pruning_ratio=0.5, frq=0, dr=0)
+    dropped = sum(g.num_channels - g.num_kept(0.5) for g in model.groups)
+    assert model.admm_update() == 0  # Z⁰ = Π(θ⁰): the first update changes nothing
+    # θ_q fixed between updates (no θ-step): U carries the dropped channels back
+    # into the projection and the dropped set swaps at every update.
+    with pytest.warns(UserWarning, match=r"oscillating .* Raise mcp.rho or mcp"):
+        for _ in range(3):
+            changed = model.admm_update()
+            assert model.mask_churn_fraction(changed) >= 0.5
+    assert changed <= 2 * dropped
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model.admm_update()  # warned once only
+
+    # θ_q moved onto Z − U before every update (exact ADMM θ-step): the mask settles.
+    settled = MCP(**TINY, pruning_ratio=0.5, frq=0, dr=0)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("error")
+        for _ in range(5):
+            z, u = settled.admm.z(), settled.admm.u()
+            for name in settled.admm.param_names:
+                settled.backbone.get_parameter(name).copy_(z[name] - u[name])
+            assert settled.admm_update() == 0
 
 
 def test_moco_checkpoint_loads_and_first_keys_equal_dense_keys(tmp_path: Path) -> None:
