@@ -243,8 +243,10 @@ class MCP(MoCoV2):
             rank_zero_warn(
                 f"MCP: the ADMM mask is oscillating ({churn:.0%} of the possible "
                 f"channel swaps at each of the last {OSCILLATION_UPDATES} updates): "
-                f"the query encoder barely follows the ADMM penalty between updates "
-                f"(rho={self.admm.rho:g}). Raise mcp.rho or mcp.admm_interval."
+                f"the query encoder barely moves towards Z - U between updates "
+                f"(rho={self.admm.rho:g}), so the subnet is whichever mask the last "
+                f"update chose. mcp.admm_interval and mcp.rho set how far it moves; "
+                f"benchmarks/RESULTS.md measures both."
             )
 
     # --- checkpoint state outside state_dict() ----------------------------------------

@@ -101,7 +101,9 @@ def test_oscillating_mask_is_reported_once_and_a_settling_one_is_not() -> None:
     assert model.admm_update() == 0  # Z⁰ = Π(θ⁰): the first update changes nothing
     # θ_q fixed between updates (no θ-step): U carries the dropped channels back
     # into the projection and the dropped set swaps at every update.
-    with pytest.warns(UserWarning, match=r"oscillating .* Raise mcp.rho or mcp"):
+    with pytest.warns(
+        UserWarning, match=r"oscillating .* mcp.admm_interval and mcp.rho"
+    ):
         for _ in range(3):
             changed = model.admm_update()
             assert model.mask_churn_fraction(changed) >= 0.5
