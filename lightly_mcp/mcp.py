@@ -218,14 +218,14 @@ class MCP(MoCoV2):
         return self._last_changed
 
     def mask_churn_fraction(self, changed: int) -> float:
-        """``changed`` as a fraction of the most an update can change (every dropped
-        channel swapped for a kept one: twice the number of dropped channels).
+        """``changed`` as a fraction of the most an update can change: per group,
+        ``min(kept, dropped)`` channels leave and as many enter.
         """
-        dropped = sum(
-            g.num_channels - kept
+        most = sum(
+            2 * min(kept, g.num_channels - kept)
             for g, kept in zip(self.admm.groups, self.admm.kept_channels())
         )
-        return changed / (2 * dropped) if dropped else 0.0
+        return changed / most if most else 0.0
 
     def _check_mask_oscillation(self, churn: float) -> None:
         """Warns once when half or more of the dropped set swaps at 3 updates in a row.
