@@ -212,6 +212,17 @@ def _stage_interrupted() -> type[BaseException]:
     return StageInterrupted
 
 
+def quiet_third_party_warnings() -> None:
+    """Silences library warnings and Lightning's info logs; MCP's own warnings stay."""
+    from lightly_mcp.errors import MCPWarning
+
+    warnings.filterwarnings("ignore")
+    warnings.filterwarnings("default", category=MCPWarning)
+    logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    os.environ.setdefault("PYTHONWARNINGS", "ignore")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``lightly-mcp`` console script."""
     parser = _parser()
@@ -220,10 +231,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return EXIT_USAGE
     if not args.debug:
-        warnings.filterwarnings("ignore")
-        logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
-        logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
-        os.environ.setdefault("PYTHONWARNINGS", "ignore")
+        quiet_third_party_warnings()
     from lightly_mcp.errors import first_line
 
     try:

@@ -3,6 +3,13 @@
 from __future__ import annotations
 
 
+class MCPWarning(UserWarning):
+    """A warning about the method itself (e.g. an oscillating ADMM mask).
+
+    The command line silences third-party warnings unless ``--debug``; these stay.
+    """
+
+
 def first_line(error: BaseException) -> str:
     """The first line of an exception's message ("" if it has none)."""
     lines = str(error).strip().splitlines()

@@ -23,6 +23,7 @@ from lightly_mcp.admm import ADMMRegularizer
 from lightly_mcp.checkpoints import load_dense_moco
 from lightly_mcp.compaction import compact
 from lightly_mcp.counting import count_parameters
+from lightly_mcp.errors import MCPWarning
 from lightly_mcp.groups import find_channel_groups
 from lightly_mcp.moco_v2 import MoCoV2
 from lightly_mcp.momentum_subnet import MomentumSubnet
@@ -246,7 +247,8 @@ class MCP(MoCoV2):
                 f"the query encoder barely moves towards Z - U between updates "
                 f"(rho={self.admm.rho:g}), so the subnet is whichever mask the last "
                 f"update chose. mcp.admm_interval and mcp.rho set how far it moves; "
-                f"benchmarks/RESULTS.md measures both."
+                f"benchmarks/RESULTS.md measures both.",
+                category=MCPWarning,
             )
 
     # --- checkpoint state outside state_dict() ----------------------------------------

@@ -235,3 +235,19 @@ def test_unlabelled_image_folder_runs_and_skips_evaluation(tmp_path: Path) -> No
     assert "no labels" in report["evaluation"]
     assert "knn_top1" not in report["compact"]
     assert (out / "export" / "model.pt").is_file()
+
+
+def test_cli_silences_library_warnings_but_not_mcp_warnings(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import warnings
+
+    from lightly_mcp.cli import quiet_third_party_warnings
+    from lightly_mcp.errors import MCPWarning
+
+    monkeypatch.setenv("PYTHONWARNINGS", "")
+    with warnings.catch_warnings(record=True) as caught:
+        quiet_third_party_warnings()
+        warnings.warn("library noise", UserWarning, stacklevel=1)
+        warnings.warn("the ADMM mask is oscillating", MCPWarning, stacklevel=1)
+    assert [str(w.message) for w in caught] == ["the ADMM mask is oscillating"]

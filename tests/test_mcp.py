@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from lightly_mcp.checkpoints import CheckpointError
+from lightly_mcp.errors import MCPWarning
 from lightly_mcp.mcp import MCP
 from lightly_mcp.moco_v2 import MoCoV2
 from tests.helpers import TINY, loader, trainer
@@ -108,7 +109,7 @@ def test_oscillating_mask_is_reported_once_and_a_settling_one_is_not(
     # θ_q fixed between updates (no θ-step): U carries the dropped channels back
     # into the projection and the dropped set swaps at every update.
     with pytest.warns(
-        UserWarning, match=r"oscillating .* mcp.admm_interval and mcp.rho"
+        MCPWarning, match=r"oscillating .* mcp.admm_interval and mcp.rho"
     ):
         for _ in range(3):
             changed = model.admm_update()
