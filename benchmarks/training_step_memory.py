@@ -22,7 +22,6 @@ Usage:
 
 from __future__ import annotations
 
-import datetime
 import json
 import os
 import resource
@@ -31,8 +30,13 @@ import sys
 from typing import Any
 
 import torch
-from common import cpu_model
-from training_step_speed import MODELS, build_step, parse_args, run_step
+from training_step_speed import (
+    MODELS,
+    build_step,
+    describe_setup,
+    parse_args,
+    run_step,
+)
 
 
 def _current_rss_bytes() -> int:
@@ -117,16 +121,8 @@ def main() -> None:
         per_model[name] = json.loads(child.stdout.strip().splitlines()[-1])
     mib = 2**20
     result = {
-        "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "backbone": args.backbone,
-        "width_multiplier": args.width,
-        "batch_size": args.batch_size,
-        "input_size": args.input_size,
-        "pruning_ratio": args.ratio,
+        **describe_setup(args),
         "steps": args.warmup + args.steps,
-        "device": args.device,
-        "cpu": cpu_model(),
-        "torch": torch.__version__,
         "per_model_bytes": per_model,
         "per_model_mib": {
             name: {k: round(v / mib, 1) for k, v in values.items() if "bytes" in k}

@@ -137,6 +137,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def describe_setup(args: argparse.Namespace) -> dict[str, Any]:
+    """The measured setup, shared by the speed and the memory benchmark."""
+    return {
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "backbone": args.backbone,
+        "width_multiplier": args.width,
+        "batch_size": args.batch_size,
+        "input_size": args.input_size,
+        "pruning_ratio": args.ratio,
+        "device": str(args.device),
+        "cpu": cpu_model(),
+        "torch": torch.__version__,
+    }
+
+
 def run_step(
     step: Callable[[], torch.Tensor], optimizer: torch.optim.Optimizer
 ) -> None:
@@ -173,17 +188,9 @@ def main() -> None:
 
     medians = {name: statistics.median(t) for name, t in times.items()}
     result = {
-        "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "backbone": args.backbone,
-        "width_multiplier": args.width,
-        "batch_size": args.batch_size,
-        "input_size": args.input_size,
-        "pruning_ratio": args.ratio,
+        **describe_setup(args),
         "steps": args.steps,
-        "device": str(device),
-        "cpu": cpu_model(),
         "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
         "median_step_seconds": medians,
         "mcp_over_mocov2": medians["MCP"] / medians["MoCoV2"],
         "mcp_over_lightly_example": medians["MCP"] / medians["lightly-example"],

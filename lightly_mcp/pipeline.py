@@ -89,8 +89,9 @@ def training_data(
         dataset_kind(recipe),
         root=d.root,
         train=True,
-        transform=transform
-        or build_transform(input_size=d.input_size, min_scale=d.min_scale),
+        transform=build_transform(input_size=d.input_size, min_scale=d.min_scale)
+        if transform is None
+        else transform,
         subset=d.subset,
         seed=recipe.seed,
         download=d.download,

@@ -389,11 +389,6 @@ def pretraining_steps(recipe: Recipe) -> int:
     return p.epochs * (FULL_TRAINING_SET // p.batch_size)
 
 
-def _mcp_settings(recipe: Recipe) -> dict[str, Any]:
-    steps = pruning_steps(recipe)
-    return {"steps": steps, "frq": scaled_frq(steps)}
-
-
 def transition_length(frq: int, dr: int) -> int:
     """Iterations until every key comes from the subnet (math.inf if never)."""
     if frq <= 0:
@@ -459,7 +454,7 @@ def mcp_builder(
 
     def build(ctx: Context) -> LightningModule:
         m = ctx.recipe.mcp
-        frq, dr = transition or (_mcp_settings(ctx.recipe)["frq"], 1)
+        frq, dr = transition or (scaled_frq(pruning_steps(ctx.recipe)), 1)
         return MCP(
             pruning_ratio=ratio,
             rho=m.rho if rho is None else rho,
@@ -496,8 +491,6 @@ def moco_transform(recipe: Recipe) -> Any:
     )
 
 
-transform = moco_transform
-
 # "steps": the row's training length in SGD steps (None = no training); "data":
 # which training images ("pruning": the recipe's subset, "pretraining": all images).
 # Seeds: for the pruned rows they vary the training (data order, augmentations,
@@ -505,24 +498,29 @@ transform = moco_transform
 # they vary only the linear probe: the dense model is the shipped pretraining run
 # (113 min on 2 cores), which the 2.5-hour grid cannot repeat three times.
 METHODS: dict[str, dict[str, Any]] = {
-    "dense": {"model": build_dense, "transform": transform, "steps": None, "seeds": 3},
+    "dense": {
+        "model": build_dense,
+        "transform": moco_transform,
+        "steps": None,
+        "seeds": 3,
+    },
     "typical_pruning": {
         "model": build_typical_pruning,
-        "transform": transform,
+        "transform": moco_transform,
         "steps": pruning_steps,
         "data": "pruning",
         "seeds": 3,
     },
     "scratch_small": {
         "model": build_scratch_small,
-        "transform": transform,
+        "transform": moco_transform,
         "steps": lambda r: pretraining_steps(r) + pruning_steps(r),
         "data": "pretraining",
         "seeds": 3,
     },
     "random_mask": {
         "model": build_random_mask,
-        "transform": transform,
+        "transform": moco_transform,
         "steps": pruning_steps,
         "data": "pruning",
         "seeds": 1,
@@ -531,7 +529,7 @@ METHODS: dict[str, dict[str, Any]] = {
 for _ratio in RATIOS:
     METHODS[f"mcp_r{_ratio}"] = {
         "model": mcp_builder(_ratio),
-        "transform": transform,
+        "transform": moco_transform,
         "steps": pruning_steps,
         "data": "pruning",
         "seeds": 3 if _ratio == R92 else 1,
@@ -539,7 +537,7 @@ for _ratio in RATIOS:
 for _rho in (0.1, 0.001):
     METHODS[f"mcp_r{R92}_rho{_rho}"] = {
         "model": mcp_builder(R92, rho=_rho),
-        "transform": transform,
+        "transform": moco_transform,
         "steps": pruning_steps,
         "data": "pruning",
         "seeds": 1,
@@ -547,7 +545,7 @@ for _rho in (0.1, 0.001):
 for _frq, _dr in ((1, 0), (0, 0)):
     METHODS[f"mcp_r{R92}_frq{_frq}_dr{_dr}"] = {
         "model": mcp_builder(R92, transition=(_frq, _dr)),
-        "transform": transform,
+        "transform": moco_transform,
         "steps": pruning_steps,
         "data": "pruning",
         "seeds": 1,
