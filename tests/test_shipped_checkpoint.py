@@ -73,3 +73,39 @@ def test_altered_shipped_checkpoint_is_refused(path: Path, tmp_path: Path) -> No
         read_checkpoint(copy)
     assert str(copy) in str(error.value)
     assert "lightly-mcp pretrain" in str(error.value)  # how to regenerate it
+
+
+# Dense checkpoints too large to ship (ResNet-18): only their provenance is committed.
+LOCAL = sorted((ROOT / "pretrained" / "local").glob("*.provenance.json"))
+
+
+def test_local_checkpoints_are_recorded() -> None:
+    assert [p.name for p in LOCAL] == ["fashion_mnist_resnet18.provenance.json"]
+
+
+@pytest.mark.parametrize("record_path", LOCAL, ids=[p.name for p in LOCAL])
+def test_local_checkpoint_provenance_says_how_to_regenerate(
+    record_path: Path, tmp_path: Path
+) -> None:
+    record = json.loads(record_path.read_text())
+    for key in ("command", "recipe", "commit", "train_seconds", "knn_top1", "sha256"):
+        assert record[key] not in (None, ""), key
+    assert record["bytes"] > 20 * 1024 * 1024  # why it is not in the repository
+    assert record["regenerate"].startswith(record["command"] + " && ")
+    # The recorded recipe is the committed recipe file, as the run used it.
+    recipe = load_recipe(ROOT / record["recipe_file"])
+    assert recipe.backbone.name == record["backbone"]["name"]
+    assert recipe.pretrain.epochs == record["epoch"] == record["epochs_in_recipe"]
+    assert recipe.data.subset is None and record["recipe"]["data"]["subset"] is None
+    # Without the file (a fresh clone), loading it names the file and the command.
+    name = record_path.name.replace(".provenance.json", ".ckpt")
+    missing = tmp_path / name
+    shutil.copy(record_path, provenance_path(missing))
+    with pytest.raises(FileNotFoundError) as error:
+        read_checkpoint(missing)
+    assert str(missing) in str(error.value)
+    assert record["regenerate"] in str(error.value)
+    # Where it was regenerated, the file must match the recorded hash.
+    local = record_path.parent / name
+    if local.is_file():
+        assert sha256_of(local) == record["sha256"]
