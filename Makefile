@@ -14,7 +14,7 @@ $(BIN)/lightly-mcp-installed: pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $@
 
-test: setup
+test: setup data
 	$(BIN)/python -m pytest -q
 
 lint: setup

@@ -10,6 +10,7 @@ value is parsed as YAML: ``--set mcp.pruning_ratio=0.5``, ``--set data.subset=nu
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import asdict, dataclass, field, fields
@@ -251,11 +252,17 @@ def _build(cls: type, raw: Any, prefix: str, source: str) -> Any:
     return cls(**values)
 
 
+_EXPONENT_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
 def _check_type(value: Any, hint: Any, key: str, source: str) -> Any:
     allowed = _allowed_types(hint)
     if value is None and type(None) in allowed:
         return None
     if float in allowed and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if float in allowed and isinstance(value, str) and _EXPONENT_FLOAT.fullmatch(value):
+        # PyYAML reads 1e-3 (no dot) as a string (YAML 1.1); YAML 1.2 has it a float.
         return float(value)
     if isinstance(value, bool) and bool not in allowed:
         ok = False

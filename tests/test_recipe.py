@@ -68,6 +68,24 @@ def test_defaults_and_overrides(tmp_path: Path) -> None:
     assert recipe.pretrain.temperature == 0.1  # default kept
 
 
+def test_exponent_floats_without_a_dot(tmp_path: Path) -> None:
+    """PyYAML reads 5e-4 as a string (YAML 1.1); recipes take it as the float."""
+    path = tmp_path / "recipe.yaml"
+    path.write_text("pretrain:\n  weight_decay: 5e-4\nmcp:\n  rho: 1E-2\n")
+    recipe = load_recipe(path, ["pretrain.lr=3e-2", "mcp.lr=+6E-2"])
+    assert recipe.pretrain.weight_decay == 5e-4 and recipe.mcp.rho == 0.01
+    assert recipe.pretrain.lr == 0.03 and recipe.mcp.lr == 0.06
+    assert all(
+        isinstance(v, float)
+        for v in (recipe.pretrain.weight_decay, recipe.mcp.rho, recipe.pretrain.lr)
+    )
+    # Only numbers: other strings are still refused, and non-float keys keep theirs.
+    with pytest.raises(RecipeError, match=r"'mcp.rho' must be float, got str 'e-3'"):
+        load_recipe(path, ["mcp.rho=e-3"])
+    with pytest.raises(RecipeError, match=r"'pretrain.epochs' must be int"):
+        load_recipe(path, ["pretrain.epochs=1e2"])
+
+
 @pytest.mark.parametrize(
     "data, overrides, match",
     [
