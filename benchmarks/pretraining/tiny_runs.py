@@ -49,61 +49,42 @@ QUIET = [
 ]
 DIGITS = ["data.kind=digits", "data.root=null", "data.subset=null"]
 FASHION = ["data.kind=fashion_mnist", "data.subset=512"]
+
+
+def small(size: int, batch: int, queue: int, epochs: int, warmup: int) -> list[str]:
+    """Overrides for a run of ``epochs`` at ``size`` px with a queue of ``queue``."""
+    return [
+        f"data.input_size={size}",
+        f"pretrain.batch_size={batch}",
+        f"pretrain.memory_bank_size={queue}",
+        f"pretrain.epochs={epochs}",
+        f"pretrain.warmup_epochs={warmup}",
+    ]
+
+
 # (name, recipe, overrides): data, schedule and queue sized for a few dozen steps.
 RUNS = [
     (
         "digits 16 px, batch 64, queue 128, 66 steps",
         RECIPE,
-        DIGITS
-        + [
-            "data.input_size=16",
-            "pretrain.batch_size=64",
-            "pretrain.memory_bank_size=128",
-            "pretrain.epochs=3",
-            "pretrain.warmup_epochs=5",
-        ],
+        DIGITS + small(16, 64, 128, 3, 5),
     ),
-    (
-        "same, warm-up over the whole run",
-        RECIPE,
-        DIGITS
-        + [
-            "data.input_size=16",
-            "pretrain.batch_size=64",
-            "pretrain.memory_bank_size=128",
-            "pretrain.epochs=3",
-            "pretrain.warmup_epochs=66",
-        ],
-    ),
+    ("same, warm-up over the whole run", RECIPE, DIGITS + small(16, 64, 128, 3, 66)),
     (
         "same, temperature 0.5",
         RECIPE,
-        DIGITS
-        + [
-            "data.input_size=16",
-            "pretrain.batch_size=64",
-            "pretrain.memory_bank_size=128",
-            "pretrain.epochs=3",
-            "pretrain.warmup_epochs=5",
-            "pretrain.temperature=0.5",
-        ],
+        DIGITS + small(16, 64, 128, 3, 5) + ["pretrain.temperature=0.5"],
     ),
     (
         "digits 32 px, batch 128, queue 512, 110 steps",
         RECIPE,
-        DIGITS
-        + [
-            "data.input_size=32",
-            "pretrain.batch_size=128",
-            "pretrain.memory_bank_size=512",
-            "pretrain.epochs=10",
-            "pretrain.warmup_epochs=50",
-        ],
+        DIGITS + small(32, 128, 512, 10, 50),
     ),
     (
         "ResNet-18 protocol, Fashion-MNIST 8,000 images, queue 1,024, 62 steps "
         "(the unit test)",
         RESNET18,
+        # What the unit test changes in the recipe (32 px, batch 128 as shipped).
         [
             "data.subset=8000",
             "pretrain.epochs=1",
@@ -114,14 +95,7 @@ RUNS = [
     (
         "Fashion-MNIST 512 images, 16 px, batch 64, queue 128, 80 steps",
         RECIPE,
-        FASHION
-        + [
-            "data.input_size=16",
-            "pretrain.batch_size=64",
-            "pretrain.memory_bank_size=128",
-            "pretrain.epochs=10",
-            "pretrain.warmup_epochs=5",
-        ],
+        FASHION + small(16, 64, 128, 10, 5),
     ),
 ]
 
