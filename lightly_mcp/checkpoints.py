@@ -47,6 +47,12 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be used; the message says why and what to do."""
 
 
+class UnsafeCheckpointError(CheckpointError):
+    """A file that ``torch.load(weights_only=True)`` refuses: truncated, corrupt, or
+    holding pickled Python objects (e.g. a whole pickled ``nn.Module``).
+    """
+
+
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
     """Reads a checkpoint file safely (``weights_only=True``) into a dict.
 
@@ -63,7 +69,7 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError) as err:
-        raise CheckpointError(
+        raise UnsafeCheckpointError(
             f"Checkpoint '{path}' cannot be read safely (truncated, corrupt, or it "
             f"contains code rather than tensors): {describe_error(err)}"
         ) from None

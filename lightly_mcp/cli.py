@@ -96,13 +96,22 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "evaluate",
         help="kNN and linear-probe top-1 → OUT/eval.json",
-        description="kNN and linear-probe top-1 of a checkpoint or an "
-        "exported model.pt → OUT/eval.json.",
+        description="kNN and linear-probe top-1 of a checkpoint or an exported "
+        "model (model.ts, or an export folder) → OUT/eval.json.",
     )
     p.add_argument(
-        "model", type=Path, help="MoCoV2/MCP checkpoint or exported model.pt"
+        "model",
+        type=Path,
+        help="MoCoV2/MCP checkpoint (read with weights_only=True), exported model.ts "
+        "(TorchScript), or an export folder (its model.ts)",
     )
     p.add_argument("recipe", type=Path, help="YAML recipe (data and eval sections)")
+    p.add_argument(
+        "--trust-pickle",
+        action="store_true",
+        help="allow MODEL to be a whole pickled nn.Module (e.g. export's model.pt): "
+        "unpickling RUNS CODE FROM THE FILE, use only for files you trust",
+    )
     common(p)
 
     p = sub.add_parser(
@@ -178,7 +187,9 @@ def _dispatch(args: argparse.Namespace) -> int:
         path = pipeline.prune(recipe, Path(dense) if dense else None, out, progress)
         console.print(f"MCP checkpoint: {path}")
     elif args.command == "evaluate":
-        networks = pipeline.load_backbone_for_eval(args.model, recipe)
+        networks = pipeline.load_backbone_for_eval(
+            args.model, recipe, trust_pickle=args.trust_pickle
+        )
         results = pipeline.evaluate(
             networks, recipe, out / "eval.json", _eval_device(recipe), progress
         )

@@ -14,7 +14,7 @@ output folder, atomically:
 
 Examples:
     >>> report = export("runs/mcp/last.ckpt", "exported/mobilenet_v2_73")
-    >>> compact = torch.load("exported/mobilenet_v2_73/model.pt", weights_only=False)
+    >>> compact = torch.jit.load("exported/mobilenet_v2_73/model.ts")  # no pickle
 """
 
 from __future__ import annotations
@@ -259,6 +259,88 @@ def recalibrate_batchnorm(
     return seen
 
 
+# --- the compact model -------------------------------------------------------------
+def export_masks(model: MCP, round_to: int | None = None) -> list[Tensor]:
+    """The masks export uses: the trained subnet's, widened to multiples of
+    ``round_to`` when given (see :func:`round_masks`).
+    """
+    masks = [mask.detach().cpu().clone() for mask in model.subnet.masks]
+    if round_to is not None:
+        masks = round_masks(model.backbone_momentum, model.groups, masks, round_to)
+    return masks
+
+
+def compact_and_check(
+    model: MCP, masks: list[Tensor]
+) -> tuple[nn.Module, float, float]:
+    """The compact momentum subnet of ``model`` with ``masks``, checked.
+
+    The trained subnet (its own normalisation statistics) is compacted, and its output
+    in eval mode, on random inputs at the training resolution, is compared with that
+    of the masked momentum subnet.
+
+    Returns:
+        The compact model (eval mode, every parameter requiring gradients), the max
+        abs error of the check and the output scale it is relative to.
+
+    Raises:
+        ExportError: If the compact model does not match the masked subnet.
+    """
+    size = int(model.hparams["input_size"])
+    example = torch.randn(1, 3, size, size)
+    subnet = copy.deepcopy(model.subnet)
+    subnet.set_masks(masks)
+    subnet.eval()
+    compact_model = compact(subnet.materialize(), model.groups, masks, example)
+    compact_model.eval()
+    for param in compact_model.parameters():
+        param.requires_grad_(True)
+
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(CHECK_BATCH_SIZE, 3, size, size, generator=generator)
+    with torch.no_grad():
+        expected = subnet(x)
+        got = compact_model(x)
+    if got.shape != expected.shape:
+        raise ExportError(
+            f"Compact output shape {tuple(got.shape)} differs from the momentum "
+            f"subnet's {tuple(expected.shape)}."
+        )
+    err = float((got - expected).abs().max())
+    scale = float(expected.abs().max())
+    if not err <= CHECK_TOLERANCE * max(1.0, scale):
+        raise ExportError(
+            f"The compact model does not match the masked momentum subnet: max abs "
+            f"error {err:.3g} > {CHECK_TOLERANCE:g} * max(1, {scale:.3g}). Nothing "
+            "was written."
+        )
+    return compact_model, err, scale
+
+
+def compact_from_checkpoint(
+    checkpoint: str | Path,
+    *,
+    round_to: int | None = None,
+    recalibrate: DataLoader | None = None,
+    recalibration_batches: int = 10,
+    expected_backbone: str | None = None,
+) -> nn.Module:
+    """The compact model :func:`export` writes, rebuilt from the MCP checkpoint.
+
+    Reads only the checkpoint, safely (``weights_only=True``): no exported file and
+    no pickled code. With the same options as the export, the result equals its
+    ``model.pt`` (up to float noise of the BatchNorm recalibration, if any).
+
+    Returns:
+        The compact model, in eval mode, on the CPU.
+    """
+    model = load_mcp_checkpoint(checkpoint, expected_backbone=expected_backbone)
+    compact_model, _, _ = compact_and_check(model, export_masks(model, round_to))
+    if recalibrate is not None:
+        recalibrate_batchnorm(compact_model, recalibrate, recalibration_batches)
+    return compact_model.eval()
+
+
 # --- export -------------------------------------------------------------------------
 def export(
     checkpoint: str | Path,
@@ -322,9 +404,7 @@ def export(
 
     model = load_mcp_checkpoint(checkpoint, expected_backbone=expected_backbone)
     size = int(model.hparams["input_size"])
-    masks = [mask.detach().cpu().clone() for mask in model.subnet.masks]
-    if round_to is not None:
-        masks = round_masks(model.backbone_momentum, model.groups, masks, round_to)
+    masks = export_masks(model, round_to)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=".export-"))
@@ -364,34 +444,7 @@ def _build(
 ) -> dict[str, Any]:
     """Compacts, checks, measures and writes the model files into ``folder``."""
     example = torch.randn(1, 3, size, size)
-    # The trained subnet (its own normalisation statistics), with the export masks.
-    subnet = copy.deepcopy(model.subnet)
-    subnet.set_masks(masks)
-    subnet.eval()
-    compact_model = compact(subnet.materialize(), model.groups, masks, example)
-    compact_model.eval()
-    for param in compact_model.parameters():
-        param.requires_grad_(True)
-
-    # Equivalence with the masked momentum subnet, before any recalibration.
-    generator = torch.Generator().manual_seed(0)
-    x = torch.randn(CHECK_BATCH_SIZE, 3, size, size, generator=generator)
-    with torch.no_grad():
-        expected = subnet(x)
-        got = compact_model(x)
-    if got.shape != expected.shape:
-        raise ExportError(
-            f"Compact output shape {tuple(got.shape)} differs from the momentum "
-            f"subnet's {tuple(expected.shape)}."
-        )
-    err = float((got - expected).abs().max())
-    scale = float(expected.abs().max())
-    if not err <= CHECK_TOLERANCE * max(1.0, scale):
-        raise ExportError(
-            f"The compact model does not match the masked momentum subnet: max abs "
-            f"error {err:.3g} > {CHECK_TOLERANCE:g} * max(1, {scale:.3g}). Nothing "
-            "was written."
-        )
+    compact_model, err, scale = compact_and_check(model, masks)
 
     recalibrated = False
     if recalibrate is not None:

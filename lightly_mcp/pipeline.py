@@ -28,6 +28,7 @@ from lightly_mcp.backbones import build_backbone
 from lightly_mcp.callbacks import KeepEpochCheckpoints, TrainingClock
 from lightly_mcp.checkpoints import (
     CheckpointError,
+    UnsafeCheckpointError,
     module_from_checkpoint,
     read_checkpoint,
 )
@@ -38,7 +39,7 @@ from lightly_mcp.data import (
     eval_transform,
 )
 from lightly_mcp.evaluation import evaluate_backbone, raw_pixel_baseline
-from lightly_mcp.export import export
+from lightly_mcp.export import compact_from_checkpoint, export
 from lightly_mcp.files import write_json_atomic
 from lightly_mcp.groups import find_channel_groups
 from lightly_mcp.mcp import MCP
@@ -385,31 +386,97 @@ def export_stage(
     )
 
 
-def load_backbone_for_eval(path: Path, recipe: Recipe) -> dict[str, nn.Module]:
+PICKLE_REFUSED = (
+    "'{path}' cannot be read safely (torch.load with weights_only=True): it is "
+    "corrupt or holds pickled Python objects (an exported model.pt is a whole "
+    "pickled nn.Module), and unpickling it runs code from the file. Evaluate the "
+    "exported model.ts (TorchScript, no pickle) or a checkpoint instead, or pass "
+    "--trust-pickle if you trust this file."
+)
+
+
+def load_backbone_for_eval(
+    path: Path, recipe: Recipe, trust_pickle: bool = False
+) -> dict[str, nn.Module]:
     """The networks to evaluate in a file, by name.
 
     A MoCo v2 checkpoint gives ``dense`` (its momentum encoder); an MCP checkpoint
     gives ``dense`` (the unmasked momentum encoder) and ``subnet`` (the masked one);
-    an exported ``model.ts`` (TorchScript, no pickled code) or ``model.pt`` (a
-    pickled module: only for files you trust) gives ``compact``.
+    an exported ``model.ts`` (TorchScript, no pickled code), or an export folder
+    (its ``model.ts``), gives ``compact``. Checkpoints, whatever their suffix, are
+    read with ``weights_only=True``. A whole pickled module (an exported
+    ``model.pt``) is unpickled only with ``trust_pickle=True``: that runs code from
+    the file.
+
+    Raises:
+        ValueError: For a file that cannot be read safely (without
+            ``trust_pickle``), or a pickle that does not hold an ``nn.Module``.
+        FileNotFoundError: For a missing file, or a folder without ``model.ts``.
     """
+    path = Path(path)
+    if path.is_dir():
+        scripted, pickled = path / "model.ts", path / "model.pt"
+        if scripted.is_file():
+            path = scripted
+        elif trust_pickle and pickled.is_file():
+            path = pickled
+        else:
+            hint = (
+                f"; its model.pt is a pickle: pass '{pickled}' with --trust-pickle "
+                "if you trust it"
+                if pickled.is_file()
+                else ""
+            )
+            raise FileNotFoundError(
+                f"'{path}' has no model.ts (the TorchScript model export writes) to "
+                f"evaluate{hint}."
+            )
     if path.suffix == ".ts":
         if not path.is_file():
             raise FileNotFoundError(f"TorchScript model '{path}' does not exist.")
         return {"compact": torch.jit.load(str(path), map_location="cpu")}
-    if path.suffix == ".pt" or path.is_dir():
-        model_file = path / "model.pt" if path.is_dir() else path
-        if not model_file.is_file():
-            raise FileNotFoundError(f"exported model '{model_file}' does not exist.")
-        module = torch.load(model_file, map_location="cpu", weights_only=False)
+    try:
+        data = read_checkpoint(path)  # weights_only=True: runs no code
+    except UnsafeCheckpointError:
+        if not trust_pickle:
+            raise ValueError(PICKLE_REFUSED.format(path=path)) from None
+        module = torch.load(path, map_location="cpu", weights_only=False)
         if not isinstance(module, nn.Module):
-            raise ValueError(f"'{model_file}' does not hold a torch.nn.Module.")
+            raise ValueError(
+                f"'{path}' does not hold a torch.nn.Module (it holds a "
+                f"{type(module).__name__})."
+            ) from None
         return {"compact": module}
-    model = module_from_checkpoint(read_checkpoint(path), path)
+    model = module_from_checkpoint(data, path)
     networks: dict[str, nn.Module] = {"dense": model.backbone_momentum}
     if isinstance(model, MCP):
         networks["subnet"] = model.subnet
     return networks
+
+
+def exported_compact(
+    recipe: Recipe, checkpoint: Path, out: Path, report: dict[str, Any]
+) -> nn.Module:
+    """The compact model of ``out/export``, without unpickling anything.
+
+    Its ``model.ts`` when export wrote one; otherwise (TorchScript failed, see the
+    report's ``files``) the same compact model rebuilt from the MCP checkpoint,
+    read with ``weights_only=True``. ``model.pt`` is never read.
+    """
+    scripted = out / "export" / "model.ts"
+    written = report.get("files", {}).get("written", [])
+    if "model.ts" in written and scripted.is_file():
+        return torch.jit.load(str(scripted), map_location="cpu")
+    e = recipe.export
+    recalibrate = None
+    if e.recalibrate_bn:
+        _, recalibrate = training_data(recipe, recipe.mcp.batch_size)
+    return compact_from_checkpoint(
+        checkpoint,
+        round_to=e.round_to,
+        recalibrate=recalibrate,
+        expected_backbone=recipe.backbone.name,
+    )
 
 
 def evaluate(
@@ -510,7 +577,7 @@ def run(
                 networks["dense"] = load_backbone_for_eval(dense, recipe)["dense"]
             except (ValueError, CheckpointError):
                 pass
-        networks.update(load_backbone_for_eval(out / "export" / "model.pt", recipe))
+        networks["compact"] = exported_compact(recipe, pruned, out, report)
         evaluation = timed(
             "evaluate",
             lambda: evaluate(

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
+import torch
 import yaml
 
 from lightly_mcp.cli import main
+from lightly_mcp.pipeline import load_backbone_for_eval
 
 TINY_RECIPE = {
     "seed": 0,
@@ -135,24 +139,101 @@ def test_run_resumes_after_a_stage_is_deleted(
     assert (out / "pretrain" / "final.ckpt").stat().st_mtime == pretrain_mtime
 
 
+def _evaluate(model: Path, recipe: Path, out: Path, *flags: str) -> dict:
+    argv = ["evaluate", str(model), str(recipe), "--out", str(out), "--quiet"]
+    assert main([*argv, *flags]) == 0
+    return json.loads((out / "eval.json").read_text())["models"]
+
+
 def test_evaluate_command(finished_run: Path, tmp_path: Path) -> None:
     recipe = finished_run / "recipe.yaml"
-    assert (
-        main(
-            [
-                "evaluate",
-                str(finished_run / "export" / "model.pt"),
-                str(recipe),
-                "--out",
-                str(tmp_path),
-                "--quiet",
-            ]
-        )
-        == 0
+    export = finished_run / "export"
+    scripted = _evaluate(export / "model.ts", recipe, tmp_path / "ts")
+    assert set(scripted) == {"compact"}
+    assert scripted["compact"]["settings"]["k"] == 200
+    # A folder means its model.ts; model.pt only with --trust-pickle.
+    assert _evaluate(export, recipe, tmp_path / "dir") == scripted
+    pickled = _evaluate(export / "model.pt", recipe, tmp_path / "pt", "--trust-pickle")
+    assert pickled["compact"]["knn_top1"] == scripted["compact"]["knn_top1"]
+
+
+class _Payload:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple:
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _refuse_unsafe_torch_load(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Makes any torch.load(weights_only=False) fail the test."""
+    original = torch.load
+
+    def guarded(*args: Any, **kwargs: Any) -> Any:
+        assert kwargs.get("weights_only") is not False, "unpickled a file"
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", guarded)
+
+
+def test_evaluate_refuses_a_pickled_model_without_trust_pickle(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    recipe = write_recipe(tmp_path)
+    marker = tmp_path / "PWNED"
+    (tmp_path / "evil").mkdir()
+    torch.save(_Payload(marker), tmp_path / "evil" / "model.pt")
+    out = str(tmp_path / "out")
+    message = _error(
+        capsys,
+        ["evaluate", str(tmp_path / "evil" / "model.pt"), str(recipe), "--out", out],
     )
-    result = json.loads((tmp_path / "eval.json").read_text())
-    assert set(result["models"]) == {"compact"}
-    assert result["models"]["compact"]["settings"]["k"] == 200
+    assert "evil/model.pt' cannot be read safely" in message
+    assert "runs code" in message
+    assert "model.ts" in message and "--trust-pickle" in message
+    message = _error(
+        capsys, ["evaluate", str(tmp_path / "evil"), str(recipe), "--out", out]
+    )
+    assert "has no model.ts" in message and "--trust-pickle" in message
+    assert not marker.exists()
+    assert not (tmp_path / "out").exists()
+
+
+def test_checkpoint_named_pt_is_read_without_unpickling(
+    finished_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    renamed = tmp_path / "mcp.pt"
+    shutil.copyfile(finished_run / "prune" / "final.ckpt", renamed)
+    _refuse_unsafe_torch_load(monkeypatch)
+    networks = load_backbone_for_eval(renamed, None, trust_pickle=True)  # type: ignore[arg-type]
+    assert set(networks) == {"dense", "subnet"}
+
+
+@pytest.mark.parametrize("torchscript_written", [True, False])
+def test_run_never_unpickles_the_exported_model(
+    finished_run: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    torchscript_written: bool,
+) -> None:
+    out = tmp_path / "copy"
+    shutil.copytree(finished_run, out)
+    marker = tmp_path / "PWNED"
+    torch.save(_Payload(marker), out / "export" / "model.pt")
+    (out / "eval" / "eval.json").unlink()
+    if not torchscript_written:  # as when TorchScript export fails
+        (out / "export" / "model.ts").unlink()
+        report = json.loads((out / "export" / "report.json").read_text())
+        report["files"]["written"].remove("model.ts")
+        report["files"]["torchscript"] = "failed: RuntimeError: unsupported"
+        (out / "export" / "report.json").write_text(json.dumps(report))
+    _refuse_unsafe_torch_load(monkeypatch)
+    assert main(["run", str(out / "recipe.yaml"), "--out", str(out), "--quiet"]) == 0
+    assert not marker.exists()
+    models = json.loads((out / "eval" / "eval.json").read_text())["models"]
+    before = json.loads((finished_run / "eval" / "eval.json").read_text())["models"]
+    assert models["compact"]["knn_top1"] == before["compact"]["knn_top1"]
+    assert models["compact"]["feature_dim"] == before["compact"]["feature_dim"]
 
 
 def _error(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
