@@ -9,7 +9,11 @@ import torch
 from torch import Tensor, nn
 
 from lightly_mcp.batchnorm import merge_split_batchnorm
-from lightly_mcp.groups import ChannelGroup, build_dependency_graph
+from lightly_mcp.groups import (
+    ChannelGroup,
+    build_dependency_graph,
+    output_feature_index,
+)
 
 
 def compact(
@@ -33,7 +37,10 @@ def compact(
         example_inputs: A batch to trace with; defaults to one 64x64 RGB image.
 
     Returns:
-        The compact encoder, in the same train/eval mode as ``encoder``.
+        The compact encoder, in the same train/eval mode as ``encoder``. When a
+        group reaching the output is pruned (``keep_output_dim=False``), its output
+        has fewer features (``lightly_mcp.groups.output_feature_index``) and a
+        ``feature_dim`` attribute is updated.
     """
     if len(groups) != len(masks):
         raise ValueError(f"Got {len(masks)} masks for {len(groups)} channel groups.")
@@ -60,4 +67,9 @@ def compact(
     # torch-pruning creates new Parameters with requires_grad=True.
     for name, param in compact_model.named_parameters():
         param.requires_grad_(requires_grad.get(name, True))
+    feature_dim = getattr(compact_model, "feature_dim", None)
+    if isinstance(feature_dim, int) and not isinstance(feature_dim, bool):
+        # lightly_mcp.backbones.Backbone: a pruned output group narrows the features.
+        kept, _ = output_feature_index(groups, masks, feature_dim)
+        setattr(compact_model, "feature_dim", len(kept))  # noqa: B010
     return compact_model

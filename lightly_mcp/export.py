@@ -42,7 +42,7 @@ from lightly_mcp.compaction import compact
 from lightly_mcp.counting import MAC_COUNTER, count_macs, count_parameters
 from lightly_mcp.errors import describe_error
 from lightly_mcp.files import write_json_atomic
-from lightly_mcp.groups import ChannelGroup, channel_scores
+from lightly_mcp.groups import ChannelGroup, channel_scores, output_feature_index
 from lightly_mcp.mcp import MCP
 
 #: Resolution of the second set of MACs and latencies (ImageNet deployment size).
@@ -277,7 +277,10 @@ def compact_and_check(
 
     The trained subnet (its own normalisation statistics) is compacted, and its output
     in eval mode, on random inputs at the training resolution, is compared with that
-    of the masked momentum subnet.
+    of the masked momentum subnet. When the masks prune the group that reaches the
+    output (``keep_output_dim=False``), the compact model has fewer features: it is
+    compared with the subnet's kept features (:func:`output_feature_index`), and the
+    subnet's dropped features must be zero.
 
     Returns:
         The compact model (eval mode, every parameter requiring gradients), the max
@@ -301,14 +304,28 @@ def compact_and_check(
     with torch.no_grad():
         expected = subnet(x)
         got = compact_model(x)
+    # A pruned output group (keep_output_dim=False) removes output features: the
+    # compact model computes the subnet's kept features, in order, and the subnet's
+    # dropped features are zero.
+    kept, dropped = output_feature_index(model.groups, masks, expected.shape[1])
+    scale = float(expected.abs().max())
+    tolerance = CHECK_TOLERANCE * max(1.0, scale)
+    if len(dropped):
+        leak = float(expected.index_select(1, dropped).abs().max())
+        if not leak <= tolerance:
+            raise ExportError(
+                f"The masked momentum subnet's dropped output features are not zero "
+                f"(max abs {leak:.3g}); the compact model cannot reproduce them. "
+                "Nothing was written."
+            )
+        expected = expected.index_select(1, kept)
     if got.shape != expected.shape:
         raise ExportError(
             f"Compact output shape {tuple(got.shape)} differs from the momentum "
-            f"subnet's {tuple(expected.shape)}."
+            f"subnet's {tuple(expected.shape)} (its kept output features)."
         )
     err = float((got - expected).abs().max())
-    scale = float(expected.abs().max())
-    if not err <= CHECK_TOLERANCE * max(1.0, scale):
+    if not err <= tolerance:
         raise ExportError(
             f"The compact model does not match the masked momentum subnet: max abs "
             f"error {err:.3g} > {CHECK_TOLERANCE:g} * max(1, {scale:.3g}). Nothing "

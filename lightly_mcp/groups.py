@@ -68,11 +68,16 @@ class ChannelGroup:
             define the group; used to replay the group on a copy of the backbone.
         num_channels: Number of coupled channels ``C_g``.
         members: The output-side parameters of the group.
+        output_features: For a group that reaches the backbone's output (only found
+            with ``keep_output_dim=False``), pairs ``(channel, feature)``: the
+            group channel and the index along dimension 1 of the backbone's output
+            that carries it (as traced by torch-pruning). Empty otherwise.
     """
 
     root: str
     num_channels: int
     members: tuple[GroupMember, ...]
+    output_features: tuple[tuple[int, int], ...] = ()
 
     def num_kept(self, pruning_ratio: float) -> int:
         """Channels kept at a pruning ratio: ``max(1, C_g - floor(r * C_g))``."""
@@ -152,19 +157,23 @@ def _out_channel_dim(module: nn.Module) -> int:
 
 def _members_of(
     tp_group: Any, graph: tp.DependencyGraph, module_names: Mapping[nn.Module, str]
-) -> tuple[list[GroupMember], bool, bool]:
+) -> tuple[list[GroupMember], tuple[tuple[int, int], ...] | None, bool]:
     """Output-side members of a torch-pruning group.
 
     Returns:
-        (members, reaches_output, mixes_channels)
+        (members, output_features, mixes_channels), where ``output_features`` are
+        the ``(channel, output feature)`` pairs when the group reaches the output
+        (torch-pruning's output node), else None.
     """
     members: dict[str, GroupMember] = {}
-    reaches_output = False
+    output_features: tuple[tuple[int, int], ...] | None = None
     mixes_channels = False
     for item in tp_group.items:
         module = item.dep.target.module
         if isinstance(module, tp.ops._OutputOp):
-            reaches_output = True
+            root_idxs = item.root_idxs if item.root_idxs is not None else item.idxs
+            pairs = {(int(c), int(f)) for c, f in zip(root_idxs, item.idxs)}
+            output_features = tuple(sorted(pairs | set(output_features or ())))
             continue
         if isinstance(module, _CHANNEL_MIXING_LAYERS):
             mixes_channels = True
@@ -185,7 +194,7 @@ def _members_of(
                 continue
             full_name = f"{module_names[module]}.{param_name}".lstrip(".")
             members[full_name] = GroupMember(full_name, dim, channel_index)
-    return list(members.values()), reaches_output, mixes_channels
+    return list(members.values()), output_features, mixes_channels
 
 
 _ATTENTION_CLASS = re.compile(r"(Attention|SelfAttn)$")
@@ -287,15 +296,18 @@ def find_channel_groups(
     groups: list[ChannelGroup] = []
     claimed: dict[str, str] = {}
     for tp_group in graph.get_all_groups():
-        members, reaches_output, mixes_channels = _members_of(
+        members, output_features, mixes_channels = _members_of(
             tp_group, graph, module_names
         )
         if mixes_channels or not members:
             continue
-        reaches_output = reaches_output or any(
-            m.param_name.rsplit(".", 1)[0] in output_modules for m in members
-        )
-        if reaches_output and keep_output_dim:
+        for member in members:
+            if output_features is None and (
+                member.param_name.rsplit(".", 1)[0] in output_modules
+            ):
+                # The layer's own output is returned: its channels are the features.
+                output_features = tuple(enumerate(member.channel_index))
+        if output_features is not None and keep_output_dim:
             continue
         root = module_names[tp_group[0].dep.target.module]
         num_channels = len(tp_group[0].idxs)
@@ -309,7 +321,9 @@ def find_channel_groups(
                     "architecture is not supported."
                 )
             claimed[member.param_name] = root
-        groups.append(ChannelGroup(root, num_channels, tuple(members)))
+        groups.append(
+            ChannelGroup(root, num_channels, tuple(members), output_features or ())
+        )
     if not groups:
         raise NoPrunableGroupsError(
             f"{type(model).__name__} has no prunable channel group. MCP prunes "
@@ -319,6 +333,37 @@ def find_channel_groups(
         )
     groups.sort(key=lambda g: g.root)
     return groups
+
+
+def output_feature_index(
+    groups: Sequence[ChannelGroup], masks: Sequence[Tensor], num_features: int
+) -> tuple[Tensor, Tensor]:
+    """Which of the backbone's ``num_features`` output features the masks keep.
+
+    Only groups that reach the output (``ChannelGroup.output_features``, found with
+    ``keep_output_dim=False``) remove features. Physical pruning keeps the order of
+    the remaining features, so the compact network's features are the dense
+    network's ``kept`` features, in that order.
+
+    Returns:
+        ``(kept, dropped)``: sorted feature indices (int64 tensors).
+    """
+    if len(groups) != len(masks):
+        raise ValueError(f"Got {len(masks)} masks for {len(groups)} channel groups.")
+    dropped: set[int] = set()
+    for group, mask in zip(groups, masks):
+        for channel, feature in group.output_features:
+            if not bool(mask[channel]):
+                dropped.add(feature)
+    if any(not 0 <= f < num_features for f in dropped):
+        raise ValueError(
+            f"Output feature index out of range for {num_features} features; the "
+            "groups were found on another network."
+        )
+    kept = [f for f in range(num_features) if f not in dropped]
+    return torch.tensor(kept, dtype=torch.long), torch.tensor(
+        sorted(dropped), dtype=torch.long
+    )
 
 
 def channel_scores(tensors: Mapping[str, Tensor], group: ChannelGroup) -> Tensor:

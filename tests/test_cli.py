@@ -236,6 +236,23 @@ def test_run_never_unpickles_the_exported_model(
     assert models["compact"]["feature_dim"] == before["compact"]["feature_dim"]
 
 
+def test_run_with_a_pruned_feature_dimension(
+    finished_run: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "narrow"
+    shutil.copytree(finished_run / "pretrain", out / "pretrain")  # reuse pretraining
+    argv = ["run", str(finished_run / "recipe.yaml"), "--out", str(out), "--quiet"]
+    assert main([*argv, "--set", "mcp.keep_output_dim=false"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    dense_dim = report["dense"]["feature_dim"]
+    compact_dim = report["compact"]["feature_dim"]
+    assert compact_dim < dense_dim
+    models = json.loads((out / "eval" / "eval.json").read_text())["models"]
+    assert models["compact"]["feature_dim"] == compact_dim
+    assert models["subnet"]["feature_dim"] == dense_dim  # zeros where pruned
+    assert models["subnet"]["knn_top1"] == pytest.approx(models["compact"]["knn_top1"])
+
+
 def _error(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
     assert main(argv) == 2
     lines = capsys.readouterr().err.strip().splitlines()

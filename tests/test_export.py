@@ -22,6 +22,7 @@ from lightly_mcp.export import (
     measure_latency,
     round_masks,
 )
+from lightly_mcp.groups import output_feature_index
 from lightly_mcp.mcp import MCP
 from lightly_mcp.moco_v2 import MoCoV2
 from tests.helpers import TINY, loader, trainer
@@ -386,3 +387,80 @@ def test_bn_recalibration_changes_running_stats(
     for a, b in norms:
         assert a.momentum == b.momentum  # restored after the cumulative average
         assert int(a.num_batches_tracked) == 2
+
+
+# --- a pruned feature dimension (keep_output_dim=False) -----------------------------
+@pytest.fixture(scope="module")
+def narrow_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("narrow")
+    torch.manual_seed(0)
+    small = {"small_input": False, "width_multiplier": 0.5}  # fast
+    model = MCP(
+        **{**_tiny(SMALLEST), "backbone_kwargs": small},
+        pruning_ratio=0.5,
+        keep_output_dim=False,
+        frq=0,
+        dr=0,
+        admm_interval=1,
+        admm_interval_unit="steps",
+    )
+    fit = trainer(root, max_steps=1)
+    fit.fit(model, loader(n=8, size=SIZE))
+    path = root / "narrow.ckpt"
+    fit.save_checkpoint(path)
+    return path
+
+
+def test_export_with_a_pruned_feature_dimension(
+    narrow_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(export_module, "DEPLOY_RESOLUTION", 32)
+    monkeypatch.setattr(torch.onnx, "export", None)  # (slow; tested above)
+    out_dir = tmp_path / "out"
+    report = export(narrow_checkpoint, out_dir, latency=False, console=_quiet())
+    mcp = load_mcp_checkpoint(narrow_checkpoint)
+    dense_dim = mcp.backbone_momentum.feature_dim
+    # Exactly one group carries the output features, one feature per channel.
+    (output_group,) = [g for g in mcp.groups if g.output_features]
+    assert sorted(f for _, f in output_group.output_features) == list(range(dense_dim))
+    kept, dropped = output_feature_index(mcp.groups, mcp.subnet.masks, dense_dim)
+    assert len(kept) == output_group.num_kept(0.5)
+    assert report["dense"]["feature_dim"] == dense_dim
+    assert report["compact"]["feature_dim"] == len(kept) < dense_dim
+    compact_model = _load_pt(out_dir)
+    assert compact_model.feature_dim == len(kept)
+    x = torch.randn(3, 3, SIZE, SIZE)
+    with torch.no_grad():
+        expected = mcp.subnet.eval()(x)
+        got = torch.jit.load(str(out_dir / "model.ts"))(x)
+    assert expected[:, dropped].abs().max() == 0
+    assert expected[:, kept].abs().max() > 0.1  # not a comparison of zeros
+    scale = max(1.0, float(expected.abs().max()))
+    assert (got - expected[:, kept]).abs().max() <= 1e-5 * scale
+
+
+def test_pruned_feature_dimension_self_check_still_catches_errors(
+    narrow_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_compact = export_module.compact
+
+    def corrupted(*args: Any, **kwargs: Any) -> nn.Module:
+        model = real_compact(*args, **kwargs)
+        last_norm = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)][-1]
+        with torch.no_grad():
+            last_norm.bias[0] += 1.0  # a kept output channel
+        return model
+
+    monkeypatch.setattr(export_module, "compact", corrupted)
+    with pytest.raises(ExportError, match="does not match the masked momentum"):
+        export(narrow_checkpoint, tmp_path / "a", latency=False, console=_quiet())
+    monkeypatch.setattr(export_module, "compact", real_compact)
+
+    def swapped(*args: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        kept, dropped = output_feature_index(*args)
+        return dropped, kept  # a wrong mapping of output features
+
+    monkeypatch.setattr(export_module, "output_feature_index", swapped)
+    with pytest.raises(ExportError, match="dropped output features are not zero"):
+        export(narrow_checkpoint, tmp_path / "b", latency=False, console=_quiet())
+    assert list(tmp_path.iterdir()) == []
