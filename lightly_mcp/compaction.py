@@ -6,6 +6,7 @@ import copy
 from collections.abc import Sequence
 
 import torch
+from lightly.models.batchnorm import SplitBatchNorm
 from torch import Tensor, nn
 
 from lightly_mcp.batchnorm import merge_split_batchnorm
@@ -14,6 +15,54 @@ from lightly_mcp.groups import (
     build_dependency_graph,
     output_feature_index,
 )
+
+
+def _tag_channels(model: nn.Module, splits: dict[str, SplitBatchNorm]) -> None:
+    """Stores every formerly split norm layer's channel indices in its running mean.
+
+    torch-pruning cuts the running mean like the channels, so after pruning it holds
+    the indices of the kept channels. (float64: exact for any channel count.)
+    """
+    for name in splits:
+        norm = model.get_submodule(name)
+        assert isinstance(norm, nn.BatchNorm2d) and norm.running_mean is not None
+        norm.running_mean = torch.arange(
+            norm.num_features, dtype=torch.float64, device=norm.running_mean.device
+        )
+
+
+@torch.no_grad()
+def _restore_splits(model: nn.Module, splits: dict[str, SplitBatchNorm]) -> None:
+    """Replaces the pruned norm layers tagged by :func:`_tag_channels` by
+    ``SplitBatchNorm`` layers with the original per-split statistics of the kept
+    channels.
+    """
+    for name, split in splits.items():
+        norm = model.get_submodule(name)
+        assert isinstance(norm, nn.BatchNorm2d) and norm.running_mean is not None
+        kept = norm.running_mean.round().long()
+        c, s = split.num_features, split.num_splits
+        if not (kept.numel() == norm.num_features and bool((kept.diff() > 0).all())):
+            raise RuntimeError(f"Lost track of the kept channels of '{name}'.")
+        restored = SplitBatchNorm(
+            len(kept),
+            s,
+            eps=split.eps,
+            momentum=split.momentum,
+            affine=split.affine,
+            track_running_stats=split.track_running_stats,
+        ).to(device=split.running_mean.device, dtype=split.running_mean.dtype)
+        if split.affine:
+            restored.weight = norm.weight
+            restored.bias = norm.bias
+        kept = kept.to(split.running_mean.device)
+        for stat in ("running_mean", "running_var"):
+            per_split = getattr(split, stat).view(s, c)
+            setattr(restored, stat, per_split[:, kept].reshape(-1).clone())
+        restored.num_batches_tracked = split.num_batches_tracked.clone()
+        restored.training = split.training  # train() would collate the splits
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, restored)
 
 
 def compact(
@@ -27,8 +76,11 @@ def compact(
     The copy is traced once with torch-pruning and every group's dropped channels are
     removed through its dependency graph (so coupled layers, residual branches and
     the consumers' input channels shrink together). The original is not modified.
-    The copy's parameters require gradients like the original's did, and lightly's
-    ``SplitBatchNorm`` layers become plain ``BatchNorm2d`` (same eval-mode output).
+    The copy's parameters require gradients like the original's did. lightly's
+    ``SplitBatchNorm`` layers stay split, with the per-split running statistics of
+    their kept channels, so the copy equals the masked network in train mode too;
+    ``lightly_mcp.batchnorm.merge_split_batchnorm`` turns them into plain
+    ``BatchNorm2d`` for deployment (same eval-mode output).
 
     Args:
         encoder: The dense encoder (e.g. the momentum encoder).
@@ -45,9 +97,17 @@ def compact(
     if len(groups) != len(masks):
         raise ValueError(f"Got {len(masks)} masks for {len(groups)} channel groups.")
     compact_model = copy.deepcopy(encoder)
-    merge_split_batchnorm(compact_model)  # torch-pruning cannot cut split statistics
+    # torch-pruning cannot cut split statistics: prune plain BatchNorm2d layers and
+    # restore the splits afterwards.
+    splits = {
+        name: module
+        for name, module in compact_model.named_modules()
+        if isinstance(module, SplitBatchNorm)
+    }
+    merge_split_batchnorm(compact_model)
     requires_grad = {n: p.requires_grad for n, p in encoder.named_parameters()}
     graph = build_dependency_graph(compact_model, example_inputs)
+    _tag_channels(compact_model, splits)
     for group, mask in zip(groups, masks):
         if mask.shape != (group.num_channels,):
             raise ValueError(
@@ -64,6 +124,7 @@ def compact(
         pruner = graph.get_pruner_of_module(root)
         tp_group = graph.get_pruning_group(root, pruner.prune_out_channels, dropped)
         tp_group.prune()
+    _restore_splits(compact_model, splits)
     # torch-pruning creates new Parameters with requires_grad=True.
     for name, param in compact_model.named_parameters():
         param.requires_grad_(requires_grad.get(name, True))

@@ -275,12 +275,13 @@ def compact_and_check(
 ) -> tuple[nn.Module, float, float]:
     """The compact momentum subnet of ``model`` with ``masks``, checked.
 
-    The trained subnet (its own normalisation statistics) is compacted, and its output
-    in eval mode, on random inputs at the training resolution, is compared with that
-    of the masked momentum subnet. When the masks prune the group that reaches the
-    output (``keep_output_dim=False``), the compact model has fewer features: it is
-    compared with the subnet's kept features (:func:`output_feature_index`), and the
-    subnet's dropped features must be zero.
+    The trained subnet (its own normalisation statistics) is compacted, its
+    ``SplitBatchNorm`` layers are merged into plain ``BatchNorm2d`` (equal in eval
+    mode), and its output in eval mode, on random inputs at the training resolution,
+    is compared with that of the masked momentum subnet. When the masks prune the
+    group that reaches the output (``keep_output_dim=False``), the compact model has
+    fewer features: it is compared with the subnet's kept features
+    (:func:`output_feature_index`), and the subnet's dropped features must be zero.
 
     Returns:
         The compact model (eval mode, every parameter requiring gradients), the max
@@ -295,6 +296,10 @@ def compact_and_check(
     subnet.set_masks(masks)
     subnet.eval()
     compact_model = compact(subnet.materialize(), model.groups, masks, example)
+    # Deployed files hold plain BatchNorm2d: lightly's SplitBatchNorm (kept by
+    # compact() for train-mode equivalence) only matters for training. The check
+    # below is on the merged model, the one that is written.
+    merge_split_batchnorm(compact_model)
     compact_model.eval()
     for param in compact_model.parameters():
         param.requires_grad_(True)

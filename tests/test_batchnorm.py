@@ -7,7 +7,11 @@ from lightly.models.batchnorm import SplitBatchNorm
 from torch import nn
 
 from lightly_mcp.batchnorm import merge_split_batchnorm, use_split_batchnorm
+from lightly_mcp.compaction import compact
+from lightly_mcp.export import compact_and_check
+from lightly_mcp.groups import find_channel_groups
 from lightly_mcp.mcp import MCP
+from lightly_mcp.momentum_subnet import MomentumSubnet
 from tests.conftest import TinyConvNet, randomize_batchnorm
 from tests.helpers import TINY, loader, trainer
 
@@ -33,6 +37,50 @@ def test_split_then_merge_is_identity_in_eval_mode() -> None:
         assert torch.allclose(net(x), split_out, atol=1e-6)
 
 
+def _random_masks(groups: list, seed: int) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    masks = []
+    for group in groups:
+        mask = torch.zeros(group.num_channels, dtype=torch.bool)
+        keep = torch.randperm(group.num_channels, generator=generator)
+        mask[keep[: group.num_kept(0.5)]] = True
+        masks.append(mask)
+    return masks
+
+
+def test_compact_keeps_split_batchnorm_equal_in_train_and_eval_mode() -> None:
+    torch.manual_seed(0)
+    net = randomize_batchnorm(TinyConvNet())
+    assert use_split_batchnorm(net, 2) == 4
+    net.double().train()
+    with torch.no_grad():  # the two splits' statistics now differ
+        net(torch.randn(8, 3, 8, 8, dtype=torch.float64))
+    example = torch.randn(1, 3, 8, 8, dtype=torch.float64)
+    groups = find_channel_groups(net, example)
+    masks = _random_masks(groups, seed=1)
+    subnet = MomentumSubnet(net, groups, masks).train()
+    small = compact(net, groups, masks, example).train()
+    splits = [m for m in small.modules() if isinstance(m, SplitBatchNorm)]
+    assert len(splits) == 4 and all(m.num_splits == 2 for m in splits)
+    assert small.stem[1].num_features < 8  # really pruned
+
+    x = torch.randn(4, 3, 8, 8, dtype=torch.float64)
+    with torch.no_grad():
+        masked_out, small_out = subnet(x), small(x)
+    assert masked_out.abs().max() > 0.1
+    assert (masked_out - small_out).abs().max() <= 1e-5  # train mode
+    # Eval mode, with the running statistics both updated by the step above.
+    subnet.eval()
+    small.eval()
+    y = torch.randn(3, 3, 8, 8, dtype=torch.float64)
+    with torch.no_grad():
+        masked_out, small_out = subnet(y), small(y)
+        assert (masked_out - small_out).abs().max() <= 1e-5
+        merge_split_batchnorm(small)  # deployment form: plain BatchNorm2d
+        assert not any(isinstance(m, SplitBatchNorm) for m in small.modules())
+        assert (masked_out - small(y)).abs().max() <= 1e-5
+
+
 def test_mcp_with_split_batchnorm_trains_and_compacts(tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = MCP(
@@ -40,9 +88,15 @@ def test_mcp_with_split_batchnorm_trains_and_compacts(tmp_path: Path) -> None:
     )
     assert any(isinstance(m, SplitBatchNorm) for m in model.backbone_momentum.modules())
     trainer(tmp_path, max_steps=2).fit(model, loader())
-    compact = model.compact_momentum_subnet().eval()
-    assert not any(isinstance(m, SplitBatchNorm) for m in compact.modules())
-    model.subnet.eval()
-    x = torch.randn(2, 3, 16, 16)
+    compact = model.compact_momentum_subnet().train()
+    assert any(isinstance(m, SplitBatchNorm) for m in compact.modules())
+    model.subnet.train()
+    x = torch.randn(4, 3, 16, 16)
     with torch.no_grad():
         assert torch.allclose(compact(x), model.subnet(x), atol=1e-5)
+    # Export's compact model is plain BatchNorm2d and matches in eval mode.
+    deployed, _, _ = compact_and_check(model, model.subnet.masks)
+    assert not any(isinstance(m, SplitBatchNorm) for m in deployed.modules())
+    model.subnet.eval()
+    with torch.no_grad():
+        assert torch.allclose(deployed(x[:2]), model.subnet(x[:2]), atol=1e-5)
