@@ -16,6 +16,7 @@ from lightly_mcp.groups import (
     ChannelGroup,
     channel_scores,
     masked_tensors,
+    member_mask,
     validate_pruning_ratio,
 )
 
@@ -123,6 +124,9 @@ class ADMMRegularizer(nn.Module):
                 f"target_{i}", z[name].detach().clone(), persistent=False
             )
         self.register_load_state_dict_post_hook(_refresh_targets_after_load)
+        # (1 − φ) per member for the support penalty, cached per mask.
+        self._dropped: list[Tensor] = []
+        self._dropped_for = -1
 
     # --- state -------------------------------------------------------------------
     @property
@@ -175,6 +179,26 @@ class ADMMRegularizer(nn.Module):
 
     loss = forward
 
+    def support_penalty(self, encoder: nn.Module) -> Tensor:
+        """``(ρ/2) Σ ‖(1 − φ) ⊙ θ‖²``: the penalty on the fixed support.
+
+        Used while the mask is frozen (no more ADMM updates): it pulls the dropped
+        channels of the query encoder to zero and leaves the kept ones free, instead
+        of pulling towards a ``Z − U`` that no update will revise.
+        """
+        if self._dropped_for != int(self.num_updates):
+            self._dropped = [
+                (1.0 - member_mask(m, mask, tuple(p.shape))).to(p.dtype)
+                for g, mask in zip(self.groups, self.masks)
+                for m in g.members
+                for p in (encoder.get_parameter(m.param_name),)
+            ]
+            self._dropped_for = int(self.num_updates)
+        params: list[Tensor] = [encoder.get_parameter(n) for n in self.param_names]
+        dropped = torch._foreach_mul(params, self._dropped)
+        squares = torch.stack(torch._foreach_norm(dropped)).pow(2).sum()
+        return 0.5 * self.rho * squares
+
     @torch.no_grad()
     def distance(self, encoder: nn.Module) -> float:
         """``‖θ − Z‖`` over the output-side parameters: how far θ is from sparse."""
@@ -184,10 +208,43 @@ class ADMMRegularizer(nn.Module):
         return sq**0.5
 
     @torch.no_grad()
+    def relative_distance(self, encoder: nn.Module) -> float:
+        """``‖θ − Z‖ / ‖θ‖``: 0 once θ is as sparse as the mask, ≈ 1 far from it."""
+        params = self._parameters_of(encoder)
+        norm = sum(float(params[n].pow(2).sum()) for n in self.param_names) ** 0.5
+        return self.distance(encoder) / norm if norm > 0 else 0.0
+
+    @torch.no_grad()
+    def residual(self, encoder: nn.Module) -> float:
+        """``‖θ − (Z − U)‖``: the distance the penalty pulls θ across.
+
+        Its relative decrease over a block is the block's measured θ-response α.
+        """
+        params = [encoder.get_parameter(n).detach() for n in self.param_names]
+        diffs = torch._foreach_sub(params, self._targets())
+        return float(torch.stack(torch._foreach_norm(diffs)).pow(2).sum()) ** 0.5
+
+    @torch.no_grad()
+    def set_rho(self, rho: float) -> None:
+        """Changes ρ and rescales the scaled dual: ``U ← U · ρ_old / ρ_new``.
+
+        With the scaled form of ADMM, ``U`` is the dual divided by ρ; keeping the
+        dual when ρ changes requires this rescaling (Boyd et al. 2011, §3.4.1).
+        """
+        if not rho > 0:
+            raise ValueError(f"rho must be > 0, got {rho}.")
+        old = self.rho
+        if old > 0 and old != rho:
+            torch._foreach_mul_(list(self.u().values()), old / rho)
+            self.refresh()
+        self.rho_value.fill_(rho)
+
+    @torch.no_grad()
     def update(self, encoder: nn.Module) -> int:
         """One ADMM step: ``Z ← Π(θ + U)``, ``U ← U + θ − Z``, ``mask ← support(Z)``.
 
-        Then ``ρ`` is multiplied by ``rho_growth``.
+        Then ``ρ`` is multiplied by ``rho_growth`` and ``U`` rescaled accordingly
+        (:meth:`set_rho`).
 
         Returns:
             The number of channels that entered or left the mask.
@@ -206,9 +263,10 @@ class ADMMRegularizer(nn.Module):
             old = getattr(self, f"mask_{g}")
             changed += int((old != mask).sum())
             old.copy_(mask)
-        self.refresh()
-        self.rho_value.mul_(self.rho_growth)
         self.num_updates.add_(1)
+        if self.rho_growth != 1.0:
+            self.set_rho(self.rho * self.rho_growth)
+        self.refresh()
         return changed
 
     def kept_channels(self) -> list[int]:

@@ -6,18 +6,30 @@ momentum encoder seen through the ADMM mask), except during a smooth transition 
 the start, when the full momentum encoder stands in for it less and less often. No
 fine-tuning follows: the momentum subnet at the end of training is the result.
 
+The ADMM update comes at the end of every *block* (``admm_interval`` steps or epochs),
+as in the paper's schedule (Sec. 4.1; ``lightly_mcp.schedule``): optionally the
+learning rate restarts at every block, ρ is derived so that every block moves θ_q far
+enough towards ``Z − U`` for the mask to settle, and a final phase trains with the
+mask frozen. Before training ends, the momentum subnet's BatchNorm statistics are
+re-estimated with its own forwards, so what is evaluated and exported describes the
+subnet.
+
 Reference:
     Momentum Contrastive Pruning, Sections 3.4-3.5 and Algorithm 1; DESIGN.md.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor, nn
+from torch.optim.lr_scheduler import LambdaLR
+from torch.utils.data import DataLoader
 
 from lightly_mcp.admm import ADMMRegularizer
 from lightly_mcp.checkpoints import load_dense_moco
@@ -27,39 +39,59 @@ from lightly_mcp.errors import MCPWarning
 from lightly_mcp.groups import find_channel_groups
 from lightly_mcp.moco_v2 import MoCoV2
 from lightly_mcp.momentum_subnet import MomentumSubnet
+from lightly_mcp.schedule import (
+    LR_SCHEDULES,
+    MASK_HOLD_ALPHA,
+    TRANSITIONS,
+    BlockSchedule,
+    alpha_of_response,
+)
 from lightly_mcp.transforms import build_transform
 from lightly_mcp.transition import SmoothTransition
 
 ADMM_INTERVAL_UNITS = ("steps", "epochs")
 
 
-# A mask is "oscillating" when at least this fraction of the possible channel swaps
-# happens at this many ADMM updates in a row.
-OSCILLATION_CHURN = 0.5
-OSCILLATION_UPDATES = 3
-
-
 class MCP(MoCoV2):
     """Momentum Contrastive Pruning on top of :class:`MoCoV2`.
 
-    Every training step: the smooth-transition scheduler picks the key source (full
-    momentum encoder or momentum subnet); queries come from the query encoder; the
-    loss is InfoNCE plus the ADMM penalty; SGD updates the query side; the unmasked
-    momentum encoder follows by momentum; the keys enter the queue. Every
-    ``admm_interval`` steps or epochs the ADMM variables and the mask are updated.
+    Every training step: the key source is chosen (full momentum encoder or momentum
+    subnet); queries come from the query encoder; the loss is InfoNCE plus the ADMM
+    penalty; SGD updates the query side; the unmasked momentum encoder follows by
+    momentum; the keys enter the queue. At the end of every block of
+    ``admm_interval`` steps or epochs the ADMM variables and the mask are updated,
+    except at the very end of training and during the last ``frozen_blocks`` blocks.
     Masks change only then: a training step does no sorting, copying or tracing.
 
-    All MCP state (Z, U, mask, ρ, scheduler position, queue) is in the checkpoint, so
-    ``Trainer.fit(ckpt_path=...)`` resumes it.
+    All MCP state (Z, U, mask, ρ, transition position, queue, block bookkeeping) is in
+    the checkpoint, so ``Trainer.fit(ckpt_path=...)`` resumes it, also mid-block.
 
     Args:
         pruning_ratio: Fraction of channels removed in every group, in [0, 1).
-        rho: ADMM penalty ρ (0.01 in the paper).
-        rho_growth: Factor applied to ρ after every ADMM update.
-        admm_interval: ADMM update period, in ``admm_interval_unit``.
+        rho: ADMM penalty ρ (0.01 in the paper); ignored when ``rho_response`` is set.
+        rho_growth: Factor applied to ρ after every ADMM update (U is rescaled).
+        rho_response: Derive ρ for every block from the learning-rate schedule and
+            SGD momentum so that the block's predicted θ-response
+            ``ρ · Σ lr / (1 − β)`` equals this (≥ 1 lets the mask settle; see
+            ``lightly_mcp.schedule``). None: use ``rho`` as given.
+        admm_interval: Block length, in ``admm_interval_unit``.
         admm_interval_unit: ``"steps"`` or ``"epochs"``.
+        lr_schedule: ``"cosine"`` (one cosine over the run, MoCo v2's),
+            ``"block_step"`` (the paper's: the rate restarts every block and is
+            multiplied by 0.1 at every third of it) or ``"block_cosine"``.
+        frozen_blocks: Blocks at the end trained with the mask frozen: subnet keys,
+            and a penalty that pulls only the dropped channels of θ_q to zero. This is
+            MCP's own training, not fine-tuning afterwards.
+        transition: ``"paper"``: the smooth transition ``(frq, dr)`` of Sec. 3.5;
+            ``"stable_mask"``: keys from the full momentum encoder until an ADMM
+            update leaves the mask unchanged after a block that moved θ_q far enough
+            for that to mean something (α ≥ 0.29), or no update is left; then from
+            the momentum subnet.
         frq: Smooth transition: initial full-encoder iterations between subnet ones.
         dr: Smooth transition: decay of ``frq`` after every subnet iteration.
+        recalibration_batches: Batches of training images used, when training ends,
+            to re-estimate the momentum subnet's BatchNorm statistics with its own
+            forwards (0: keep the statistics gathered during training).
         keep_output_dim: Do not prune the group that reaches the backbone's output.
         input_size: Image size used to trace the backbone's channel groups.
         dense_checkpoint: A dense MoCo checkpoint to start from (query and momentum
@@ -68,6 +100,7 @@ class MCP(MoCoV2):
 
     Examples:
         >>> model = MCP(backbone="torchvision/resnet18", pruning_ratio=0.5,
+        ...             admm_interval=2, lr_schedule="block_step", rho_response=1.0,
         ...             dense_checkpoint="pretrain/last.ckpt")
         >>> trainer = pytorch_lightning.Trainer(max_epochs=10)
         >>> trainer.fit(model, dataloader)
@@ -79,27 +112,45 @@ class MCP(MoCoV2):
         pruning_ratio: float = 0.73,
         rho: float = 0.01,
         rho_growth: float = 1.0,
+        rho_response: float | None = None,
         admm_interval: int = 1,
         admm_interval_unit: str = "epochs",
+        lr_schedule: str = "cosine",
+        frozen_blocks: int = 0,
+        transition: str = "paper",
         frq: int = 100,
         dr: int = 1,
+        recalibration_batches: int = 20,
         keep_output_dim: bool = True,
         input_size: int = 32,
         dense_checkpoint: str | None = None,
         **moco_kwargs: Any,
     ) -> None:
         super().__init__(**moco_kwargs)
-        if isinstance(admm_interval, bool) or not (
-            isinstance(admm_interval, int) and admm_interval >= 1
+        for name, value, low in (
+            ("admm_interval", admm_interval, 1),
+            ("frozen_blocks", frozen_blocks, 0),
+            ("recalibration_batches", recalibration_batches, 0),
         ):
-            raise ValueError(
-                f"admm_interval must be an integer >= 1, got {admm_interval!r}."
-            )
-        if admm_interval_unit not in ADMM_INTERVAL_UNITS:
-            raise ValueError(
-                f"admm_interval_unit must be one of {ADMM_INTERVAL_UNITS}, got "
-                f"{admm_interval_unit!r}."
-            )
+            if isinstance(value, bool) or not (isinstance(value, int) and value >= low):
+                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}.")
+        for option, choice, allowed in (
+            ("admm_interval_unit", admm_interval_unit, ADMM_INTERVAL_UNITS),
+            ("lr_schedule", lr_schedule, LR_SCHEDULES),
+            ("transition", transition, TRANSITIONS),
+        ):
+            if choice not in allowed:
+                raise ValueError(f"{option} must be one of {allowed}, got {choice!r}.")
+        if rho_response is not None:
+            if not rho_response > 0:
+                raise ValueError(f"rho_response must be > 0, got {rho_response}.")
+            if rho_growth != 1.0:
+                raise ValueError(
+                    "rho_growth and rho_response exclude each other: rho_response "
+                    "derives every block's rho itself; set rho_growth to 1."
+                )
+            if not self.hparams["sgd_momentum"] < 1:
+                raise ValueError("rho_response needs sgd_momentum < 1.")
         self.save_hyperparameters()
         self.dense_load_report: list[str] = []
         if dense_checkpoint is not None:
@@ -125,7 +176,12 @@ class MCP(MoCoV2):
         ) / count_parameters(self.backbone_momentum)
         self._use_subnet = False
         self._last_changed = 0
-        self._oscillating_updates = 0
+        self._schedule: BlockSchedule | None = None
+        self._lr_at: Callable[[int], float] | None = None
+        # Block bookkeeping (checkpointed in "mcp_schedule").
+        self._block_start_residual = self.admm.residual(self.backbone)
+        self._last_seen_step = -1
+        self._mask_stable = False
         self._warned = False
 
     # --- the dense starting point --------------------------------------------------
@@ -156,14 +212,83 @@ class MCP(MoCoV2):
             torch.randn(1, 3, size, size, device=self.device),
         )
 
+    def _keys_from_subnet(self, step: int) -> bool:
+        """Whether step ``step``'s keys come from the momentum subnet."""
+        paper = (
+            self.transition.step() if self.hparams["transition"] == "paper" else None
+        )
+        schedule = self._schedule
+        if schedule is not None and schedule.is_frozen(step):
+            return True
+        if paper is not None:
+            return paper
+        final = schedule is not None and schedule.mask_is_final(step)
+        return self._mask_stable or final
+
+    # --- the block schedule ----------------------------------------------------------
+    def block_schedule(self) -> BlockSchedule:
+        """The ADMM blocks of this run, in optimizer steps (needs the Trainer)."""
+        if self._schedule is None:
+            trainer = self.trainer
+            total = int(trainer.estimated_stepping_batches)
+            block = self.hparams["admm_interval"]
+            if self.hparams["admm_interval_unit"] == "epochs":
+                batches = trainer.num_training_batches
+                if not math.isfinite(batches):
+                    raise ValueError(
+                        "admm_interval_unit='epochs' needs a training DataLoader with "
+                        "a length; use admm_interval_unit='steps'."
+                    )
+                block *= max(1, math.ceil(batches / trainer.accumulate_grad_batches))
+            self._schedule = BlockSchedule(
+                block_steps=block,
+                total_steps=max(1, total),
+                frozen_blocks=self.hparams["frozen_blocks"],
+                lr_schedule=self.hparams["lr_schedule"],
+            )
+        return self._schedule
+
+    def lr_scheduler(self, optimizer: Any, max_steps: int) -> LambdaLR:
+        """MoCo v2's cosine, or the block schedule's restarting learning rate."""
+        if self.hparams["lr_schedule"] == "cosine":
+            scheduler = super().lr_scheduler(optimizer, max_steps)
+        else:
+            scheduler = LambdaLR(optimizer, self.block_schedule().lr_factor)
+        base = float(optimizer.param_groups[0]["initial_lr"])
+        factor = scheduler.lr_lambdas[0]
+        self._lr_at = lambda step: base * float(factor(step))
+        return scheduler
+
+    def block_rho(self, block: int) -> float:
+        """The ρ of ``block``: derived from ``rho_response``, else the current ρ."""
+        response = self.hparams["rho_response"]
+        if response is None or self._lr_at is None:
+            return self.admm.rho
+        return self.block_schedule().derived_rho(
+            block, response, self._lr_at, self.hparams["sgd_momentum"]
+        )
+
+    def predicted_response(self, block: int) -> float | None:
+        """``ρ · Σ_block lr / (1 − β)`` of ``block`` with the current ρ."""
+        if self._lr_at is None or self._schedule is None:
+            return None
+        return self._schedule.predicted_response(
+            block, self.admm.rho, self._lr_at, self.hparams["sgd_momentum"]
+        )
+
     # --- training --------------------------------------------------------------------
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         """One MCP step (Algorithm 1)."""
+        step = self.global_step
+        frozen = self._schedule is not None and self._schedule.is_frozen(step)
         self.update_momentum_encoder()
-        self._use_subnet = self.transition.step()
+        self._use_subnet = self._keys_from_subnet(step)
         views = batch[0]
         info_nce = self.contrastive_loss(views)
-        admm_loss = self.admm(self.backbone)
+        if frozen:
+            admm_loss = self.admm.support_penalty(self.backbone)
+        else:
+            admm_loss = self.admm(self.backbone)
         loss = info_nce + admm_loss
         self.check_finite(loss)
         batch_size = len(views[0])
@@ -176,7 +301,7 @@ class MCP(MoCoV2):
         return loss
 
     def on_train_start(self) -> None:
-        """Re-derives the subnet's mask from the ADMM state after setup.
+        """Re-derives the subnet's mask from the ADMM state and sets the block's ρ.
 
         Under DDP, rank 0's buffers (Z, U, masks) are broadcast to every rank when
         the model is wrapped; the subnet's weight multipliers are derived state and
@@ -185,37 +310,101 @@ class MCP(MoCoV2):
         super().on_train_start()
         self.admm.refresh()
         self.subnet.set_masks(self.admm.masks)
+        schedule = self.block_schedule()
+        if self.hparams["rho_response"] is not None:
+            self.admm.set_rho(self.block_rho(schedule.block_of(self.global_step)))
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        """ADMM update every ``admm_interval`` optimizer steps."""
-        interval = self.hparams["admm_interval"]
-        if self.hparams["admm_interval_unit"] == "steps" and (
-            self.global_step % interval == 0
-        ):
+        """ADMM update at the end of every block (once per optimizer step)."""
+        done = self.global_step
+        if done == self._last_seen_step:  # gradient accumulation: no step was taken
+            return
+        self._last_seen_step = done
+        if self.block_schedule().is_update(done):
             self.admm_update()
 
-    def on_train_epoch_end(self) -> None:
-        """ADMM update every ``admm_interval`` epochs."""
-        interval = self.hparams["admm_interval"]
-        if self.hparams["admm_interval_unit"] == "epochs" and (
-            (self.current_epoch + 1) % interval == 0
-        ):
-            self.admm_update()
+    def on_train_end(self) -> None:
+        """Re-estimates the momentum subnet's BatchNorm statistics (see
+        ``recalibration_batches``) so that what is saved describes the subnet.
+        """
+        batches = self.hparams["recalibration_batches"]
+        loader = self.trainer.train_dataloader
+        if batches > 0 and isinstance(loader, DataLoader):
+            self.recalibrate_subnet(loader, batches)
+
+    @torch.no_grad()
+    def recalibrate_subnet(self, loader: DataLoader, num_batches: int) -> int:
+        """Recalibrates the subnet's BatchNorm statistics on a loader's first images.
+
+        The first ``num_batches`` batches of ``loader.dataset`` in order (the key
+        views of ``(views, label, ...)`` items, or plain image tensors), without
+        touching the loader's own position. Under DDP the statistics are averaged
+        over the ranks, so every rank keeps the same subnet.
+        """
+        ordered = DataLoader(
+            loader.dataset,
+            batch_size=loader.batch_size or 1,
+            shuffle=False,
+            num_workers=0,
+        )
+        seen = self.subnet.recalibrate(self._key_images(ordered), num_batches)
+        if self._trainer is not None and self.trainer.world_size > 1:
+            for buffer in self.subnet.buffers_dict().values():
+                if buffer.is_floating_point():
+                    buffer.copy_(self.trainer.strategy.reduce(buffer, reduce_op="mean"))
+        return seen
+
+    def _key_images(self, loader: DataLoader) -> Iterator[Tensor]:
+        for batch in loader:
+            images = batch
+            if isinstance(images, (list, tuple)):
+                images = images[0]
+            if isinstance(images, (list, tuple)):  # two views: the key view
+                images = images[-1]
+            yield images.to(self.device)
 
     def admm_update(self) -> int:
-        """``Z ← Π(θ_q + U)``, ``U ← U + θ_q − Z``, new mask for the momentum subnet.
+        """End of a block: ``Z ← Π(θ_q + U)``, ``U ← U + θ_q − Z``, new mask.
+
+        Also: the block's measured θ-response (how far θ_q moved towards ``Z − U``),
+        the next block's ρ when it is derived, and the warning when the response is
+        too small for the mask to hold.
 
         Returns:
             Number of channels that entered or left the mask.
         """
+        residual = self.admm.residual(self.backbone)
+        start = self._block_start_residual
+        alpha = 1.0 - residual / start if start > 0 else 1.0
+        block = (
+            None
+            if self._schedule is None
+            else self._schedule.block_of(max(0, self.global_step - 1))
+        )
+        predicted = None if block is None else self.predicted_response(block)
         self._last_changed = self.admm.update(self.backbone)
         self.subnet.set_masks(self.admm.masks)
+        # A mask that held over a block long enough to move θ_q (a first update
+        # after a block of no response changes nothing either).
+        if self._last_changed == 0 and alpha >= MASK_HOLD_ALPHA:
+            self._mask_stable = True
+        if block is not None and self.hparams["rho_response"] is not None:
+            self.admm.set_rho(self.block_rho(block + 1))
+        self._block_start_residual = self.admm.residual(self.backbone)
         churn = self.mask_churn_fraction(self._last_changed)
-        self._check_mask_oscillation(churn)
+        self._check_response(alpha, predicted)
         if self._trainer is not None:
-            self.log("channels_changed", float(self._last_changed), sync_dist=True)
-            self.log("mask_churn", churn, sync_dist=True)
-            self.log("admm_distance", self.admm.distance(self.backbone), sync_dist=True)
+            logged = {
+                "channels_changed": float(self._last_changed),
+                "mask_churn": churn,
+                "theta_response": alpha,
+                "admm_distance": self.admm.distance(self.backbone),
+                "admm_relative_distance": self.admm.relative_distance(self.backbone),
+            }
+            if predicted is not None:
+                logged["predicted_response"] = predicted
+            for name, value in logged.items():
+                self.log(name, value, sync_dist=True)
         return self._last_changed
 
     def mask_churn_fraction(self, changed: int) -> float:
@@ -228,40 +417,58 @@ class MCP(MoCoV2):
         )
         return changed / most if most else 0.0
 
-    def _check_mask_oscillation(self, churn: float) -> None:
-        """Warns once when half or more of the dropped set swaps at 3 updates in a row.
+    def _check_response(self, alpha: float, predicted: float | None) -> None:
+        """Warns once when a block moved θ_q too little for the mask to hold.
 
-        That is ADMM whose θ-step is missing: θ_q does not move towards Z − U between
-        updates (ρ · lr · steps per interval far below 1), so U carries the dropped
-        channels' weights back into the projection and the mask flips between two
-        sets instead of settling (benchmarks/RESULTS.md, "ADMM response").
+        Inside a group the last kept and the first dropped channel have nearly the
+        same norm, so after an update the mask holds only if θ_q moved a fraction
+        α > 1 − 1/√2 ≈ 0.29 of the way to ``Z − U``; below that U carries the
+        dropped channels back and the mask cycles (DESIGN.md §8).
         """
-        self._oscillating_updates = (
-            self._oscillating_updates + 1 if churn >= OSCILLATION_CHURN else 0
-        )
-        if self._oscillating_updates >= OSCILLATION_UPDATES and not self._warned:
-            self._warned = True
-            rank_zero_warn(
-                f"MCP: the ADMM mask is oscillating ({churn:.0%} of the possible "
-                f"channel swaps at each of the last {OSCILLATION_UPDATES} updates): "
-                f"the query encoder barely moves towards Z - U between updates "
-                f"(rho={self.admm.rho:g}), so the subnet is whichever mask the last "
-                f"update chose. mcp.admm_interval and mcp.rho set how far it moves; "
-                f"benchmarks/RESULTS.md measures both.",
-                category=MCPWarning,
+        if alpha >= MASK_HOLD_ALPHA or self._warned:
+            return
+        self._warned = True
+        needed = -math.log(1.0 - MASK_HOLD_ALPHA)
+        expected = (
+            ""
+            if predicted is None
+            else (
+                f" (predicted response rho*sum(lr)/(1-momentum) = {predicted:.3g}, "
+                f"alpha {alpha_of_response(predicted):.0%})"
             )
+        )
+        rank_zero_warn(
+            f"MCP: in the last ADMM block the query encoder moved only {alpha:.0%} of "
+            f"the way to Z - U{expected}; the mask holds only above "
+            f"{MASK_HOLD_ALPHA:.0%} (response {needed:.2f}), below that it cycles "
+            f"through the channels. Set mcp.rho_response: 1.0 to derive rho from the "
+            f"schedule, or raise mcp.rho (now {self.admm.rho:g}) or mcp.admm_interval.",
+            category=MCPWarning,
+        )
 
     # --- checkpoint state outside state_dict() ----------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Adds the transition scheduler (the queue is added by MoCoV2)."""
+        """Adds the transition and the block bookkeeping (the queue: MoCoV2)."""
         super().on_save_checkpoint(checkpoint)
         checkpoint["mcp_transition"] = self.transition.state_dict()
+        checkpoint["mcp_schedule"] = {
+            "block_start_residual": self._block_start_residual,
+            "last_seen_step": self._last_seen_step,
+            "mask_stable": self._mask_stable,
+            "warned": self._warned,
+        }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Restores the queue and the transition scheduler."""
+        """Restores the queue, the transition and the block bookkeeping."""
         super().on_load_checkpoint(checkpoint)
         if "mcp_transition" in checkpoint:
             self.transition.load_state_dict(checkpoint["mcp_transition"])
+        saved = checkpoint.get("mcp_schedule")
+        if saved is not None:
+            self._block_start_residual = float(saved["block_start_residual"])
+            self._last_seen_step = int(saved["last_seen_step"])
+            self._mask_stable = bool(saved["mask_stable"])
+            self._warned = bool(saved["warned"])
 
 
 # Module-level transform for small images (the CPU protocols); use

@@ -30,6 +30,7 @@ from lightly.utils.scheduler import CosineWarmupScheduler
 from pytorch_lightning import LightningModule
 from torch import Tensor, nn
 from torch.optim import SGD
+from torch.optim.lr_scheduler import LambdaLR
 
 from lightly_mcp.backbones import build_backbone
 from lightly_mcp.batchnorm import use_split_batchnorm
@@ -152,14 +153,29 @@ class MoCoV2(LightningModule):
         update_momentum(self.projection_head, self.projection_head_momentum, m=m)
 
     def contrastive_loss(self, views: list[Tensor]) -> Tensor:
-        """InfoNCE of the query view against the key view (both ways if symmetric)."""
+        """InfoNCE of the query view against the key view (both ways if symmetric).
+
+        With the symmetric loss and a queue, both directions are one call of the
+        criterion on the concatenated pairs: the mean over both halves is the average
+        of the two losses, both use the queue as it was before this step, and the
+        keys of this step enter the queue once (lightly's ``NTXentLoss`` enqueues on
+        every call, so a second call would give the second direction the first one's
+        keys, the momentum embeddings of its own queries' images, as negatives).
+        """
         queries = self.forward_query_encoder(views[0])
         keys = self.forward_key_encoder(views[1])
-        loss: Tensor = self.criterion(queries, keys)
-        if self.hparams["symmetric_loss"]:
-            queries_1 = self.forward_query_encoder(views[1])
-            keys_0 = self.forward_key_encoder(views[0])
-            loss = 0.5 * (loss + self.criterion(queries_1, keys_0))
+        if not self.hparams["symmetric_loss"]:
+            loss: Tensor = self.criterion(queries, keys)
+            return loss
+        queries_1 = self.forward_query_encoder(views[1])
+        keys_0 = self.forward_key_encoder(views[0])
+        if self.hparams["memory_bank_size"] == 0:  # in-batch negatives, no queue
+            return 0.5 * (
+                self.criterion(queries, keys) + self.criterion(queries_1, keys_0)
+            )
+        loss = self.criterion(
+            torch.cat([queries, queries_1]), torch.cat([keys, keys_0])
+        )
         return loss
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
@@ -204,15 +220,19 @@ class MoCoV2(LightningModule):
         )
         max_steps = int(self.trainer.estimated_stepping_batches)
         scheduler = {
-            "scheduler": CosineWarmupScheduler(
-                optimizer=optimizer,
-                # A run shorter than its warm-up warms up over the whole run.
-                warmup_epochs=min(self.hparams["warmup_epochs"], max_steps),
-                max_epochs=max_steps,
-            ),
+            "scheduler": self.lr_scheduler(optimizer, max_steps),
             "interval": "step",
         }
         return [optimizer], [scheduler]
+
+    def lr_scheduler(self, optimizer: SGD, max_steps: int) -> LambdaLR:
+        """Per-step learning-rate schedule: lightly's cosine with linear warm-up."""
+        return CosineWarmupScheduler(
+            optimizer=optimizer,
+            # A run shorter than its warm-up warms up over the whole run.
+            warmup_epochs=min(self.hparams["warmup_epochs"], max_steps),
+            max_epochs=max_steps,
+        )
 
     def on_train_start(self) -> None:
         """Restores a resumable loader's position (``configure_optimizers`` reads

@@ -7,7 +7,7 @@ Reference:
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
@@ -118,11 +118,18 @@ class MomentumSubnet(nn.Module):
 
     @torch.no_grad()
     def set_masks(self, masks: Sequence[Tensor]) -> None:
-        """Sets the channel masks and recomputes the weight multipliers."""
+        """Sets the channel masks and recomputes the weight multipliers.
+
+        A channel that re-enters the mask gets statistics of its own: those of the
+        full momentum encoder for that channel (the subnet's were frozen while it was
+        dropped and describe an older network). :meth:`recalibrate` replaces them by
+        the subnet's own estimate.
+        """
         if len(masks) != len(self.groups):
             raise ValueError(
                 f"Got {len(masks)} masks for {len(self.groups)} channel groups."
             )
+        entering = []
         for g, (group, mask) in enumerate(zip(self.groups, masks)):
             if mask.shape != (group.num_channels,):
                 raise ValueError(
@@ -130,35 +137,106 @@ class MomentumSubnet(nn.Module):
                     f"({group.num_channels},) for group '{group.root}'."
                 )
             buffer = getattr(self, f"mask_{g}")
-            buffer.copy_(mask.to(device=buffer.device, dtype=torch.bool))
+            new = mask.to(device=buffer.device, dtype=torch.bool)
+            entering.append(new & ~buffer)
+            buffer.copy_(new)
         self._refresh_derived()
+        own = self.buffers_dict()
+        encoder = dict(self.encoder.named_buffers())
+        for name, index in self._norm_statistics(entering):
+            own[name][index] = encoder[name][index].to(own[name].dtype)
+
+    def _norm_statistics(self, channels: Sequence[Tensor]) -> list[tuple[str, Tensor]]:
+        """``(buffer name, positions)`` of the running statistics of some channels.
+
+        Args:
+            channels: Per group, a boolean mask of the channels of interest.
+        """
+        params = dict(self.encoder.named_parameters())
+        modules = dict(self.encoder.named_modules())
+        buffers = self.buffers_dict()
+        found = []
+        for group, chosen in zip(self.groups, channels):
+            if not bool(chosen.any()):
+                continue
+            for member in group.members:
+                module_name, _, param_kind = member.param_name.rpartition(".")
+                if param_kind != "weight" or not isinstance(
+                    modules[module_name], nn.modules.batchnorm._NormBase
+                ):
+                    continue
+                param = params[member.param_name]
+                others = ~chosen.to(param.device)
+                positions = member_mask(member, others, param.shape).flatten() == 0
+                for stat in _RUNNING_STATS:
+                    name = f"{module_name}.{stat}"
+                    buffer = buffers.get(name)
+                    if buffer is None:
+                        continue
+                    repeat = buffer.numel() // positions.numel()  # SplitBatchNorm
+                    index = torch.nonzero(positions.repeat(repeat)).flatten()
+                    found.append((name, index.to(buffer.device)))
+        return found
 
     def _refresh_derived(self) -> None:
         """Recomputes the weight multipliers and the frozen-statistics indices."""
         params = dict(self.encoder.named_parameters())
-        modules = dict(self.encoder.named_modules())
-        buffers = self.buffers_dict()
         self._multipliers = {}
-        self._frozen = []
         for group, mask in zip(self.groups, self.masks):
             for member in group.members:
                 param = params[member.param_name]
                 multiplier = member_mask(member, mask.to(param.device), param.shape)
                 self._multipliers[member.param_name] = multiplier.to(param.dtype)
-                module_name, _, param_kind = member.param_name.rpartition(".")
-                module = modules[module_name]
-                if param_kind != "weight" or not isinstance(
-                    module, nn.modules.batchnorm._NormBase
-                ):
-                    continue
-                dropped = multiplier.flatten() == 0
-                for stat in _RUNNING_STATS:
-                    buffer = buffers.get(f"{module_name}.{stat}")
-                    if buffer is None or not bool(dropped.any()):
-                        continue
-                    repeat = buffer.numel() // dropped.numel()  # SplitBatchNorm
-                    index = torch.nonzero(dropped.repeat(repeat)).flatten()
-                    self._frozen.append((buffer, index.to(buffer.device)))
+        buffers = self.buffers_dict()
+        self._frozen = [
+            (buffers[name], index)
+            for name, index in self._norm_statistics([~m for m in self.masks])
+        ]
+
+    @torch.no_grad()
+    def recalibrate(self, batches: Iterable[Tensor], num_batches: int) -> int:
+        """Re-estimates the subnet's BatchNorm statistics with its own forwards.
+
+        No labels are used: the subnet runs ``num_batches`` batches of images in
+        train mode and every kept channel's running mean and variance become the
+        average over those batches of the per-batch mean and unbiased variance (what
+        ``torch.optim.swa_utils.update_bn`` computes for a module). Statistics of
+        dropped channels stay as they are (their input is zero), the full momentum
+        encoder's statistics are not touched, and the train/eval mode is restored.
+
+        Args:
+            batches: Image tensors ``(N, 3, H, W)``.
+            num_batches: How many batches to use (>= 1).
+
+        Returns:
+            The number of batches used.
+        """
+        if num_batches < 1:
+            raise ValueError(f"num_batches must be >= 1, got {num_batches}.")
+        norms = [
+            m
+            for m in self.encoder.modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm)
+        ]
+        momenta = [m.momentum for m in norms]
+        was_training = self.training
+        self.train()
+        seen = 0
+        try:
+            for x in batches:
+                if seen >= num_batches:
+                    break
+                for norm in norms:
+                    norm.momentum = 1.0 / (seen + 1)  # a running average
+                self(x)
+                seen += 1
+        finally:
+            for norm, momentum in zip(norms, momenta):
+                norm.momentum = momentum
+            self.train(was_training)
+        if seen == 0:
+            raise ValueError("No batch to recalibrate the momentum subnet with.")
+        return seen
 
     @torch.no_grad()
     def _collate_split_statistics(self) -> None:

@@ -19,6 +19,8 @@ from typing import Any, Union
 
 import yaml
 
+from lightly_mcp.schedule import LR_SCHEDULES, TRANSITIONS
+
 
 class RecipeError(ValueError):
     """A recipe that cannot be used; the message names the key and the fix."""
@@ -95,16 +97,32 @@ class MCPSection:
         pruning_ratio: Fraction of channels removed in every group.
         target_params: Instead of ``pruning_ratio``: fraction of parameters to remove
             (the uniform ratio is solved by bisection).
+        rho_response: Derive ρ per block so that θ_q moves this far towards Z − U
+            (``ρ·Σlr/(1 − momentum)``; ≥ 1 lets the mask settle); ``rho`` is then
+            ignored. See ``lightly_mcp.schedule``.
+        admm_interval: ADMM block length (an update at the end of every block).
+        lr_schedule: ``cosine`` (one over the run), ``block_step`` (the paper's:
+            restart every block, ×0.1 every third) or ``block_cosine``.
+        frozen_blocks: Last blocks trained with the mask frozen (subnet keys).
+        transition: ``paper`` (``frq``/``dr``) or ``stable_mask`` (full-encoder keys
+            until an update leaves the mask unchanged).
+        recalibration_batches: Batches re-estimating the momentum subnet's
+            BatchNorm statistics when training ends (0: off).
     """
 
     pruning_ratio: float | None = 0.73
     target_params: float | None = None
     rho: float = 0.01
     rho_growth: float = 1.0
+    rho_response: float | None = None
     admm_interval: int = 1
     admm_interval_unit: str = "epochs"
+    lr_schedule: str = "cosine"
+    frozen_blocks: int = 0
+    transition: str = "paper"
     frq: int = 100
     dr: int = 1
+    recalibration_batches: int = 20
     keep_output_dim: bool = True
     epochs: int = 1
     max_steps: int = -1
@@ -311,6 +329,38 @@ def validate(recipe: Recipe, source: str = "recipe") -> None:
     _require(m.rho >= 0, f"'mcp.rho' must be >= 0, got {m.rho}.", source)
     _require(
         m.rho_growth >= 1, f"'mcp.rho_growth' must be >= 1, got {m.rho_growth}.", source
+    )
+    if m.rho_response is not None:
+        _require(
+            m.rho_response > 0,
+            f"'mcp.rho_response' must be > 0, got {m.rho_response}.",
+            source,
+        )
+        _require(
+            m.rho_growth == 1,
+            "'mcp.rho_growth' must be 1 with 'mcp.rho_response' (rho is derived "
+            "for every block).",
+            source,
+        )
+    for key, value, allowed in (
+        ("lr_schedule", m.lr_schedule, LR_SCHEDULES),
+        ("transition", m.transition, TRANSITIONS),
+    ):
+        _require(
+            value in allowed,
+            f"'mcp.{key}' must be one of {', '.join(allowed)}; got {value!r}.",
+            source,
+        )
+    _require(
+        m.frozen_blocks >= 0,
+        f"'mcp.frozen_blocks' must be an integer >= 0, got {m.frozen_blocks}.",
+        source,
+    )
+    _require(
+        m.recalibration_batches >= 0,
+        "'mcp.recalibration_batches' must be an integer >= 0, got "
+        f"{m.recalibration_batches}.",
+        source,
     )
     _require(m.frq >= 0, f"'mcp.frq' must be an integer >= 0, got {m.frq}.", source)
     _require(m.dr >= 0, f"'mcp.dr' must be an integer >= 0, got {m.dr}.", source)

@@ -121,8 +121,9 @@ def test_update_follows_admm_equations(tiny_net: nn.Module) -> None:
     )
     for name in admm.param_names:
         assert torch.allclose(admm.z()[name], expected_z[name])
+        # ρ doubled after the update: the scaled dual is rescaled by ρ_old / ρ_new.
         assert torch.allclose(
-            admm.u()[name], u_old[name] + params[name] - expected_z[name]
+            admm.u()[name], 0.5 * (u_old[name] + params[name] - expected_z[name])
         )
     assert changed == sum(
         int((a != b).sum()) for a, b in zip(old_masks, expected_masks)
@@ -191,3 +192,33 @@ def test_mismatched_encoder_is_refused(tiny_net: nn.Module) -> None:
     admm = ADMMRegularizer(tiny_net, _groups(tiny_net), pruning_ratio=0.5)
     with pytest.raises(ValueError, match="does not match the channel groups"):
         admm.update(nn.Sequential(nn.Conv2d(3, 8, 3)))
+
+
+def test_set_rho_rescales_the_scaled_dual(tiny_net: nn.Module) -> None:
+    admm = ADMMRegularizer(tiny_net, _groups(tiny_net), pruning_ratio=0.5, rho=0.1)
+    with torch.no_grad():
+        for p in tiny_net.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    admm.update(tiny_net)
+    dual = {n: 0.1 * u.clone() for n, u in admm.u().items()}  # ρ · U
+    admm.set_rho(0.4)
+    assert admm.rho == pytest.approx(0.4)
+    for name, u in admm.u().items():
+        assert torch.allclose(0.4 * u, dual[name])  # the dual ρ·U is unchanged
+    # The cached Z − U follows.
+    for name, target in zip(admm.param_names, admm._targets()):
+        assert torch.allclose(target, admm.z()[name] - admm.u()[name])
+
+
+def test_support_penalty_pulls_only_dropped_channels_to_zero(
+    tiny_net: nn.Module,
+) -> None:
+    admm = ADMMRegularizer(tiny_net, _groups(tiny_net), pruning_ratio=0.5, rho=0.3)
+    tiny_net.zero_grad()
+    admm.support_penalty(tiny_net).backward()
+    for name, z in admm.z().items():
+        param = tiny_net.get_parameter(name)
+        assert param.grad is not None
+        dropped = z == 0  # support of Z: the dropped channels' members are zero
+        expected = torch.where(dropped, 0.3 * param.detach(), torch.zeros_like(param))
+        assert torch.allclose(param.grad, expected, atol=1e-6), name

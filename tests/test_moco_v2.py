@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from lightly_mcp.moco_v2 import MoCoV2
 from lightly_mcp.transforms import build_transform
@@ -108,3 +109,29 @@ def test_transform_small_grayscale_images() -> None:
     assert all(v.shape == (3, 32, 32) for v in views)
     views16 = transform(Image.new("I;16", (28, 28), color=30000))
     assert views16[0].shape == (3, 32, 32)
+
+
+def test_symmetric_loss_uses_the_queue_before_the_step_and_enqueues_once() -> None:
+    """Both directions see the queue as it was before the step: the second must not
+    get the first one's keys (its own images' momentum embeddings) as negatives."""
+    torch.manual_seed(0)
+    model = MoCoV2(**TINY, symmetric_loss=True)
+    bank = model.criterion.memory_bank
+    queue = bank.bank.clone()  # (size, dim): random unit vectors at the start
+    views = next(iter(loader()))[0]
+    state = torch.get_rng_state()
+    loss = model.contrastive_loss(views)
+    torch.set_rng_state(state)
+    q0 = model.forward_query_encoder(views[0])
+    k1 = model.forward_key_encoder(views[1])
+    q1 = model.forward_query_encoder(views[1])
+    k0 = model.forward_key_encoder(views[0])
+
+    def info_nce(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        q, k = F.normalize(q, dim=1), F.normalize(k, dim=1)
+        logits = torch.cat([(q * k).sum(1, keepdim=True), q @ queue.T], dim=1) / 0.2
+        return F.cross_entropy(logits, torch.zeros(len(q), dtype=torch.long))
+
+    expected = 0.5 * (info_nce(q0, k1) + info_nce(q1, k0))
+    assert float(loss) == pytest.approx(float(expected), rel=1e-5)
+    assert int(bank.bank_ptr) == 2 * len(views[0])  # this step's keys, once

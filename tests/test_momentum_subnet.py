@@ -210,3 +210,70 @@ def test_dropped_channel_statistics_are_frozen_and_reentry_is_safe(
     x = torch.randn(4, 3, 8, 8)
     with torch.no_grad():
         assert torch.allclose(subnet(x), small(x), atol=1e-5)
+
+
+def test_recalibration_gives_the_subnets_own_batch_statistics(
+    tiny_net: nn.Module,
+) -> None:
+    """Running statistics after recalibration = per-batch mean and unbiased variance
+    of the subnet's own BatchNorm inputs, averaged over the batches."""
+    groups = find_channel_groups(tiny_net, torch.randn(1, 3, 8, 8))
+    masks = _random_masks(groups, 0.5, seed=1)
+    subnet = MomentumSubnet(tiny_net, groups, masks).eval()
+    batches = [
+        torch.randn(6, 3, 8, 8, generator=torch.Generator().manual_seed(i))
+        for i in range(3)
+    ]
+    before = {k: v.clone() for k, v in subnet.buffers_dict().items()}
+    encoder_before = {k: v.clone() for k, v in tiny_net.named_buffers()}
+
+    # Direct computation on a dense copy with the masked weights, in train mode.
+    reference = subnet.materialize().train()
+    inputs: dict[str, list[torch.Tensor]] = {}
+    for name, module in reference.named_modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.register_forward_pre_hook(
+                lambda _m, args, name=name: inputs.setdefault(name, []).append(args[0])
+            )
+    with torch.no_grad():
+        for x in batches:
+            reference(x)
+
+    assert subnet.recalibrate(iter(batches), num_batches=5) == 3
+    assert not subnet.training  # mode restored
+    stats = subnet.buffers_dict()
+    dropped = {n: i for n, i in subnet._norm_statistics([~m for m in masks])}
+    for name, seen in inputs.items():
+        mean = torch.stack([x.mean(dim=(0, 2, 3)) for x in seen]).mean(0)
+        var = torch.stack([x.var(dim=(0, 2, 3), unbiased=True) for x in seen]).mean(0)
+        kept = torch.ones_like(mean, dtype=torch.bool)
+        if f"{name}.running_mean" in dropped:
+            kept[dropped[f"{name}.running_mean"]] = False
+        got_mean, got_var = stats[f"{name}.running_mean"], stats[f"{name}.running_var"]
+        assert torch.allclose(got_mean[kept], mean[kept], atol=1e-5), name
+        assert torch.allclose(got_var[kept], var[kept], rtol=1e-4, atol=1e-6), name
+        # Dropped channels keep their statistics.
+        old_var = before[f"{name}.running_var"]
+        assert torch.equal(got_var[~kept], old_var[~kept]), name
+    for name, value in tiny_net.named_buffers():
+        assert torch.equal(value, encoder_before[name]), name  # encoder untouched
+
+
+def test_reentering_channel_gets_the_full_encoders_statistics(
+    tiny_net: nn.Module,
+) -> None:
+    groups = find_channel_groups(tiny_net, torch.randn(1, 3, 8, 8))
+    first = _random_masks(groups, 0.5, seed=0)
+    subnet = MomentumSubnet(tiny_net, groups, first).train()
+    for _ in range(5):
+        subnet(torch.randn(6, 3, 8, 8))  # the subnet's statistics drift
+    g = [i for i, grp in enumerate(groups) if "stem.1.weight" in grp.param_names][0]
+    kept_before = subnet.buffers_dict()["stem.1.running_var"].clone()
+    swapped = [m.clone() for m in first]
+    swapped[g] = ~first[g]  # dropped channels re-enter, kept ones leave
+    subnet.set_masks(swapped)
+    after = subnet.buffers_dict()["stem.1.running_var"]
+    encoder = dict(tiny_net.named_buffers())["stem.1.running_var"]
+    entering = swapped[g]
+    assert torch.equal(after[entering], encoder[entering])
+    assert torch.equal(after[~entering], kept_before[~entering])
