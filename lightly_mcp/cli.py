@@ -13,6 +13,12 @@ from typing import Any
 
 EXIT_USAGE = 2
 
+RESTART_HELP = (
+    "delete what earlier runs wrote in OUT for this stage and the later ones (other "
+    "files stay) and start over; without it, a folder holding outputs of another "
+    "recipe is refused"
+)
+
 SET_HELP = (
     "override a recipe value, e.g. --set mcp.pruning_ratio=0.5 or "
     "--set data.subset=null (values are parsed as YAML; repeatable)"
@@ -59,6 +65,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Dense MoCo v2 pretraining → OUT/pretrain/.",
     )
     p.add_argument("recipe", type=Path, help="YAML recipe")
+    p.add_argument("--restart", action="store_true", help=RESTART_HELP)
     common(p)
 
     p = sub.add_parser(
@@ -74,6 +81,7 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="dense MoCo checkpoint (default: pretrain.dense_checkpoint)",
     )
+    p.add_argument("--restart", action="store_true", help=RESTART_HELP)
     common(p)
 
     p = sub.add_parser(
@@ -121,6 +129,7 @@ def _parser() -> argparse.ArgumentParser:
         "(an interrupted run continues) → OUT/report.json.",
     )
     p.add_argument("recipe", type=Path, help="YAML recipe")
+    p.add_argument("--restart", action="store_true", help=RESTART_HELP)
     common(p)
 
     sub.add_parser("smoke", help="quick check of the building blocks (no data)")
@@ -155,7 +164,6 @@ def _dispatch(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from lightly_mcp import pipeline
-    from lightly_mcp.report import print_run_summary
 
     console = Console()
     progress = not args.quiet if hasattr(args, "quiet") else True
@@ -179,14 +187,9 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0
     recipe = _recipe(args)
     out: Path = args.out
-    if args.command == "pretrain":
-        path = pipeline.pretrain(recipe, out, progress)
-        console.print(f"dense checkpoint: {path}")
-    elif args.command == "prune":
-        dense = args.dense or recipe.pretrain.dense_checkpoint
-        path = pipeline.prune(recipe, Path(dense) if dense else None, out, progress)
-        console.print(f"MCP checkpoint: {path}")
-    elif args.command == "evaluate":
+    if args.command in ("pretrain", "prune", "run"):
+        return _train(args, recipe, out, progress, console)
+    if args.command == "evaluate":
         networks = pipeline.load_backbone_for_eval(
             args.model, recipe, trust_pickle=args.trust_pickle
         )
@@ -198,9 +201,54 @@ def _dispatch(args: argparse.Namespace) -> int:
                 f"{name}: kNN top-1 {r['knn_top1']:.4f}, "
                 f"linear top-1 {r['linear_top1']:.4f}"
             )
-    elif args.command == "run":
-        report = pipeline.run(recipe, out, progress, console, _eval_device(recipe))
-        print_run_summary(report, console)
+    return 0
+
+
+def _train(
+    args: argparse.Namespace, recipe: Any, out: Path, progress: bool, console: Any
+) -> int:
+    """``pretrain``, ``prune`` and ``run``: one process per output folder.
+
+    The folder is locked for the whole command; ``--restart`` clears what earlier
+    runs wrote there, otherwise outputs made with another recipe are refused. Under a
+    multi-process launch the ranks other than 0 only train, and return when their
+    last training stage ends.
+    """
+    from lightly_mcp import pipeline
+    from lightly_mcp.report import print_run_summary
+    from lightly_mcp.run_folder import (
+        STAGES,
+        check_recipe,
+        clear_outputs,
+        is_rank_zero,
+        output_lock,
+    )
+
+    dense = None
+    if args.command == "prune":
+        dense = args.dense or recipe.pretrain.dense_checkpoint
+        # Recorded in prune/recipe.yaml, so a resume from another file is refused.
+        recipe.pretrain.dense_checkpoint = str(dense) if dense else None
+    first_stage = "prune" if args.command == "prune" else "pretrain"
+    stages: tuple[str, ...] = (first_stage,)
+    if args.command == "run":
+        stages = STAGES[1:] if recipe.pretrain.dense_checkpoint else STAGES
+    with output_lock(out):
+        if args.restart:
+            clear_outputs(out, first_stage)
+        check_recipe(recipe, out, stages)
+        if args.command == "pretrain":
+            path = pipeline.pretrain(recipe, out, progress)
+            if is_rank_zero():
+                console.print(f"dense checkpoint: {path}")
+        elif args.command == "prune":
+            path = pipeline.prune(recipe, Path(dense) if dense else None, out, progress)
+            if is_rank_zero():
+                console.print(f"MCP checkpoint: {path}")
+        else:
+            report = pipeline.run(recipe, out, progress, console, _eval_device(recipe))
+            if is_rank_zero():
+                print_run_summary(report, console)
     return 0
 
 

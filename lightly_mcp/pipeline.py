@@ -49,6 +49,7 @@ from lightly_mcp.pruning_ratio import solve_pruning_ratio
 from lightly_mcp.recipe import Recipe, RecipeError, dump_recipe
 from lightly_mcp.report import write_plots
 from lightly_mcp.resumable_data import ResumableLoader
+from lightly_mcp.run_folder import OutputFolderError, check_recipe, is_rank_zero
 from lightly_mcp.transforms import build_transform
 
 DONE = "done.json"
@@ -277,12 +278,13 @@ def _fit(
     resume = None
     if last.is_file():
         try:
-            read_checkpoint(last)
+            saved = read_checkpoint(last)
         except CheckpointError as error:
             raise CheckpointError(
                 f"cannot resume {stage_dir.name}: {error} Delete '{last}' to restart "
                 "the stage from scratch."
             ) from None
+        _check_resume_settings(saved, model, stage_dir.name, last)
         resume = str(last)
     try:
         trainer.fit(model, loader, ckpt_path=resume, weights_only=True)
@@ -301,14 +303,40 @@ def _fit(
     return final
 
 
+def _check_resume_settings(
+    saved: dict[str, Any], model: pl.LightningModule, stage: str, last: Path
+) -> None:
+    """Refuses to resume a checkpoint trained with other settings (e.g. another
+    pruning ratio), whatever the folder's recipe files say.
+    """
+    old = saved.get("hyper_parameters")
+    if not isinstance(old, dict):
+        return
+    new = dict(model.hparams)
+    differing = [
+        key
+        for key in sorted(set(old) & set(new))
+        if key != "dense_checkpoint" and old[key] != new[key]
+    ]
+    if differing:
+        shown = ", ".join(f"{k} {old[k]!r} there, {new[k]!r} now" for k in differing)
+        raise OutputFolderError(
+            f"cannot resume {stage} from '{last}': it was trained with other "
+            f"settings ({shown}); use a new --out folder or pass --restart to "
+            "delete its previous outputs and start over."
+        )
+
+
 # --- stages ------------------------------------------------------------------------
 def pretrain(recipe: Recipe, out: Path, progress: bool = True) -> Path:
     """Dense MoCo v2 → ``out/pretrain/final.ckpt``."""
     stage_dir = out / "pretrain"
+    check_recipe(recipe, out, ("pretrain",))
     if (stage_dir / DONE).is_file():
         return stage_dir / "final.ckpt"
     stage_dir.mkdir(parents=True, exist_ok=True)
-    dump_recipe(recipe, stage_dir / "recipe.yaml")
+    if is_rank_zero():
+        dump_recipe(recipe, stage_dir / "recipe.yaml")
     start = time.perf_counter()
     dataset, loader = training_data(recipe, recipe.pretrain.batch_size)
     pl.seed_everything(recipe.seed, verbose=False)
@@ -338,12 +366,14 @@ def pretrain(recipe: Recipe, out: Path, progress: bool = True) -> Path:
 def prune(recipe: Recipe, dense: Path | None, out: Path, progress: bool = True) -> Path:
     """MCP from the dense checkpoint → ``out/prune/final.ckpt``."""
     stage_dir = out / "prune"
+    check_recipe(recipe, out, ("prune",))
     if (stage_dir / DONE).is_file():
         return stage_dir / "final.ckpt"
     if dense is not None and not Path(dense).is_file():
         raise FileNotFoundError(missing_checkpoint_message(dense, "dense checkpoint"))
     stage_dir.mkdir(parents=True, exist_ok=True)
-    dump_recipe(recipe, stage_dir / "recipe.yaml")
+    if is_rank_zero():
+        dump_recipe(recipe, stage_dir / "recipe.yaml")
     start = time.perf_counter()
     dataset, loader = training_data(recipe, recipe.mcp.batch_size)
     m = recipe.mcp
@@ -548,9 +578,19 @@ def run(
     console: Console | None = None,
     device: str = "cpu",
 ) -> dict[str, Any]:
-    """All stages in order, skipping complete ones → ``out/report.json``."""
+    """All stages in order, skipping complete ones → ``out/report.json``.
+
+    Refuses (``OutputFolderError``) a folder whose stages were made with another
+    recipe (see ``lightly_mcp.run_folder.check_recipe``).
+    """
+    skip_pretrain = recipe.pretrain.dense_checkpoint is not None
+    stage_names = ("prune", "export", "evaluate")
+    check_recipe(
+        recipe, out, stage_names if skip_pretrain else ("pretrain", *stage_names)
+    )
     out.mkdir(parents=True, exist_ok=True)
-    dump_recipe(recipe, out / "recipe.yaml")
+    if is_rank_zero():
+        dump_recipe(recipe, out / "recipe.yaml")
     stages: dict[str, float] = {}
 
     def timed(name: str, fn: Callable[[], Any]) -> Any:

@@ -349,3 +349,73 @@ def test_cli_silences_library_warnings_but_not_mcp_warnings(
         warnings.warn("library noise", UserWarning, stacklevel=1)
         warnings.warn("the ADMM mask is oscillating", MCPWarning, stacklevel=1)
     assert [str(w.message) for w in caught] == ["the ADMM mask is oscillating"]
+
+
+# --- one recipe per output folder (issue 17, item 2) --------------------------------
+def test_run_into_a_folder_of_another_recipe_is_refused(
+    finished_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "copy"
+    shutil.copytree(finished_run, out)
+    before = {name: (out / name).read_bytes() for name in ("report.json", "recipe.yaml")}
+    argv = ["run", str(out / "recipe.yaml"), "--out", str(out), "--quiet"]
+    message = _error(capsys, [*argv, "--set", "mcp.pruning_ratio=0.3"])
+    assert f"'{out}'" in message and "another recipe" in message
+    assert "mcp.pruning_ratio 0.5 there, 0.3 now" in message
+    assert "new --out folder" in message and "--restart" in message
+    after = {name: (out / name).read_bytes() for name in ("report.json", "recipe.yaml")}
+    assert after == before  # neither the report nor the recorded recipe changed
+
+
+def test_keys_that_do_not_change_results_are_not_compared(finished_run: Path) -> None:
+    from lightly_mcp.recipe import load_recipe
+    from lightly_mcp.run_folder import STAGES, check_recipe
+
+    recipe = load_recipe(
+        finished_run / "recipe.yaml",
+        ["trainer.devices=2", "data.num_workers=3", "trainer.log_every_n_steps=7"],
+    )
+    check_recipe(recipe, finished_run, STAGES)  # no error
+
+
+def test_resuming_a_checkpoint_of_another_pruning_ratio_is_refused(
+    finished_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "interrupted"
+    shutil.copytree(finished_run / "pretrain", out / "pretrain")
+    (out / "prune").mkdir()
+    for name in ("last.ckpt", "recipe.yaml"):  # prune interrupted: no done.json
+        shutil.copyfile(finished_run / "prune" / name, out / "prune" / name)
+    argv = ["run", str(finished_run / "recipe.yaml"), "--out", str(out), "--quiet"]
+    argv += ["--set", "mcp.pruning_ratio=0.3"]
+    message = _error(capsys, argv)
+    assert "prune stage made with another recipe" in message
+    assert "mcp.pruning_ratio 0.5 there, 0.3 now" in message
+    # Without the recorded recipe the checkpoint's own settings still refuse it.
+    (out / "prune" / "recipe.yaml").unlink()
+    message = _error(capsys, argv)
+    assert "cannot resume prune" in message
+    assert "pruning_ratio 0.5 there, 0.3 now" in message and "--restart" in message
+    assert not (out / "prune" / "done.json").exists()
+
+
+def test_restart_clears_only_what_runs_wrote(
+    finished_run: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "copy"
+    shutil.copytree(finished_run, out)
+    (out / "notes.txt").write_text("mine")
+    (out / "prune" / "mine.txt").write_text("mine")
+    pretrain_mtime = (out / "pretrain" / "final.ckpt").stat().st_mtime
+    argv = ["prune", str(finished_run / "recipe.yaml"), "--out", str(out), "--quiet"]
+    argv += ["--from", str(out / "pretrain" / "final.ckpt"), "--restart"]
+    argv += ["--set", "mcp.pruning_ratio=0.3", "--set", "mcp.max_steps=1"]
+    assert main(argv) == 0
+    done = json.loads((out / "prune" / "done.json").read_text())
+    assert done["pruning_ratio"] == 0.3
+    # The later stages, made from the old prune stage, are gone; other files stay.
+    for stale in ("export", "eval", "plots", "report.json", "recipe.yaml"):
+        assert not (out / stale).exists(), stale
+    assert (out / "notes.txt").read_text() == "mine"
+    assert (out / "prune" / "mine.txt").read_text() == "mine"
+    assert (out / "pretrain" / "final.ckpt").stat().st_mtime == pretrain_mtime

@@ -1,0 +1,354 @@
+"""The output folder of a run: one process at a time, one recipe per folder.
+
+- :func:`output_lock` takes an exclusive ``fcntl.flock`` on ``OUT/.lock`` (which holds
+  the owner's pid). A second ``lightly-mcp`` process writing into the same folder is
+  refused with a message naming the folder and that pid. The kernel releases the lock
+  when its process exits, however it exits (SIGKILL, OOM killer, crash), so a stale
+  ``.lock`` file never blocks a later run.
+- :func:`check_recipe` compares the recipe with the one each finished or started
+  stage of the folder recorded (``pretrain/recipe.yaml``, ``prune/recipe.yaml``,
+  ``recipe.yaml``), on the settings that change that stage's results, and refuses a
+  mismatch with the differing keys. :func:`clear_outputs` (``--restart``) deletes
+  what earlier runs wrote there, and nothing else.
+- Under a multi-process launch (Lightning's DDP launcher, torchrun, SLURM) only the
+  process of global rank 0 locks, checks, clears and writes: :func:`launch_rank`
+  reads the rank from the launcher's environment variables, which exist before
+  Lightning starts its process group.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import glob
+import os
+import shutil
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+LOCK = ".lock"
+
+STAGES: tuple[str, ...] = ("pretrain", "prune", "export", "evaluate")
+"""The stages of a run, in order; each one's results depend on the ones before."""
+
+STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
+    "pretrain": ("seed", "data", "backbone", "pretrain", "trainer"),
+    "prune": ("mcp",),
+    "export": ("export",),
+    "evaluate": ("eval",),
+}
+"""The recipe sections a stage adds to those of the stages before it."""
+
+IGNORED_KEYS: frozenset[str] = frozenset(
+    {
+        # Where and how to run, not what is computed. A resume on another number of
+        # devices is supported (the interrupted epoch restarts, with a warning).
+        "trainer.accelerator",
+        "trainer.devices",
+        "trainer.strategy",
+        "trainer.log_every_n_steps",
+        "data.num_workers",
+        "data.download",
+        # Which extra checkpoints are kept, and how often latency is timed.
+        "pretrain.keep_every_n_epochs",
+        "export.latency_repeats",
+    }
+)
+"""Recipe keys never compared: they do not change a run's results."""
+
+PATH_KEYS: frozenset[str] = frozenset({"data.root", "pretrain.dense_checkpoint"})
+"""Keys compared as paths (after resolving links and ``~``)."""
+
+# Files a stage writes, relative to the output folder (glob patterns).
+_TRAINING_FILES = (
+    "final.ckpt",
+    ".final.ckpt.tmp",
+    "last.ckpt",
+    "done.json",
+    ".done.json.*",
+    "recipe.yaml",
+    "logs/metrics.csv",
+    "logs/hparams.yaml",
+    "tensorboard/events.out.tfevents.*",
+    "tensorboard/hparams.yaml",
+    "epochs/epoch=*.ckpt",
+    "epochs/.epoch=*.ckpt.tmp",
+)
+STAGE_FILES: dict[str, tuple[str, ...]] = {
+    "pretrain": tuple(f"pretrain/{name}" for name in _TRAINING_FILES),
+    "prune": tuple(f"prune/{name}" for name in _TRAINING_FILES),
+    "export": (
+        "export/model.pt",
+        "export/model.ts",
+        "export/model.onnx*",
+        "export/report.json",
+        ".export-*",
+    ),
+    "evaluate": (
+        "eval/eval.json",
+        "eval/.eval.json.*",
+        "report.json",
+        ".report.json.*",
+        "recipe.yaml",
+        "plots/losses.png",
+        "plots/transition.png",
+        "plots/kept_channels.png",
+    ),
+}
+"""What ``clear_outputs`` may delete for each stage (nothing else is touched)."""
+
+_FOLDERS = (
+    "pretrain/logs",
+    "pretrain/tensorboard",
+    "pretrain/epochs",
+    "pretrain",
+    "prune/logs",
+    "prune/tensorboard",
+    "prune/epochs",
+    "prune",
+    "export",
+    "eval",
+    "plots",
+)
+
+
+class OutputFolderError(ValueError):
+    """An output folder that cannot be used: in use by another process, not
+    writable, or holding results of another recipe. The message says what to do.
+    """
+
+
+# --- ranks ---------------------------------------------------------------------------
+def launch_rank() -> int:
+    """This process's global rank as its launcher set it; 0 without a launcher.
+
+    ``RANK`` (torchrun), ``SLURM_PROCID`` and ``JSM_NAMESPACE_RANK`` are global
+    ranks; Lightning's own launcher starts ranks 1.. of a node with ``LOCAL_RANK``
+    (and ``NODE_RANK`` for the node).
+    """
+    env = os.environ
+    for name in ("RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK"):
+        value = env.get(name, "")
+        if value.isdigit():
+            return int(value)
+    local = env.get("LOCAL_RANK", "")
+    node = env.get("NODE_RANK", "")
+    local_rank = int(local) if local.isdigit() else 0
+    node_rank = int(node) if node.isdigit() else 0
+    return node_rank * 1_000_000 + local_rank
+
+
+def is_rank_zero() -> bool:
+    """Whether this process is the one that writes a run's files."""
+    return launch_rank() == 0
+
+
+# --- the folder itself -------------------------------------------------------------
+def check_output_path(out: Path) -> None:
+    """Refuses an ``--out`` that is a file, lies under a file, or cannot be written.
+
+    Creates nothing.
+    """
+    out = Path(out)
+    existing = out
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        what = "is a file" if existing == out else f"lies under the file '{existing}'"
+        raise OutputFolderError(
+            f"--out '{out}' {what}; give a folder (it is created if missing)."
+        )
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise OutputFolderError(
+            f"cannot write to --out '{out}': '{existing}' is not writable "
+            "(permissions, read-only or immutable); choose a folder you can write to."
+        )
+
+
+def _lock_holder(path: Path) -> str:
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        return "unknown"
+    return text if text.isdigit() else "unknown"
+
+
+@contextmanager
+def output_lock(out: Path) -> Iterator[None]:
+    """Holds an exclusive lock on the folder ``out`` (created if missing).
+
+    Only the launcher's rank 0 locks (the other ranks of a multi-process run are
+    started by it and write nothing). The lock is ``fcntl.flock`` on ``out/.lock``:
+    it is released when the block ends and, by the kernel, when the process dies.
+
+    Raises:
+        OutputFolderError: If another process holds it, or the folder is not
+            writable.
+    """
+    if not is_rank_zero():
+        yield
+        return
+    out = Path(out)
+    path = out / LOCK
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as error:
+        raise OutputFolderError(
+            f"cannot write to output folder '{out}' ({error.strerror or error}); "
+            "choose a folder you can write to."
+        ) from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as error:
+            if error.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise
+            raise OutputFolderError(
+                f"output folder '{out}' is in use by another lightly-mcp process "
+                f"(pid {_lock_holder(path)}); wait for it to finish or use another "
+                "--out folder."
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        try:
+            yield
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
+# --- one recipe per folder -----------------------------------------------------------
+def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    if isinstance(data, dict):
+        for key, value in data.items():
+            flat.update(_flatten(value, f"{prefix}{key}."))
+    else:
+        flat[prefix.rstrip(".")] = data
+    return flat
+
+
+def _same(key: str, recorded: Any, current: Any) -> bool:
+    if key in PATH_KEYS and isinstance(recorded, str) and isinstance(current, str):
+        return os.path.realpath(os.path.expanduser(recorded)) == os.path.realpath(
+            os.path.expanduser(current)
+        )
+    return bool(recorded == current)
+
+
+def stage_keys(stage: str, flat: dict[str, Any]) -> list[str]:
+    """The keys of ``flat`` that ``stage``'s results depend on."""
+    sections: list[str] = []
+    for name in STAGES[: STAGES.index(stage) + 1]:
+        sections.extend(STAGE_SECTIONS[name])
+    return [
+        key for key in flat if key.split(".")[0] in sections and key not in IGNORED_KEYS
+    ]
+
+
+def _stage_record(out: Path, stage: str) -> tuple[Path, bool]:
+    """The recipe a stage's outputs were made with, and whether it has outputs."""
+    if stage in ("pretrain", "prune"):
+        folder = out / stage
+        started = any(
+            (folder / name).is_file()
+            for name in ("done.json", "last.ckpt", "final.ckpt")
+        )
+        return folder / "recipe.yaml", started
+    if stage == "export":
+        return out / "recipe.yaml", (out / "export" / "report.json").is_file()
+    return out / "recipe.yaml", (out / "eval" / "eval.json").is_file()
+
+
+def recipe_differences(
+    recipe: Any, recorded_file: Path, stage: str
+) -> list[tuple[str, Any, Any]]:
+    """``(key, recorded, current)`` of every result-changing key that differs."""
+    from lightly_mcp.recipe import Recipe
+
+    try:
+        recorded_raw = yaml.safe_load(recorded_file.read_text())
+    except (OSError, yaml.YAMLError):
+        recorded_raw = None
+    current = _flatten(recipe.to_dict())
+    defaults = _flatten(Recipe().to_dict())
+    recorded = _flatten(recorded_raw) if isinstance(recorded_raw, dict) else {}
+    differences = []
+    for key in stage_keys(stage, current):
+        old = recorded.get(key, defaults.get(key))
+        if not _same(key, old, current[key]):
+            differences.append((key, old, current[key]))
+    return differences
+
+
+def check_recipe(recipe: Any, out: Path, stages: Sequence[str]) -> None:
+    """Refuses to continue in ``out`` with a recipe other than the one its outputs
+    were made with.
+
+    For every stage in ``stages`` that has outputs in ``out`` (a ``done.json``,
+    ``last.ckpt`` or ``final.ckpt``; export's and evaluation's reports), the recipe
+    that stage recorded is compared with ``recipe`` on the keys that change the
+    stage's results: its own section and those of the stages before it, less
+    ``IGNORED_KEYS``. Only rank 0 checks.
+
+    Raises:
+        OutputFolderError: Naming the differing keys, the recorded and the new
+            values, and the two ways out (a new ``--out`` folder, ``--restart``).
+    """
+    if not is_rank_zero():
+        return
+    out = Path(out)
+    for stage in stages:
+        record, started = _stage_record(out, stage)
+        if not started or not record.is_file():
+            continue
+        differences = recipe_differences(recipe, record, stage)
+        if not differences:
+            continue
+        shown = ", ".join(
+            f"{key} {old!r} there, {new!r} now" for key, old, new in differences[:6]
+        )
+        more = f" and {len(differences) - 6} more" if len(differences) > 6 else ""
+        raise OutputFolderError(
+            f"output folder '{out}' holds a {stage} stage made with another recipe "
+            f"({record}): {shown}{more}; use a new --out folder or pass --restart "
+            "to delete its previous outputs and start over."
+        )
+
+
+def clear_outputs(out: Path, first_stage: str) -> list[Path]:
+    """Deletes what runs wrote in ``out`` for ``first_stage`` and every later stage.
+
+    Only files a run writes (``STAGE_FILES``) are deleted, and folders left empty;
+    anything else in ``out`` stays. Only rank 0 deletes.
+
+    Returns:
+        The deleted paths.
+    """
+    if not is_rank_zero():
+        return []
+    out = Path(out)
+    deleted: list[Path] = []
+    for stage in STAGES[STAGES.index(first_stage) :]:
+        for pattern in STAGE_FILES[stage]:
+            for name in sorted(glob.glob(glob.escape(str(out)) + "/" + pattern)):
+                path = Path(name)
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path)
+                elif path.exists() or path.is_symlink():
+                    path.unlink()
+                else:
+                    continue
+                deleted.append(path)
+    for folder in _FOLDERS:
+        try:
+            (out / folder).rmdir()  # only when empty
+        except OSError:
+            pass
+    return deleted
