@@ -183,6 +183,8 @@ class MCP(MoCoV2):
         self._last_seen_step = -1
         self._mask_stable = False
         self._warned = False
+        #: One record per ADMM update (step, response, churn, distances, ρ).
+        self.block_history: list[dict[str, float]] = []
 
     # --- the dense starting point --------------------------------------------------
     def load_dense_checkpoint(self, path: str | Path) -> list[str]:
@@ -203,7 +205,12 @@ class MCP(MoCoV2):
         return self.subnet
 
     def compact_momentum_subnet(self) -> nn.Module:
-        """A physically pruned copy of the momentum subnet, ready for export."""
+        """A physically pruned copy of the momentum subnet.
+
+        It equals the masked subnet in train and eval mode (lightly's
+        ``SplitBatchNorm`` layers stay split); for deployment, merge them with
+        ``lightly_mcp.batchnorm.merge_split_batchnorm`` as export does.
+        """
         size = self.hparams["input_size"]
         return compact(
             self.subnet.materialize(),
@@ -393,18 +400,30 @@ class MCP(MoCoV2):
         self._block_start_residual = self.admm.residual(self.backbone)
         churn = self.mask_churn_fraction(self._last_changed)
         self._check_response(alpha, predicted)
+        record = {
+            "step": float(self.global_step),
+            "channels_changed": float(self._last_changed),
+            "mask_churn": churn,
+            "theta_response": alpha,
+            "admm_distance": self.admm.distance(self.backbone),
+            "admm_relative_distance": self.admm.relative_distance(self.backbone),
+            "rho": self.admm.rho,
+        }
+        if predicted is not None:
+            record["predicted_response"] = predicted
+        self.block_history.append(record)
         if self._trainer is not None:
-            logged = {
-                "channels_changed": float(self._last_changed),
-                "mask_churn": churn,
-                "theta_response": alpha,
-                "admm_distance": self.admm.distance(self.backbone),
-                "admm_relative_distance": self.admm.relative_distance(self.backbone),
-            }
-            if predicted is not None:
-                logged["predicted_response"] = predicted
-            for name, value in logged.items():
-                self.log(name, value, sync_dist=True)
+            for name, value in record.items():
+                if name != "step":
+                    self.log(name, value, sync_dist=True)
+            # Straight to the loggers too: Lightning writes step metrics only every
+            # log_every_n_steps, which need not divide the block length.
+            if self.trainer.is_global_zero:
+                for logger in self.loggers:
+                    logger.log_metrics(
+                        {f"block/{k}": v for k, v in record.items() if k != "step"},
+                        step=self.global_step,
+                    )
         return self._last_changed
 
     def mask_churn_fraction(self, changed: int) -> float:
@@ -456,6 +475,7 @@ class MCP(MoCoV2):
             "last_seen_step": self._last_seen_step,
             "mask_stable": self._mask_stable,
             "warned": self._warned,
+            "history": list(self.block_history),
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -469,6 +489,7 @@ class MCP(MoCoV2):
             self._last_seen_step = int(saved["last_seen_step"])
             self._mask_stable = bool(saved["mask_stable"])
             self._warned = bool(saved["warned"])
+            self.block_history = [dict(r) for r in saved.get("history", [])]
 
 
 # Module-level transform for small images (the CPU protocols); use

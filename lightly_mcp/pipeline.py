@@ -37,6 +37,7 @@ from lightly_mcp.data import (
     build_dataset,
     default_dataset_kind,
     eval_transform,
+    fallback_note,
 )
 from lightly_mcp.evaluation import evaluate_backbone, raw_pixel_baseline
 from lightly_mcp.export import compact_from_checkpoint, export
@@ -66,8 +67,31 @@ def read_json(path: Path) -> Any:
 
 # --- data ---------------------------------------------------------------------------
 def dataset_kind(recipe: Recipe) -> str:
-    """The dataset kind, resolving ``auto``."""
-    return default_dataset_kind() if recipe.data.kind == "auto" else recipe.data.kind
+    """The dataset kind, resolving ``auto`` (Fashion-MNIST in ``data.root`` or the
+    Debian package's folder, else digits).
+    """
+    d = recipe.data
+    return default_dataset_kind(d.root) if d.kind == "auto" else d.kind
+
+
+def recipe_dataset(recipe: Recipe, **options: Any) -> LabeledImages:
+    """``build_dataset`` with the recipe's data: a subset larger than the dataset
+    means all of it, and the digits fallback of ``auto`` says so in ``describe()``
+    (on the training split).
+    """
+    d = recipe.data
+    kind = dataset_kind(recipe)
+    dataset = build_dataset(
+        kind,
+        root=d.root,
+        seed=recipe.seed,
+        download=d.download,
+        clamp_subset=True,
+        **options,
+    )
+    if d.kind == "auto" and kind == "digits" and options.get("train", True):
+        dataset.fallback_note = fallback_note(d.root)
+    return dataset
 
 
 def training_data(
@@ -87,16 +111,13 @@ def training_data(
     the very next batch (see ``lightly_mcp.resumable_data``).
     """
     d = recipe.data
-    dataset = build_dataset(
-        dataset_kind(recipe),
-        root=d.root,
+    dataset = recipe_dataset(
+        recipe,
         train=True,
         transform=build_transform(input_size=d.input_size, min_scale=d.min_scale)
         if transform is None
         else transform,
         subset=d.subset,
-        seed=recipe.seed,
-        download=d.download,
     )
     if batch_size > len(dataset):
         raise RecipeError(
@@ -117,16 +138,13 @@ def evaluation_data(recipe: Recipe) -> tuple[DataLoader, DataLoader, str, bool]:
     the images carry labels (image folders without class sub-folders do not).
     """
     d, e = recipe.data, recipe.eval
-    kind = dataset_kind(recipe)
     transform = eval_transform(d.input_size)
-    common: dict[str, Any] = {
-        "root": d.root,
-        "transform": transform,
-        "seed": recipe.seed,
-        "download": d.download,
-    }
-    train = build_dataset(kind, train=True, subset=e.train_subset, **common)
-    test = build_dataset(kind, train=False, subset=e.test_subset, **common)
+    train = recipe_dataset(
+        recipe, train=True, subset=e.train_subset, transform=transform
+    )
+    test = recipe_dataset(
+        recipe, train=False, subset=e.test_subset, transform=transform
+    )
     loaders = [
         DataLoader(
             ds, batch_size=e.batch_size, shuffle=False, num_workers=d.num_workers
@@ -269,11 +287,20 @@ def _fit(
     progress: bool,
     keep_every_n_epochs: int = 0,
 ) -> Path:
-    """Fits (resuming from ``last.ckpt``) and saves ``final.ckpt`` atomically."""
+    """Fits (resuming from ``last.ckpt``) and saves ``final.ckpt`` atomically.
+
+    Under DDP every rank calls this (Lightning's launcher re-runs the command); only
+    rank 0 writes files, and the ranks wait for its ``final.ckpt`` before going on.
+
+    Raises:
+        RecipeError: When the data cannot fill one batch on every device, or the
+            stage ended without a training step.
+    """
     pl.seed_everything(recipe.seed, workers=True, verbose=False)
     trainer = trainer_for(
         recipe, stage_dir, epochs, max_steps, progress, keep_every_n_epochs
     )
+    _check_one_step(stage_dir.name, len(loader.dataset), loader.batch_size, trainer)
     last = stage_dir / "last.ckpt"
     resume = None
     if last.is_file():
@@ -296,11 +323,39 @@ def _fit(
             f"{trainer.global_step}; saved '{last}'. Run the same command again to "
             "continue."
         ) from None
+    if trainer.global_step == 0:
+        raise RecipeError(
+            f"stage '{stage_dir.name}' ended without a training step "
+            f"({len(loader.dataset)} images, batch {loader.batch_size} on each of "
+            f"{trainer.world_size} device(s), max_steps {max_steps}); the stage is "
+            "not done. Use more data, a smaller batch or fewer devices."
+        )
     final = stage_dir / "final.ckpt"
     tmp = stage_dir / ".final.ckpt.tmp"
-    trainer.save_checkpoint(str(tmp))
-    os.replace(tmp, final)
+    trainer.save_checkpoint(str(tmp))  # collective; rank 0 writes the file
+    if trainer.is_global_zero:
+        os.replace(tmp, final)
+    trainer.strategy.barrier("final.ckpt")  # the next stage reads it on every rank
     return final
+
+
+def _check_one_step(
+    stage: str, images: int, batch_size: int | None, trainer: pl.Trainer
+) -> None:
+    """Refuses a stage in which no training step would run (or ran): every device
+    needs a full batch (the training loader drops incomplete ones).
+    """
+    batch = batch_size or 1
+    devices = trainer.world_size
+    if images >= batch * devices:
+        return
+    key = {"pretrain": "pretrain", "prune": "mcp"}.get(stage, stage) + ".batch_size"
+    raise RecipeError(
+        f"the training data is too small for stage '{stage}': {images} images "
+        f"cannot fill one batch of {batch} on each of {devices} device(s) "
+        f"(batch size x devices = {batch * devices}), so no training step would run; "
+        f"lower '{key}', use fewer devices or more data."
+    )
 
 
 def _check_resume_settings(
@@ -389,6 +444,7 @@ def prune(recipe: Recipe, dense: Path | None, out: Path, progress: bool = True) 
             "dense_checkpoint": str(dense) if dense is not None else None,
             "pruning_ratio": model.hparams["pruning_ratio"],
             "dense_load_report": model.dense_load_report,
+            "admm_blocks": model.block_history,
             "seconds": time.perf_counter() - start,
             "data": dataset.describe(),
         },

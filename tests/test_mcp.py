@@ -212,6 +212,7 @@ def test_resume_restores_all_mcp_state(tmp_path: Path) -> None:
     fresh.on_load_checkpoint(checkpoint)
     fresh.load_state_dict(checkpoint["state_dict"])
     assert fresh.transition.state_dict() == model.transition.state_dict()
+    assert fresh.block_history == model.block_history and len(fresh.block_history) == 2
     # Updates after steps 1 and 2, none after the last step (3).
     assert fresh.admm.rho == pytest.approx(model.admm.rho) == pytest.approx(0.01 * 4)
     for a, b in zip(fresh.admm.masks, model.admm.masks):
@@ -315,6 +316,10 @@ def test_derived_rho_lets_the_mask_settle_and_theta_become_sparse(
     rows = _record_updates(model)
     trainer(tmp_path, max_steps=24).fit(model, loader())
     assert [done for done, _, _ in rows] == [4, 8, 12, 16, 20]
+    assert [r["step"] for r in model.block_history] == [4, 8, 12, 16, 20]
+    assert [r["channels_changed"] for r in model.block_history] == [
+        float(c) for _, c, _ in rows
+    ]
     changed = [c for _, c, _ in rows]
     distances = [d for _, _, d in rows]
     if rho_response is not None:

@@ -6,6 +6,7 @@ import pytest
 import yaml
 
 from lightly_mcp.recipe import TOP_LEVEL_KEYS, RecipeError, load_recipe
+from lightly_mcp.schedule import BlockSchedule
 
 RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))
 
@@ -101,6 +102,16 @@ def test_exponent_floats_without_a_dot(tmp_path: Path) -> None:
         ({}, ["mcp.dr=-3"], r"'mcp.dr' must be an integer >= 0"),
         ({}, ["mcp.admm_interval=0"], r"'mcp.admm_interval' must be an integer >= 1"),
         ({}, ["mcp.target_params=0.9"], r"exactly one of"),
+        ({}, ["mcp.rho_response=0"], r"'mcp.rho_response' must be > 0"),
+        (
+            {},
+            ["mcp.rho_response=1", "mcp.rho_growth=1.1"],
+            r"'mcp.rho_growth' must be 1 with 'mcp.rho_response'",
+        ),
+        ({}, ["mcp.lr_schedule=step"], r"'mcp.lr_schedule' must be one of cosine"),
+        ({}, ["mcp.transition=soft"], r"'mcp.transition' must be one of paper"),
+        ({}, ["mcp.frozen_blocks=-1"], r"'mcp.frozen_blocks' must be an integer"),
+        ({}, ["mcp.recalibration_batches=-1"], r"'mcp.recalibration_batches'"),
         ({}, ["pretrain.split_batch_norm=3"], r"divisible"),
         ({}, ["mcp.pruning_ratio"], r"section.key=value"),
         ({"mcp": 3}, [], r"'mcp' must be a mapping"),
@@ -120,3 +131,19 @@ def test_missing_and_invalid_files(tmp_path: Path) -> None:
     bad.write_text("mcp: [unclosed\n")
     with pytest.raises(RecipeError, match="not valid YAML"):
         load_recipe(bad)
+
+
+@pytest.mark.parametrize("name", ["cifar10_mobilenetv2.yaml", "cifar100_resnet34.yaml"])
+def test_paper_recipes_express_the_papers_admm_schedule(name: str) -> None:
+    """Sec. 4.1: 450 epochs, an ADMM update every 15, the rate restarting at 0.03 in
+    every block and multiplied by 0.1 every 5 epochs."""
+    m = load_recipe(RECIPES[0].parent / name).mcp
+    assert (m.epochs, m.admm_interval, m.admm_interval_unit) == (450, 15, "epochs")
+    assert (m.lr, m.batch_size, m.rho, m.transition) == (0.03, 256, 0.01, "paper")
+    steps = 50_000 // 256  # CIFAR's epoch
+    schedule = BlockSchedule(15 * steps, 450 * steps, lr_schedule=m.lr_schedule)
+    first_epochs = [schedule.lr_factor(epoch * steps) for epoch in range(16)]
+    assert first_epochs == pytest.approx([1.0] * 5 + [0.1] * 5 + [0.01] * 5 + [1.0])
+    assert [d for d in range(450 * steps + 1) if schedule.is_update(d)] == [
+        b * 15 * steps for b in range(1, 30)
+    ]
