@@ -152,6 +152,10 @@ class LabeledImages(Dataset[tuple[Any, int]]):
         self.transform = transform
         self.indices = list(indices) if indices is not None else None
         self.subset_seed = subset_seed
+        #: A subset that was asked for but exceeded the dataset (all items used).
+        self.subset_clamped_from: int | None = None
+        #: Why this dataset was chosen, when it is a fallback (see ``describe``).
+        self.fallback_note: str | None = None
 
     def __len__(self) -> int:
         return len(self.indices) if self.indices is not None else len(self.base_labels)
@@ -211,6 +215,11 @@ class LabeledImages(Dataset[tuple[Any, int]]):
                 f"{len(self)} of {self.base_size} images "
                 f"(random subset, seed {self.subset_seed})"
             )
+        elif self.subset_clamped_from is not None:
+            count = (
+                f"all {len(self)} images (a subset of {self.subset_clamped_from} was "
+                "asked for, more than the dataset has)"
+            )
         else:
             count = f"{len(self)} images"
         classes = (
@@ -226,6 +235,8 @@ class LabeledImages(Dataset[tuple[Any, int]]):
             skipped.append(f"{self.skipped_non_image} non-image")
         if skipped:
             text += f" (skipped {' and '.join(skipped)} files)"
+        if self.fallback_note:
+            text += f" ({self.fallback_note})"
         return text
 
     def __repr__(self) -> str:
@@ -764,6 +775,7 @@ def build_dataset(
     stl10_unlabeled: bool = False,
     class_folders: bool | None = None,
     verify_images: bool = True,
+    clamp_subset: bool = False,
 ) -> LabeledImages:
     """Builds a dataset of ``(transform(image), label)`` items.
 
@@ -788,6 +800,8 @@ def build_dataset(
         class_folders: For ``imagefolder``: whether sub-folders are classes;
             ``None`` detects it (see ``ImageFiles``).
         verify_images: For ``imagefolder``: check every image file when building.
+        clamp_subset: A ``subset`` larger than the dataset means all of it
+            (``describe()`` says so) instead of an error.
 
     Returns:
         A ``LabeledImages`` with ``num_classes``, ``has_labels``, ``kind`` and
@@ -820,6 +834,9 @@ def build_dataset(
         n = dataset.base_size
         if isinstance(subset, bool) or not isinstance(subset, int) or subset < 1:
             raise DatasetError(f"subset must be a positive integer, got {subset!r}")
+        if subset >= n and clamp_subset:
+            dataset.subset_clamped_from = subset if subset > n else None
+            return dataset
         if subset > n:
             raise DatasetError(
                 f"subset={subset} is larger than {dataset.describe()} ({n} images)"
@@ -856,14 +873,30 @@ def eval_transform(input_size: int) -> Callable[[Image.Image], torch.Tensor]:
     return transform
 
 
-def default_dataset_kind() -> str:
-    """``"fashion_mnist"`` if the Debian package's files exist, else ``"digits"``.
+def default_dataset_kind(root: str | Path | None = None) -> str:
+    """``"fashion_mnist"`` if its idx files exist, else ``"digits"``.
+
+    Args:
+        root: Where to look for Fashion-MNIST's train and test files (default
+            ``FASHION_MNIST_ROOT``, the Debian package's folder).
 
     Returns:
-        The kind the quickstart uses; ``describe()`` of the built dataset says which.
+        The kind the quickstart uses (``kind: auto``); ``describe()`` of the built
+        dataset says which, and why when it is the digits fallback
+        (:func:`fallback_note`).
     """
-    train = _fashion_mnist_files(FASHION_MNIST_ROOT, train=True)
-    test = _fashion_mnist_files(FASHION_MNIST_ROOT, train=False)
+    folder = Path(root).expanduser() if root is not None else FASHION_MNIST_ROOT
+    train = _fashion_mnist_files(folder, train=True)
+    test = _fashion_mnist_files(folder, train=False)
     if all(path is not None for path in train + test):
         return "fashion_mnist"
     return "digits"
+
+
+def fallback_note(root: str | Path | None = None) -> str:
+    """What ``describe()`` adds when ``kind: auto`` fell back to digits."""
+    folder = Path(root).expanduser() if root is not None else FASHION_MNIST_ROOT
+    return (
+        f"data.kind auto: no Fashion-MNIST in {folder}, so scikit-learn's digits; "
+        "accuracies on digits are not comparable with README's Fashion-MNIST numbers"
+    )

@@ -23,7 +23,7 @@ def print_run_summary(report: dict[str, Any], console: Console | None = None) ->
     console = console or Console()
     table = Table(
         title=f"lightly-mcp: {report.get('backbone')} at r = "
-        f"{_fmt(report.get('pruning_ratio'), '.3f')} ({report.get('data', '')})"
+        f"{_fmt(report.get('pruning_ratio'), '.3f')}"
     )
     for column in (
         "model",
@@ -60,6 +60,9 @@ def print_run_summary(report: dict[str, Any], console: Console | None = None) ->
             _fmt(latency, ".2f"),
         )
     console.print(table)
+    if report.get("data"):
+        # Which data was used; a fallback (e.g. digits for Fashion-MNIST) says so.
+        console.print(f"data: {report['data']}")
     stages = report.get("stages", {})
     if stages:
         console.print(
