@@ -59,6 +59,19 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--quiet", action="store_true", help="no progress bars")
         p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
 
+    def preflight_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--dry-run",
+            action="store_true",
+            help="only the preflight: check in seconds, on a few images, that every "
+            "stage will succeed with this recipe; train and write nothing",
+        )
+        p.add_argument(
+            "--no-preflight",
+            action="store_true",
+            help="skip the preflight that runs before training",
+        )
+
     p = sub.add_parser(
         "pretrain",
         help="dense MoCo v2 → OUT/pretrain/",
@@ -67,6 +80,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("recipe", type=Path, help="YAML recipe")
     p.add_argument("--restart", action="store_true", help=RESTART_HELP)
     common(p)
+    preflight_options(p)
 
     p = sub.add_parser(
         "prune",
@@ -83,6 +97,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--restart", action="store_true", help=RESTART_HELP)
     common(p)
+    preflight_options(p)
 
     p = sub.add_parser(
         "export",
@@ -131,6 +146,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("recipe", type=Path, help="YAML recipe")
     p.add_argument("--restart", action="store_true", help=RESTART_HELP)
     common(p)
+    preflight_options(p)
 
     sub.add_parser("smoke", help="quick check of the building blocks (no data)")
     return parser
@@ -204,15 +220,31 @@ def _dispatch(args: argparse.Namespace) -> int:
     return 0
 
 
+def _preflight(args: argparse.Namespace, recipe: Any, out: Path, console: Any) -> None:
+    from lightly_mcp.preflight import for_command
+
+    dense = getattr(args, "dense", None) or recipe.pretrain.dense_checkpoint
+    for_command(
+        args.command,
+        recipe,
+        out,
+        Path(dense) if dense else None,
+        _eval_device(recipe),
+        console,
+        always=args.dry_run,
+    )
+
+
 def _train(
     args: argparse.Namespace, recipe: Any, out: Path, progress: bool, console: Any
 ) -> int:
     """``pretrain``, ``prune`` and ``run``: one process per output folder.
 
-    The folder is locked for the whole command; ``--restart`` clears what earlier
-    runs wrote there, otherwise outputs made with another recipe are refused. Under a
-    multi-process launch the ranks other than 0 only train, and return when their
-    last training stage ends.
+    The folder is locked for the whole command (a dry run, which writes nothing,
+    does not lock); ``--restart`` clears what earlier runs wrote there, otherwise
+    outputs made with another recipe are refused, both before the preflight. Under a
+    multi-process launch the ranks other than 0 skip the preflight, only train, and
+    return when their last training stage ends.
     """
     from lightly_mcp import pipeline
     from lightly_mcp.report import print_run_summary
@@ -223,6 +255,11 @@ def _train(
         is_rank_zero,
         output_lock,
     )
+
+    if args.dry_run:
+        _preflight(args, recipe, out, console)
+        console.print("dry run: nothing was trained or written")
+        return 0
 
     dense = None
     if args.command == "prune":
@@ -237,6 +274,8 @@ def _train(
         if args.restart:
             clear_outputs(out, first_stage)
         check_recipe(recipe, out, stages)
+        if not args.no_preflight and is_rank_zero():
+            _preflight(args, recipe, out, console)
         if args.command == "pretrain":
             path = pipeline.pretrain(recipe, out, progress)
             if is_rank_zero():

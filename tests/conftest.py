@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -54,3 +56,24 @@ class TinyConvNet(nn.Module):
 def tiny_net() -> nn.Module:
     torch.manual_seed(0)
     return randomize_batchnorm(TinyConvNet())
+
+
+# --- one tiny dense and one tiny MCP checkpoint per session (tests/tiny.py) ---------
+@pytest.fixture(scope="session")
+def tiny_dense(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny recipe's dense MoCo v2 checkpoint (4 steps of pretraining)."""
+    from lightly_mcp import pipeline
+    from tests.tiny import tiny_recipe
+
+    out = tmp_path_factory.mktemp("tiny_dense")
+    return pipeline.pretrain(tiny_recipe(), out, progress=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_pruned(tmp_path_factory: pytest.TempPathFactory, tiny_dense: Path) -> Path:
+    """The tiny recipe's MCP checkpoint (4 steps from ``tiny_dense``)."""
+    from lightly_mcp import pipeline
+    from tests.tiny import tiny_recipe
+
+    out = tmp_path_factory.mktemp("tiny_pruned")
+    return pipeline.prune(tiny_recipe(), tiny_dense, out, progress=False)
