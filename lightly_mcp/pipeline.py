@@ -11,9 +11,9 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sized
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytorch_lightning as pl
 import torch
@@ -300,7 +300,8 @@ def _fit(
     trainer = trainer_for(
         recipe, stage_dir, epochs, max_steps, progress, keep_every_n_epochs
     )
-    _check_one_step(stage_dir.name, len(loader.dataset), loader.batch_size, trainer)
+    images = len(cast(Sized, loader.dataset))
+    _check_one_step(stage_dir.name, images, loader.batch_size, trainer)
     last = stage_dir / "last.ckpt"
     resume = None
     if last.is_file():
@@ -326,7 +327,7 @@ def _fit(
     if trainer.global_step == 0:
         raise RecipeError(
             f"stage '{stage_dir.name}' ended without a training step "
-            f"({len(loader.dataset)} images, batch {loader.batch_size} on each of "
+            f"({images} images, batch {loader.batch_size} on each of "
             f"{trainer.world_size} device(s), max_steps {max_steps}); the stage is "
             "not done. Use more data, a smaller batch or fewer devices."
         )
@@ -407,6 +408,8 @@ def pretrain(recipe: Recipe, out: Path, progress: bool = True) -> Path:
         progress,
         keep_every_n_epochs=p.keep_every_n_epochs,
     )
+    if not is_rank_zero():
+        return final
     write_json_atomic(
         stage_dir / DONE,
         {
@@ -437,6 +440,8 @@ def prune(recipe: Recipe, dense: Path | None, out: Path, progress: bool = True) 
     if model.dense_load_report and progress:
         Console().print(f"loaded {dense}: " + "; ".join(model.dense_load_report))
     final = _fit(model, recipe, stage_dir, loader, m.epochs, m.max_steps, progress)
+    if not is_rank_zero():
+        return final
     write_json_atomic(
         stage_dir / DONE,
         {
@@ -662,6 +667,8 @@ def run(
     else:
         dense = timed("pretrain", lambda: pretrain(recipe, out, progress))
     pruned = timed("prune", lambda: prune(recipe, dense, out, progress))
+    if not is_rank_zero():
+        return {}  # the other ranks of a multi-process run only train
     report: dict[str, Any] = dict(
         timed("export", lambda: export_stage(recipe, pruned, out, console))
     )

@@ -357,7 +357,9 @@ def test_run_into_a_folder_of_another_recipe_is_refused(
 ) -> None:
     out = tmp_path / "copy"
     shutil.copytree(finished_run, out)
-    before = {name: (out / name).read_bytes() for name in ("report.json", "recipe.yaml")}
+    before = {
+        name: (out / name).read_bytes() for name in ("report.json", "recipe.yaml")
+    }
     argv = ["run", str(out / "recipe.yaml"), "--out", str(out), "--quiet"]
     message = _error(capsys, [*argv, "--set", "mcp.pruning_ratio=0.3"])
     assert f"'{out}'" in message and "another recipe" in message
