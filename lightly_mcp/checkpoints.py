@@ -53,15 +53,36 @@ class UnsafeCheckpointError(CheckpointError):
     """
 
 
+def checkpoint_file(path: str | Path, what: str = "Checkpoint") -> Path:
+    """``path`` when it is a file; otherwise the error that says what it is.
+
+    Raises:
+        CheckpointError: For a folder (naming checkpoints found in it).
+        FileNotFoundError: For a path that does not exist.
+    """
+    path = Path(path)
+    if path.is_dir():
+        found = sorted(path.glob("*.ckpt")) + sorted(path.glob("*/*.ckpt"))
+        hint = (
+            f"give a checkpoint file such as '{found[0]}'"
+            if found
+            else "give the checkpoint file itself"
+        )
+        raise CheckpointError(
+            f"{what} '{path}' is a folder, not a checkpoint file; {hint}."
+        )
+    if not path.is_file():
+        raise FileNotFoundError(missing_checkpoint_message(path, what))
+    return path
+
+
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
     """Reads a checkpoint file safely (``weights_only=True``) into a dict.
 
     A file with a provenance sidecar (``NAME.provenance.json``, see
     :mod:`lightly_mcp.provenance`) must match the sha256 recorded there.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(missing_checkpoint_message(path))
+    path = checkpoint_file(path)
     try:
         verify_checkpoint(path)
     except ProvenanceError as error:

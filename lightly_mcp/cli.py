@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
 import warnings
 from collections.abc import Sequence
@@ -153,16 +154,58 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _recipe(args: argparse.Namespace) -> Any:
-    from lightly_mcp.recipe import load_recipe
+    import yaml
+
+    from lightly_mcp.recipe import RecipeError, load_recipe
 
     recipe = load_recipe(args.recipe, args.set)
+    if not yaml.safe_load(Path(args.recipe).read_text()):
+        raise RecipeError(
+            f"recipe '{args.recipe}' is empty: every setting would take its default "
+            "(MCP of a randomly initialised backbone on the default data); start "
+            "from a recipe in recipes/ (e.g. recipes/quickstart.yaml)."
+        )
     if args.device is not None:
         recipe.trainer.accelerator = args.device
     if args.devices is not None:
         recipe.trainer.devices = (
             int(args.devices) if args.devices.isdigit() else args.devices
         )
+    _check_devices(recipe, args)
     return recipe
+
+
+_DEVICE_LIST = re.compile(r"\d+(,\d+)*,?")
+
+
+def _check_devices(recipe: Any, args: argparse.Namespace) -> None:
+    """Refuses accelerator and devices values Lightning would reject with a
+    traceback: an unknown devices value, or CUDA where torch sees no GPU.
+    """
+    import torch
+
+    from lightly_mcp.recipe import RecipeError
+
+    t = recipe.trainer
+    source = "--devices" if args.devices is not None else "trainer.devices"
+    devices = t.devices
+    if isinstance(devices, bool) or not (
+        (isinstance(devices, int) and (devices >= 1 or devices == -1))
+        or (
+            isinstance(devices, str)
+            and (devices.strip() in ("auto", "-1") or _DEVICE_LIST.fullmatch(devices))
+        )
+    ):
+        raise RecipeError(
+            f"{source} must be a number of devices (e.g. 2), -1 (all), auto or "
+            f"device indices such as 0,1; got {devices!r}."
+        )
+    if t.accelerator in ("cuda", "gpu") and not torch.cuda.is_available():
+        source = "--device" if args.device is not None else "trainer.accelerator"
+        raise RecipeError(
+            f"{source} is '{t.accelerator}' but torch sees no CUDA GPU "
+            "(torch.cuda.is_available() is False); use --device cpu or --device auto."
+        )
 
 
 def _eval_device(recipe: Any) -> str:
@@ -188,9 +231,12 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         smoke()
         return 0
+    from lightly_mcp.run_folder import check_output_path
+
     if args.command == "export":
         from lightly_mcp.export import export
 
+        check_output_path(args.out)
         export(
             args.checkpoint,
             args.out,
@@ -203,6 +249,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0
     recipe = _recipe(args)
     out: Path = args.out
+    check_output_path(out)
     if args.command in ("pretrain", "prune", "run"):
         return _train(args, recipe, out, progress, console)
     if args.command == "evaluate":
@@ -247,6 +294,7 @@ def _train(
     return when their last training stage ends.
     """
     from lightly_mcp import pipeline
+    from lightly_mcp.checkpoints import checkpoint_file
     from lightly_mcp.report import print_run_summary
     from lightly_mcp.run_folder import (
         STAGES,
@@ -266,6 +314,10 @@ def _train(
         dense = args.dense or recipe.pretrain.dense_checkpoint
         # Recorded in prune/recipe.yaml, so a resume from another file is refused.
         recipe.pretrain.dense_checkpoint = str(dense) if dense else None
+    elif args.command == "run":
+        dense = recipe.pretrain.dense_checkpoint
+    if dense:  # a missing file or a folder is refused before OUT is created
+        checkpoint_file(dense, "dense checkpoint")
     first_stage = "prune" if args.command == "prune" else "pretrain"
     stages: tuple[str, ...] = (first_stage,)
     if args.command == "run":
@@ -301,6 +353,12 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
         FileNotFoundError,
         ValueError,
     ]
+    try:  # Lightning's bad-Trainer-settings error (e.g. an unknown strategy)
+        from lightning_fabric.utilities.exceptions import MisconfigurationException
+
+        errors.append(MisconfigurationException)
+    except ImportError:  # pragma: no cover
+        pass
     return tuple(errors)
 
 

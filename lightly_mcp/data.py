@@ -16,6 +16,9 @@ Kinds:
         copy is trusted: its files are checked for existence, not against
         torchvision's md5 sums, so corrupt files fail with a clear error when parsed.
     ``imagefolder``: any folder of images, with class sub-folders or without labels.
+        With ``train/`` and ``val/`` (or ``test/``) sub-folders those are the two
+        splits; otherwise a labelled folder is split by a fixed 80/20 split of every
+        class, so that evaluation never tests on the training images.
 """
 
 from __future__ import annotations
@@ -85,6 +88,11 @@ FASHION_MNIST_CLASSES: tuple[str, ...] = (
 
 DIGITS_TRAIN_FRACTION = 0.8
 DIGITS_SPLIT_SEED = 0
+
+IMAGEFOLDER_TEST_FRACTION = 0.2
+IMAGEFOLDER_SPLIT_SEED = 0
+HELD_OUT_FOLDERS = ("val", "test")
+"""Sub-folders (beside ``train/``) that hold an image folder's evaluation images."""
 
 IDX_IMAGES_MAGIC = 2051
 IDX_LABELS_MAGIC = 2049
@@ -579,8 +587,10 @@ def _load_image(path: Path) -> Image.Image:
 class ImageFiles(Dataset[tuple[Image.Image, int]]):
     """The image files under a folder, with class sub-folders or without labels.
 
-    The folder is walked recursively (following links, skipping hidden files and
-    folders). Files with an extension in ``IMAGE_EXTENSIONS`` (case-insensitive) are
+    The folder is walked recursively (following links as torchvision's
+    ``ImageFolder`` does, so a folder linked into two class folders counts in both,
+    with a warning; skipping hidden files and folders, and links back to an
+    ancestor). Files with an extension in ``IMAGE_EXTENSIONS`` (case-insensitive) are
     images; other files are ignored and counted in ``skipped_non_image``. Images
     are sorted by relative path.
 
@@ -603,6 +613,9 @@ class ImageFiles(Dataset[tuple[Image.Image, int]]):
         root: The folder.
         class_folders: Whether sub-folders are classes; ``None`` decides as above.
         verify: Check every image at construction.
+        classes: The class names (label order) to use instead of the sub-folders'
+            (the evaluation folder of a ``train/`` + ``val/`` layout uses those of
+            ``train/``); an image in another sub-folder is an error.
 
     Raises:
         DatasetError: ``root`` is not a folder, holds no images, holds no readable
@@ -610,7 +623,11 @@ class ImageFiles(Dataset[tuple[Image.Image, int]]):
     """
 
     def __init__(
-        self, root: str | Path, class_folders: bool | None = None, verify: bool = True
+        self,
+        root: str | Path,
+        class_folders: bool | None = None,
+        verify: bool = True,
+        classes: Sequence[str] | None = None,
     ) -> None:
         self.root = Path(root).expanduser()
         if not self.root.is_dir():
@@ -623,7 +640,11 @@ class ImageFiles(Dataset[tuple[Image.Image, int]]):
                 f"for {' '.join(IMAGE_EXTENSIONS)}, case-insensitive; "
                 f"{self.skipped_non_image} other files ignored)"
             )
-        self.classes = self._classes(files, class_folders)
+        self.classes = (
+            list(classes)
+            if classes is not None
+            else self._classes(files, class_folders)
+        )
         corrupt: list[Path] = []
         if verify:
             good: list[Path] = []
@@ -663,10 +684,15 @@ class ImageFiles(Dataset[tuple[Image.Image, int]]):
             self.labels = np.full(len(files), -1, dtype=np.int64)
         else:
             index = {name: i for i, name in enumerate(self.classes)}
-            self.labels = np.asarray(
-                [index[p.relative_to(self.root).parts[0]] for p in files],
-                dtype=np.int64,
-            )
+            folders = [p.relative_to(self.root).parts[0] for p in files]
+            unknown = sorted(set(folders) - set(index))
+            if unknown:
+                raise DatasetError(
+                    f"imagefolder: {self.root} has images in {unknown[0]}/, which is "
+                    f"not a class of the training images ({', '.join(self.classes)})"
+                )
+            self.labels = np.asarray([index[f] for f in folders], dtype=np.int64)
+            self._warn_linked_across_classes()
         self.load_failures = 0
         self._failed: set[int] = set()
 
@@ -674,13 +700,17 @@ class ImageFiles(Dataset[tuple[Image.Image, int]]):
         """Image files (sorted by relative path) and the number of other files."""
         files: list[Path] = []
         non_image = 0
-        seen: set[str] = set()
+        # Links are followed as torchvision's ImageFolder follows them (a folder
+        # linked into two class folders is read under both); only a link back to a
+        # folder's own ancestor (a cycle) is not entered again.
+        ancestors: dict[str, frozenset[str]] = {}
         for dirpath, dirnames, filenames in os.walk(self.root, followlinks=True):
             real = os.path.realpath(dirpath)
-            if real in seen:  # a link cycle
+            above = ancestors.get(os.path.dirname(dirpath), frozenset())
+            if real in above:  # a link cycle
                 dirnames[:] = []
                 continue
-            seen.add(real)
+            ancestors[dirpath] = above | {real}
             dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
             for name in filenames:
                 if name.startswith("."):
@@ -716,6 +746,22 @@ class ImageFiles(Dataset[tuple[Image.Image, int]]):
             if entry.is_dir() and not entry.name.startswith(".")
         )
 
+    def _warn_linked_across_classes(self) -> None:
+        """Warns when one image file is reached, through links, in two classes."""
+        labels_of: dict[str, set[int]] = {}
+        for path, label in zip(self.paths, self.labels, strict=True):
+            labels_of.setdefault(os.path.realpath(path), set()).add(int(label))
+        shared = [real for real, labels in labels_of.items() if len(labels) > 1]
+        if shared:
+            warnings.warn(
+                f"imagefolder {self.root}: {len(shared)} image file(s) are reached "
+                f"through links in more than one class folder (e.g. {shared[0]}); "
+                "each copy has the label of the folder it is found in, as with "
+                "torchvision's ImageFolder",
+                UserWarning,
+                stacklevel=3,
+            )
+
     def __len__(self) -> int:
         return len(self.paths)
 
@@ -741,18 +787,121 @@ class ImageFiles(Dataset[tuple[Image.Image, int]]):
         raise DatasetError(f"imagefolder: no image in {self.root} can be loaded")
 
 
+class _ImagePart(Dataset[tuple[Image.Image, int]]):
+    """Some of the images of an ``ImageFiles`` (one side of a fixed split)."""
+
+    def __init__(self, files: ImageFiles, indices: Sequence[int]) -> None:
+        self.files = files
+        self.indices = list(indices)
+        self.classes = files.classes
+        self.paths = [files.paths[i] for i in self.indices]
+        self.labels = files.labels[self.indices]
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int) -> tuple[Image.Image, int]:
+        return self.files[self.indices[index]]
+
+    @property
+    def skipped_corrupt(self) -> int:
+        return self.files.skipped_corrupt
+
+    @property
+    def skipped_non_image(self) -> int:
+        return self.files.skipped_non_image
+
+    @property
+    def load_failures(self) -> int:
+        return self.files.load_failures
+
+
+def imagefolder_split_folders(root: Path) -> tuple[Path, Path] | None:
+    """``(root/train, root/val)`` (or ``root/test``) when both exist, else None."""
+    train = root / "train"
+    if not train.is_dir():
+        return None
+    for name in HELD_OUT_FOLDERS:
+        if (root / name).is_dir():
+            return train, root / name
+    return None
+
+
+def imagefolder_split_indices(labels: np.ndarray, train: bool) -> np.ndarray:
+    """The fixed split of a labelled image folder without split folders.
+
+    Every class is permuted by one ``numpy.random.RandomState(IMAGEFOLDER_SPLIT_SEED)``
+    (classes in order, images by sorted path); ``IMAGEFOLDER_TEST_FRACTION`` of it,
+    rounded and at least one image when the class has two or more, is held out for
+    evaluation, the rest is the training split.
+
+    Returns:
+        Sorted indices of the train or the held-out split.
+    """
+    state = np.random.RandomState(IMAGEFOLDER_SPLIT_SEED)
+    chosen: list[int] = []
+    for label in np.unique(labels):
+        members = np.flatnonzero(labels == label)
+        members = members[state.permutation(len(members))]
+        n_test = 0
+        if len(members) >= 2:
+            n_test = max(1, int(round(IMAGEFOLDER_TEST_FRACTION * len(members))))
+        part = members[n_test:] if train else members[:n_test]
+        chosen.extend(int(i) for i in part)
+    return np.asarray(sorted(chosen), dtype=np.int64)
+
+
 def _build_imagefolder(
-    root: Path | None, class_folders: bool | None, verify: bool
+    root: Path | None, class_folders: bool | None, verify: bool, train: bool = True
 ) -> LabeledImages:
     if root is None:
         raise DatasetError("imagefolder needs root: the folder of images")
-    base = ImageFiles(root, class_folders=class_folders, verify=verify)
+    root = Path(root).expanduser()
+    folders = imagefolder_split_folders(root)
+    base: ImageFiles | _ImagePart
+    if folders is not None:
+        train_dir, held_dir = folders
+        if train:
+            base = ImageFiles(train_dir, class_folders=class_folders, verify=verify)
+        else:
+            # The class list (and label indices) of the training images.
+            classes = ImageFiles(train_dir, class_folders, verify=False).classes
+            base = ImageFiles(
+                held_dir,
+                class_folders=classes is not None,
+                verify=verify,
+                classes=classes,
+            )
+        split, source = (train_dir.name if train else held_dir.name), str(base.root)
+    else:
+        files = ImageFiles(root, class_folders=class_folders, verify=verify)
+        base, split, source = files, "", str(files.root)
+        if files.classes is not None:
+            indices = imagefolder_split_indices(files.labels, train)
+            if len(indices) == 0:
+                raise DatasetError(
+                    f"imagefolder: {root} has no class with two or more images, so "
+                    "no image can be held out for evaluation; add images or "
+                    "train/ and val/ sub-folders"
+                )
+            base = _ImagePart(files, indices.tolist())
+            percent = int(round(100 * IMAGEFOLDER_TEST_FRACTION))
+            split = "train" if train else "test"
+            which = (
+                f"the {100 - percent} % of each class not held out"
+                if train
+                else f"{percent} % of each class held out for evaluation"
+            )
+            source = (
+                f"{files.root} ({which}: fixed split, seed {IMAGEFOLDER_SPLIT_SEED}; "
+                "no train/ and val/ or test/ sub-folders)"
+            )
     return LabeledImages(
         base,
         base.labels,
         kind="imagefolder",
-        split="",
-        source=str(base.root),
+        split=split,
+        source=source,
         num_classes=len(base.classes) if base.classes is not None else None,
         classes=base.classes,
     )
@@ -786,8 +935,11 @@ def build_dataset(
         root: Folder of the data. Defaults: ``FASHION_MNIST_ROOT`` for
             ``fashion_mnist``, ``DEFAULT_ROOT`` (``./data``) for the torchvision
             kinds; required for ``imagefolder``; ignored for ``digits``.
-        train: Train split, else test split (ignored for ``imagefolder``). For
-            ``digits`` a fixed 80/20 split (see ``digits_split_indices``).
+        train: Train split, else test split. For ``digits`` a fixed 80/20 split
+            (see ``digits_split_indices``). For ``imagefolder``: the ``train/`` and
+            ``val/`` (or ``test/``) sub-folders when both exist; otherwise, for a
+            labelled folder, a fixed 80/20 split of every class (see
+            ``imagefolder_split_indices``); an unlabelled folder is not split.
         transform: Applied to each PIL image, e.g. ``build_transform(...)`` or
             ``eval_transform(...)``; ``None`` returns the PIL image.
         subset: Keep a random subset of this many items, drawn by a
@@ -824,7 +976,7 @@ def build_dataset(
     elif name == "digits":
         dataset = _build_digits(train)
     elif name == "imagefolder":
-        dataset = _build_imagefolder(path, class_folders, verify_images)
+        dataset = _build_imagefolder(path, class_folders, verify_images, train)
     else:
         dataset = _build_torchvision(
             name, path or DEFAULT_ROOT, train, download, stl10_unlabeled

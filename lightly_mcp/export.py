@@ -20,6 +20,7 @@ Examples:
 from __future__ import annotations
 
 import copy
+import json
 import math
 import os
 import shutil
@@ -416,13 +417,7 @@ def export(
     """
     console = console if console is not None else Console()
     out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ExportError(f"Output path '{out_dir}' exists and is not a folder.")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
-        raise ExportError(
-            f"Output folder '{out_dir}' exists and is not empty; choose another "
-            "folder or pass overwrite=True to replace it."
-        )
+    _check_out_dir(Path(checkpoint), out_dir, overwrite)
     if latency and latency_repeats < 1:
         raise ValueError(f"latency_repeats must be >= 1, got {latency_repeats}.")
 
@@ -454,6 +449,63 @@ def export(
         raise
     console.print(summary_table(report))
     return report
+
+
+def _check_out_dir(checkpoint: Path, out_dir: Path, overwrite: bool) -> None:
+    """Refuses an output folder the export must not replace.
+
+    ``overwrite`` replaces only a previous export: a folder whose entries are its
+    ``report.json`` and the files that report says it wrote. A folder holding the
+    input checkpoint is refused whatever ``overwrite`` says.
+    """
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ExportError(f"Output path '{out_dir}' exists and is not a folder.")
+    if Path(os.path.realpath(checkpoint)).is_relative_to(os.path.realpath(out_dir)):
+        raise ExportError(
+            f"The checkpoint '{checkpoint}' lies inside the output folder "
+            f"'{out_dir}', which the export replaces; choose an output folder that "
+            "does not hold it."
+        )
+    if not (out_dir.is_dir() and any(out_dir.iterdir())):
+        return
+    if not overwrite:
+        raise ExportError(
+            f"Output folder '{out_dir}' exists and is not empty; choose another "
+            "folder or pass --overwrite (overwrite=True) to replace a previous "
+            "export there."
+        )
+    foreign = _not_from_an_export(out_dir)
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+        raise ExportError(
+            f"Output folder '{out_dir}' holds {len(foreign)} file(s) an export did "
+            f"not write ({shown}); --overwrite only replaces a previous export. "
+            "Choose another folder or move them out."
+        )
+
+
+def _not_from_an_export(folder: Path) -> list[str]:
+    """The entries of ``folder`` that no export wrote (by its ``report.json``)."""
+    written: set[str] = set()
+    try:
+        report = json.loads((folder / "report.json").read_text())
+        listed = report["files"]["written"]
+        if isinstance(listed, list):
+            written = {str(name) for name in listed} | {"report.json"}
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # no readable report: not an export folder
+    return sorted(
+        entry.name
+        for entry in folder.iterdir()
+        if not (
+            entry.is_file()
+            and not entry.is_symlink()
+            and (
+                entry.name in written
+                or ("model.onnx" in written and entry.name.startswith("model.onnx."))
+            )
+        )
+    )
 
 
 def _build(

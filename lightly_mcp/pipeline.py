@@ -29,6 +29,7 @@ from lightly_mcp.callbacks import KeepEpochCheckpoints, TrainingClock
 from lightly_mcp.checkpoints import (
     CheckpointError,
     UnsafeCheckpointError,
+    checkpoint_file,
     module_from_checkpoint,
     read_checkpoint,
 )
@@ -45,7 +46,6 @@ from lightly_mcp.files import write_json_atomic
 from lightly_mcp.groups import find_channel_groups
 from lightly_mcp.mcp import MCP
 from lightly_mcp.moco_v2 import MoCoV2
-from lightly_mcp.provenance import missing_checkpoint_message
 from lightly_mcp.pruning_ratio import solve_pruning_ratio
 from lightly_mcp.recipe import Recipe, RecipeError, dump_recipe
 from lightly_mcp.report import write_plots
@@ -427,8 +427,8 @@ def prune(recipe: Recipe, dense: Path | None, out: Path, progress: bool = True) 
     check_recipe(recipe, out, ("prune",))
     if (stage_dir / DONE).is_file():
         return stage_dir / "final.ckpt"
-    if dense is not None and not Path(dense).is_file():
-        raise FileNotFoundError(missing_checkpoint_message(dense, "dense checkpoint"))
+    if dense is not None:
+        checkpoint_file(dense, "dense checkpoint")
     stage_dir.mkdir(parents=True, exist_ok=True)
     if is_rank_zero():
         dump_recipe(recipe, stage_dir / "recipe.yaml")
@@ -517,10 +517,13 @@ def load_backbone_for_eval(
         elif trust_pickle and pickled.is_file():
             path = pickled
         else:
+            checkpoints = sorted(path.glob("*.ckpt")) + sorted(path.glob("*/*.ckpt"))
             hint = (
                 f"; its model.pt is a pickle: pass '{pickled}' with --trust-pickle "
                 "if you trust it"
                 if pickled.is_file()
+                else f"; to evaluate a checkpoint give its file, as '{checkpoints[0]}'"
+                if checkpoints
                 else ""
             )
             raise FileNotFoundError(

@@ -184,6 +184,8 @@ def output_lock(out: Path) -> Iterator[None]:
     Only the launcher's rank 0 locks (the other ranks of a multi-process run are
     started by it and write nothing). The lock is ``fcntl.flock`` on ``out/.lock``:
     it is released when the block ends and, by the kernel, when the process dies.
+    When the block fails and left nothing in a folder it created, the folder is
+    removed again.
 
     Raises:
         OutputFolderError: If another process holds it, or the folder is not
@@ -194,6 +196,7 @@ def output_lock(out: Path) -> Iterator[None]:
         return
     out = Path(out)
     path = out / LOCK
+    created = not out.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -217,6 +220,11 @@ def output_lock(out: Path) -> Iterator[None]:
         os.write(fd, f"{os.getpid()}\n".encode())
         try:
             yield
+        except BaseException:
+            if created and [entry.name for entry in out.iterdir()] == [LOCK]:
+                path.unlink(missing_ok=True)  # still locked: nobody else has it
+                out.rmdir()
+            raise
         finally:
             fcntl.flock(fd, fcntl.LOCK_UN)
     finally:

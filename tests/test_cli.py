@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -421,3 +422,85 @@ def test_restart_clears_only_what_runs_wrote(
     assert (out / "notes.txt").read_text() == "mine"
     assert (out / "prune" / "mine.txt").read_text() == "mine"
     assert (out / "pretrain" / "final.ckpt").stat().st_mtime == pretrain_mtime
+
+
+def test_image_folder_evaluation_uses_held_out_images(tmp_path: Path) -> None:
+    """Random noise in 3 class folders: with the training images as the test set,
+    raw-pixel kNN was 1.000; held-out images give chance level."""
+    import numpy as np
+    from PIL import Image
+
+    from lightly_mcp.evaluation import raw_pixel_baseline
+    from lightly_mcp.pipeline import evaluation_data
+    from lightly_mcp.recipe import recipe_from_dict
+
+    generator = np.random.default_rng(0)
+    for label in ("a", "b", "c"):
+        (tmp_path / "noise" / label).mkdir(parents=True)
+        for i in range(10):
+            pixels = generator.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(tmp_path / "noise" / label / f"{i}.png")
+    recipe = recipe_from_dict(
+        {
+            "data": {"kind": "imagefolder", "root": str(tmp_path / "noise")},
+            "eval": {"batch_size": 64},
+        }
+    )
+    train, test, description, labelled = evaluation_data(recipe)
+    assert labelled
+    bank = set(train.dataset.base.paths)
+    held_out = set(test.dataset.base.paths)
+    assert len(bank) == 24 and len(held_out) == 6 and not bank & held_out
+    assert "20 % of each class held out for evaluation" in description
+    result = raw_pixel_baseline(train, test, k=5)
+    assert result["knn_top1"] < 1.0
+
+
+def test_more_bad_input_gives_one_line_and_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], finished_run: Path
+) -> None:
+    recipe = write_recipe(tmp_path)
+    out = str(tmp_path / "out")
+    for text in ("", "# nothing but a comment\n", "{}\n"):
+        empty = tmp_path / "empty.yaml"
+        empty.write_text(text)
+        assert "is empty" in _error(capsys, ["run", str(empty), "--out", out])
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    checkpoint = str(finished_run / "prune" / "final.ckpt")
+    for argv in (
+        ["run", str(recipe), "--out", str(a_file)],
+        ["evaluate", checkpoint, str(recipe), "--out", str(a_file)],
+        ["export", checkpoint, "--out", str(a_file / "below")],
+    ):
+        assert "give a folder" in _error(capsys, argv)
+    assert a_file.read_text() == "x"
+    assert "--devices must be a number of devices" in _error(
+        capsys, ["pretrain", str(recipe), "--out", out, "--devices", "abc"]
+    )
+    if not torch.cuda.is_available():
+        assert "torch sees no CUDA GPU" in _error(
+            capsys, ["pretrain", str(recipe), "--out", out, "--device", "cuda"]
+        )
+    prune = ["prune", str(recipe), "--from", str(finished_run), "--out", out]
+    message = _error(capsys, prune)
+    assert "is a folder, not a checkpoint file" in message
+    assert "pretrain/final.ckpt" in message
+    message = _error(
+        capsys, ["export", str(finished_run / "prune"), "--out", str(tmp_path / "e")]
+    )
+    assert "is a folder" in message and "final.ckpt" in message
+    assert not (tmp_path / "out").exists() and not (tmp_path / "e").exists()
+    # A folder nobody may write to (immutable: even root cannot).
+    frozen = tmp_path / "frozen"
+    frozen.mkdir()
+    if subprocess.run(["chattr", "+i", str(frozen)], capture_output=True).returncode:
+        return  # no chattr here
+    try:
+        for argv in (
+            ["run", str(recipe), "--out", str(frozen)],
+            ["evaluate", checkpoint, str(recipe), "--out", str(frozen / "eval")],
+        ):
+            assert "cannot write to --out" in _error(capsys, argv)
+    finally:
+        subprocess.run(["chattr", "-i", str(frozen)], check=True)

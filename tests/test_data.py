@@ -403,19 +403,64 @@ def test_imagefolder_with_classes(tmp_path: Path) -> None:
     save_image(tmp_path / "ant" / "nested" / "a.JPG")
     save_image(tmp_path / "ant" / "b.bmp")
     ds = build_dataset("imagefolder", root=tmp_path)
+    test = build_dataset("imagefolder", root=tmp_path, train=False)
     assert ds.has_labels and ds.num_classes == 2 and ds.classes == ["ant", "zebra"]
-    assert len(ds) == 5
-    assert sorted(ds.targets) == [0, 0, 1, 1, 1]
+    assert test.classes == ds.classes
+    # No train/ and val/ folders: a fixed 80/20 split of every class (at least one
+    # image held out per class of two or more).
+    assert (len(ds), len(test)) == (3, 2)
+    assert sorted(ds.targets) == [0, 1, 1] and sorted(test.targets) == [0, 1]
+    assert not set(ds.base.paths) & set(test.base.paths)
     labels = [ds[i][1] for i in range(len(ds))]
     assert labels == ds.targets
-    paths = ds.base.paths
-    assert [p.parent.name for p in paths if p.parent.parent == tmp_path] == [
+    paths = ds.base.paths + test.base.paths
+    assert sorted(p.parent.name for p in paths if p.parent.parent == tmp_path) == [
         "ant",
         "zebra",
         "zebra",
         "zebra",
     ]
-    assert ds.describe() == f"imagefolder: 5 images, 2 classes, from {tmp_path}"
+    assert ds.describe().startswith(
+        f"imagefolder train: 3 images, 2 classes, from {tmp_path} (the 80 % of each "
+        "class not held out: fixed split, seed 0"
+    )
+    assert "20 % of each class held out for evaluation" in test.describe()
+    again = build_dataset("imagefolder", root=tmp_path, train=False)
+    assert again.base.paths == test.base.paths  # fixed
+
+
+def test_imagefolder_with_train_and_val_folders(tmp_path: Path) -> None:
+    for cls in ("ant", "bee", "cat"):
+        save_image(tmp_path / "train" / cls / "1.png")
+        save_image(tmp_path / "train" / cls / "2.png")
+    save_image(tmp_path / "val" / "cat" / "v.png")  # val lacks ant and bee
+    train = build_dataset("imagefolder", root=tmp_path)
+    val = build_dataset("imagefolder", root=tmp_path, train=False)
+    assert len(train) == 6 and train.targets == [0, 0, 1, 1, 2, 2]
+    assert len(val) == 1 and val.targets == [2] and val.num_classes == 3
+    assert val.describe() == (
+        f"imagefolder val: 1 images, 3 classes, from {tmp_path / 'val'}"
+    )
+    save_image(tmp_path / "val" / "dog" / "d.png")
+    with pytest.raises(DatasetError, match="dog/, which is not a class"):
+        build_dataset("imagefolder", root=tmp_path, train=False)
+
+
+def test_imagefolder_class_folder_linked_into_another(tmp_path: Path) -> None:
+    for i in range(3):
+        save_image(tmp_path / "a" / f"{i}.png", value=10 * i)
+        save_image(tmp_path / "c" / f"{i}.png", value=10 * i)
+    (tmp_path / "b").symlink_to(tmp_path / "a", target_is_directory=True)
+    (tmp_path / "c" / "more").symlink_to(tmp_path / "a", target_is_directory=True)
+    with pytest.warns(UserWarning, match="through links in more than one class"):
+        files = data_module.ImageFiles(tmp_path)
+    # As torchvision's ImageFolder: b's images are read (as class b), and so are
+    # the ones c/more links to (as class c); no label is lost.
+    assert files.classes == ["a", "b", "c"]
+    assert sorted(files.labels.tolist()) == [0] * 3 + [1] * 3 + [2] * 6
+    (tmp_path / "a" / "loop").symlink_to(tmp_path, target_is_directory=True)
+    with pytest.warns(UserWarning):
+        assert len(data_module.ImageFiles(tmp_path)) == 12  # a cycle is not entered
 
 
 def test_imagefolder_without_classes(tmp_path: Path) -> None:
@@ -433,7 +478,7 @@ def test_imagefolder_without_classes(tmp_path: Path) -> None:
     save_image(single / "only" / "2.png")
     assert not build_dataset("imagefolder", root=single).has_labels
     forced = build_dataset("imagefolder", root=single, class_folders=True)
-    assert forced.num_classes == 1 and forced.targets == [0, 0]
+    assert forced.num_classes == 1 and forced.targets == [0]  # and 1 held out
     with pytest.raises(DatasetError, match="directly in"):
         build_dataset("imagefolder", root=tmp_path, class_folders=True)
     assert not build_dataset(
@@ -460,7 +505,7 @@ def test_imagefolder_skips_corrupt_and_non_images(tmp_path: Path) -> None:
         summary[0].message
     )
     assert ds.skipped_corrupt == 2 and ds.skipped_non_image == 1
-    assert len(ds) == 6 and ds.num_classes == 2
+    assert len(ds) == 4 and ds.num_classes == 2  # one image per class held out
     assert "skipped 2 corrupt and 1 non-image files" in ds.describe()
     loader = DataLoader(ds, batch_size=4, shuffle=True, num_workers=0)
     seen = 0
@@ -468,7 +513,7 @@ def test_imagefolder_skips_corrupt_and_non_images(tmp_path: Path) -> None:
         assert view_a.shape[1:] == (3, 16, 16) and view_b.shape == view_a.shape
         assert set(labels.tolist()) <= {0, 1}
         seen += len(labels)
-    assert seen == 6 and ds.load_failures == 0
+    assert seen == 4 and ds.load_failures == 0
 
 
 def test_imagefolder_load_failure_falls_back(tmp_path: Path) -> None:

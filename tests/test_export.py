@@ -266,16 +266,37 @@ def test_existing_output_folder_is_refused_unless_overwrite(
         export(checkpoints[SMALLEST], out_dir, latency=False, console=_quiet())
     assert (out_dir / "keep.txt").exists()
     monkeypatch.setattr(export_module, "DEPLOY_RESOLUTION", 32)
-    export(
-        checkpoints[SMALLEST],
-        out_dir,
-        latency=False,
-        overwrite=True,
-        console=_quiet(),
-    )
-    assert not (out_dir / "keep.txt").exists()
+    # --overwrite replaces a previous export, never files an export did not write.
+    with pytest.raises(ExportError, match=r"export did not write \(keep.txt\)"):
+        export(checkpoints[SMALLEST], out_dir, overwrite=True, latency=False)
+    assert (out_dir / "keep.txt").read_text() == "x"
+    (out_dir / "keep.txt").unlink()
+    for _ in range(2):  # into the empty folder, then over that export
+        export(
+            checkpoints[SMALLEST],
+            out_dir,
+            latency=False,
+            overwrite=True,
+            console=_quiet(),
+        )
     assert (out_dir / "report.json").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_export_never_deletes_its_input_checkpoint(
+    checkpoints: dict[str, Path], tmp_path: Path
+) -> None:
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    inside = out_dir / "mcp.ckpt"
+    inside.write_bytes(checkpoints[SMALLEST].read_bytes())
+    for overwrite in (False, True):
+        with pytest.raises(ExportError, match="lies inside the output folder"):
+            export(inside, out_dir, overwrite=overwrite, latency=False)
+        with pytest.raises(ExportError, match="lies inside the output folder"):
+            export(inside, tmp_path, overwrite=overwrite, latency=False)
+    assert inside.read_bytes() == checkpoints[SMALLEST].read_bytes()
+    assert sorted(p.name for p in out_dir.iterdir()) == ["mcp.ckpt"]
 
 
 def test_checkpoint_of_another_backbone_is_refused(

@@ -63,3 +63,14 @@ def test_lock_is_released_when_the_command_ends(tmp_path: Path) -> None:
     with output_lock(out):  # taken again at once
         pass
     assert time.time() - start < 5
+
+
+def test_a_failed_command_leaves_no_folder_it_created(tmp_path: Path) -> None:
+    out = tmp_path / "new"
+    with pytest.raises(RuntimeError), output_lock(out):
+        raise RuntimeError("preflight failed")
+    assert not out.exists()
+    out.mkdir()
+    with pytest.raises(RuntimeError), output_lock(out):  # not created: kept
+        raise RuntimeError("preflight failed")
+    assert out.is_dir()
