@@ -332,11 +332,15 @@ class MCP(MoCoV2):
 
     def on_train_end(self) -> None:
         """Re-estimates the momentum subnet's BatchNorm statistics (see
-        ``recalibration_batches``) so that what is saved describes the subnet.
+        ``recalibration_batches``) so that what is saved describes the subnet, when
+        the run has taken all its steps.
         """
         batches = self.hparams["recalibration_batches"]
         loader = self.trainer.train_dataloader
-        if batches > 0 and isinstance(loader, DataLoader):
+        finished = self.global_step >= self.block_schedule().total_steps
+        # An interrupted run (stopped early, to be resumed) keeps the statistics it
+        # trained with, so that resuming equals an uninterrupted run.
+        if batches > 0 and finished and isinstance(loader, DataLoader):
             self.recalibrate_subnet(loader, batches)
 
     @torch.no_grad()

@@ -45,7 +45,10 @@ def main() -> None:
         dr=1,
         admm_interval=2,
         admm_interval_unit="steps",
-        rho=0.1,
+        lr_schedule="block_step",
+        rho_response=1.0,  # ρ derived from the schedule, the same on every rank
+        sgd_momentum=0.0,  # 2-step blocks are too short for momentum SGD
+        recalibration_batches=2,  # the subnet's statistics, averaged over ranks
         input_size=16,
     )
     # The global batch is the same 16 images in one process or split over two ranks.
@@ -85,6 +88,8 @@ def main() -> None:
             k: v.clone() for k, v in model.backbone_momentum.state_dict().items()
         },
         "bank": model.criterion.memory_bank.bank.clone(),
+        "subnet_stats": {k: v.clone() for k, v in model.subnet.buffers_dict().items()},
+        "block_history": model.block_history,
         "first_loss": first.loss,
     }
     torch.save(state, out / f"rank{trainer.global_rank}.pt")

@@ -51,6 +51,12 @@ def test_ddp_ranks_agree_and_match_one_process(tmp_path: Path) -> None:
         assert torch.equal(rank0["momentum"][name], rank1["momentum"][name]), name
     assert rank0["transition"] == rank1["transition"] == single["transition"]
     assert rank0["rho"] == rank1["rho"]
+    # Block schedule: updates after steps 2 and 4 on both ranks, none at the end;
+    # the recalibrated subnet statistics are averaged over the ranks.
+    steps = [r["step"] for r in rank0["block_history"]]
+    assert steps == [r["step"] for r in rank1["block_history"]] == [2.0, 4.0]
+    for name, value in rank0["subnet_stats"].items():
+        assert torch.equal(value, rank1["subnet_stats"][name]), name
     # Keys of both ranks were gathered into one queue (6 steps × 16 keys).
     assert torch.equal(rank0["bank"], rank1["bank"])
 

@@ -37,15 +37,36 @@ MCP_ARGS = dict(
 )
 
 
-def _model() -> MCP:
+# The paper's block schedule with ρ derived per block (blocks of 3 steps: the split
+# after step 8 falls inside a block), and with a frozen-mask phase from step 6 on
+# (the split falls inside it). No SGD momentum: 3-step blocks are too short for it.
+BLOCK_SCHEDULES = {
+    "cosine": {},
+    "block_step_mid_block": dict(
+        lr_schedule="block_step", rho_response=1.0, sgd_momentum=0.0
+    ),
+    "frozen_phase": dict(
+        lr_schedule="block_cosine",
+        rho_response=1.0,
+        sgd_momentum=0.0,
+        frozen_blocks=4,
+    ),
+}
+
+
+def _model(schedule: str = "cosine") -> MCP:
     torch.manual_seed(0)
-    return MCP(**TINY, **MCP_ARGS)
+    args = {**MCP_ARGS, **BLOCK_SCHEDULES[schedule]}
+    if "rho_response" in args:
+        args.pop("rho")
+    return MCP(**TINY, **args)
 
 
-def test_resume_equals_uninterrupted_run(tmp_path: Path) -> None:
+@pytest.mark.parametrize("schedule", list(BLOCK_SCHEDULES))
+def test_resume_equals_uninterrupted_run(tmp_path: Path, schedule: str) -> None:
     """4 epochs straight == 2 epochs + checkpoint + resume for 2 more (7 steps of
     transition and 2 ADMM updates happen on each side of the split)."""
-    straight = _model()
+    straight = _model(schedule)
     trainer(tmp_path / "a", max_epochs=4).fit(straight, loader(n=32))
 
     class StopAfterTwoEpochs(Callback):
@@ -56,19 +77,22 @@ def test_resume_equals_uninterrupted_run(tmp_path: Path) -> None:
             if trainer.current_epoch == 1:
                 trainer.should_stop = True
 
-    first = _model()
+    first = _model(schedule)
     fit = trainer(tmp_path / "b", max_epochs=4, callbacks=[StopAfterTwoEpochs()])
     fit.fit(first, loader(n=32))
     assert first.transition.iteration == 8
     path = tmp_path / "half.ckpt"
     fit.save_checkpoint(path)
     torch.manual_seed(999)  # the resumed run must not depend on the caller's RNG
-    resumed = MCP(**TINY, **MCP_ARGS)
+    resumed = _model(schedule)
+    torch.manual_seed(999)
     resumed_fit = trainer(tmp_path / "c", max_epochs=4)
     resumed_fit.fit(resumed, loader(n=32), ckpt_path=str(path), weights_only=True)
 
     assert resumed.transition.state_dict() == straight.transition.state_dict()
     assert resumed.transition.iteration == 16
+    assert resumed.block_history == straight.block_history
+    assert resumed.admm.rho == straight.admm.rho
     for (name, a), b in zip(
         straight.state_dict().items(), resumed.state_dict().values(), strict=True
     ):
@@ -307,7 +331,8 @@ def test_mid_epoch_resume_equals_uninterrupted_run(
     for name, a in straight.state_dict().items():
         b = resumed.state_dict()[name]
         assert torch.allclose(a.float(), b.float(), atol=1e-6), name
-    assert straight.admm.num_updates == resumed.admm.num_updates == 2
+    # One update after step 3; none after the last step (6).
+    assert straight.admm.num_updates == resumed.admm.num_updates == 1
     for a, b in zip(straight.admm.masks, resumed.admm.masks, strict=True):
         assert torch.equal(a, b)
     for name, z in straight.admm.z().items():
