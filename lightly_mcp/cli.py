@@ -337,10 +337,41 @@ def _train(
             if is_rank_zero():
                 console.print(f"MCP checkpoint: {path}")
         else:
-            report = pipeline.run(recipe, out, progress, console, _eval_device(recipe))
+            report = _run(args, recipe, out, progress, console)
             if is_rank_zero():
                 print_run_summary(report, console)
     return 0
+
+
+def _run(
+    args: argparse.Namespace, recipe: Any, out: Path, progress: bool, console: Any
+) -> Any:
+    """``pipeline.run``; a failure after a finished stage says what is kept and
+    names the command that continues (``lightly_mcp.continuation``).
+    """
+    from lightly_mcp import pipeline
+    from lightly_mcp.continuation import (
+        export_options,
+        late_stage_failure,
+        rerun_argv,
+    )
+
+    try:
+        return pipeline.run(recipe, out, progress, console, _eval_device(recipe))
+    except (_stage_interrupted(), KeyboardInterrupt):
+        raise
+    except Exception as error:
+        e = recipe.export
+        late = late_stage_failure(
+            error,
+            out,
+            rerun_argv(args),
+            args.recipe,
+            export_options(e.round_to, e.latency),
+        )
+        if late is None:
+            raise
+        raise late from error
 
 
 def _expected_errors() -> tuple[type[BaseException], ...]:
@@ -405,11 +436,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             raise
         message = first_line(error)
-        if isinstance(error, _expected_errors()):
+        from lightly_mcp.continuation import LateStageError
+
+        cause = error.__cause__ if isinstance(error, LateStageError) else error
+        if isinstance(cause, _expected_errors()):
             print(f"lightly-mcp: error: {message}", file=sys.stderr)
             return EXIT_USAGE
         print(
-            f"lightly-mcp: unexpected {type(error).__name__}: {message} "
+            f"lightly-mcp: unexpected {type(cause).__name__}: {message} "
             "(rerun with --debug for the traceback)",
             file=sys.stderr,
         )
