@@ -231,6 +231,219 @@ def canonical_moco_state(
     )
 
 
+# --- what a checkpoint says about the model it needs ------------------------------
+_RESNETS: dict[tuple[bool, tuple[int, ...]], str] = {
+    (False, (2, 2, 2, 2)): "torchvision/resnet18",
+    (False, (3, 4, 6, 3)): "torchvision/resnet34",
+    (True, (3, 4, 6, 3)): "torchvision/resnet50",
+}
+# Children of torchvision's ResNet, as lightly's examples index them positionally.
+_RESNET_CHILDREN = {"0": "conv1", "1": "bn1", "4": "layer1", "5": "layer2"}
+_RESNET_CHILDREN.update({"6": "layer3", "7": "layer4"})
+
+
+def _query_prefixes(state: dict[str, Any]) -> tuple[str, str]:
+    """The key prefixes of the query backbone and its projection head."""
+    keys = list(state)
+    for root in ("module.", ""):
+        if any(k.startswith(f"{root}encoder_q.") for k in keys):
+            return f"{root}encoder_q.", f"{root}encoder_q.fc."
+    if any(k.startswith("backbone.net.") for k in keys):
+        return "backbone.net.", "projection_head."
+    return "backbone.", "projection_head."
+
+
+def checkpoint_settings(data: dict[str, Any]) -> dict[str, tuple[Any, str]]:
+    """The recipe settings a MoCo checkpoint's tensors require, read from its
+    shapes (any supported format), with the evidence for each.
+
+    Keys are recipe keys: ``backbone.name`` (torchvision ResNets and MobileNetV2,
+    from their block structure), ``backbone.small_input`` (ResNets: a 7x7 stem
+    convolution or the 3x3 small-input one), ``pretrain.projection_hidden_dim``,
+    ``pretrain.projection_dim``, ``pretrain.projection_batch_norm`` (the head's
+    layer shapes and BatchNorm), ``pretrain.split_batch_norm`` (running statistics
+    ``num_splits`` times the channels: lightly's ``SplitBatchNorm``) and
+    ``pretrain.memory_bank_size`` (the queue). What the tensors do not show is left
+    out.
+    """
+    state = data.get("state_dict", data)
+    if not isinstance(state, dict):
+        return {}
+    backbone_prefix, head_prefix = _query_prefixes(state)
+    found: dict[str, tuple[Any, str]] = {}
+    backbone = {
+        k[len(backbone_prefix) :]: v
+        for k, v in state.items()
+        if k.startswith(backbone_prefix) and isinstance(v, Tensor)
+    }
+    if backbone and all(k.split(".")[0].isdigit() for k in backbone):
+        # lightly's examples: nn.Sequential(*list(resnet.children())[:-1]).
+        backbone = {
+            ".".join([_RESNET_CHILDREN.get(k.split(".")[0], "?"), *k.split(".")[1:]]): v
+            for k, v in backbone.items()
+        }
+    name = None
+    if any(k.startswith("layer4.") for k in backbone):
+        blocks = tuple(
+            len({k.split(".")[1] for k in backbone if k.startswith(f"layer{i}.")})
+            for i in range(1, 5)
+        )
+        bottleneck = any(".conv3." in k for k in backbone)
+        name = _RESNETS.get((bottleneck, blocks))
+        if name is not None:
+            found["backbone.name"] = (name, f"ResNet blocks {list(blocks)}")
+        stem = backbone.get("conv1.weight")
+        if stem is not None and stem.dim() == 4 and stem.shape[-1] in (3, 7):
+            kernel = int(stem.shape[-1])
+            found["backbone.small_input"] = (kernel == 3, f"a {kernel}x{kernel} stem")
+    elif any(k.startswith("features.18.") for k in backbone):
+        found["backbone.name"] = ("torchvision/mobilenet_v2", "MobileNetV2 blocks")
+    linears = [
+        v
+        for k, v in state.items()
+        if k.startswith(head_prefix)
+        and k.endswith(".weight")
+        and isinstance(v, Tensor)
+        and v.dim() == 2
+    ]
+    if linears:
+        batch_norm = any(
+            k.startswith(head_prefix) and k.endswith("running_mean") for k in state
+        )
+        dims = "-".join(
+            str(d) for d in [linears[0].shape[1], *(w.shape[0] for w in linears)]
+        )
+        head = (
+            f"a {dims} projection head {'with' if batch_norm else 'without'} BatchNorm"
+        )
+        if len(linears) >= 2:
+            found["pretrain.projection_hidden_dim"] = (int(linears[0].shape[0]), head)
+        found["pretrain.projection_dim"] = (int(linears[-1].shape[0]), head)
+        found["pretrain.projection_batch_norm"] = (batch_norm, head)
+    for key, value in backbone.items():
+        if key.endswith("running_mean") and isinstance(value, Tensor):
+            weight = backbone.get(key[: -len("running_mean")] + "weight")
+            if weight is not None and weight.numel() > 0:
+                splits = value.numel() // weight.numel()
+                found["pretrain.split_batch_norm"] = (
+                    splits if splits > 1 else 0,
+                    f"SplitBatchNorm with {splits} splits"
+                    if splits > 1
+                    else "plain BatchNorm",
+                )
+            break
+    bank = data.get("memory_bank")
+    queue = bank.get("bank") if isinstance(bank, dict) else None
+    for key in ("module.queue", "queue"):
+        if queue is None and isinstance(state.get(key), Tensor):
+            queue = state[key].t()
+    if isinstance(queue, Tensor) and queue.dim() == 2:
+        found["pretrain.memory_bank_size"] = (int(queue.shape[0]), "its queue")
+    return found
+
+
+def checkpoint_format(data: dict[str, Any]) -> str:
+    """The format name ``canonical_moco_state`` reports for a checkpoint."""
+    state = data.get("state_dict", data)
+    keys = [str(k) for k in state] if isinstance(state, dict) else []
+    if any(k.startswith("backbone.net.") for k in keys):
+        return "lightly-mcp"
+    if any(k.startswith(("module.encoder_q.", "encoder_q.")) for k in keys):
+        return "moco-official"
+    if any(re.match(r"backbone\.\d+\.", k) for k in keys):
+        return "lightly-example"
+    if any(k.startswith("key_backbone.") for k in keys):
+        return "lightly-benchmark"
+    raise CheckpointError(
+        "not a MoCo checkpoint this project knows: expected keys of lightly-mcp "
+        "(backbone.net.*), lightly's examples (backbone.0.*), lightly's benchmark "
+        "(backbone.*, key_backbone.*) or the official MoCo release (encoder_q.*)."
+    )
+
+
+def inspect_checkpoint(path: str | Path) -> str:
+    """The recipe sections a dense MoCo checkpoint needs, as YAML with the evidence
+    in comments (``lightly-mcp inspect CKPT``).
+
+    Raises:
+        CheckpointError: For a file that is not a MoCo checkpoint of a known format.
+    """
+    data = read_checkpoint(path)
+    try:
+        fmt = checkpoint_format(data)
+    except CheckpointError as error:
+        raise CheckpointError(f"Checkpoint '{path}': {error}") from None
+    found = checkpoint_settings(data)
+    lines = [
+        f"# {path}: format {fmt}",
+        "# the recipe settings its tensors need (for `lightly-mcp prune RECIPE "
+        "--from` this checkpoint):",
+    ]
+    for section in ("backbone", "pretrain"):
+        entries = [
+            (key.split(".", 1)[1], value, evidence)
+            for key, (value, evidence) in found.items()
+            if key.startswith(section + ".")
+        ]
+        if entries:
+            lines.append(f"{section}:")
+            lines += [f"  {k}: {_yaml(v)}  # {evidence}" for k, v, evidence in entries]
+    if not found:
+        lines.append("# (its tensors say nothing the recipe sets)")
+    return "\n".join(lines)
+
+
+def model_settings(model: MoCoV2) -> dict[str, Any]:
+    """The values of ``checkpoint_settings``' keys for a model."""
+    h = model.hparams
+    kwargs = h.get("backbone_kwargs") or {}
+    split = int(h.get("split_batch_norm") or 0)
+    return {
+        "backbone.name": h.get("backbone"),
+        "backbone.small_input": bool(kwargs.get("small_input", False)),
+        "pretrain.projection_hidden_dim": h.get("projection_hidden_dim"),
+        "pretrain.projection_dim": h.get("projection_dim"),
+        "pretrain.projection_batch_norm": bool(h.get("projection_batch_norm")),
+        "pretrain.split_batch_norm": split if split > 1 else 0,
+    }
+
+
+def _yaml(value: Any) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def check_checkpoint_fits(
+    data: dict[str, Any], model: MoCoV2, path: str | Path
+) -> None:
+    """Refuses a checkpoint whose shapes need other recipe settings than ``model``
+    has, naming every recipe key and value to set (one message, not a first
+    missing key).
+
+    Raises:
+        CheckpointError: ``set backbone.small_input: false, ...`` with the evidence.
+    """
+    needed = checkpoint_settings(data)
+    have = model_settings(model)
+    if not str(have["backbone.name"]).startswith("torchvision/"):
+        # A timm ResNet has torchvision's keys: leave backbones to _load_part.
+        needed.pop("backbone.name", None)
+        needed.pop("backbone.small_input", None)
+    differing = [
+        (key, value, evidence)
+        for key, (value, evidence) in needed.items()
+        if key in have and have[key] != value
+    ]
+    if not differing:
+        return
+    settings = ", ".join(f"{key}: {_yaml(value)}" for key, value, _ in differing)
+    evidence = "; ".join(dict.fromkeys(evidence for _, _, evidence in differing))
+    raise CheckpointError(
+        f"Checkpoint '{path}' needs other model settings than the recipe gives: set "
+        f"{settings} (the checkpoint has {evidence}); `lightly-mcp inspect {path}` "
+        "prints the recipe sections it needs."
+    )
+
+
 def load_dense_moco(model: MoCoV2, path: str | Path) -> list[str]:
     """Loads encoders, heads and queue of a dense MoCo checkpoint into ``model``.
 
@@ -257,6 +470,7 @@ def load_dense_moco(model: MoCoV2, path: str | Path) -> list[str]:
             f"uses '{wanted}'. Set the backbone to '{saved}' or use a matching "
             "checkpoint."
         )
+    check_checkpoint_fits(data, model, path)
     report = [f"format: {fmt}"]
     for part in PARTS:
         prefix = part + "."

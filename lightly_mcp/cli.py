@@ -149,6 +149,15 @@ def _parser() -> argparse.ArgumentParser:
     common(p)
     preflight_options(p)
 
+    p = sub.add_parser(
+        "inspect",
+        help="the recipe settings a dense checkpoint needs",
+        description="Print the recipe sections (backbone, pretrain) that a dense "
+        "MoCo checkpoint's tensors need, read from their shapes (e.g. a checkpoint "
+        "of lightly's examples/pytorch_lightning/moco.py), for prune --from CKPT.",
+    )
+    p.add_argument("checkpoint", type=Path, help="dense MoCo checkpoint")
+
     sub.add_parser("smoke", help="quick check of the building blocks (no data)")
     return parser
 
@@ -226,6 +235,11 @@ def _dispatch(args: argparse.Namespace) -> int:
 
     console = Console()
     progress = not args.quiet if hasattr(args, "quiet") else True
+    if args.command == "inspect":
+        from lightly_mcp.checkpoints import inspect_checkpoint
+
+        print(inspect_checkpoint(args.checkpoint))
+        return 0
     if args.command == "smoke":
         from lightly_mcp.smoke import smoke
 

@@ -150,7 +150,7 @@ def test_lightly_benchmark_format(tmp_path: Path) -> None:
 def test_example_checkpoint_for_other_backbone_is_refused(example_model) -> None:  # type: ignore[no-untyped-def]
     _, path = example_model
     with pytest.raises(
-        CheckpointError, match="does not match backbone of 'torchvision/resnet34'"
+        CheckpointError, match="set backbone.name: torchvision/resnet18"
     ):
         MCP(
             **{**EXAMPLE, "backbone": "torchvision/resnet34"},
@@ -211,3 +211,109 @@ def test_cli_prunes_from_a_lightly_example_checkpoint(
     assert done["dense_load_report"][0] == "format: lightly-example"
     assert any("backbone_momentum" in line for line in done["dense_load_report"])
     assert (out / "prune" / "final.ckpt").is_file()
+
+
+# --- what the checkpoint says (issue 17, item 5) -------------------------------------
+def test_example_checkpoint_and_recipe_defaults_name_every_key_to_set(
+    example_model,
+) -> None:  # type: ignore[no-untyped-def]
+    """The recipe defaults of a first try (small_input, a 2048-wide head with
+    BatchNorm, SplitBatchNorm): one message names every key and value to set."""
+    _, path = example_model
+    with pytest.raises(CheckpointError) as info:
+        MCP(
+            **{
+                **EXAMPLE,
+                "backbone_kwargs": {"small_input": True},
+                "projection_hidden_dim": 2048,
+                "projection_batch_norm": True,
+                "split_batch_norm": 8,
+            },
+            pruning_ratio=0.5,
+            dense_checkpoint=str(path),
+            input_size=32,
+        )
+    message = str(info.value)
+    assert "\n" not in message
+    assert (
+        "set backbone.small_input: false, pretrain.projection_hidden_dim: 512, "
+        "pretrain.projection_batch_norm: false, pretrain.split_batch_norm: 0 "
+    ) in message
+    assert "a 7x7 stem" in message and "512-512-128 projection head without" in message
+    assert f"lightly-mcp inspect {path}" in message
+
+
+def test_inspect_prints_the_recipe_sections_a_checkpoint_needs(
+    example_model, capsys: pytest.CaptureFixture[str]
+) -> None:  # type: ignore[no-untyped-def]
+    import yaml
+
+    from lightly_mcp.cli import main
+
+    example, path = example_model
+    assert main(["inspect", str(path)]) == 0
+    sections = yaml.safe_load(capsys.readouterr().out)
+    assert sections == {
+        "backbone": {"name": "torchvision/resnet18", "small_input": False},
+        "pretrain": {
+            "projection_hidden_dim": 512,
+            "projection_dim": 128,
+            "projection_batch_norm": False,
+            "split_batch_norm": 0,
+        },
+    }  # lightly's NTXentLoss does not save its queue: no memory_bank_size
+    # Those settings load it.
+    p = sections["pretrain"]
+    mcp = MCP(
+        backbone=sections["backbone"]["name"],
+        backbone_kwargs={"small_input": sections["backbone"]["small_input"]},
+        batch_size_per_device=8,
+        memory_bank_size=64,
+        projection_hidden_dim=p["projection_hidden_dim"],
+        projection_dim=p["projection_dim"],
+        projection_batch_norm=p["projection_batch_norm"],
+        split_batch_norm=p["split_batch_norm"],
+        pruning_ratio=0.5,
+        dense_checkpoint=str(path),
+        input_size=32,
+    )
+    _assert_loaded(mcp, example)
+
+
+def test_split_batch_norm_is_read_from_the_running_statistics(tmp_path: Path) -> None:
+    from lightly_mcp.checkpoints import checkpoint_settings
+
+    torch.manual_seed(0)
+    source = MoCoV2(**{**EXAMPLE, "projection_batch_norm": True}, split_batch_norm=4)
+    path = tmp_path / "split.pt"
+    torch.save(source.state_dict(), path)
+    settings = checkpoint_settings(torch.load(path, weights_only=True))
+    assert settings["pretrain.split_batch_norm"][0] == 4
+    assert settings["pretrain.projection_batch_norm"][0] is True
+    with pytest.raises(CheckpointError, match="set pretrain.split_batch_norm: 4 "):
+        MCP(**EXAMPLE, projection_batch_norm=True, dense_checkpoint=str(path))
+
+
+def test_first_prune_from_an_example_checkpoint_names_the_keys(
+    example_model, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:  # type: ignore[no-untyped-def]
+    """`lightly-mcp prune` with a recipe written for this project's own models."""
+    import yaml
+
+    from lightly_mcp.cli import main
+    from tests.test_cli import TINY_RECIPE
+
+    _, path = example_model
+    recipe = {**TINY_RECIPE, "backbone": {"name": "torchvision/resnet18"}}
+    recipe["backbone"]["small_input"] = True
+    recipe["pretrain"] = {**TINY_RECIPE["pretrain"], "projection_batch_norm": True}
+    recipe_path = tmp_path / "recipe.yaml"
+    recipe_path.write_text(yaml.safe_dump(recipe))
+    argv = ["prune", str(recipe_path), "--from", str(path), "--out", str(tmp_path)]
+    assert main([*argv, "--quiet"]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert (
+        "set backbone.small_input: false, pretrain.projection_hidden_dim: 512, " in line
+    )
+    assert "pretrain.projection_batch_norm: false" in line
+    assert not (tmp_path / "prune").exists()
