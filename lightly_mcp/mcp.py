@@ -255,6 +255,11 @@ class MCP(MoCoV2):
             )
         return self._schedule
 
+    def configure_optimizers(self) -> Any:
+        """MoCo v2's optimizer; the block schedule is derived afresh for this fit."""
+        self._schedule = None
+        return super().configure_optimizers()
+
     def lr_scheduler(self, optimizer: Any, max_steps: int) -> LambdaLR:
         """MoCo v2's cosine, or the block schedule's restarting learning rate."""
         if self.hparams["lr_schedule"] == "cosine":
@@ -347,7 +352,7 @@ class MCP(MoCoV2):
     def recalibrate_subnet(self, loader: DataLoader, num_batches: int) -> int:
         """Recalibrates the subnet's BatchNorm statistics on a loader's first images.
 
-        The first ``num_batches`` batches of ``loader.dataset`` in order (the key
+        The first ``num_batches`` full batches of ``loader.dataset`` in order (the key
         views of ``(views, label, ...)`` items, or plain image tensors), without
         touching the loader's own position. Under DDP the statistics are averaged
         over the ranks, so every rank keeps the same subnet.
@@ -357,6 +362,7 @@ class MCP(MoCoV2):
             batch_size=loader.batch_size or 1,
             shuffle=False,
             num_workers=0,
+            drop_last=True,  # full batches only (SplitBatchNorm needs them)
         )
         seen = self.subnet.recalibrate(self._key_images(ordered), num_batches)
         if self._trainer is not None and self.trainer.world_size > 1:
