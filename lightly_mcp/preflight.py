@@ -29,7 +29,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import io
-import math
 import tempfile
 import time
 import warnings
@@ -42,10 +41,10 @@ from typing import Any, TypeVar
 
 import pytorch_lightning as pl
 from rich.console import Console
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import Subset
 
 from lightly_mcp.checkpoints import CheckpointError
-from lightly_mcp.errors import MCPWarning, describe_error, first_line
+from lightly_mcp.errors import MCPWarning, first_line
 from lightly_mcp.export import export
 from lightly_mcp.mcp import MCP
 from lightly_mcp.moco_v2 import MoCoV2
@@ -56,7 +55,8 @@ from lightly_mcp.resumable_data import ResumableLoader
 STAGES = ("pretrain", "prune", "export", "evaluate")
 #: Images of the evaluation pass (training bank, test set).
 EVAL_IMAGES = (16, 8)
-#: Images per training batch of the preflight steps (rounded up to split BN's splits).
+#: Images per training batch of the preflight steps (at least two per split BN split,
+#: at most the stage's batch).
 STEP_BATCH = 4
 
 T = TypeVar("T")
@@ -163,7 +163,14 @@ def preflight(
         if first == "pretrain":
             with _stage("pretrain"):
                 moco = MoCoV2(**pipeline.moco_kwargs(recipe, "pretrain"))
-                _steps(moco, recipe, datasets["pretrain"], 1, tmp / "pretrain")
+                _steps(
+                    moco,
+                    recipe,
+                    datasets["pretrain"],
+                    1,
+                    recipe.pretrain.batch_size,
+                    tmp / "pretrain",
+                )
                 dense = tmp / "dense.ckpt"
                 moco.trainer.save_checkpoint(str(dense))
                 result.checked.append("one MoCo v2 step")
@@ -177,8 +184,14 @@ def preflight(
             model = pipeline.mcp_model(recipe, dense)
             result.checked.append(_check_schedule(model, recipe, datasets["prune"]))
             steps = _prepare_short_schedule(model)
-            loader = _steps(model, recipe, datasets["prune"], steps, tmp / "prune")
-            _check_recalibration(model, recipe, datasets["prune"])
+            loader = _steps(
+                model,
+                recipe,
+                datasets["prune"],
+                steps,
+                recipe.mcp.batch_size,
+                tmp / "prune",
+            )
             pruned = tmp / "mcp.ckpt"
             model.trainer.save_checkpoint(str(pruned))
             result.checked.append(f"{steps} MCP steps with an ADMM update")
@@ -268,32 +281,6 @@ def _check_schedule(model: MCP, recipe: Recipe, dataset: Any) -> str:
     )
 
 
-def _check_recalibration(model: MCP, recipe: Recipe, dataset: Any) -> None:
-    """The last, partial batch of the subnet's BatchNorm recalibration.
-
-    When training ends, MCP re-estimates the subnet's statistics on the first
-    ``mcp.recalibration_batches`` batches of the training images in order, the last
-    of which may be partial (the training steps drop it). Its shape is the one the
-    preflight's short training cannot see, so it is run here once.
-    """
-    wanted, batch = recipe.mcp.recalibration_batches, recipe.mcp.batch_size
-    rest = len(dataset) % batch
-    if wanted == 0 or rest == 0 or math.ceil(len(dataset) / batch) > wanted:
-        return
-    partial = DataLoader(Subset(dataset, range(rest)), batch_size=batch)
-    try:
-        model.recalibrate_subnet(partial, 1)
-    except Exception as error:
-        raise ValueError(
-            f"recalibrating the momentum subnet's BatchNorm when training ends "
-            f"(mcp.recalibration_batches {wanted}) reaches the last, partial batch "
-            f"of {rest} images ({len(dataset)} images, batches of {batch}) and fails "
-            f"({describe_error(error)}); set mcp.recalibration_batches to at most "
-            f"{len(dataset) // batch} or make the training set a multiple of "
-            "mcp.batch_size."
-        ) from error
-
-
 def _prepare_short_schedule(model: MCP) -> int:
     """Makes ``model`` train a short schedule that has every kind of step.
 
@@ -312,14 +299,23 @@ def _prepare_short_schedule(model: MCP) -> int:
 
 # --- tiny training -----------------------------------------------------------------
 def _steps(
-    model: pl.LightningModule, recipe: Recipe, dataset: Any, steps: int, root: Path
+    model: pl.LightningModule,
+    recipe: Recipe,
+    dataset: Any,
+    steps: int,
+    real_batch: int,
+    root: Path,
 ) -> ResumableLoader:
     """``steps`` optimizer steps of ``model`` on the first images of ``dataset``;
     returns the loader of those images.
+
+    Batches are small (:data:`STEP_BATCH` images, two per ``SplitBatchNorm`` split),
+    never larger than the stage's own (``real_batch``), so that a batch the stage
+    cannot take fails here too.
     """
-    split = recipe.pretrain.split_batch_norm
-    batch = max(STEP_BATCH, split) if split > 1 else STEP_BATCH
-    batch = math.ceil(batch / max(split, 1)) * max(split, 1)
+    split = max(recipe.pretrain.split_batch_norm, 1)
+    batch = max(STEP_BATCH, 2 * split) if split > 1 else STEP_BATCH
+    batch = min(batch, real_batch)
     if len(dataset) < batch:
         raise ValueError(
             f"the training set has {len(dataset)} images, fewer than one batch of "

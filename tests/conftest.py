@@ -77,3 +77,18 @@ def tiny_pruned(tmp_path_factory: pytest.TempPathFactory, tiny_dense: Path) -> P
 
     out = tmp_path_factory.mktemp("tiny_pruned")
     return pipeline.prune(tiny_recipe(), tiny_dense, out, progress=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_exported(tmp_path_factory: pytest.TempPathFactory, tiny_pruned: Path) -> Path:
+    """A run folder whose ``export/`` holds ``tiny_pruned`` exported."""
+    import io
+
+    from rich.console import Console
+
+    from lightly_mcp import pipeline
+    from tests.tiny import tiny_recipe
+
+    out = tmp_path_factory.mktemp("tiny_exported")
+    pipeline.export_stage(tiny_recipe(), tiny_pruned, out, Console(file=io.StringIO()))
+    return out

@@ -33,7 +33,7 @@ def test_dry_run_checks_every_stage_and_writes_nothing(
     printed = " ".join(capsys.readouterr().out.split())
     for check in (
         "one MoCo v2 step",
-        "MCP schedule (4 steps in 2 ADMM blocks of 2",
+        "MCP schedule (2 steps in 2 ADMM blocks of 1,",
         "MCP steps with an ADMM update",
         "export self-check",
         "evaluation pass (dense, subnet, compact, baselines)",
@@ -71,17 +71,9 @@ def test_a_broken_late_stage_is_caught_before_training(
     "override, expected",
     [
         # Too short for SGD momentum: refused at train start, here before it.
-        ({"mcp.rho_response": 1.0}, r"ADMM blocks of 2 steps are too short"),
+        ({"mcp.rho_response": 1.0}, r"ADMM blocks of 1 steps are too short"),
         ({"mcp.frozen_blocks": 2}, r"frozen_blocks \(2\) must be smaller than the "),
         ({"data.subset": 4}, r"batch size 8 is larger than the training set"),
-        # A training set that is not a multiple of the batch: the subnet's
-        # BatchNorm recalibration ends on a partial batch, which SplitBatchNorm
-        # cannot take unless it splits evenly (what the digits quickstart hit after
-        # its whole prune stage).
-        (
-            {"data.subset": 35, "pretrain.split_batch_norm": 2},
-            r"partial batch of 3 images .* at most 4",
-        ),
     ],
 )
 def test_recipe_errors_of_late_stages_come_before_training(
@@ -97,16 +89,21 @@ def test_recipe_errors_of_late_stages_come_before_training(
 
 
 def test_preflight_leaves_the_run_unchanged(
-    tmp_path: Path, tiny_dense: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path,
+    tiny_dense: Path,
+    tiny_pruned: Path,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
-    recipe = write_tiny(tmp_path, {"mcp.frozen_blocks": 1})
-    states = []
-    for flags in (["--no-preflight"], []):
-        out = tmp_path / f"run{len(states)}"
-        argv = ["prune", str(recipe), "--from", str(tiny_dense), "--out", str(out)]
-        assert main([*argv, "--quiet", *flags]) == 0
-        states.append(read_checkpoint(out / "prune" / "final.ckpt")["state_dict"])
+    """The same prune stage after the preflight as without it (``tiny_pruned``)."""
+    recipe = write_tiny(tmp_path)
+    out = tmp_path / "run"
+    argv = ["prune", str(recipe), "--from", str(tiny_dense), "--out", str(out)]
+    assert main([*argv, "--quiet"]) == 0
     assert "preflight passed" in capsys.readouterr().out
+    states = [
+        read_checkpoint(path)["state_dict"]
+        for path in (tiny_pruned, out / "prune" / "final.ckpt")
+    ]
     assert states[0].keys() == states[1].keys()
     for key, value in states[0].items():
         assert torch.equal(value, states[1][key]), key

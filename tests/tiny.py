@@ -17,7 +17,7 @@ from lightly_mcp.recipe import Recipe, recipe_from_dict
 
 TINY: dict[str, Any] = {
     "seed": 0,
-    "data": {"kind": "digits", "input_size": 16, "subset": 32},
+    "data": {"kind": "digits", "input_size": 16, "subset": 16},
     "backbone": {
         "name": "torchvision/mobilenet_v2",
         "small_input": False,
@@ -33,7 +33,7 @@ TINY: dict[str, Any] = {
     "mcp": {
         "pruning_ratio": 0.5,
         "frq": 2,
-        "admm_interval": 2,
+        "admm_interval": 1,
         "admm_interval_unit": "steps",
         "epochs": 1,
         "batch_size": 8,
@@ -47,7 +47,7 @@ TINY: dict[str, Any] = {
     },
     "trainer": {"accelerator": "cpu", "log_every_n_steps": 1},
 }
-"""32 images in batches of 8: 4 steps per stage, ADMM blocks of 2 steps."""
+"""16 images in batches of 8: 2 steps per stage, ADMM blocks of 1 step."""
 
 
 def tiny_dict(overrides: dict[str, Any] | None = None) -> dict[str, Any]:
