@@ -66,7 +66,7 @@ def _processes_mentioning(text: str) -> list[int]:
     return pids
 
 
-@pytest.mark.parametrize("devices", [3])
+@pytest.mark.parametrize("devices", [2, 3])
 def test_run_on_several_processes_writes_once_and_every_rank_exits(
     tmp_path: Path, devices: int
 ) -> None:
