@@ -16,6 +16,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 from pathlib import Path
 from typing import Any
@@ -34,19 +35,45 @@ COLUMNS = (
 
 
 def block_history(run: Path) -> list[dict[str, Any]]:
-    """The per-update records of a run folder (``done.json``, else the checkpoint)."""
+    """The per-update records of a run folder: ``done.json``, else the checkpoint,
+    else the CSV log (runs made before the record existed)."""
     done = run / "prune" / "done.json"
     if done.is_file():
         history: list[dict[str, Any]] = json.loads(done.read_text()).get(
             "admm_blocks", []
         )
-        return history
+        if history:
+            return history
     for name in ("final.ckpt", "last.ckpt"):
         path = run / "prune" / name
         if path.is_file():
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-            return list(checkpoint.get("mcp_schedule", {}).get("history", []))
-    raise FileNotFoundError(f"no prune/done.json or checkpoint under '{run}'.")
+            history = list(checkpoint.get("mcp_schedule", {}).get("history", []))
+            if history:
+                return history
+    metrics = run / "prune" / "logs" / "metrics.csv"
+    if metrics.is_file():
+        return _from_csv(metrics)
+    raise FileNotFoundError(f"no ADMM block record under '{run}'.")
+
+
+def _from_csv(path: Path) -> list[dict[str, Any]]:
+    """Update rows of a Lightning CSV log; Lightning repeats a value logged in
+    ``on_train_batch_end`` at the next logging step, so repeats are dropped."""
+    records: list[dict[str, Any]] = []
+    with path.open() as file:
+        for row in csv.DictReader(file):
+            if not row.get("theta_response"):
+                continue
+            record = {k: float(v) for k, v in row.items() if v and k != "epoch"}
+            record["step"] += 1  # Lightning logs the step index; we count steps done
+            if records and all(
+                records[-1].get(k) == record.get(k)
+                for k in ("theta_response", "admm_relative_distance")
+            ):
+                continue
+            records.append(record)
+    return records
 
 
 def table(history: list[dict[str, Any]]) -> str:
