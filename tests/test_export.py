@@ -16,6 +16,7 @@ from lightly_mcp.checkpoints import CheckpointError
 from lightly_mcp.compaction import compact
 from lightly_mcp.counting import count_macs, count_parameters
 from lightly_mcp.export import (
+    CHECK_TOLERANCE,
     ExportError,
     export,
     load_mcp_checkpoint,
@@ -109,10 +110,11 @@ def test_compact_export_matches_subnet_and_formats(
     with torch.no_grad():
         expected = subnet(x)
         got = compact_model(x)
-    # Relative to the output scale (the subnet's statistics were recalibrated on
-    # a few tiny images at the end of training, which makes some outputs large).
+    # Export's own criterion, relative to the output scale (the subnet's statistics
+    # were recalibrated on a few tiny images at the end of training, which makes some
+    # outputs large; float32 summation order then differs by ~2e-5 of the scale).
     scale = max(1.0, float(expected.abs().max()))
-    assert (got - expected).abs().max() <= 1e-5 * scale
+    assert (got - expected).abs().max() <= CHECK_TOLERANCE * scale
 
     # Sizes against an independent compaction of the reloaded model.
     independent = compact(
@@ -363,7 +365,7 @@ def test_round_to_keeps_multiples_and_matches_widened_subnet(
     with torch.no_grad():
         expected = subnet(x)
         scale = max(1.0, float(expected.abs().max()))
-        assert (compact_model(x) - expected).abs().max() <= 1e-5 * scale
+        assert (compact_model(x) - expected).abs().max() <= CHECK_TOLERANCE * scale
 
 
 def test_round_masks_adds_highest_norm_dropped_channels() -> None:
