@@ -457,6 +457,13 @@ def prune(recipe: Recipe, dense: Path | None, out: Path, progress: bool = True) 
     return final
 
 
+def export_recalibration_data(recipe: Recipe) -> DataLoader | None:
+    """Training images for ``export.recalibrate_bn`` (None when it is off)."""
+    if not recipe.export.recalibrate_bn:
+        return None
+    return training_data(recipe, recipe.mcp.batch_size)[1]
+
+
 def export_stage(
     recipe: Recipe, checkpoint: Path, out: Path, console: Console | None = None
 ) -> dict[str, Any]:
@@ -466,9 +473,7 @@ def export_stage(
         report: dict[str, Any] = read_json(export_dir / "report.json")
         return report
     e = recipe.export
-    recalibrate = None
-    if e.recalibrate_bn:
-        _, recalibrate = training_data(recipe, recipe.mcp.batch_size)
+    recalibrate = export_recalibration_data(recipe)
     return export(
         checkpoint,
         export_dir,
@@ -567,9 +572,7 @@ def exported_compact(
     if "model.ts" in written and scripted.is_file():
         return torch.jit.load(str(scripted), map_location="cpu")
     e = recipe.export
-    recalibrate = None
-    if e.recalibrate_bn:
-        _, recalibrate = training_data(recipe, recipe.mcp.batch_size)
+    recalibrate = export_recalibration_data(recipe)
     return compact_from_checkpoint(
         checkpoint,
         round_to=e.round_to,

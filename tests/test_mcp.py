@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
+from typing import Any
 
 import pytest
 import pytorch_lightning as pl
@@ -280,6 +281,22 @@ def test_backbones_work_inside_mcp(tmp_path: Path, name: str) -> None:
     assert err <= 1e-4 * max(1.0, float(expected.abs().max()))
 
 
+def _record_keys(model: MCP, also: Any = None) -> list[bool]:
+    """Whether each training step's keys came from the momentum subnet."""
+    keys: list[bool] = []
+    step = model.training_step
+
+    def recorded(batch, batch_idx):  # type: ignore[no-untyped-def]
+        loss = step(batch, batch_idx)
+        keys.append(model._use_subnet)
+        if also is not None:
+            also()
+        return loss
+
+    model.training_step = recorded  # type: ignore[method-assign]
+    return keys
+
+
 def _record_updates(model: MCP) -> list[tuple[int, int, float]]:
     """(steps done, channels changed, ‖θ_q − Z‖ / ‖θ_q‖) at every ADMM update."""
     rows: list[tuple[int, int, float]] = []
@@ -374,19 +391,13 @@ def test_frozen_phase_uses_subnet_keys_and_the_support_penalty(tmp_path: Path) -
         dr=0,
         recalibration_batches=0,
     )
-    keys = []
-    penalties = []
-    step = model.training_step
+    penalties: list[tuple[float, float]] = []
 
-    def recorded(batch, batch_idx):  # type: ignore[no-untyped-def]
-        loss = step(batch, batch_idx)
-        keys.append(model._use_subnet)
+    def penalty() -> None:
         support = float(model.admm.support_penalty(model.backbone))
-        admm = float(model.admm(model.backbone))
-        penalties.append((support, admm))
-        return loss
+        penalties.append((support, float(model.admm(model.backbone))))
 
-    model.training_step = recorded  # type: ignore[method-assign]
+    keys = _record_keys(model, also=penalty)
     trainer(tmp_path, max_steps=8).fit(model, loader())
     assert keys == [False] * 4 + [True] * 4
     assert int(model.admm.num_updates) == 2  # after steps 2 and 4, none after
@@ -406,15 +417,7 @@ def test_stable_mask_transition_waits_for_a_mask_that_holds(tmp_path: Path) -> N
         transition="stable_mask",
         recalibration_batches=0,
     )
-    keys = []
-    step = model.training_step
-
-    def recorded(batch, batch_idx):  # type: ignore[no-untyped-def]
-        loss = step(batch, batch_idx)
-        keys.append(model._use_subnet)
-        return loss
-
-    model.training_step = recorded  # type: ignore[method-assign]
+    keys = _record_keys(model)
     # θ_q is not moved by ρ = 0.01 in 2 steps: the first update changes nothing
     # (Z⁰ = Π(θ⁰)) but that is no evidence, the mask then cycles, and the keys stay
     # with the full encoder until no update is left (step 6 on).
