@@ -67,6 +67,7 @@ import datetime
 import math
 import platform
 import shlex
+import subprocess
 import sys
 import time
 import warnings
@@ -82,17 +83,12 @@ from pytorch_lightning import LightningModule
 from torch import Tensor, nn
 
 from lightly_mcp.backbones import build_backbone
-from lightly_mcp.batchnorm import use_split_batchnorm
+from lightly_mcp.batchnorm import merge_split_batchnorm, use_split_batchnorm
 from lightly_mcp.checkpoints import load_dense_moco, read_checkpoint
 from lightly_mcp.compaction import compact
 from lightly_mcp.counting import MAC_COUNTER, count_macs, count_parameters
 from lightly_mcp.evaluation import evaluate_backbone
-from lightly_mcp.groups import (
-    ChannelGroup,
-    channel_scores,
-    find_channel_groups,
-    member_mask,
-)
+from lightly_mcp.groups import find_channel_groups, member_mask, output_feature_index
 from lightly_mcp.mcp import MCP
 from lightly_mcp.moco_v2 import MoCoV2
 from lightly_mcp.pipeline import (
@@ -105,11 +101,21 @@ from lightly_mcp.pipeline import (
     write_json_atomic,
 )
 from lightly_mcp.recipe import Recipe, load_recipe
+from lightly_mcp.schedule import BlockSchedule
 from lightly_mcp.transforms import build_transform
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))  # the grid's own modules
+from small_networks import (  # noqa: E402
+    SupervisedClassifier,
+    slice_head_input,
+    supervised_transform,
+    torchvision_init,
+    uniform_masks,
+)
 
 warnings.filterwarnings("ignore", message=".*does not have many workers.*")
 
-HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 RECIPE = REPO / "recipes" / "fashion_mnist_mobilenetv2.yaml"
 DEFAULT_OUT = HERE / "results"
@@ -127,7 +133,9 @@ QUICK_OVERRIDES = [
     "data.subset=512",
     "pretrain.epochs=1",
     "pretrain.max_steps=8",
-    "mcp.epochs=1",
+    "mcp.max_steps=12",
+    "mcp.admm_interval=4",
+    "mcp.rho_response=0.02",
     "eval.train_subset=1000",
     "eval.test_subset=500",
     "eval.linear_epochs=10",
@@ -135,58 +143,6 @@ QUICK_OVERRIDES = [
 
 
 # --- models -------------------------------------------------------------------------
-def _output_feature_index(
-    backbone: nn.Module, groups: list[ChannelGroup], masks: list[Tensor]
-) -> Tensor | None:
-    """Indices of the backbone's output features that survive the masks.
-
-    The backbone's last parameter (the final norm layer's bias in torchvision CNNs)
-    carries the feature channels; None when no group contains it (the feature
-    dimension is kept).
-    """
-    last = [name for name, _ in backbone.named_parameters()][-1]
-    for group, mask in zip(groups, masks):
-        for member in group.members:
-            if member.param_name == last:
-                kept = torch.nonzero(mask.cpu()).flatten().tolist()
-                return torch.tensor(sorted(member.channel_index[i] for i in kept))
-    return None
-
-
-def _slice_head_input(head: nn.Module, index: Tensor) -> None:
-    """Keeps only the input columns ``index`` of the head's first ``nn.Linear``."""
-    for parent in head.modules():
-        for child_name, child in parent.named_children():
-            if isinstance(child, nn.Linear):
-                new = nn.Linear(len(index), child.out_features, child.bias is not None)
-                with torch.no_grad():
-                    new.weight.copy_(child.weight[:, index])
-                    if child.bias is not None:
-                        new.bias.copy_(child.bias)
-                new.weight.requires_grad_(child.weight.requires_grad)
-                if new.bias is not None and child.bias is not None:
-                    new.bias.requires_grad_(child.bias.requires_grad)
-                setattr(parent, child_name, new)
-                return
-    raise ValueError("the projection head has no nn.Linear layer")
-
-
-def _torchvision_init(module: nn.Module) -> None:
-    """torchvision's MobileNetV2/ResNet initialisation (fresh random weights)."""
-    for m in module.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out")
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.Linear):
-            nn.init.normal_(m.weight, 0, 0.01)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-
-
 class CompactMoCoV2(MoCoV2):
     """MoCo v2 on a physically pruned backbone (``typical_pruning``, ``scratch_small``).
 
@@ -220,36 +176,21 @@ class CompactMoCoV2(MoCoV2):
             load_dense_moco(self, dense_checkpoint)
         example = torch.randn(1, 3, input_size, input_size)
         groups = find_channel_groups(self.backbone, example, keep_output_dim=False)
-        tensors = dict(self.backbone_momentum.named_parameters())
-        masks = []
-        for group in groups:
-            mask = torch.zeros(group.num_channels, dtype=torch.bool)
-            n = group.num_kept(pruning_ratio)
-            if masks_from == "magnitude":
-                mask[torch.topk(channel_scores(tensors, group), n).indices] = True
-            elif masks_from == "first":
-                mask[:n] = True
-            else:
-                raise ValueError(
-                    f"masks_from must be 'magnitude' or 'first', got {masks_from!r}."
-                )
-            masks.append(mask)
-        index = _output_feature_index(self.backbone, groups, masks)
+        masks = uniform_masks(groups, pruning_ratio, masks_from, self.backbone_momentum)
+        index, _ = output_feature_index(groups, masks, self.backbone.feature_dim)
         split = int(self.hparams["split_batch_norm"])
         for name in ("backbone", "backbone_momentum"):
             dense = getattr(self, name)
             small = compact(dense, groups, masks, example)
             if split > 1:
                 use_split_batchnorm(small, split)
-            if index is not None and hasattr(small, "feature_dim"):
-                small.feature_dim = len(index)
+            small.feature_dim = len(index)
             setattr(self, name, small)
-        if index is not None:
-            _slice_head_input(self.projection_head, index)
-            _slice_head_input(self.projection_head_momentum, index)
+        slice_head_input(self.projection_head, index)
+        slice_head_input(self.projection_head_momentum, index)
         if reinit:
-            _torchvision_init(self.backbone)
-            _torchvision_init(self.projection_head)
+            torchvision_init(self.backbone)
+            torchvision_init(self.projection_head)
             self.backbone_momentum.load_state_dict(self.backbone.state_dict())
             self.projection_head_momentum.load_state_dict(
                 self.projection_head.state_dict()
@@ -363,18 +304,26 @@ class RandomMaskMoCoV2(MoCoV2):
 # --- the registry -------------------------------------------------------------------
 @dataclass
 class Context:
-    """What a registry entry needs to build its model."""
+    """What a registry entry needs to build its model.
+
+    ``fit(model, steps, phase)`` trains a model of an earlier phase of the row (e.g.
+    transfer pruning's dense fine-tune) on the row's data, resumably, in
+    ``run_dir/phase``; ``run_dir`` holds the row's files.
+    """
 
     recipe: Recipe
     dense_checkpoint: Path
     seed: int
+    run_dir: Path | None = None
+    fit: Callable[[LightningModule, int, str], None] | None = None
 
 
 FULL_TRAINING_SET = 60000  # Fashion-MNIST's training images
 
 
 def pruning_steps(recipe: Recipe) -> int:
-    """SGD steps of the pruning phase (``mcp.epochs`` over the data subset)."""
+    """SGD steps of the pruning phase (``mcp.max_steps``, else ``mcp.epochs`` over
+    the data subset)."""
     m = recipe.mcp
     if m.max_steps > 0:
         return m.max_steps
@@ -408,6 +357,26 @@ def scaled_frq(steps: int, fraction: float = PAPER_TRANSITION_FRACTION) -> int:
     while transition_length(frq + 1, 1) <= fraction * steps:
         frq += 1
     return frq
+
+
+def derived_rho(recipe: Recipe) -> float:
+    """The ρ that ``mcp.rho_response`` derives for the first block of the recipe's
+    pruning phase (every block's, with the block schedules).
+
+    The ρ ablation scales this value: ``rho_response`` itself cannot go ×10, since
+    derived_rho refuses responses whose penalty step exceeds the critical damping
+    (which is the point of that row: a fixed ρ ten times too large).
+    """
+    m = recipe.mcp
+    if m.rho_response is None or m.lr_schedule == "cosine":
+        raise ValueError("the ρ ablation needs mcp.rho_response and a block schedule")
+    steps = pruning_steps(recipe)
+    schedule = BlockSchedule(m.admm_interval, steps, m.frozen_blocks, m.lr_schedule)
+    peak = m.lr * m.batch_size / 256
+    sgd_momentum = MoCoV2(**moco_kwargs(recipe, "mcp")).hparams["sgd_momentum"]
+    return schedule.derived_rho(
+        0, m.rho_response, lambda t: peak * schedule.lr_factor(t), sgd_momentum
+    )
 
 
 def build_dense(ctx: Context) -> LightningModule:
@@ -447,25 +416,104 @@ def build_random_mask(ctx: Context) -> LightningModule:
     )
 
 
+def _supervised_kwargs(recipe: Recipe, stage: str) -> dict[str, Any]:
+    schedule = recipe.pretrain if stage == "pretrain" else recipe.mcp
+    return {
+        "backbone": recipe.backbone.name,
+        "backbone_kwargs": backbone_kwargs(recipe),
+        "lr": schedule.lr,
+        "weight_decay": schedule.weight_decay,
+        "batch_size_per_device": schedule.batch_size,
+        "input_size": recipe.data.input_size,
+    }
+
+
+def build_supervised_small(ctx: Context) -> LightningModule:
+    """The compact architecture trained with the labels from random init (Fig. 3)."""
+    return SupervisedClassifier(
+        pruning_ratio=R92,
+        masks_from="first",
+        reinit=True,
+        **_supervised_kwargs(ctx.recipe, "pretrain"),
+    )
+
+
+def _dense_backbone_state(ctx: Context) -> dict[str, Tensor]:
+    """The dense model's momentum encoder (the ``dense`` row), plain BatchNorm."""
+    backbone = build_dense(ctx).backbone_momentum  # type: ignore[union-attr]
+    merge_split_batchnorm(backbone)
+    return {k: v.detach().clone() for k, v in backbone.state_dict().items()}
+
+
+def build_transfer_pruning(ctx: Context) -> LightningModule:
+    """Transfer pruning (Fig. 4): the dense momentum encoder fine-tuned with the
+    labels for the pruning budget (phase ``finetune_dense``), then filter-magnitude
+    pruned and returned for a supervised fine-tune of the same budget."""
+    assert ctx.fit is not None and ctx.run_dir is not None
+    kwargs = _supervised_kwargs(ctx.recipe, "mcp")
+    finetuned = ctx.run_dir / "finetuned_dense.pt"
+    if not finetuned.is_file():
+        dense = SupervisedClassifier(
+            backbone_state=_dense_backbone_state(ctx), **kwargs
+        )
+        ctx.fit(dense, pruning_steps(ctx.recipe), "finetune_dense")
+        state = {
+            "backbone": dense.backbone.state_dict(),
+            "classifier": dense.classifier.state_dict(),
+        }
+        tmp = finetuned.with_suffix(".tmp")
+        torch.save(state, tmp)
+        tmp.replace(finetuned)
+    state = torch.load(finetuned, map_location="cpu", weights_only=True)
+    return SupervisedClassifier(
+        pruning_ratio=R92,
+        masks_from="magnitude",
+        backbone_state=state["backbone"],
+        classifier_state=state["classifier"],
+        **kwargs,
+    )
+
+
 def mcp_builder(
-    ratio: float, rho: float | None = None, transition: tuple[int, int] | None = None
+    ratio: float,
+    rho_scale: float | None = None,
+    transition: tuple[int, int] | None = None,
 ) -> Callable[[Context], LightningModule]:
-    """An MCP row: ``transition=None`` is the paper's (100, 1), scaled."""
+    """An MCP row with the recipe's schedule (``mcp`` section).
+
+    ``rho_scale``: a fixed ρ of ``rho_scale`` × the derived ρ (the ρ ablation).
+    ``transition``: the paper's (frq, dr) transition instead of the recipe's; (100, 1)
+    is scaled to the run (``scaled_frq``).
+    """
 
     def build(ctx: Context) -> LightningModule:
         m = ctx.recipe.mcp
-        frq, dr = transition or (scaled_frq(pruning_steps(ctx.recipe)), 1)
+        options: dict[str, Any] = {
+            "rho": m.rho,
+            "rho_response": m.rho_response,
+            "transition": m.transition,
+            "frq": m.frq,
+            "dr": m.dr,
+        }
+        if rho_scale is not None:
+            options.update(rho=rho_scale * derived_rho(ctx.recipe), rho_response=None)
+        if transition is not None:
+            frq, dr = transition
+            if (frq, dr) == (100, 1):
+                frq = scaled_frq(pruning_steps(ctx.recipe))
+            options.update(transition="paper", frq=frq, dr=dr)
         return MCP(
             pruning_ratio=ratio,
-            rho=m.rho if rho is None else rho,
             rho_growth=m.rho_growth,
             admm_interval=m.admm_interval,
             admm_interval_unit=m.admm_interval_unit,
-            frq=frq,
-            dr=dr,
+            lr_schedule=m.lr_schedule,
+            frozen_blocks=m.frozen_blocks,
+            recalibration_batches=m.recalibration_batches,
             keep_output_dim=False,
             input_size=ctx.recipe.data.input_size,
             dense_checkpoint=str(ctx.dense_checkpoint),
+            **options,
             **moco_kwargs(ctx.recipe, "mcp"),
         )
 
@@ -480,6 +528,8 @@ def networks_of(model: LightningModule) -> dict[str, nn.Module]:
         return {"key_encoder": model.compact_key_encoder()}
     if isinstance(model, CompactMoCoV2):
         return {"key_encoder": model.backbone_momentum}
+    if isinstance(model, SupervisedClassifier):
+        return {"backbone": model.backbone}
     assert isinstance(model, MoCoV2)
     return {"momentum": model.backbone_momentum, "query": model.backbone}
 
@@ -491,68 +541,112 @@ def moco_transform(recipe: Recipe) -> Any:
     )
 
 
-# "steps": the row's training length in SGD steps (None = no training); "data":
-# which training images ("pruning": the recipe's subset, "pretraining": all images).
+def labelled_transform(recipe: Recipe) -> Any:
+    """One augmented view for the supervised rows (same crop scale as MoCo's)."""
+    return supervised_transform(recipe.data.input_size, recipe.data.min_scale)
+
+
+# "steps": the row's (last) training length in SGD steps (None = no training);
+# "data": which training images ("pruning": the recipe's subset, "pretraining": all
+# images); "tier": when the row's seed 0 runs (seeds > 0 of the headline rows run in
+# tier 2, right after the MCP ratios): the grid runs the answer to the headline
+# question first and the ablations last.
 # Seeds: for the pruned rows they vary the training (data order, augmentations,
 # initialisation); all of them start from the one shared dense model. For ``dense``
 # they vary only the linear probe: the dense model is the shipped pretraining run
-# (113 min on 2 cores), which the 2.5-hour grid cannot repeat three times.
-METHODS: dict[str, dict[str, Any]] = {
-    "dense": {
-        "model": build_dense,
-        "transform": moco_transform,
-        "steps": None,
-        "seeds": 3,
-    },
-    "typical_pruning": {
-        "model": build_typical_pruning,
-        "transform": moco_transform,
-        "steps": pruning_steps,
-        "data": "pruning",
-        "seeds": 3,
-    },
-    "scratch_small": {
-        "model": build_scratch_small,
-        "transform": moco_transform,
-        "steps": lambda r: pretraining_steps(r) + pruning_steps(r),
-        "data": "pretraining",
-        "seeds": 3,
-    },
-    "random_mask": {
-        "model": build_random_mask,
+# (113 min on 2 cores), which the grid does not repeat three times.
+def _entry(model: Callable[[Context], LightningModule], **kwargs: Any) -> dict:
+    entry = {
+        "model": model,
         "transform": moco_transform,
         "steps": pruning_steps,
         "data": "pruning",
         "seeds": 1,
-    },
+        "tier": 3,
+    }
+    entry.update(kwargs)
+    return entry
+
+
+METHODS: dict[str, dict[str, Any]] = {
+    "dense": _entry(build_dense, steps=None, seeds=3, tier=0),
+    "typical_pruning": _entry(build_typical_pruning, seeds=3, tier=0),
+    "scratch_small": _entry(
+        build_scratch_small,
+        steps=lambda r: pretraining_steps(r) + pruning_steps(r),
+        data="pretraining",
+        seeds=3,
+        tier=0,
+    ),
+    "random_mask": _entry(build_random_mask),
+    "supervised_small": _entry(
+        build_supervised_small,
+        transform=labelled_transform,
+        steps=lambda r: pretraining_steps(r) + pruning_steps(r),
+        data="pretraining",
+    ),
+    "transfer_pruning": _entry(build_transfer_pruning, transform=labelled_transform),
 }
 for _ratio in RATIOS:
-    METHODS[f"mcp_r{_ratio}"] = {
-        "model": mcp_builder(_ratio),
-        "transform": moco_transform,
-        "steps": pruning_steps,
-        "data": "pruning",
-        "seeds": 3 if _ratio == R92 else 1,
-    }
-for _rho in (0.1, 0.001):
-    METHODS[f"mcp_r{R92}_rho{_rho}"] = {
-        "model": mcp_builder(R92, rho=_rho),
-        "transform": moco_transform,
-        "steps": pruning_steps,
-        "data": "pruning",
-        "seeds": 1,
-    }
-for _frq, _dr in ((1, 0), (0, 0)):
-    METHODS[f"mcp_r{R92}_frq{_frq}_dr{_dr}"] = {
-        "model": mcp_builder(R92, transition=(_frq, _dr)),
-        "transform": moco_transform,
-        "steps": pruning_steps,
-        "data": "pruning",
-        "seeds": 1,
-    }
+    METHODS[f"mcp_r{_ratio}"] = _entry(
+        mcp_builder(_ratio),
+        seeds=3 if _ratio == R92 else 1,
+        tier=0 if _ratio == R92 else 1,
+    )
+# The ρ ablation: the paper's {0.1, 0.01, 0.001} around its best, here ×{10, 0.1}
+# around the derived ρ (×1 is mcp_r0.76 itself).
+for _scale in (10.0, 0.1):
+    METHODS[f"mcp_r{R92}_rho_x{_scale:g}"] = _entry(mcp_builder(R92, rho_scale=_scale))
+# The transition ablation (Table 4): the paper's (100, 1) scaled to the run, (1, 0)
+# (every other key from the subnet, forever), (0, 0) (subnet keys from the start),
+# against the recipe's stable_mask transition (mcp_r0.76).
+for _frq, _dr in ((100, 1), (1, 0), (0, 0)):
+    METHODS[f"mcp_r{R92}_frq{_frq}_dr{_dr}"] = _entry(
+        mcp_builder(R92, transition=(_frq, _dr))
+    )
+
+
+def grid_order(names: list[str], max_seeds: int | None) -> list[tuple[str, int]]:
+    """``(name, seed)`` pairs in the order the grid runs them: seed 0 by tier,
+    seeds > 0 in tier 2, the registry's order within a tier."""
+    pairs = []
+    for index, name in enumerate(names):
+        seeds = METHODS[name]["seeds"]
+        if max_seeds is not None:
+            seeds = min(seeds, max_seeds)
+        for seed in range(seeds):
+            tier = METHODS[name]["tier"] if seed == 0 else 2
+            pairs.append((tier, seed, index, name))
+    return [(name, seed) for _, seed, _, name in sorted(pairs)]
 
 
 # --- running ------------------------------------------------------------------------
+def cpu_model() -> str:
+    """The processor's model name (``/proc/cpuinfo``), else ``platform.processor()``."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def git_commit() -> str | None:
+    """The commit of the code that ran (None outside a git checkout)."""
+    try:
+        done = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return done.stdout.strip()
+
+
 def dense_checkpoint(
     out: Path, overrides: list[str], seed: int, progress: bool
 ) -> Path:
@@ -588,30 +682,43 @@ def run_config(
     dense_seed = seed if name == "dense" and not shared else 0
     dense = dense_checkpoint(out, overrides, dense_seed, progress)
     pretrain_seconds = time.perf_counter() - start
-    ctx = Context(recipe=recipe, dense_checkpoint=dense, seed=seed)
-    pl.seed_everything(seed, verbose=False)
-    model = entry["model"](ctx)
-    steps = entry["steps"](recipe) if entry["steps"] is not None else 0
-    train_start = time.perf_counter()
-    if steps:
-        run_dir = out / "runs" / f"{name}_seed{seed}"
-        batch = recipe.mcp.batch_size
-        data_recipe = recipe
-        if entry["data"] == "pretraining":
-            data_recipe = load_recipe(RECIPE, [*overrides, "data.subset=null"])
-        # The loader's order and augmentations follow the row's seed; the subset
-        # stays that of the recipe's seed.
+    run_dir = out / "runs" / f"{name}_seed{seed}"
+    data_recipe = recipe
+    if entry["data"] == "pretraining":
+        data_recipe = load_recipe(RECIPE, [*overrides, "data.subset=null"])
+    steps_done: list[int] = []
+
+    def fit(model: LightningModule, steps: int, phase: str = "") -> None:
+        """Trains ``model`` for ``steps`` on the row's data, resuming from the
+        phase's ``last.ckpt``. The loader's order and augmentations follow the
+        row's seed; the subset stays that of the recipe's seed."""
+        stage_dir = run_dir / phase if phase else run_dir
         _, loader = training_data(
-            data_recipe, batch, entry["transform"](recipe), loader_seed=seed
+            data_recipe,
+            recipe.mcp.batch_size,
+            entry["transform"](recipe),
+            loader_seed=seed,
         )
-        trainer = trainer_for(recipe, run_dir, -1, steps, progress)
-        last = run_dir / "last.ckpt"
+        trainer = trainer_for(recipe, stage_dir, -1, steps, progress)
+        last = stage_dir / "last.ckpt"
         trainer.fit(
             model,
             loader,
             ckpt_path=str(last) if last.is_file() else None,
             weights_only=True,
         )
+        steps_done.append(steps)
+
+    ctx = Context(
+        recipe=recipe, dense_checkpoint=dense, seed=seed, run_dir=run_dir, fit=fit
+    )
+    pl.seed_everything(seed, verbose=False)
+    train_start = time.perf_counter()
+    model = entry["model"](ctx)
+    if entry["steps"] is not None:
+        pl.seed_everything(seed, verbose=False)
+        fit(model, entry["steps"](recipe))
+    steps = sum(steps_done)
     train_seconds = time.perf_counter() - train_start
     model = model.cpu().eval()
     networks = networks_of(model)
@@ -636,6 +743,11 @@ def run_config(
         )
         evaluations[net_name]["params"] = count_parameters(network)
         evaluations[net_name]["macs"] = count_macs(network.cpu(), size)
+    extra: dict[str, Any] = {}
+    if isinstance(model, SupervisedClassifier):  # the classifier it trained
+        extra["classifier_top1"] = model.to(device).test_top1(test_loader)
+    if isinstance(model, MCP):  # the per-block record (convergence.py)
+        extra["admm_blocks"] = model.block_history
     eval_seconds = time.perf_counter() - eval_start
     primary = next(iter(networks))
     result: dict[str, Any] = {
@@ -661,6 +773,7 @@ def run_config(
         "dense_seed": dense_seed,
         "dense_checkpoint": str(dense),
         "networks": evaluations,
+        **extra,
         "data": description,
         "wall_seconds": round(time.perf_counter() - start, 2),
         "pretrain_seconds_this_call": round(pretrain_seconds, 2),
@@ -672,6 +785,8 @@ def run_config(
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "machine": platform.platform(),
+        "cpu": cpu_model(),
+        "commit": git_commit(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
     }
     write_json_atomic(result_file, result)
@@ -704,12 +819,8 @@ def main(argv: list[str] | None = None) -> None:
     max_seeds = 1 if args.quick else args.seeds
     names = args.only or list(METHODS)
     start = time.perf_counter()
-    for name in names:
-        seeds = METHODS[name]["seeds"]
-        if max_seeds is not None:
-            seeds = min(seeds, max_seeds)
-        for seed in range(seeds):
-            run_config(name, seed, out, overrides, device, args.progress, command)
+    for name, seed in grid_order(names, max_seeds):
+        run_config(name, seed, out, overrides, device, args.progress, command)
     print(f"grid finished in {time.perf_counter() - start:.0f} s; results in {out}")
     from report import write_report  # benchmarks/accuracy/report.py
 
