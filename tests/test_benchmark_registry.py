@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
+import pytest
 import torch
 
 from lightly_mcp.checkpoints import read_checkpoint
@@ -41,11 +42,14 @@ def test_registry_names() -> None:
         "typical_pruning",
         "scratch_small",
         "random_mask",
+        "supervised_small",
+        "transfer_pruning",
         "mcp_r0.31",
         "mcp_r0.52",
         "mcp_r0.76",
-        "mcp_r0.76_rho0.1",
-        "mcp_r0.76_rho0.001",
+        "mcp_r0.76_rho_x10",
+        "mcp_r0.76_rho_x0.1",
+        "mcp_r0.76_frq100_dr1",
         "mcp_r0.76_frq1_dr0",
         "mcp_r0.76_frq0_dr0",
     ]
@@ -58,6 +62,52 @@ def test_registry_names() -> None:
         "scratch_small": 3,
         "mcp_r0.76": 3,
     }
+
+
+def test_grid_runs_the_headline_question_first() -> None:
+    order = main.grid_order(list(main.METHODS), None)
+    assert len(order) == len(set(order)) == sum(
+        e["seeds"] for e in main.METHODS.values()
+    )
+    first = {"dense", "typical_pruning", "scratch_small", "mcp_r0.76"}
+    assert {name for name, _ in order[:4]} == first
+    assert all(seed == 0 for _, seed in order[:6])
+    assert [name for name, _ in order[4:6]] == ["mcp_r0.31", "mcp_r0.52"]
+    assert {pair for pair in order[6:14]} == {
+        (name, seed) for name in first for seed in (1, 2)
+    }
+    assert order[-1] == ("mcp_r0.76_frq0_dr0", 0)
+    assert main.grid_order(["mcp_r0.76"], 1) == [("mcp_r0.76", 0)]
+
+
+def test_mcp_rows_use_the_recipes_converging_schedule() -> None:
+    recipe = load_recipe(main.RECIPE)
+    m = recipe.mcp
+    assert (m.admm_interval, m.admm_interval_unit) == (300, "steps")
+    assert main.pruning_steps(recipe) == 1200
+    assert 300 >= 3 / (1 - recipe.pretrain.momentum) - 1e-9  # θ_k follows θ_q
+    ctx = main.Context(recipe=recipe, dense_checkpoint=main.dense_checkpoint(
+        Path("unused"), [], 0, progress=False), seed=0)
+    base = main.mcp_builder(main.R92)(ctx).hparams
+    assert base["rho_response"] == m.rho_response == 2.0
+    assert (base["lr_schedule"], base["frozen_blocks"], base["transition"]) == (
+        "block_step",
+        1,
+        "stable_mask",
+    )
+    assert base["keep_output_dim"] is False
+    rho = main.derived_rho(recipe)
+    # R = ρ Σ lr / (1 − β): 100 steps each at 0.03, 0.003, 0.0003 in a block.
+    assert rho == pytest.approx(2.0 * 0.1 / (100 * (0.03 + 0.003 + 0.0003)))
+    for scale in (10.0, 0.1):
+        h = main.METHODS[f"mcp_r0.76_rho_x{scale:g}"]["model"](ctx).hparams
+        assert h["rho_response"] is None and h["rho"] == pytest.approx(scale * rho)
+    paper = main.METHODS["mcp_r0.76_frq100_dr1"]["model"](ctx).hparams
+    assert (paper["transition"], paper["frq"], paper["dr"]) == ("paper", 10, 1)
+    assert main.transition_length(10, 1) <= main.PAPER_TRANSITION_FRACTION * 1200
+    assert main.transition_length(11, 1) > main.PAPER_TRANSITION_FRACTION * 1200
+    never = main.METHODS["mcp_r0.76_frq1_dr0"]["model"](ctx).hparams
+    assert (never["transition"], never["frq"], never["dr"]) == ("paper", 1, 0)
 
 
 def test_grid_starts_from_the_shipped_dense_model_with_its_settings(
@@ -89,20 +139,22 @@ def test_grid_starts_from_the_shipped_dense_model_with_its_settings(
 
 def test_training_budgets_in_steps() -> None:
     recipe = load_recipe(
-        main.RECIPE, ["data.subset=1000", "mcp.epochs=3", "pretrain.epochs=2"]
+        main.RECIPE,
+        ["data.subset=1000", "mcp.max_steps=-1", "mcp.epochs=3", "pretrain.epochs=2"],
     )
     assert main.pruning_steps(recipe) == 3 * (1000 // 128)
     assert main.pretraining_steps(recipe) == 2 * (60000 // 128)
-    pruning = {"pruning": main.pruning_steps(recipe)}
+    pruning = main.pruning_steps(recipe)
     for name, entry in main.METHODS.items():
         if name == "dense":
             assert entry["steps"] is None
-        elif name == "scratch_small":  # pretraining + pruning, on all images
+        elif name in ("scratch_small", "supervised_small"):
+            # pretraining + pruning, on all images
             assert entry["data"] == "pretraining"
             assert entry["steps"](recipe) == 2 * 468 + 3 * 7
         else:  # the same pruning-phase budget for every pruning method
             assert entry["data"] == "pruning"
-            assert entry["steps"](recipe) == pruning["pruning"]
+            assert entry["steps"](recipe) == pruning
     capped = load_recipe(main.RECIPE, ["mcp.max_steps=5", "pretrain.max_steps=9"])
     assert main.pruning_steps(capped) == 5
     assert main.pretraining_steps(capped) == 9
@@ -203,3 +255,80 @@ def test_training_curves_table(tmp_path: Path) -> None:
     assert "| mcp_r0.76_seed0 | 100 | 7.000 → 5.000 | 12 → 4 | 3.50 → 1.25 |" in table
     assert (tmp_path / "training_curves.md").is_file()
     assert (tmp_path / "training_curves.png").is_file()
+
+
+def test_supervised_classifier_trains_and_scores(tmp_path: Path) -> None:
+    small_networks = _load("small_networks")
+    torch.manual_seed(0)
+    model = small_networks.SupervisedClassifier(
+        backbone=TINY["backbone"],
+        backbone_kwargs=TINY["backbone_kwargs"],
+        num_classes=3,
+        batch_size_per_device=8,
+        pruning_ratio=0.5,
+        masks_from="first",
+        reinit=True,
+        input_size=16,
+    )
+    dense = small_networks.SupervisedClassifier(
+        backbone=TINY["backbone"], backbone_kwargs=TINY["backbone_kwargs"]
+    )
+    assert count_parameters(model.backbone) < count_parameters(dense.backbone) / 3
+    assert model.classifier.in_features == model.backbone.feature_dim
+    images = torch.randn(16, 3, 16, 16)
+    labels = torch.randint(0, 3, (16,))
+    data = torch.utils.data.TensorDataset(images, labels)
+    before = [p.detach().clone() for p in model.parameters()]
+    trainer(tmp_path, max_steps=2).fit(
+        model, torch.utils.data.DataLoader(data, batch_size=8)
+    )
+    assert all(not torch.equal(a, b) for a, b in zip(model.parameters(), before))
+    # test_top1 is the classifier's own accuracy, in eval mode.
+    model.eval()
+    with torch.no_grad():
+        predicted = model(images).argmax(1)
+    top1 = model.test_top1(torch.utils.data.DataLoader(data, batch_size=5))
+    assert top1 == pytest.approx(float((predicted == labels).float().mean()))
+    model.train()
+    model.test_top1(torch.utils.data.DataLoader(data, batch_size=5))
+    assert model.training
+
+
+def test_transfer_pruning_fine_tunes_prunes_and_resumes(tmp_path: Path) -> None:
+    recipe = load_recipe(main.RECIPE)
+    dense = main.dense_checkpoint(tmp_path, [], 0, progress=False)
+    calls: list[tuple[int, str]] = []
+
+    def fit(model: torch.nn.Module, steps: int, phase: str) -> None:
+        calls.append((steps, phase))
+        with torch.no_grad():  # stands in for training: a recognisable change
+            model.classifier.weight.add_(torch.arange(10.0)[:, None])
+            for p in model.backbone.parameters():
+                p.mul_(1.5)
+
+    ctx = main.Context(
+        recipe=recipe, dense_checkpoint=dense, seed=0, run_dir=tmp_path, fit=fit
+    )
+    model = main.build_transfer_pruning(ctx)
+    assert calls == [(main.pruning_steps(recipe), "finetune_dense")]
+    finetuned = torch.load(tmp_path / "finetuned_dense.pt", weights_only=True)
+    # The dense phase started from the dense model's momentum encoder.
+    start = main._dense_backbone_state(ctx)
+    name = next(k for k, v in start.items() if v.is_floating_point() and v.ndim == 4)
+    torch.testing.assert_close(finetuned["backbone"][name], 1.5 * start[name])
+    # Phase 2: the fine-tuned network, magnitude-pruned to R92, classifier sliced.
+    assert isinstance(model, main.SupervisedClassifier)
+    assert model.hparams["pruning_ratio"] == main.R92
+    features = model.backbone.feature_dim
+    assert model.classifier.weight.shape == (10, features) and features < 1280
+    columns = finetuned["classifier"]["weight"]
+    kept = [
+        next(j for j in range(1280) if torch.equal(columns[:, j], w))
+        for w in model.classifier.weight.T
+    ]
+    assert kept == sorted(kept)  # the kept features, in order
+    # Resuming after the dense phase does not fine-tune it again.
+    again = main.build_transfer_pruning(ctx)
+    assert len(calls) == 1
+    for a, b in zip(again.state_dict().values(), model.state_dict().values()):
+        assert torch.equal(a, b)
