@@ -114,6 +114,11 @@ def _parser() -> argparse.ArgumentParser:
         help="keep channel counts multiples of this (speed)",
     )
     p.add_argument("--no-latency", action="store_true", help="skip latency timing")
+    p.add_argument(
+        "--latency-at-224",
+        action="store_true",
+        help="also time dense and compact at 224 px (default: the training size)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     common(p, recipe=False)
 
@@ -256,6 +261,7 @@ def _dispatch(args: argparse.Namespace) -> int:
             args.out,
             round_to=args.round_to,
             latency=not args.no_latency,
+            latency_at_224=args.latency_at_224,
             console=console,
             overwrite=args.overwrite,
         )
@@ -381,7 +387,7 @@ def _run(
             out,
             rerun_argv(args),
             args.recipe,
-            export_options(e.round_to, e.latency),
+            export_options(e.round_to, e.latency, e.latency_at_224),
         )
         if late is None:
             raise

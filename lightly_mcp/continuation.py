@@ -77,10 +77,14 @@ def continue_commands(
     return commands
 
 
-def export_options(round_to: int | None, latency: bool) -> list[str]:
+def export_options(
+    round_to: int | None, latency: bool, latency_at_224: bool = False
+) -> list[str]:
     """The ``lightly-mcp export`` options of a recipe's export section."""
     options = [] if round_to is None else ["--round-to", str(round_to)]
-    return options + ([] if latency else ["--no-latency"])
+    if not latency:
+        return [*options, "--no-latency"]
+    return options + (["--latency-at-224"] if latency_at_224 else [])
 
 
 def late_stage_failure(

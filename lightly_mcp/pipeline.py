@@ -481,6 +481,7 @@ def export_stage(
         round_to=e.round_to,
         latency=e.latency,
         latency_repeats=e.latency_repeats,
+        latency_at_224=e.latency_at_224,
         console=console,
         expected_backbone=recipe.backbone.name,
         overwrite=True,

@@ -139,6 +139,7 @@ class ExportSection:
     recalibrate_bn: bool = False
     latency: bool = True
     latency_repeats: int = 20
+    latency_at_224: bool = False
 
 
 @dataclass

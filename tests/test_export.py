@@ -195,12 +195,25 @@ def test_macs_at_224_are_counted_at_224(
 def test_latency_speedup_is_the_latency_ratio(
     checkpoints: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(export_module, "DEPLOY_RESOLUTION", 32)  # keep it fast
+    monkeypatch.setattr(export_module, "DEPLOY_RESOLUTION", 24)  # keep it fast
+    # By default only the training resolution is timed.
+    report = export(
+        checkpoints[SMALLEST],
+        tmp_path / "default",
+        latency=True,
+        latency_repeats=1,
+        console=_quiet(),
+    )
+    for side in ("dense", "compact"):
+        assert report[side]["latency_ms"]["bs1"] > 0
+        assert report[side]["at_224"]["latency_ms"] == {"bs1": None, "bs64": None}
+    assert report["speedup"]["at_224"] == {"bs1": None, "bs64": None}
     report = export(
         checkpoints[SMALLEST],
         tmp_path / "out",
         latency=True,
         latency_repeats=2,
+        latency_at_224=True,
         console=_quiet(),
     )
     dense, comp, speed = report["dense"], report["compact"], report["speedup"]

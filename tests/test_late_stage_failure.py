@@ -86,3 +86,13 @@ def test_the_command_that_continues_follows_the_last_finished_stage(
     assert continue_commands(out, rerun, recipe)[1] == (
         f"`lightly-mcp evaluate {out}/export {recipe} --out {out}/eval`"
     )
+
+
+def test_export_options_follow_the_recipe() -> None:
+    from lightly_mcp.continuation import export_options
+
+    assert export_options(None, True) == []
+    assert export_options(8, False) == ["--round-to", "8", "--no-latency"]
+    assert export_options(None, True, latency_at_224=True) == ["--latency-at-224"]
+    # Nothing is timed without latency, at 224 px neither.
+    assert export_options(None, False, latency_at_224=True) == ["--no-latency"]

@@ -234,8 +234,15 @@ CASES: dict[str, Case] = {
         1,
         ("export",),
         {"export.latency": True},
-        check=lambda out, r: r["export"]["speedup"]["bs1"] > 0,
-        patches={"lightly_mcp.export.DEPLOY_RESOLUTION": 32},  # not 224 px
+        check=lambda out, r: r["export"]["speedup"]["bs1"] > 0
+        and r["export"]["speedup"]["at_224"]["bs1"] is None,
+    ),
+    "export.latency_at_224": Case(
+        True,
+        ("export",),
+        {"export.latency": True, "export.latency_repeats": 1},
+        check=lambda out, r: r["export"]["speedup"]["at_224"]["bs1"] > 0,
+        patches={"lightly_mcp.export.DEPLOY_RESOLUTION": 24},  # not 224 px (speed)
     ),
     # eval (the shared MCP checkpoint and its export)
     "eval.k": Case(5, ("evaluate",)),
