@@ -647,18 +647,26 @@ def cpu_model() -> str:
 
 
 def git_commit() -> str | None:
-    """The commit of the code that ran (None outside a git checkout)."""
-    try:
+    """The checked-out commit, ``+dirty`` with uncommitted changes to tracked files
+    (None outside a git checkout)."""
+
+    def git(*args: str) -> str:
         done = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-            check=True,
+            ["git", *args], cwd=REPO, capture_output=True, text=True, check=True
         )
+        return done.stdout.strip()
+
+    try:
+        commit = git("rev-parse", "HEAD")
+        dirty = git("status", "--porcelain", "--untracked-files=no")
     except (OSError, subprocess.CalledProcessError):
         return None
-    return done.stdout.strip()
+    return commit + ("+dirty" if dirty else "")
+
+
+#: The code this process runs: read once at start (a later commit in the checkout
+#: does not change the code already imported).
+CODE_COMMIT = git_commit()
 
 
 def dense_checkpoint(
@@ -800,7 +808,7 @@ def run_config(
         "threads": torch.get_num_threads(),
         "machine": platform.platform(),
         "cpu": cpu_model(),
-        "commit": git_commit(),
+        "commit": CODE_COMMIT,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
     }
     write_json_atomic(result_file, result)
