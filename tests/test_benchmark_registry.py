@@ -332,3 +332,42 @@ def test_transfer_pruning_fine_tunes_prunes_and_resumes(tmp_path: Path) -> None:
     assert len(calls) == 1
     for a, b in zip(again.state_dict().values(), model.state_dict().values()):
         assert torch.equal(a, b)
+
+
+def test_report_checks_the_targets_and_flags_collapsed_seeds(tmp_path: Path) -> None:
+    def write(name: str, seed: int, knn: float, linear: float, **extra: float) -> None:
+        result = {
+            "name": name,
+            "seed": seed,
+            "network": "n",
+            "knn_top1": knn,
+            "linear_top1": linear,
+            "params": 50_000,
+            "macs": 1_000_000,
+            "dense_params": 687_680,
+            "params_removed": 0.927,
+            "networks": {},
+            **extra,
+        }
+        (tmp_path / f"{name}_seed{seed}.json").write_text(json.dumps(result))
+
+    write("mcp_r0.76", 0, 0.75, 0.80)
+    write("mcp_r0.76", 1, 0.77, 0.80)
+    write("typical_pruning", 0, 0.73, 0.78)  # kNN +3 (met), linear +2 (met)
+    write("scratch_small", 0, 0.10, 0.10)  # a collapsed seed counts in the mean
+    write("scratch_small", 1, 0.76, 0.79)
+    write("mcp_r0.31", 0, 0.80, 0.865)
+    write("dense", 0, 0.82, 0.88)  # linear −1.5: missed
+    write("supervised_small", 0, 0.70, 0.75, classifier_top1=0.9)
+    table = report.write_report(tmp_path)
+    assert "| scratch_small (collapsed: seed 0) | 2 |" in table
+    assert "| supervised_small (its classifier) | 1 | | | | – | 90.00 | | |" in table
+    lines = {line.split(" | ")[0]: line for line in table.splitlines()}
+    knn = lines["| mcp_r0.76 ≥ typical_pruning + 2 (knn_top1, 2 vs 1 seeds)"]
+    assert knn.endswith("| 76.00 | 73.00 | +3.00 | yes |")
+    linear = lines["| mcp_r0.76 ≥ typical_pruning + 2 (linear_top1, 2 vs 1 seeds)"]
+    assert linear.endswith("| +2.00 | yes |")
+    scratch = lines["| mcp_r0.76 ≥ scratch_small + 2 (knn_top1, 2 vs 2 seeds)"]
+    assert scratch.endswith("| 76.00 | 43.00 | +33.00 | yes |")
+    dense = lines["| mcp_r0.31 within 1 of dense (linear_top1)"]
+    assert dense.endswith("| 86.50 | 88.00 | -1.50 | **no** |")
