@@ -60,6 +60,13 @@ def tiny_overrides(recipe: Recipe, tmp_path: Path) -> dict[str, Any]:
         "trainer.devices": 1,
         "trainer.log_every_n_steps": 1,
     }
+    m = recipe.mcp
+    if m.admm_interval_unit == "steps" and m.admm_interval > 1:
+        # Blocks of one step, so that 2 steps still hold the recipe's frozen block;
+        # a response small enough for a 1-step block (see BlockSchedule.derived_rho).
+        sets.update({"mcp.admm_interval": 1})
+        if m.rho_response is not None:
+            sets["mcp.rho_response"] = 0.01
     if recipe.trainer.precision in GPU_PRECISIONS:
         sets["trainer.precision"] = "32-true"
     if recipe.pretrain.dense_checkpoint is None:
