@@ -13,6 +13,7 @@ from lightly_mcp.groups import (
     ChannelGroup,
     GroupMember,
     NoPrunableGroupsError,
+    UnsupportedBackboneError,
     find_channel_groups,
     num_kept_channels,
 )
@@ -36,6 +37,7 @@ __all__ = [
     "MomentumSubnet",
     "NoPrunableGroupsError",
     "SmoothTransition",
+    "UnsupportedBackboneError",
     "build_backbone",
     "build_transform",
     "compact",

@@ -8,13 +8,22 @@ from collections.abc import Sequence
 import torch
 from lightly.models.batchnorm import SplitBatchNorm
 from torch import Tensor, nn
+from torch.func import functional_call
 
 from lightly_mcp.batchnorm import merge_split_batchnorm
+from lightly_mcp.errors import describe_error
 from lightly_mcp.groups import (
     ChannelGroup,
     build_dependency_graph,
+    masked_tensors,
     output_feature_index,
+    random_masks,
+    unsupported,
 )
+
+CHECK_TOLERANCE = 1e-6
+"""Largest relative difference (float64) between masked and compact outputs that
+:func:`check_exact` accepts; a wrongly removed channel gives differences of order 1."""
 
 
 def _tag_channels(model: nn.Module, splits: dict[str, SplitBatchNorm]) -> None:
@@ -134,3 +143,114 @@ def compact(
         kept, _ = output_feature_index(groups, masks, feature_dim)
         setattr(compact_model, "feature_dim", len(kept))  # noqa: B010
     return compact_model
+
+
+@torch.no_grad()
+def _randomise_norms(model: nn.Module, seed: int) -> None:
+    """Random affine parameters and running statistics for every BatchNorm layer.
+
+    Fresh layers (weight 1, bias 0, mean 0, var 1) hide errors such as a norm bias
+    that is not masked.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    for module in model.modules():
+        if not isinstance(module, nn.modules.batchnorm._NormBase):
+            continue
+        for name, low, scale in (
+            ("running_mean", -0.5, 1.0),
+            ("running_var", 0.5, 1.5),
+            ("weight", 0.7, 0.6),
+            ("bias", -0.3, 0.6),
+        ):
+            tensor = getattr(module, name, None)
+            if isinstance(tensor, Tensor) and tensor.is_floating_point():
+                values = low + scale * torch.rand(
+                    tensor.shape, generator=generator, dtype=torch.float64
+                )
+                tensor.copy_(values.to(tensor.dtype))
+
+
+def _mismatch(
+    reference: nn.Module,
+    groups: Sequence[ChannelGroup],
+    masks: Sequence[Tensor],
+    x: Tensor,
+) -> str | None:
+    """Why the compact network differs from the masked one, or None if it does not."""
+    params = dict(reference.named_parameters())
+    try:
+        with torch.no_grad():
+            masked = functional_call(
+                reference, {**params, **masked_tensors(params, groups, masks)}, (x,)
+            )
+        pruned = compact(reference, groups, masks, x)
+        with torch.no_grad():
+            compact_out = pruned(x)
+    except Exception as error:  # noqa: BLE001 - any failure is a mismatch
+        return f"pruning fails with {describe_error(error)}"
+    if not isinstance(masked, Tensor) or not isinstance(compact_out, Tensor):
+        return "the backbone does not return a tensor"
+    if masked.dim() > 1 and masked.shape[1] != compact_out.shape[1]:
+        kept, _ = output_feature_index(groups, masks, masked.shape[1])
+        masked = masked[:, kept]
+    if masked.shape != compact_out.shape:
+        return (
+            f"the pruned network's output has shape {tuple(compact_out.shape)}, "
+            f"the masked one's {tuple(masked.shape)}"
+        )
+    scale = float(masked.abs().max())
+    difference = float((masked - compact_out).abs().max()) / max(scale, 1e-12)
+    if not difference <= CHECK_TOLERANCE:
+        return f"the pruned network differs from the masked one by {difference:.1e}"
+    return None
+
+
+def check_exact(
+    model: nn.Module,
+    groups: Sequence[ChannelGroup],
+    example_inputs: Tensor,
+    pruning_ratio: float = 0.5,
+    seed: int = 0,
+) -> None:
+    """Checks that masking and removing channels give the same network.
+
+    A float64 copy of ``model`` on the CPU, in eval mode with random BatchNorm
+    statistics, is pruned with random masks at ``pruning_ratio`` and its output on
+    ``example_inputs`` compared with the masked copy's (relative difference at most
+    :data:`CHECK_TOLERANCE`). When they differ, the groups are bisected to name the
+    first one whose pruning alone breaks the equality.
+
+    Raises:
+        UnsupportedBackboneError: If they differ (or pruning fails), naming the group.
+    """
+    reference = copy.deepcopy(model).to(device="cpu", dtype=torch.float64).eval()
+    _randomise_norms(reference, seed)
+    x = example_inputs.detach().to(device="cpu", dtype=torch.float64)
+    masks = random_masks(groups, pruning_ratio, seed)
+    reason = _mismatch(reference, groups, masks, x)
+    if reason is None:
+        return
+    everything = [torch.ones_like(mask) for mask in masks]
+
+    def only(chosen: Sequence[int]) -> list[Tensor]:
+        return [masks[i] if i in chosen else everything[i] for i in range(len(masks))]
+
+    candidates = list(range(len(groups)))
+    while len(candidates) > 1:
+        half = candidates[: len(candidates) // 2]
+        rest = candidates[len(candidates) // 2 :]
+        if _mismatch(reference, groups, only(half), x) is not None:
+            candidates = half
+        elif _mismatch(reference, groups, only(rest), x) is not None:
+            candidates = rest
+        else:
+            break  # only a combination of groups fails
+    if len(candidates) == 1:
+        culprit = _mismatch(reference, groups, only(candidates), x)
+        if culprit is not None:
+            raise unsupported(
+                model,
+                f"removing channels of the group of {groups[candidates[0]].root} "
+                f"is not exact ({culprit})",
+            )
+    raise unsupported(model, f"pruning all groups together is not exact ({reason})")

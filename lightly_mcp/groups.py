@@ -19,15 +19,20 @@ Reference:
 
 from __future__ import annotations
 
+import ctypes
 import math
 import re
-from collections.abc import Mapping, Sequence
+import threading
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch_pruning as tp
+from timm.layers import ScaledStdConv2d, ScaledStdConv2dSame, StdConv2d, StdConv2dSame
 from torch import Tensor, nn
+
+from lightly_mcp.errors import describe_error
 
 # Norm layers that mix channels: zeroing one channel changes the output of the others,
 # so a masked forward is not equivalent to removing the channel. Groups that contain
@@ -39,8 +44,86 @@ _CHANNEL_MIXING_LAYERS: tuple[type[nn.Module], ...] = (
 )
 
 
-class NoPrunableGroupsError(ValueError):
+# Convolutions that standardise their weight over the input channels (NF-Nets, BiT):
+# removing an input channel changes the statistics of every output row, so masking
+# is not equivalent to removal.
+_WEIGHT_STANDARDISED_CONVS: tuple[type[nn.Module], ...] = (
+    StdConv2d,
+    StdConv2dSame,
+    ScaledStdConv2d,
+    ScaledStdConv2dSame,
+)
+
+DEFAULT_TIME_LIMIT = 60.0
+"""Seconds that tracing a backbone's channel groups may take before it is refused."""
+
+WORKING_BACKBONES = (
+    "torchvision/resnet18, torchvision/mobilenet_v2, timm/resnet50d, "
+    "timm/efficientnet_b0, timm/mobilenetv3_large_100, timm/convnext_atto, "
+    "timm/ghostnet_100, timm/dla34"
+)
+"""Backbones named in refusals as ones that prune exactly (checked by the zoo test)."""
+
+
+class UnsupportedBackboneError(ValueError):
+    """Raised when MCP cannot prune a backbone's channels exactly.
+
+    The message is one line naming the construct and the module, and backbones that
+    work. Raised when the groups are traced, i.e. before any training.
+    """
+
+
+class NoPrunableGroupsError(UnsupportedBackboneError):
     """Raised when a backbone has no channel group that MCP can prune."""
+
+
+class _TimeLimitExceeded(BaseException):
+    """Raised asynchronously in a thread whose time limit ran out."""
+
+
+_T = TypeVar("_T")
+
+
+def call_with_time_limit(function: Callable[[], _T], seconds: float | None) -> _T:
+    """Calls ``function()`` and interrupts it after ``seconds``.
+
+    The interruption is an exception raised in the calling thread (any thread, not
+    only the main one) at its next Python bytecode, so it stops pure-Python loops such
+    as torch-pruning's group search, not a single long C call.
+
+    Raises:
+        TimeoutError: If the call took longer than ``seconds``.
+    """
+    if seconds is None:
+        return function()
+    if not seconds > 0:
+        raise ValueError(f"time_limit must be > 0 seconds or None, got {seconds}.")
+    thread_id = ctypes.c_ulong(threading.get_ident())
+    lock = threading.Lock()
+    state = {"inside": True, "fired": False}
+
+    def interrupt() -> None:
+        with lock:
+            if state["inside"]:
+                ctypes.pythonapi.PyThreadState_SetAsyncExc(
+                    thread_id, ctypes.py_object(_TimeLimitExceeded)
+                )
+                state["fired"] = True
+
+    timer = threading.Timer(seconds, interrupt)
+    timer.daemon = True
+    timer.start()
+    try:
+        try:
+            return function()
+        finally:
+            timer.cancel()
+            with lock:
+                state["inside"] = False
+                if state["fired"]:  # clear an exception not delivered yet
+                    ctypes.pythonapi.PyThreadState_SetAsyncExc(thread_id, None)
+    except _TimeLimitExceeded:
+        raise TimeoutError(f"took longer than {seconds:g} s") from None
 
 
 @dataclass(frozen=True)
@@ -253,46 +336,70 @@ def _modules_returning_output(model: nn.Module, example_inputs: Tensor) -> set[s
     }
 
 
-def find_channel_groups(
+def backbone_label(model: nn.Module) -> str:
+    """How messages name a backbone: its ``name`` (``Backbone``) or its class."""
+    name = getattr(model, "name", None)
+    return name if isinstance(name, str) and name else type(model).__name__
+
+
+def unsupported(model: nn.Module, construct: str) -> UnsupportedBackboneError:
+    """The one-line refusal of a backbone, naming the construct and working ones."""
+    return UnsupportedBackboneError(
+        f"{backbone_label(model)} cannot be pruned exactly by MCP: {construct}. "
+        f"Backbones that prune exactly include {WORKING_BACKBONES}."
+    )
+
+
+def _refuse_unsupported_layers(model: nn.Module) -> None:
+    """Refuses layers whose channels can never be masked and removed alike."""
+    for name, module in model.named_modules():
+        if isinstance(module, _WEIGHT_STANDARDISED_CONVS):
+            raise unsupported(
+                model,
+                f"weight-standardised convolution in {name} "
+                f"({type(module).__name__}: removing an input channel changes the "
+                "standardisation of every filter)",
+            )
+
+
+def _construct_of(tp_group: Any) -> str:
+    """Names the operation that routes channels between groups (for messages)."""
+    kinds = {
+        tp.ops._ConcatOp: "concatenation",
+        tp.ops._SplitOp: "split",
+        tp.ops._SliceOp: "channel slice",
+    }
+    for item in tp_group.items:
+        for kind, text in kinds.items():
+            if isinstance(item.dep.target.module, kind):
+                return text
+    return "concatenation or split"
+
+
+def _grouped_convolution(
+    tp_group: Any, module_names: Mapping[nn.Module, str]
+) -> str | None:
+    """Name of a grouped (not depthwise) convolution whose channels the group holds."""
+    for item in tp_group.items:
+        module = item.dep.target.module
+        if (
+            isinstance(module, nn.modules.conv._ConvNd)
+            and module.groups > 1
+            and not module.groups == module.in_channels == module.out_channels
+        ):
+            return module_names.get(module, type(module).__name__)
+    return None
+
+
+def _trace_groups(
     model: nn.Module,
-    example_inputs: Tensor | None = None,
-    keep_output_dim: bool = True,
+    example_inputs: Tensor,
+    keep_output_dim: bool,
+    output_modules: set[str],
 ) -> list[ChannelGroup]:
-    """Finds the coupled output-channel groups of a backbone.
-
-    Args:
-        model: The backbone (maps images to features).
-        example_inputs: A batch to trace the model with. Defaults to one random
-            64x64 RGB image.
-        keep_output_dim: If True, the group that reaches the backbone's output is not
-            pruned, so the feature dimension stays the same.
-
-    Returns:
-        The prunable groups, in a deterministic order (by root module name).
-
-    Raises:
-        NoPrunableGroupsError: If the backbone has no prunable group (for example
-            attention models, which are not supported yet).
-
-    Examples:
-        >>> backbone = torchvision.models.resnet18()
-        >>> backbone.fc = torch.nn.Identity()
-        >>> groups = find_channel_groups(backbone)
-        >>> groups[0].num_channels, groups[0].param_names[:2]
-    """
-    attention = _attention_modules(model)
-    if attention:
-        raise NoPrunableGroupsError(
-            f"{type(model).__name__} contains attention layers ({attention[0]}); "
-            "MCP prunes convolutional channels and attention models (ViTs) are not "
-            "supported yet. Use a CNN backbone such as 'torchvision/mobilenet_v2' "
-            "or 'timm/resnet18'."
-        )
-    if example_inputs is None:
-        example_inputs = default_example_inputs()
+    """The groups of torch-pruning's dependency graph, as ``ChannelGroup``s."""
     graph = build_dependency_graph(model, example_inputs)
     module_names = {module: name for name, module in model.named_modules()}
-    output_modules = _modules_returning_output(model, example_inputs)
     groups: list[ChannelGroup] = []
     claimed: dict[str, str] = {}
     for tp_group in graph.get_all_groups():
@@ -313,17 +420,113 @@ def find_channel_groups(
         num_channels = len(tp_group[0].idxs)
         if any(len(m.channel_index) != num_channels for m in members):
             continue  # partial coupling torch-pruning cannot express as one group
+        grouped = _grouped_convolution(tp_group, module_names)
+        if grouped is not None:
+            raise unsupported(
+                model,
+                f"grouped convolution in {grouped} (its channel groups must stay "
+                "equal in size)",
+            )
         for member in members:
             if member.param_name in claimed:
-                raise RuntimeError(
-                    f"Parameter '{member.param_name}' belongs to two channel groups "
-                    f"('{claimed[member.param_name]}' and '{root}'); this "
-                    "architecture is not supported."
+                raise unsupported(
+                    model,
+                    f"{_construct_of(tp_group)} before "
+                    f"{member.param_name.rsplit('.', 1)[0]} (it carries channels of "
+                    f"the groups of {claimed[member.param_name]} and {root})",
                 )
             claimed[member.param_name] = root
         groups.append(
             ChannelGroup(root, num_channels, tuple(members), output_features or ())
         )
+    return groups
+
+
+def find_channel_groups(
+    model: nn.Module,
+    example_inputs: Tensor | None = None,
+    keep_output_dim: bool = True,
+    time_limit: float | None = DEFAULT_TIME_LIMIT,
+    check: bool = True,
+) -> list[ChannelGroup]:
+    """Finds the coupled output-channel groups of a backbone.
+
+    A backbone whose channels cannot be pruned exactly is refused here, before any
+    training, with one line naming the construct and the module: weight-standardised
+    convolutions, attention layers, constructs torch-pruning cannot trace, graphs
+    whose tracing takes longer than ``time_limit``, and (``check``) any group whose
+    masked forward differs from the physically pruned network's.
+
+    Args:
+        model: The backbone (maps images to features).
+        example_inputs: A batch to trace the model with. Defaults to one random
+            64x64 RGB image.
+        keep_output_dim: If True, the group that reaches the backbone's output is not
+            pruned, so the feature dimension stays the same.
+        time_limit: Seconds the tracing may take (``None``: no limit).
+        check: Prune a float64 copy with random masks at r = 0.5 and check that it
+            equals the masked network (``lightly_mcp.compaction.check_exact``).
+
+    Returns:
+        The prunable groups, in a deterministic order (by root module name).
+
+    Raises:
+        UnsupportedBackboneError: If the backbone cannot be pruned exactly.
+        NoPrunableGroupsError: If the backbone has no prunable group (for example
+            attention models, which are not supported yet).
+        ValueError: If the backbone does not run on ``example_inputs``.
+
+    Examples:
+        >>> backbone = torchvision.models.resnet18()
+        >>> backbone.fc = torch.nn.Identity()
+        >>> groups = find_channel_groups(backbone)
+        >>> groups[0].num_channels, groups[0].param_names[:2]
+    """
+    attention = _attention_modules(model)
+    if attention:
+        raise NoPrunableGroupsError(
+            f"{type(model).__name__} contains attention layers ({attention[0]}); "
+            "MCP prunes convolutional channels and attention models (ViTs) are not "
+            "supported yet. Use a CNN backbone such as 'torchvision/mobilenet_v2' "
+            "or 'timm/resnet18'."
+        )
+    _refuse_unsupported_layers(model)
+    if example_inputs is None:
+        example_inputs = default_example_inputs()
+    try:
+        output_modules = _modules_returning_output(model, example_inputs)
+    except Exception as error:  # noqa: BLE001 - any failure: it does not run
+        raise ValueError(
+            f"{backbone_label(model)} does not run on inputs of shape "
+            f"{tuple(example_inputs.shape)}: {describe_error(error)}"
+        ) from error
+    requires_grad = {p: p.requires_grad for p in model.parameters()}
+    training = {m: m.training for m in model.modules()}
+    try:
+        groups = call_with_time_limit(
+            lambda: _trace_groups(
+                model, example_inputs, keep_output_dim, output_modules
+            ),
+            time_limit,
+        )
+    except UnsupportedBackboneError:
+        raise
+    except TimeoutError:
+        # The interruption may have skipped build_dependency_graph's restoring.
+        for p, flag in requires_grad.items():
+            p.requires_grad_(flag)
+        for m, flag in training.items():
+            m.train(flag)
+        raise unsupported(
+            model,
+            f"tracing its channel groups took longer than {time_limit:g} s (a "
+            "pathological dependency graph, e.g. channel slices feeding residual "
+            "adds)",
+        ) from None
+    except Exception as error:  # noqa: BLE001 - torch-pruning's internal errors
+        raise unsupported(
+            model, f"torch-pruning cannot trace it ({describe_error(error)})"
+        ) from error
     if not groups:
         raise NoPrunableGroupsError(
             f"{type(model).__name__} has no prunable channel group. MCP prunes "
@@ -332,6 +535,10 @@ def find_channel_groups(
             "Use a CNN backbone such as 'torchvision/mobilenet_v2' or 'timm/resnet18'."
         )
     groups.sort(key=lambda g: g.root)
+    if check:
+        from lightly_mcp.compaction import check_exact  # compaction imports groups
+
+        check_exact(model, groups, example_inputs)
     return groups
 
 
@@ -410,6 +617,20 @@ def member_mask(
     view = [1] * len(param_shape)
     view[member.dim] = size
     return multiplier.view(view)
+
+
+def random_masks(
+    groups: Sequence[ChannelGroup], pruning_ratio: float, seed: int = 0
+) -> list[Tensor]:
+    """Masks keeping ``n_g`` channels of every group chosen at random (seeded)."""
+    generator = torch.Generator().manual_seed(seed)
+    masks = []
+    for group in groups:
+        keep = torch.randperm(group.num_channels, generator=generator)
+        mask = torch.zeros(group.num_channels, dtype=torch.bool)
+        mask[keep[: group.num_kept(pruning_ratio)]] = True
+        masks.append(mask)
+    return masks
 
 
 def leading_masks(groups: Sequence[ChannelGroup], pruning_ratio: float) -> list[Tensor]:

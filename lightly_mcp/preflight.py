@@ -40,12 +40,15 @@ from types import SimpleNamespace
 from typing import Any, TypeVar
 
 import pytorch_lightning as pl
+import torch
 from rich.console import Console
 from torch.utils.data import Subset
 
+from lightly_mcp.backbones import build_backbone
 from lightly_mcp.checkpoints import CheckpointError
 from lightly_mcp.errors import MCPWarning, first_line
 from lightly_mcp.export import export
+from lightly_mcp.groups import find_channel_groups
 from lightly_mcp.mcp import MCP
 from lightly_mcp.moco_v2 import MoCoV2
 from lightly_mcp.recipe import Recipe
@@ -144,6 +147,17 @@ def preflight(
     quiet = Console(file=io.StringIO())
     with tempfile.TemporaryDirectory(prefix="lightly-mcp-preflight-") as folder:
         tmp = Path(folder)
+        with _stage("prune"):
+            # Refuse a backbone MCP cannot prune exactly before anything trains.
+            size = recipe.data.input_size
+            find_channel_groups(
+                build_backbone(
+                    recipe.backbone.name, **pipeline.backbone_kwargs(recipe)
+                ),
+                torch.randn(1, 3, size, size),
+                keep_output_dim=recipe.mcp.keep_output_dim,
+            )
+            result.checked.append("backbone prunes exactly")
         with _stage("data"):
             kind = pipeline.dataset_kind(recipe)
             if recipe.data.kind == "auto":

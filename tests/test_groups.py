@@ -1,13 +1,19 @@
 from __future__ import annotations
 
+import threading
+import time
+
 import pytest
 import timm
 import torch
 import torchvision
 from torch import nn
 
+from lightly_mcp.backbones import build_backbone
 from lightly_mcp.groups import (
     NoPrunableGroupsError,
+    UnsupportedBackboneError,
+    call_with_time_limit,
     find_channel_groups,
     masked_tensors,
     num_kept_channels,
@@ -159,3 +165,107 @@ def test_keep_output_dim_drops_exactly_the_output_group() -> None:
     (output_group,) = set(every) - set(kept)
     assert output_group.root == "features.18.0"
     assert output_group.num_channels == 1280
+
+
+def test_weight_standardised_convolution_is_refused_before_tracing() -> None:
+    backbone = build_backbone("timm/nf_resnet26")
+    with pytest.raises(UnsupportedBackboneError) as error:
+        find_channel_groups(backbone, torch.randn(1, 3, 32, 32))
+    message = str(error.value)
+    assert message.startswith(
+        "timm/nf_resnet26 cannot be pruned exactly by MCP: weight-standardised "
+        "convolution in net.stem.conv (ScaledStdConv2d"
+    )
+    assert "Backbones that prune exactly include torchvision/resnet18" in message
+    assert "\n" not in message
+
+
+def test_time_limit_refuses_a_pathological_graph_and_restores_the_model() -> None:
+    # torch-pruning's group search on rexnet's sliced residuals runs for minutes.
+    backbone = build_backbone("timm/rexnet_100").train()
+    backbone.net.stem.requires_grad_(False)
+    start = time.perf_counter()
+    with pytest.raises(UnsupportedBackboneError, match="took longer than 1.5 s"):
+        find_channel_groups(backbone, torch.randn(1, 3, 32, 32), time_limit=1.5)
+    assert time.perf_counter() - start < 20
+    assert all(m.training for m in backbone.modules())
+    assert not any(p.requires_grad for p in backbone.net.stem.parameters())
+    assert all(p.requires_grad for p in backbone.net.features.parameters())
+
+
+def test_call_with_time_limit_interrupts_loops_in_any_thread() -> None:
+    outcome: list[object] = []
+
+    def spin() -> None:
+        while True:
+            pass
+
+    def worker() -> None:
+        assert call_with_time_limit(lambda: 7, 5.0) == 7
+        try:
+            call_with_time_limit(spin, 0.2)
+        except TimeoutError as error:
+            outcome.append(str(error))
+        time.sleep(0.3)  # no late interruption once the call has returned
+        outcome.append("done")
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    thread.join(timeout=10)
+    assert outcome == ["took longer than 0.2 s", "done"]
+
+
+class _ChannelRoll(nn.Module):
+    """Moves every channel to the next position: masking and removal differ."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 6, 1)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bn1(self.conv1(x))).roll(1, dims=1)
+        return self.pool(self.conv2(x)).flatten(1)
+
+
+class _FixedFilter(nn.Module):
+    """A depthwise blur with a fixed (buffer) filter, as timm's BlurPool."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.register_buffer("blur", torch.ones(8, 1, 3, 3) / 9)
+        self.conv2 = nn.Conv2d(8, 6, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = nn.functional.conv2d(self.conv1(x), self.blur, padding=1, groups=8)
+        return self.conv2(x).mean((2, 3))
+
+
+@pytest.mark.parametrize(
+    "net, reason",
+    [
+        (_ChannelRoll, "the pruned network differs from the masked one by"),
+        (_FixedFilter, "pruning fails with RuntimeError: Given groups=8"),
+    ],
+)
+def test_groups_that_do_not_prune_exactly_are_refused_by_name(
+    net: type[nn.Module], reason: str
+) -> None:
+    with pytest.raises(UnsupportedBackboneError) as error:
+        find_channel_groups(net(), torch.randn(1, 3, 8, 8))
+    message = str(error.value)
+    assert message.startswith(
+        f"{net.__name__} cannot be pruned exactly by MCP: removing channels of the "
+        f"group of conv1 is not exact ({reason}"
+    )
+    # Without the check the groups are found (and would prune wrongly).
+    assert [g.root for g in find_channel_groups(net(), check=False)] == ["conv1"]
+
+
+def test_backbone_that_does_not_run_on_the_example_is_a_value_error() -> None:
+    net = nn.Sequential(nn.Conv2d(3, 8, 5), nn.Conv2d(8, 8, 5))
+    with pytest.raises(ValueError, match=r"Sequential does not run on inputs of shape"):
+        find_channel_groups(net, torch.randn(1, 3, 4, 4))
