@@ -23,7 +23,7 @@ from __future__ import annotations
 import itertools
 import os
 import pickle
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -35,13 +35,24 @@ from torch import Tensor, nn
 from lightly_mcp.counting import count_parameters
 from lightly_mcp.errors import describe_error
 
-SUPPORTED_TORCHVISION: tuple[str, ...] = (
+SUPPORTED_TORCHVISION: tuple[str, ...] = tuple(
+    torchvision.models.list_models(module=torchvision.models)
+)
+"""torchvision architectures accepted as ``"torchvision/<name>"``: every
+classification model of ``torchvision.models`` (attention models build, but
+``find_channel_groups`` refuses them)."""
+
+# Models whose channels MCP prunes, named first by backbone_names().
+_TORCHVISION_EXAMPLES: tuple[str, ...] = (
     "mobilenet_v2",
     "resnet18",
     "resnet34",
     "resnet50",
 )
-"""torchvision architectures accepted as ``"torchvision/<name>"``."""
+
+# The classifier is found as the one layer with this many outputs (a count no
+# backbone layer has), then replaced by nn.Identity.
+_PROBE_CLASSES = 997
 
 SUPPORTED_PREFIXES: tuple[str, ...] = ("torchvision/", "timm/")
 """Prefixes of backbone names: the library that builds the network."""
@@ -121,7 +132,8 @@ def backbone_names(include_timm: bool = False) -> list[str]:
     Returns:
         Backbone names accepted by :func:`build_backbone`.
     """
-    names = [f"torchvision/{arch}" for arch in SUPPORTED_TORCHVISION]
+    others = [a for a in SUPPORTED_TORCHVISION if a not in _TORCHVISION_EXAMPLES]
+    names = [f"torchvision/{arch}" for arch in (*_TORCHVISION_EXAMPLES, *others)]
     if include_timm:
         names += [f"timm/{arch}" for arch in timm.list_models()]
     else:
@@ -142,12 +154,15 @@ def build_backbone(
     a local file.
 
     Args:
-        name: ``"torchvision/<arch>"`` with ``<arch>`` in
-            :data:`SUPPORTED_TORCHVISION`, or ``"timm/<arch>"`` for any timm model
-            (built with ``timm.create_model(arch, pretrained=False, num_classes=0)``).
+        name: ``"torchvision/<arch>"`` for any classification model of
+            ``torchvision.models`` (:data:`SUPPORTED_TORCHVISION`), or
+            ``"timm/<arch>"`` for any timm model (built with
+            ``timm.create_model(arch, pretrained=False, num_classes=0)``).
         small_input: Adapt the stem to 28-64 px images: stride-1 first convolution and
-            no early max-pool. torchvision resnets get a 3x3 stride-1 ``conv1``;
-            torchvision mobilenet_v2 gets stride 1 in its first convolution; timm
+            no early max-pool. torchvision resnets (and resnext, wide resnet) get a
+            3x3 stride-1 ``conv1``; other torchvision models get stride 1 in their
+            first convolution when it has stride 2 and lose a max-pool directly
+            after it (patchify stems and vgg are refused); timm
             models get stride 1 in their stem convolution (``conv_stem``, ``conv1``
             or, failing those, the first strided convolution) and lose ``maxpool`` /
             ``stem.pool`` where present.
@@ -254,11 +269,15 @@ def load_weights(backbone: Backbone, path: str | os.PathLike[str]) -> None:
 def _build_torchvision(
     name: str, arch: str, *, small_input: bool, width_multiplier: float | None
 ) -> tuple[nn.Module, int]:
-    """Builds a torchvision network without classifier.
+    """Builds a torchvision classification network without its classifier.
+
+    The classifier is the last layer producing the class scores (``fc``,
+    ``classifier[-1]``, ``heads.head``, squeezenet's final convolution): it becomes
+    ``nn.Identity``, so the features are what feeds it (as timm's ``num_classes=0``).
 
     Args:
         name: Full backbone name, for messages.
-        arch: torchvision architecture, one of :data:`SUPPORTED_TORCHVISION`.
+        arch: A name of :data:`SUPPORTED_TORCHVISION`.
         small_input: Adapt the stem to small images.
         width_multiplier: Width multiplier, only for ``mobilenet_v2``.
 
@@ -266,49 +285,101 @@ def _build_torchvision(
         The network and its feature dimension.
 
     Raises:
-        ValueError: If a width multiplier is given for an architecture without one.
+        ValueError: If a width multiplier is given for an architecture without one,
+            or the stem cannot be adapted for small inputs.
     """
+    kwargs: dict[str, Any] = {"weights": None, "num_classes": _PROBE_CLASSES}
     if arch == "mobilenet_v2":
-        mobilenet = torchvision.models.mobilenet_v2(
-            weights=None,
-            width_mult=1.0 if width_multiplier is None else width_multiplier,
-        )
-        # The classifier is Sequential(Dropout, Linear(last_channel, num_classes)).
-        last = mobilenet.classifier[-1]
-        assert isinstance(last, nn.Linear)
-        feature_dim = last.in_features
-        mobilenet.classifier = nn.Identity()
-        if small_input:
-            # features[0] is Conv2dNormActivation(3, c, kernel 3, stride 2, padding 1);
-            # with stride 1 and the same padding it keeps the spatial size.
-            stem_conv = mobilenet.features[0][0]
-            assert isinstance(stem_conv, nn.Conv2d)
-            stem_conv.stride = (1, 1)
-        return mobilenet, feature_dim
-
-    if width_multiplier is not None:
+        kwargs["width_mult"] = 1.0 if width_multiplier is None else width_multiplier
+    elif width_multiplier is not None:
         raise ValueError(
             f"{name} has no width multiplier (width_multiplier={width_multiplier}); "
             "torchvision/mobilenet_v2 and some timm models have one"
         )
-    constructors: dict[str, Callable[..., torchvision.models.ResNet]] = {
-        "resnet18": torchvision.models.resnet18,
-        "resnet34": torchvision.models.resnet34,
-        "resnet50": torchvision.models.resnet50,
-    }
-    resnet = constructors[arch](weights=None)
-    feature_dim = resnet.fc.in_features
-    resnet.fc = nn.Identity()
+    if arch in ("googlenet", "inception_v3"):
+        kwargs.update(aux_logits=False, init_weights=True)
+    net = torchvision.models.get_model(arch, **kwargs)
+    _remove_classifier(name, net)
     if small_input:
-        # The CIFAR stem: a 3x3 stride-1 conv instead of 7x7 stride 2, and no max-pool.
+        _adapt_torchvision_stem(name, net)
+    size = _SMALL_INPUT_PROBE_SIZE if small_input else 224
+    feature_dim = _probe_output_dim(net, (3, size, size))
+    if feature_dim is None:
+        raise ValueError(
+            f"small_input is not supported for {name}: the model does not run on "
+            f"{size}x{size} images once its stem has stride 1"
+        )
+    return net, feature_dim
+
+
+def _remove_classifier(name: str, net: nn.Module) -> None:
+    """Replaces the layer that produces the class scores by ``nn.Identity``."""
+    found = [
+        module_name
+        for module_name, module in net.named_modules()
+        if (isinstance(module, nn.Linear) and module.out_features == _PROBE_CLASSES)
+        or (isinstance(module, nn.Conv2d) and module.out_channels == _PROBE_CLASSES)
+    ]
+    if len(found) != 1:
+        raise ValueError(f"cannot find the classifier of {name} (found {found})")
+    _set_submodule(net, found[0], nn.Identity())
+    # Dropout right before it belongs to the classifier (features stay deterministic);
+    # a classifier Sequential left with nothing else becomes one nn.Identity.
+    parent_name, _, child = found[0].rpartition(".")
+    parent = net.get_submodule(parent_name) if parent_name else net
+    if isinstance(parent, nn.Sequential):
+        index = list(parent._modules).index(child)
+        while index > 0 and isinstance(parent[index - 1], nn.Dropout):
+            parent[index - 1] = nn.Identity()
+            index -= 1
+        if parent_name and all(isinstance(m, nn.Identity) for m in parent):
+            _set_submodule(net, parent_name, nn.Identity())
+
+
+def _adapt_torchvision_stem(name: str, net: nn.Module) -> None:
+    """The small-input stem of a torchvision network, modified in place.
+
+    ResNets (and ResNeXt, Wide ResNet) get the CIFAR stem: a 3x3 stride-1 ``conv1``
+    and no max-pool. Other networks get stride 1 in their first convolution when it
+    has stride 2 and lose a max-pool that directly follows it (before any other
+    convolution), as shufflenet, densenet, squeezenet and googlenet have.
+
+    Raises:
+        ValueError: If the first strided convolution does not have stride 2
+            (patchify stems: convnext, vision transformers, alexnet) or there is
+            none (vgg).
+    """
+    if isinstance(net, torchvision.models.ResNet):
+        # The CIFAR stem: a 3x3 stride-1 conv instead of 7x7 stride 2, no max-pool.
         conv1 = nn.Conv2d(
-            3, resnet.conv1.out_channels, kernel_size=3, stride=1, padding=1, bias=False
+            3, net.conv1.out_channels, kernel_size=3, stride=1, padding=1, bias=False
         )
         # Same initialisation as torchvision gives its convolutions.
         nn.init.kaiming_normal_(conv1.weight, mode="fan_out", nonlinearity="relu")
-        resnet.conv1 = conv1
-        resnet.maxpool = nn.Identity()
-    return resnet, feature_dim
+        net.conv1 = conv1
+        net.maxpool = nn.Identity()
+        return
+    stem_name, stem = _first_strided_conv(net, prefix="")
+    if stem is None:
+        raise ValueError(
+            f"small_input is not supported for {name}: it has no strided convolution"
+        )
+    if stem.stride != (2, 2):
+        raise ValueError(
+            f"small_input is not supported for {name}: its stem convolution "
+            f"'{stem_name}' has stride {tuple(stem.stride)} (a patchify stem); "
+            "only stride-2 stems are adapted"
+        )
+    stem.stride = (1, 1)
+    after_stem = False
+    for module_name, module in net.named_modules():
+        if module is stem:
+            after_stem = True
+        elif after_stem and isinstance(module, nn.Conv2d):
+            break
+        elif after_stem and isinstance(module, nn.MaxPool2d):
+            _set_submodule(net, module_name, nn.Identity())
+            break
 
 
 def _build_timm(
@@ -600,12 +671,12 @@ def _unknown_name_message(name: str) -> str:
     if library == "timm" and arch:
         reason = f"timm has no model named '{arch}'"
     elif library == "torchvision" and arch:
-        reason = f"'{arch}' is not a supported torchvision architecture"
+        reason = f"torchvision.models has no classification model named '{arch}'"
     else:
         reason = "the name must start with a supported prefix"
     return (
         f"unknown backbone '{name}' ({reason}); supported prefixes: "
-        f"torchvision/ ({', '.join(SUPPORTED_TORCHVISION)}), "
+        "torchvision/ (any classification model of torchvision.models), "
         f"timm/ (any timm model); valid names include {', '.join(_EXAMPLE_NAMES)}"
     )
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -324,7 +325,8 @@ def test_load_weights_missing_file(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "name", ["foo/bar", "timm/not_a_model", "torchvision/vgg16", "resnet18", "timm/"]
+    "name",
+    ["foo/bar", "timm/not_a_model", "torchvision/not_a_model", "resnet18", "timm/"],
 )
 def test_unknown_name(name: str) -> None:
     with pytest.raises(ValueError, match=r"supported prefixes: torchvision/ .*timm/"):
@@ -333,6 +335,86 @@ def test_unknown_name(name: str) -> None:
 
 def test_backbone_names() -> None:
     names = backbone_names()
-    assert [f"torchvision/{arch}" for arch in SUPPORTED_TORCHVISION] == names[:4]
+    assert names[:4] == [
+        "torchvision/mobilenet_v2",
+        "torchvision/resnet18",
+        "torchvision/resnet34",
+        "torchvision/resnet50",
+    ]
+    assert [f"torchvision/{arch}" for arch in SUPPORTED_TORCHVISION] == sorted(
+        n for n in names if n.startswith("torchvision/")
+    )
     assert all(name.startswith(("torchvision/", "timm/")) for name in names)
     assert "timm/efficientnet_b0" in backbone_names(include_timm=True)
+
+
+def test_every_torchvision_classifier_builds_without_its_classifier() -> None:
+    """Any classification model of torchvision.models, by name (shapes on meta)."""
+    assert len(SUPPORTED_TORCHVISION) >= 80
+    assert "vit_b_16" in SUPPORTED_TORCHVISION
+    assert "deeplabv3_resnet50" not in SUPPORTED_TORCHVISION  # segmentation
+    for arch in SUPPORTED_TORCHVISION:
+        if arch.startswith("regnet"):
+            continue  # torchvision's regnet init does not run on meta (built below)
+        with torch.device("meta"):
+            # (build_backbone's shape probe ran the features at 224 px.)
+            backbone = build_backbone(f"torchvision/{arch}")
+        assert backbone.feature_dim >= 400, arch
+        classes = [
+            n
+            for n, m in backbone.named_modules()
+            if getattr(m, "out_features", getattr(m, "out_channels", 0)) == 997
+        ]
+        assert classes == [], arch
+
+
+@pytest.mark.parametrize(
+    "name, feature_dim",
+    [
+        ("torchvision/regnet_x_400mf", 400),
+        ("torchvision/mobilenet_v3_small", 1024),
+        ("torchvision/efficientnet_b0", 1280),
+        ("torchvision/shufflenet_v2_x0_5", 1024),
+        ("torchvision/squeezenet1_1", 512),
+        ("torchvision/densenet121", 1024),
+        ("torchvision/googlenet", 1024),
+    ],
+)
+def test_torchvision_features_and_small_input_stem(name: str, feature_dim: int) -> None:
+    x = torch.randn(2, 3, 32, 32)
+    default = build_backbone(name).eval()
+    small = build_backbone(name, small_input=True).eval()
+    with torch.no_grad():
+        for backbone in (default, small):
+            assert backbone.feature_dim == feature_dim
+            assert backbone(x).shape == (2, feature_dim)
+    # The first convolution has stride 1 and no max-pool follows it directly.
+    convs = [m for m in small.modules() if isinstance(m, nn.Conv2d)]
+    assert convs[0].stride == (1, 1)
+    default_size = _last_conv_spatial_size(default, x)
+    small_size = _last_conv_spatial_size(small, x)
+    assert small_size[0] > default_size[0]
+    # Dropout feeding the classifier goes with it: features stay deterministic.
+    if name == "torchvision/efficientnet_b0":
+        assert isinstance(small.net.classifier, nn.Identity)
+
+
+def test_mobilenet_v2_classifier_is_one_identity_as_before() -> None:
+    backbone = build_backbone("torchvision/mobilenet_v2", width_multiplier=0.5)
+    assert isinstance(backbone.net.classifier, nn.Identity)
+    assert not any(isinstance(m, nn.Dropout) for m in backbone.modules())
+
+
+@pytest.mark.parametrize(
+    "name, reason",
+    [
+        ("torchvision/vgg11", "it has no strided convolution"),
+        ("torchvision/convnext_tiny", "has stride (4, 4) (a patchify stem)"),
+    ],
+)
+def test_torchvision_small_input_refuses_stems_without_an_obvious_one(
+    name: str, reason: str
+) -> None:
+    with pytest.raises(ValueError, match=re.escape(reason)):
+        with torch.device("meta"):
+            build_backbone(name, small_input=True)
