@@ -334,6 +334,10 @@ def _remove_classifier(name: str, net: nn.Module) -> None:
             index -= 1
         if parent_name and all(isinstance(m, nn.Identity) for m in parent):
             _set_submodule(net, parent_name, nn.Identity())
+    else:  # googlenet, inception_v3: self.dropout(x) before self.fc(x)
+        for dropout_name, module in list(parent.named_children()):
+            if isinstance(module, nn.Dropout):
+                setattr(parent, dropout_name, nn.Identity())
 
 
 def _adapt_torchvision_stem(name: str, net: nn.Module) -> None:

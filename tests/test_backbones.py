@@ -405,6 +405,15 @@ def test_mobilenet_v2_classifier_is_one_identity_as_before() -> None:
     assert not any(isinstance(m, nn.Dropout) for m in backbone.modules())
 
 
+@pytest.mark.parametrize("arch", ["googlenet", "inception_v3"])
+def test_dropout_before_a_top_level_classifier_is_removed(arch: str) -> None:
+    with torch.device("meta"):
+        backbone = build_backbone(f"torchvision/{arch}")
+    assert isinstance(backbone.net.fc, nn.Identity)
+    assert isinstance(backbone.net.dropout, nn.Identity)
+    assert not any(isinstance(m, nn.Dropout) for m in backbone.modules())
+
+
 @pytest.mark.parametrize(
     "name, reason",
     [
