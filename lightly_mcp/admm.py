@@ -16,7 +16,7 @@ from lightly_mcp.groups import (
     ChannelGroup,
     channel_scores,
     masked_tensors,
-    member_mask,
+    parameter_multipliers,
     validate_pruning_ratio,
 )
 
@@ -31,7 +31,11 @@ def project_onto_channel_budget(
     Per group, channels are ranked by the L2 norm of all their output-side members
     (conv rows, depthwise filters, biases, norm weight and bias), the top ``n_g`` are
     kept and the rest are set to zero. This is the exact projection: zeroing a channel
-    costs its squared norm, so keeping the largest norms is optimal.
+    costs its squared norm, so keeping the largest norms is optimal. Channels tied
+    by a grouped convolution (``ChannelGroup.units``) are ranked and kept as one
+    unit by their summed squared norm, the exact projection onto that set. A
+    parameter carrying channels of several groups is zeroed where any of them drops
+    a channel.
 
     Args:
         tensors: Parameter-shaped tensors by name (e.g. ``θ_q + U``).
@@ -45,10 +49,7 @@ def project_onto_channel_budget(
     masks = []
     for group in groups:
         scores = channel_scores(tensors, group)
-        keep = torch.topk(scores, group.num_kept(pruning_ratio), sorted=False).indices
-        mask = torch.zeros(group.num_channels, dtype=torch.bool, device=scores.device)
-        mask[keep] = True
-        masks.append(mask)
+        masks.append(group.top_mask(scores, group.num_kept(pruning_ratio)))
     return masked_tensors(tensors, groups, masks), masks
 
 
@@ -102,7 +103,10 @@ class ADMMRegularizer(nn.Module):
             raise ValueError("groups must not be empty.")
         self.groups = list(groups)
         self.rho_growth = float(rho_growth)
-        self.param_names = [name for g in self.groups for name in g.param_names]
+        # A parameter after a concatenation is a member of several groups.
+        self.param_names = list(
+            dict.fromkeys(name for g in self.groups for name in g.param_names)
+        )
 
         params = self._parameters_of(encoder)
         with torch.no_grad():
@@ -187,11 +191,10 @@ class ADMMRegularizer(nn.Module):
         of pulling towards a ``Z − U`` that no update will revise.
         """
         if self._dropped_for != int(self.num_updates):
+            by_name = self._parameters_of(encoder)
+            kept = parameter_multipliers(by_name, self.groups, self.masks)
             self._dropped = [
-                (1.0 - member_mask(m, mask, tuple(p.shape))).to(p.dtype)
-                for g, mask in zip(self.groups, self.masks)
-                for m in g.members
-                for p in (encoder.get_parameter(m.param_name),)
+                (1.0 - kept[n]).to(by_name[n].dtype) for n in self.param_names
             ]
             self._dropped_for = int(self.num_updates)
         params: list[Tensor] = [encoder.get_parameter(n) for n in self.param_names]

@@ -125,6 +125,12 @@ def compact(
             )
         if not bool(mask.any()):
             raise ValueError(f"Mask for group '{group.root}' keeps no channel.")
+        if group.splits_units(mask):
+            raise ValueError(
+                f"Mask for group '{group.root}' keeps part of a set of tied channels: "
+                "a grouped convolution must keep the same channels in each of its "
+                "convolution groups (ChannelGroup.units)."
+            )
         # torch-pruning corrupts the model on duplicate or unsorted indices.
         dropped = sorted({int(i) for i in torch.nonzero(~mask.cpu()).flatten()})
         if not dropped:

@@ -155,16 +155,78 @@ class ChannelGroup:
             with ``keep_output_dim=False``), pairs ``(channel, feature)``: the
             group channel and the index along dimension 1 of the backbone's output
             that carries it (as traced by torch-pruning). Empty otherwise.
+        units: Channels that are kept or dropped together, all of one size, or
+            empty when every channel is its own unit. A grouped convolution ties
+            the channels at the same position of each of its convolution groups,
+            so that every convolution group keeps the same channels (as
+            torch-pruning prunes grouped convolutions).
+
+    A member parameter may also carry channels of other groups (a norm layer after
+    a concatenation): its ``channel_index`` then covers only this group's slice.
     """
 
     root: str
     num_channels: int
     members: tuple[GroupMember, ...]
     output_features: tuple[tuple[int, int], ...] = ()
+    units: tuple[tuple[int, ...], ...] = ()
+
+    @property
+    def num_units(self) -> int:
+        """Number of units (channels when there are no tied channels)."""
+        return len(self.units) if self.units else self.num_channels
+
+    @property
+    def unit_size(self) -> int:
+        """Channels per unit."""
+        return len(self.units[0]) if self.units else 1
 
     def num_kept(self, pruning_ratio: float) -> int:
-        """Channels kept at a pruning ratio: ``max(1, C_g - floor(r * C_g))``."""
-        return num_kept_channels(self.num_channels, pruning_ratio)
+        """Channels kept at a pruning ratio: ``max(1, C_g - floor(r * C_g))``.
+
+        With tied channels, that count of units: ``unit_size * max(1, U - floor(r
+        * U))``.
+        """
+        return self.unit_size * num_kept_channels(self.num_units, pruning_ratio)
+
+    def unit_of_channel(self) -> Tensor:
+        """For every channel, the index of its unit (int64, shape ``[C_g]``)."""
+        if not self.units:
+            return torch.arange(self.num_channels)
+        index = torch.empty(self.num_channels, dtype=torch.long)
+        for u, unit in enumerate(self.units):
+            index[list(unit)] = u
+        return index
+
+    def mask_of_units(self, kept_units: Tensor) -> Tensor:
+        """The channel mask (bool ``[C_g]``) keeping the given unit indices."""
+        unit_mask = torch.zeros(self.num_units, dtype=torch.bool)
+        unit_mask[kept_units.cpu()] = True
+        return unit_mask[self.unit_of_channel()]
+
+    def top_mask(self, scores: Tensor, num_kept: int) -> Tensor:
+        """Keeps the ``num_kept`` channels of largest total score, whole units.
+
+        Args:
+            scores: A score per channel (``[C_g]``); a unit scores the sum.
+            num_kept: Channels to keep, a multiple of ``unit_size``.
+        """
+        unit_of = self.unit_of_channel().to(scores.device)
+        unit_scores = torch.zeros(
+            self.num_units, dtype=scores.dtype, device=scores.device
+        ).index_add_(0, unit_of, scores)
+        keep = torch.topk(unit_scores, num_kept // self.unit_size, sorted=False)
+        return self.mask_of_units(keep.indices).to(scores.device)
+
+    def splits_units(self, mask: Tensor) -> bool:
+        """Whether a channel mask keeps part of a unit (invalid for compaction)."""
+        if not self.units:
+            return False
+        unit_of = self.unit_of_channel()
+        kept = torch.zeros(self.num_units, dtype=torch.long).index_add_(
+            0, unit_of, mask.cpu().long()
+        )
+        return bool(((kept != 0) & (kept != self.unit_size)).any())
 
     @property
     def param_names(self) -> tuple[str, ...]:
@@ -376,19 +438,76 @@ def _construct_of(tp_group: Any) -> str:
     return "concatenation or split"
 
 
-def _grouped_convolution(
-    tp_group: Any, module_names: Mapping[nn.Module, str]
-) -> str | None:
-    """Name of a grouped (not depthwise) convolution whose channels the group holds."""
+def _is_grouped_convolution(module: Any) -> bool:
+    """A convolution with several groups that is not depthwise."""
+    return (
+        isinstance(module, nn.modules.conv._ConvNd)
+        and module.groups > 1
+        and not module.groups == module.in_channels == module.out_channels
+    )
+
+
+def _units_of(
+    tp_group: Any,
+    graph: tp.DependencyGraph,
+    num_channels: int,
+    module_names: Mapping[nn.Module, str],
+) -> tuple[tuple[int, ...], ...] | str:
+    """The channels grouped convolutions tie together, or why they cannot be.
+
+    A grouped convolution with ``G`` groups of ``w`` channels (on its input or its
+    output side) ties the group channels at the same position ``i % w`` of each
+    convolution group: they are kept or dropped together, so every convolution group
+    keeps the same positions (what torch-pruning's surgery of grouped convolutions
+    assumes).
+
+    Returns:
+        The units (empty if the group has no grouped convolution), or a message
+        naming the grouped convolution whose channels this group cannot tie.
+    """
+    parent = list(range(num_channels))
+
+    def find(c: int) -> int:
+        while parent[c] != c:
+            parent[c] = parent[parent[c]]
+            c = parent[c]
+        return c
+
+    grouped = False
     for item in tp_group.items:
         module = item.dep.target.module
-        if (
-            isinstance(module, nn.modules.conv._ConvNd)
-            and module.groups > 1
-            and not module.groups == module.in_channels == module.out_channels
-        ):
-            return module_names.get(module, type(module).__name__)
-    return None
+        if not _is_grouped_convolution(module):
+            continue
+        grouped = True
+        name = module_names.get(module, type(module).__name__)
+        out_side = graph.is_out_channel_pruning_fn(item.dep.handler)
+        size = module.out_channels if out_side else module.in_channels
+        width = size // module.groups
+        root_idxs = item.root_idxs if item.root_idxs is not None else item.idxs
+        by_position: dict[int, list[int]] = {}
+        for channel, index in zip(root_idxs, item.idxs):
+            by_position.setdefault(int(index) % width, []).append(int(channel))
+        for channels in by_position.values():
+            if len(set(channels)) != module.groups:
+                return (
+                    f"grouped convolution in {name} (groups={module.groups}) takes "
+                    "channels of several channel groups"
+                )
+            for channel in channels[1:]:
+                parent[find(channel)] = find(channels[0])
+    if not grouped:
+        return ()
+    units: dict[int, list[int]] = {}
+    for channel in range(num_channels):
+        units.setdefault(find(channel), []).append(channel)
+    sizes = {len(unit) for unit in units.values()}
+    if len(sizes) != 1:
+        return (
+            "grouped convolutions tie the channels of the group of "
+            f"{module_names[tp_group[0].dep.target.module]} into sets of different "
+            f"sizes {sorted(sizes)}"
+        )
+    return tuple(sorted(tuple(unit) for unit in units.values()))
 
 
 def _trace_groups(
@@ -401,7 +520,7 @@ def _trace_groups(
     graph = build_dependency_graph(model, example_inputs)
     module_names = {module: name for name, module in model.named_modules()}
     groups: list[ChannelGroup] = []
-    claimed: dict[str, str] = {}
+    claimed: dict[tuple[str, int], str] = {}
     for tp_group in graph.get_all_groups():
         members, output_features, mixes_channels = _members_of(
             tp_group, graph, module_names
@@ -420,24 +539,33 @@ def _trace_groups(
         num_channels = len(tp_group[0].idxs)
         if any(len(m.channel_index) != num_channels for m in members):
             continue  # partial coupling torch-pruning cannot express as one group
-        grouped = _grouped_convolution(tp_group, module_names)
-        if grouped is not None:
-            raise unsupported(
-                model,
-                f"grouped convolution in {grouped} (its channel groups must stay "
-                "equal in size)",
-            )
+        units = _units_of(tp_group, graph, num_channels, module_names)
+        if isinstance(units, str):
+            raise unsupported(model, units)
         for member in members:
-            if member.param_name in claimed:
+            size = model.get_parameter(member.param_name).shape[member.dim]
+            if max(member.channel_index) >= size:
                 raise unsupported(
                     model,
                     f"{_construct_of(tp_group)} before "
-                    f"{member.param_name.rsplit('.', 1)[0]} (it carries channels of "
-                    f"the groups of {claimed[member.param_name]} and {root})",
+                    f"{member.param_name.rsplit('.', 1)[0]} (torch-pruning maps the "
+                    f"group of {root} to its channel {max(member.channel_index)} of "
+                    f"{size})",
                 )
-            claimed[member.param_name] = root
+            for index in member.channel_index:
+                key = (member.param_name, index)
+                if key in claimed:
+                    raise unsupported(
+                        model,
+                        f"{_construct_of(tp_group)} before "
+                        f"{member.param_name.rsplit('.', 1)[0]} (its channel {index} "
+                        f"belongs to the groups of {claimed[key]} and {root})",
+                    )
+                claimed[key] = root
         groups.append(
-            ChannelGroup(root, num_channels, tuple(members), output_features or ())
+            ChannelGroup(
+                root, num_channels, tuple(members), output_features or (), units
+            )
         )
     return groups
 
@@ -626,25 +754,24 @@ def random_masks(
     generator = torch.Generator().manual_seed(seed)
     masks = []
     for group in groups:
-        keep = torch.randperm(group.num_channels, generator=generator)
-        mask = torch.zeros(group.num_channels, dtype=torch.bool)
-        mask[keep[: group.num_kept(pruning_ratio)]] = True
-        masks.append(mask)
+        order = torch.randperm(group.num_units, generator=generator)
+        kept = group.num_kept(pruning_ratio) // group.unit_size
+        masks.append(group.mask_of_units(order[:kept]))
     return masks
 
 
 def leading_masks(groups: Sequence[ChannelGroup], pruning_ratio: float) -> list[Tensor]:
-    """Masks keeping the first ``n_g`` channels of every group.
+    """Masks keeping the first ``n_g`` channels (units) of every group.
 
     Parameter and MAC counts depend only on how many channels each group keeps, so
     these masks give the compact architecture of any mask at ``pruning_ratio``.
     """
-    masks = []
-    for group in groups:
-        mask = torch.zeros(group.num_channels, dtype=torch.bool)
-        mask[: group.num_kept(pruning_ratio)] = True
-        masks.append(mask)
-    return masks
+    return [
+        group.mask_of_units(
+            torch.arange(group.num_kept(pruning_ratio) // group.unit_size)
+        )
+        for group in groups
+    ]
 
 
 def masked_tensors(
@@ -656,13 +783,37 @@ def masked_tensors(
 
     Tensors that are not a member of any group are not included.
     """
+    multipliers = parameter_multipliers(tensors, groups, masks)
+    return {
+        name: tensors[name] * multiplier.to(tensors[name].dtype)
+        for name, multiplier in multipliers.items()
+    }
+
+
+def parameter_multipliers(
+    tensors: Mapping[str, Tensor],
+    groups: Sequence[ChannelGroup],
+    masks: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """Per member parameter, its 0/1 multiplier for all groups' masks together.
+
+    A parameter carrying channels of several groups (after a concatenation) gets
+    the product of every group's :func:`member_mask`.
+
+    Args:
+        tensors: Parameter-shaped tensors by name (shapes and devices are read).
+        groups: The channel groups.
+        masks: Per group, a boolean mask of kept channels.
+    """
     if len(groups) != len(masks):
         raise ValueError(f"Got {len(masks)} masks for {len(groups)} channel groups.")
     out: dict[str, Tensor] = {}
     for group, mask in zip(groups, masks):
         for member in group.members:
             tensor = tensors[member.param_name]
-            out[member.param_name] = tensor * member_mask(
-                member, mask.to(tensor.device), tensor.shape
-            ).to(tensor.dtype)
+            multiplier = member_mask(member, mask.to(tensor.device), tensor.shape)
+            previous = out.get(member.param_name)
+            out[member.param_name] = (
+                multiplier if previous is None else previous * multiplier
+            )
     return out

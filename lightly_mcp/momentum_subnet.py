@@ -15,7 +15,7 @@ from lightly.models.batchnorm import SplitBatchNorm
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from lightly_mcp.groups import ChannelGroup, member_mask
+from lightly_mcp.groups import ChannelGroup, member_mask, parameter_multipliers
 
 _RUNNING_STATS = ("running_mean", "running_var")
 
@@ -181,12 +181,12 @@ class MomentumSubnet(nn.Module):
     def _refresh_derived(self) -> None:
         """Recomputes the weight multipliers and the frozen-statistics indices."""
         params = dict(self.encoder.named_parameters())
-        self._multipliers = {}
-        for group, mask in zip(self.groups, self.masks):
-            for member in group.members:
-                param = params[member.param_name]
-                multiplier = member_mask(member, mask.to(param.device), param.shape)
-                self._multipliers[member.param_name] = multiplier.to(param.dtype)
+        self._multipliers = {
+            name: multiplier.to(params[name].dtype)
+            for name, multiplier in parameter_multipliers(
+                params, self.groups, self.masks
+            ).items()
+        }
         buffers = self.buffers_dict()
         self._frozen = [
             (buffers[name], index)

@@ -52,6 +52,40 @@ class TinyConvNet(nn.Module):
         return self.head(self.pool(x).flatten(1))
 
 
+class GroupedConvNet(nn.Module):
+    """A grouped 3x3 convolution (2 groups of 4 channels) between 1x1 convs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 1)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1, groups=2)
+        self.bn2 = nn.BatchNorm2d(8)
+        self.conv3 = nn.Conv2d(8, 6, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = torch.relu(self.bn2(self.conv2(x)))
+        return self.conv3(x).mean((2, 3))
+
+
+class ConcatNet(nn.Module):
+    """A dense block: a norm layer after a concatenation carries two groups."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv_a = nn.Conv2d(3, 4, 3, padding=1)
+        self.conv_b = nn.Conv2d(4, 6, 3, padding=1)
+        self.norm = nn.BatchNorm2d(10)
+        self.conv_out = nn.Conv2d(10, 5, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.conv_a(x)
+        b = self.conv_b(torch.relu(a))
+        x = torch.relu(self.norm(torch.cat([a, b], dim=1)))
+        return self.conv_out(x).mean((2, 3))
+
+
 @pytest.fixture
 def tiny_net() -> nn.Module:
     torch.manual_seed(0)

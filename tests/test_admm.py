@@ -7,8 +7,21 @@ import torch
 from torch import nn
 
 from lightly_mcp.admm import ADMMRegularizer, project_onto_channel_budget
-from lightly_mcp.groups import ChannelGroup, find_channel_groups
-from tests.conftest import TinyConvNet
+from lightly_mcp.compaction import compact
+from lightly_mcp.counting import count_parameters
+from lightly_mcp.groups import (
+    ChannelGroup,
+    channel_scores,
+    find_channel_groups,
+    parameter_multipliers,
+)
+from lightly_mcp.momentum_subnet import MomentumSubnet
+from tests.conftest import (
+    ConcatNet,
+    GroupedConvNet,
+    TinyConvNet,
+    randomize_batchnorm,
+)
 
 INPUT = torch.randn(1, 3, 8, 8)
 
@@ -222,3 +235,43 @@ def test_support_penalty_pulls_only_dropped_channels_to_zero(
         dropped = z == 0  # support of Z: the dropped channels' members are zero
         expected = torch.where(dropped, 0.3 * param.detach(), torch.zeros_like(param))
         assert torch.allclose(param.grad, expected, atol=1e-6), name
+
+
+@pytest.mark.parametrize("net", [GroupedConvNet, ConcatNet])
+def test_projection_with_tied_channels_and_shared_parameters_is_exact(
+    net: type[nn.Module],
+) -> None:
+    """Whole units, parameters shared by two groups; subnet equals compact."""
+    torch.manual_seed(0)
+    encoder = randomize_batchnorm(net()).double()
+    example = torch.randn(1, 3, 8, 8, dtype=torch.float64)
+    groups = find_channel_groups(encoder, example)
+    admm = ADMMRegularizer(encoder, groups, pruning_ratio=0.5)
+    assert len(admm.param_names) == len(set(admm.param_names))
+    params = dict(encoder.named_parameters())
+    for group, mask in zip(groups, admm.masks):
+        assert int(mask.sum()) == group.num_kept(0.5)
+        assert not group.splits_units(mask)
+        # Optimal among the masks that keep whole units.
+        best = min(
+            itertools.combinations(range(group.num_units), group.num_units // 2),
+            key=lambda units: (
+                -float(
+                    channel_scores(params, group)[
+                        group.mask_of_units(torch.tensor(units))
+                    ].sum()
+                )
+            ),
+        )
+        assert torch.equal(mask, group.mask_of_units(torch.tensor(best)))
+    z = admm.z()
+    for name in admm.param_names:
+        kept = parameter_multipliers(params, groups, admm.masks)[name]
+        assert torch.equal(z[name], params[name].detach() * kept)
+    subnet = MomentumSubnet(encoder, groups, admm.masks).eval()
+    small = compact(encoder, groups, admm.masks, example).eval()
+    x = torch.randn(3, 3, 8, 8, dtype=torch.float64)
+    with torch.no_grad():
+        masked_out, compact_out = subnet(x), small(x)
+    assert (masked_out - compact_out).abs().max() <= 1e-10 * masked_out.abs().max()
+    assert count_parameters(small) < count_parameters(encoder)

@@ -18,7 +18,7 @@ from lightly_mcp.groups import (
     masked_tensors,
     num_kept_channels,
 )
-from tests.conftest import TinyConvNet
+from tests.conftest import ConcatNet, GroupedConvNet, TinyConvNet
 
 
 def test_tiny_net_groups_cover_coupled_channels(tiny_net: nn.Module) -> None:
@@ -269,3 +269,55 @@ def test_backbone_that_does_not_run_on_the_example_is_a_value_error() -> None:
     net = nn.Sequential(nn.Conv2d(3, 8, 5), nn.Conv2d(8, 8, 5))
     with pytest.raises(ValueError, match=r"Sequential does not run on inputs of shape"):
         find_channel_groups(net, torch.randn(1, 3, 4, 4))
+
+
+def test_grouped_convolution_ties_the_same_position_of_every_group() -> None:
+    groups = {g.root: g for g in find_channel_groups(GroupedConvNet(), randn_8())}
+    assert set(groups) == {"conv1", "conv2"}
+    for group in groups.values():
+        # Channel i and i + 4 sit at the same position of the two conv groups.
+        assert group.units == ((0, 4), (1, 5), (2, 6), (3, 7))
+        assert group.num_units == 4 and group.unit_size == 2
+        assert group.num_kept(0.5) == 4
+        assert group.num_kept(0.3) == 6  # 3 of 4 positions
+        scores = torch.tensor([9.0, 0, 0, 5, 0, 1, 1, 0])  # units: 9, 1, 1, 5
+        assert group.top_mask(scores, 4).tolist() == [1, 0, 0, 1, 1, 0, 0, 1]
+        assert group.splits_units(torch.tensor([1, 0, 0, 0, 0, 0, 0, 0]).bool())
+        assert not group.splits_units(group.top_mask(scores, 4))
+
+
+def test_compaction_refuses_a_mask_that_splits_tied_channels() -> None:
+    from lightly_mcp.compaction import compact
+
+    net = GroupedConvNet()
+    groups = find_channel_groups(net, randn_8())
+    masks = [torch.ones(8, dtype=torch.bool) for _ in groups]
+    masks[0][0] = False  # channel 0 without channel 4
+    with pytest.raises(ValueError, match="keeps part of a set of tied channels"):
+        compact(net, groups, masks, randn_8())
+
+
+def test_norm_after_a_concatenation_carries_slices_of_two_groups() -> None:
+    groups = {g.root: g for g in find_channel_groups(ConcatNet(), randn_8())}
+    assert set(groups) == {"conv_a", "conv_b"}
+
+    def norm_index(root: str) -> tuple[int, ...]:
+        (member,) = [m for m in groups[root].members if m.param_name == "norm.weight"]
+        return member.channel_index
+
+    assert norm_index("conv_a") == (0, 1, 2, 3)
+    assert norm_index("conv_b") == (4, 5, 6, 7, 8, 9)
+    # Masking keeps the other group's slice of the shared parameter.
+    net = ConcatNet()
+    params = dict(net.named_parameters())
+    ordered = [groups["conv_a"], groups["conv_b"]]
+    masks = [torch.tensor([1, 0, 1, 0]).bool(), torch.tensor([0, 0, 1, 1, 1, 0]).bool()]
+    masked = masked_tensors(params, ordered, masks)
+    kept = [0, 2, 6, 7, 8]
+    expected = torch.zeros(10)
+    expected[kept] = params["norm.weight"][kept].detach()
+    assert torch.equal(masked["norm.weight"], expected)
+
+
+def randn_8() -> torch.Tensor:
+    return torch.randn(1, 3, 8, 8)
