@@ -1,13 +1,133 @@
-"""Backbones by name: which prune exactly and which are refused before training."""
+"""The backbone zoo: timm and torchvision CNNs by name, pruned at r = 0.5 at 32 px.
+
+Every architecture either prunes exactly (the masked momentum subnet equals the
+physically pruned network, in float64, in train and eval mode) or is refused when
+its channel groups are traced, before any training, with a message naming the
+construct. The families: plain, residual, inverted residual, grouped, concatenating,
+split, SE/attention-gated, re-parameterisable.
+"""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
+import torch
 
+from lightly_mcp.admm import ADMMRegularizer
+from lightly_mcp.backbones import build_backbone
 from lightly_mcp.cli import main
+from lightly_mcp.compaction import compact
+from lightly_mcp.counting import count_parameters
+from lightly_mcp.groups import UnsupportedBackboneError, find_channel_groups
+from lightly_mcp.momentum_subnet import MomentumSubnet
+from tests.conftest import randomize_batchnorm
 from tests.tiny import write_tiny
+
+SIZE = 32
+
+# name -> family; each prunes exactly.
+EXACT: dict[str, str] = {
+    "timm/repvgg_a0": "plain, re-parameterisable",
+    "timm/mobilenetv1_100": "plain (depthwise separable)",
+    "torchvision/resnet18": "residual",
+    "timm/resnet10t": "residual",
+    "timm/darknet17": "residual",
+    "timm/seresnet18": "residual, SE-gated",
+    "torchvision/mobilenet_v2": "inverted residual",
+    "torchvision/mobilenet_v3_small": "inverted residual, SE-gated",
+    "torchvision/efficientnet_b0": "inverted residual, SE-gated",
+    "timm/mobilenetv3_large_100": "inverted residual, SE-gated",
+    "timm/mobilenetv4_conv_small": "inverted residual",
+    "timm/lcnet_050": "inverted residual, SE-gated",
+    "timm/mnasnet_small": "inverted residual",
+    "timm/tinynet_e": "inverted residual, SE-gated",
+    "timm/resnext26ts": "grouped",
+    "timm/regnetx_002": "grouped",
+    "timm/regnety_002": "grouped, SE-gated",
+    "torchvision/regnet_x_400mf": "grouped",
+    "timm/dpn48b": "grouped, concatenating",
+    "torchvision/googlenet": "concatenating",
+    "torchvision/squeezenet1_1": "concatenating",
+    "torchvision/densenet121": "concatenating",
+    "timm/ese_vovnet19b_dw": "concatenating, SE-gated",
+    "timm/hgnetv2_b0": "concatenating",
+    "timm/dla46_c": "concatenating, residual",
+    "timm/ghostnet_100": "split (concatenation and slice), SE-gated",
+    "timm/repghostnet_050": "split, re-parameterisable",
+    "timm/convnext_atto": "residual, LayerNorm (only its MLP channels prune)",
+}
+
+# name -> (time limit, the refusal's construct)
+REFUSED: dict[str, tuple[float, str]] = {
+    "timm/nf_resnet26": (60.0, "weight-standardised convolution in net.stem.conv"),
+    "timm/rexnet_100": (1.5, "tracing its channel groups took longer than 1.5 s"),
+    "timm/ecaresnet26t": (1.5, "tracing its channel groups took longer than 1.5 s"),
+    "timm/cspresnet50": (60.0, "split before net.stages.0.conv_exp.bn"),
+    "torchvision/shufflenet_v2_x0_5": (60.0, "torch-pruning cannot trace it"),
+    "timm/skresnet18": (60.0, "removing channels of the group of net.conv1 is not"),
+    "timm/res2net50_26w_4s": (60.0, "removing channels of the group of net.layer1.0"),
+}
+
+
+@pytest.mark.parametrize("name", list(EXACT))
+def test_zoo_prunes_exactly(name: str) -> None:
+    torch.manual_seed(0)
+    backbone = randomize_batchnorm(build_backbone(name)).double()
+    example = torch.randn(1, 3, SIZE, SIZE, dtype=torch.float64)
+    groups = find_channel_groups(backbone, example)
+    admm = ADMMRegularizer(backbone, groups, pruning_ratio=0.5)
+    for group, mask in zip(groups, admm.masks):
+        assert int(mask.sum()) == group.num_kept(0.5)
+    compact_backbone = compact(backbone, groups, admm.masks, example)
+    assert count_parameters(compact_backbone) < 0.9 * count_parameters(backbone)
+    subnet = MomentumSubnet(backbone, groups, admm.masks)
+    x = torch.randn(2, 3, SIZE, SIZE, dtype=torch.float64)
+    for train in (False, True):
+        subnet.train(train)
+        compact_backbone.train(train)
+        with torch.no_grad():  # the same draws for stochastic depth and dropout
+            torch.manual_seed(1)
+            masked = subnet(x)
+            torch.manual_seed(1)
+            pruned = compact_backbone(x)
+        scale = float(masked.abs().max())
+        assert scale > 1e-3
+        assert float((masked - pruned).abs().max()) <= 1e-5 * scale, (name, train)
+
+
+@pytest.mark.parametrize("name", list(REFUSED))
+def test_zoo_refuses_with_the_construct(name: str) -> None:
+    time_limit, construct = REFUSED[name]
+    backbone = build_backbone(name)
+    example = torch.randn(1, 3, SIZE, SIZE)
+    with pytest.raises(UnsupportedBackboneError) as error:
+        find_channel_groups(backbone, example, time_limit=time_limit)
+    message = str(error.value)
+    assert re.match(
+        rf"{re.escape(name)} cannot be pruned exactly by MCP: .*"
+        rf"{re.escape(construct)}.*Backbones that prune exactly include ",
+        message,
+    ), message
+    assert "\n" not in message
+
+
+def test_zoo_covers_the_families() -> None:
+    assert len(EXACT) + len(REFUSED) >= 25
+    assert len(EXACT) >= 0.75 * (len(EXACT) + len(REFUSED))
+    families = " ".join(EXACT.values())
+    for family in (
+        "plain",
+        "residual",
+        "inverted residual",
+        "grouped",
+        "concatenating",
+        "split",
+        "SE-gated",
+        "re-parameterisable",
+    ):
+        assert family in families, family
 
 
 def test_cli_refuses_an_unprunable_backbone_before_training(
