@@ -9,6 +9,7 @@ split, SE/attention-gated, re-parameterisable.
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -147,3 +148,27 @@ def test_cli_refuses_an_unprunable_backbone_before_training(
     )
     assert "found by the preflight before any training" in lines[0]
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "name", ["timm/regnetx_002", "timm/dla46_c"], ids=["grouped", "concatenating"]
+)
+def test_cli_runs_end_to_end_on_grouped_and_concatenating_backbones(
+    tmp_path: Path, name: str
+) -> None:
+    recipe = write_tiny(
+        tmp_path,
+        {
+            "backbone.name": name,
+            "backbone.width_multiplier": None,
+            "backbone.small_input": True,
+        },
+    )
+    out = tmp_path / "run"
+    assert main(["run", str(recipe), "--out", str(out), "--quiet"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["backbone"] == name
+    assert report["compact"]["params"] < report["dense"]["params"]
+    assert report["equivalence_max_abs_err"] <= 1e-4
+    models = json.loads((out / "eval" / "eval.json").read_text())["models"]
+    assert models["subnet"]["knn_top1"] == pytest.approx(models["compact"]["knn_top1"])
