@@ -18,6 +18,7 @@ from lightly_mcp.groups import (
     masked_tensors,
     output_feature_index,
     random_masks,
+    route_of,
     unsupported,
 )
 
@@ -254,9 +255,14 @@ def check_exact(
     if len(candidates) == 1:
         culprit = _mismatch(reference, groups, only(candidates), x)
         if culprit is not None:
+            root = groups[candidates[0]].root
+            try:
+                route = route_of(reference, root, x)
+            except Exception:  # noqa: BLE001 - the message does without it
+                route = ""
             raise unsupported(
                 model,
-                f"removing channels of the group of {groups[candidates[0]].root} "
-                f"is not exact ({culprit})",
+                f"removing channels of the group of {root} is not exact "
+                f"({f'{route}; ' if route else ''}{culprit})",
             )
     raise unsupported(model, f"pruning all groups together is not exact ({reason})")

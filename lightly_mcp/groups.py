@@ -31,6 +31,10 @@ import torch
 import torch_pruning as tp
 from timm.layers import ScaledStdConv2d, ScaledStdConv2dSame, StdConv2d, StdConv2dSame
 from torch import Tensor, nn
+from torch_pruning.dependency.index_mapping import (
+    _SplitIndexMapping,
+    update_index_mapping,
+)
 
 from lightly_mcp.errors import describe_error
 
@@ -286,12 +290,75 @@ def build_dependency_graph(
             graph = tp.DependencyGraph().build_dependency(
                 model, example_inputs=example_inputs, verbose=False
             )
+        _fix_split_index_mapping(graph)
     finally:
         for p, flag in requires_grad.items():
             p.requires_grad_(flag)
         for m, flag in training.items():
             m.train(flag)
     return graph
+
+
+def _fix_split_index_mapping(graph: tp.DependencyGraph) -> None:
+    """Maps every consumer of a channel split to the chunk it really reads.
+
+    torch-pruning assumes that the i-th consumer of a split reads its i-th chunk and
+    that ``split(size)`` has as many chunks as consumers. Neither holds when a chunk
+    has several consumers (CSP stages: ``xs, xb = x.split(c // 2)``, ``xb`` feeds a
+    block and its residual add), so groups reached through the split were mapped to
+    the wrong channels. The chunk a consumer reads is recorded by autograd (the
+    ``output_nr`` of its edge to the split); this sets torch-pruning's own split
+    index mappings from it, with the chunk sizes from the split's saved arguments,
+    and recomputes the concatenations' offsets. Splits whose consumers read several
+    chunks are left as torch-pruning traced them (the exactness check judges them).
+    """
+    fixed = False
+    for node in graph.module2node.values():
+        if node.type != tp.ops.OPTYPE.SPLIT or not node.enable_index_mapping:
+            continue
+        grad_fn = node.grad_fn
+        sizes = getattr(grad_fn, "_saved_self_sym_sizes", None)
+        if getattr(grad_fn, "_saved_dim", None) != 1 or sizes is None:
+            continue
+        total = int(sizes[1])
+        if hasattr(grad_fn, "_saved_split_sizes"):
+            chunks = [int(c) for c in grad_fn._saved_split_sizes]
+        elif hasattr(grad_fn, "_saved_split_size"):
+            size = int(grad_fn._saved_split_size)
+            chunks = [size] * (total // size) + ([total % size] if total % size else [])
+        else:
+            continue
+        offsets = [0]
+        for chunk in chunks:
+            offsets.append(offsets[-1] + chunk)
+        chunk_of: dict[Any, int] = {}
+        for out_node in node.outputs:
+            edges = getattr(out_node.grad_fn, "next_functions", ())
+            numbers = {int(nr) for fn, nr in edges if fn is grad_fn}
+            if len(numbers) != 1:
+                break
+            chunk_of[out_node] = numbers.pop()
+        else:
+            node.module.split_sizes = [chunks[chunk_of[n]] for n in node.outputs]
+            node.module.offsets = offsets
+            for out_node, k in chunk_of.items():
+                for dep in node.dependencies:
+                    if dep.target is out_node:
+                        dep.index_mapping[0] = _SplitIndexMapping(
+                            offset=offsets[k : k + 2], reverse=False
+                        )
+                for dep in out_node.dependencies:
+                    if dep.target is node:
+                        dep.index_mapping[0] = _SplitIndexMapping(
+                            offset=offsets[k : k + 2], reverse=True
+                        )
+            node.enable_index_mapping = False  # torch-pruning must not redo it
+            fixed = True
+    if fixed:
+        for node in graph.module2node.values():
+            if node.type == tp.ops.OPTYPE.CONCAT:
+                node.module.concat_sizes = None
+        update_index_mapping(graph)
 
 
 def _out_channel_dim(module: nn.Module) -> int:
@@ -436,6 +503,31 @@ def _construct_of(tp_group: Any) -> str:
             if isinstance(item.dep.target.module, kind):
                 return text
     return "concatenation or split"
+
+
+def route_of(model: nn.Module, root: str, example_inputs: Tensor) -> str:
+    """Where a group's channels pass a split, concatenation or slice (for messages).
+
+    Returns:
+        E.g. ``"it passes a split before net.layer1.0.convs.0"``, or ``""`` when
+        the group passes none.
+    """
+    graph = build_dependency_graph(model, example_inputs)
+    names = {module: name for name, module in model.named_modules()}
+    module = model.get_submodule(root)
+    pruner = graph.get_pruner_of_module(module)
+    channels = list(range(pruner.get_out_channels(module)))
+    tp_group = graph.get_pruning_group(module, pruner.prune_out_channels, channels)
+    for item in tp_group.items:
+        node = item.dep.target
+        if not isinstance(
+            node.module, (tp.ops._ConcatOp, tp.ops._SplitOp, tp.ops._SliceOp)
+        ):
+            continue
+        after = [names[n.module] for n in node.outputs if n.module in names]
+        where = f" before {after[0]}" if after else ""
+        return f"it passes a {_construct_of(tp_group)}{where}"
+    return ""
 
 
 def _is_grouped_convolution(module: Any) -> bool:

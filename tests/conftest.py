@@ -86,6 +86,22 @@ class ConcatNet(nn.Module):
         return self.conv_out(x).mean((2, 3))
 
 
+class CrossStageNet(nn.Module):
+    """A CSP stage: half of a split feeds a residual block, then both are joined."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv_exp = nn.Conv2d(3, 8, 1)
+        self.bn_exp = nn.BatchNorm2d(8)
+        self.block = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4))
+        self.conv_out = nn.Conv2d(8, 6, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xs, xb = torch.relu(self.bn_exp(self.conv_exp(x))).split(4, dim=1)
+        xb = torch.relu(xb + self.block(xb))
+        return self.conv_out(torch.cat([xs, xb], dim=1)).mean((2, 3))
+
+
 @pytest.fixture
 def tiny_net() -> nn.Module:
     torch.manual_seed(0)

@@ -49,6 +49,9 @@ EXACT: dict[str, str] = {
     "timm/regnety_002": "grouped, SE-gated",
     "torchvision/regnet_x_400mf": "grouped",
     "timm/dpn48b": "grouped, concatenating",
+    "torchvision/resnext50_32x4d": "grouped, residual",
+    "timm/cspresnet50": "split (cross-stage partial), concatenating",
+    "timm/cspresnext50": "split (cross-stage partial), grouped",
     "torchvision/googlenet": "concatenating",
     "torchvision/squeezenet1_1": "concatenating",
     "torchvision/densenet121": "concatenating",
@@ -57,6 +60,7 @@ EXACT: dict[str, str] = {
     "timm/dla46_c": "concatenating, residual",
     "timm/ghostnet_100": "split (concatenation and slice), SE-gated",
     "timm/repghostnet_050": "split, re-parameterisable",
+    "timm/hrnet_w18_small": "multi-resolution, residual",
     "timm/convnext_atto": "residual, LayerNorm (only its MLP channels prune)",
 }
 
@@ -65,10 +69,21 @@ REFUSED: dict[str, tuple[float, str]] = {
     "timm/nf_resnet26": (60.0, "weight-standardised convolution in net.stem.conv"),
     "timm/rexnet_100": (1.5, "tracing its channel groups took longer than 1.5 s"),
     "timm/ecaresnet26t": (1.5, "tracing its channel groups took longer than 1.5 s"),
-    "timm/cspresnet50": (60.0, "split before net.stages.0.conv_exp.bn"),
     "torchvision/shufflenet_v2_x0_5": (60.0, "torch-pruning cannot trace it"),
-    "timm/skresnet18": (60.0, "removing channels of the group of net.conv1 is not"),
-    "timm/res2net50_26w_4s": (60.0, "removing channels of the group of net.layer1.0"),
+    "timm/skresnet18": (
+        60.0,
+        "group of net.conv1 is not exact (it passes a split before "
+        "net.layer1.0.conv1.paths.1.conv",
+    ),
+    "timm/res2net50_26w_4s": (
+        60.0,
+        "group of net.layer1.0.conv1 is not exact (it passes a split before "
+        "net.layer1.0.convs.",
+    ),
+    "timm/mixnet_s": (
+        60.0,
+        "group of net.blocks.1.0.conv_pwl.0 is not exact (it passes a concatenation",
+    ),
 }
 
 
@@ -84,7 +99,8 @@ def test_zoo_prunes_exactly(name: str) -> None:
     compact_backbone = compact(backbone, groups, admm.masks, example)
     assert count_parameters(compact_backbone) < 0.9 * count_parameters(backbone)
     subnet = MomentumSubnet(backbone, groups, admm.masks)
-    x = torch.randn(2, 3, SIZE, SIZE, dtype=torch.float64)
+    # Batch 4: train-mode BatchNorm over 2 values of a 1x1 map is ill-conditioned.
+    x = torch.randn(4, 3, SIZE, SIZE, dtype=torch.float64)
     for train in (False, True):
         subnet.train(train)
         compact_backbone.train(train)
@@ -116,7 +132,7 @@ def test_zoo_refuses_with_the_construct(name: str) -> None:
 
 def test_zoo_covers_the_families() -> None:
     assert len(EXACT) + len(REFUSED) >= 25
-    assert len(EXACT) >= 0.75 * (len(EXACT) + len(REFUSED))
+    assert len(EXACT) >= 0.8 * (len(EXACT) + len(REFUSED))
     families = " ".join(EXACT.values())
     for family in (
         "plain",

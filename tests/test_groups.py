@@ -18,7 +18,7 @@ from lightly_mcp.groups import (
     masked_tensors,
     num_kept_channels,
 )
-from tests.conftest import ConcatNet, GroupedConvNet, TinyConvNet
+from tests.conftest import ConcatNet, CrossStageNet, GroupedConvNet, TinyConvNet
 
 
 def test_tiny_net_groups_cover_coupled_channels(tiny_net: nn.Module) -> None:
@@ -317,6 +317,19 @@ def test_norm_after_a_concatenation_carries_slices_of_two_groups() -> None:
     expected = torch.zeros(10)
     expected[kept] = params["norm.weight"][kept].detach()
     assert torch.equal(masked["norm.weight"], expected)
+
+
+def test_groups_behind_a_split_with_several_consumers_per_chunk() -> None:
+    """torch-pruning maps split consumers to chunks by their order; autograd knows."""
+    net = CrossStageNet()
+    groups = {g.root: g for g in find_channel_groups(net, randn_8())}
+    # conv_exp's second half is tied to the block's residual: only partly coupled,
+    # so it stays whole; the block's group reaches conv_exp's channels 4..7.
+    assert set(groups) == {"block.0"}
+    index = {m.param_name: m.channel_index for m in groups["block.0"].members}
+    assert index["block.0.weight"] == (0, 1, 2, 3)
+    assert index["conv_exp.weight"] == (4, 5, 6, 7)
+    assert index["bn_exp.bias"] == (4, 5, 6, 7)
 
 
 def randn_8() -> torch.Tensor:
