@@ -21,7 +21,11 @@ from lightly_mcp.backbones import build_backbone
 from lightly_mcp.cli import main
 from lightly_mcp.compaction import compact
 from lightly_mcp.counting import count_parameters
-from lightly_mcp.groups import UnsupportedBackboneError, find_channel_groups
+from lightly_mcp.groups import (
+    WORKING_BACKBONES,
+    UnsupportedBackboneError,
+    find_channel_groups,
+)
 from lightly_mcp.momentum_subnet import MomentumSubnet
 from tests.conftest import randomize_batchnorm
 from tests.tiny import write_tiny
@@ -128,6 +132,12 @@ def test_zoo_refuses_with_the_construct(name: str) -> None:
         message,
     ), message
     assert "\n" not in message
+
+
+def test_refusals_name_backbones_the_zoo_checks() -> None:
+    named = WORKING_BACKBONES.split(", ")
+    assert len(named) >= 5
+    assert set(named) <= set(EXACT)
 
 
 def test_zoo_covers_the_families() -> None:
