@@ -245,14 +245,27 @@ def test_training_curves_table(tmp_path: Path) -> None:
     logs = tmp_path / "runs" / "mcp_r0.76_seed0" / "logs"
     logs.mkdir(parents=True)
     (logs / "metrics.csv").write_text(
-        "epoch,step,train_loss,channels_changed,admm_distance\n"
-        "0,19,8.0,,\n0,39,7.0,12,3.5\n0,59,6.0,,\n0,79,5.0,4,1.25\n0,99,4.0,,\n"
+        "epoch,step,train_loss,channels_changed,admm_relative_distance\n"
+        "0,19,8.0,,\n0,39,7.0,12,0.5\n0,59,6.0,,\n0,79,5.0,4,0.125\n0,99,4.0,,\n"
     )
+    # A committed copy (metrics/) is read too, and wins over a run folder's log.
+    (tmp_path / "metrics").mkdir()
+    (tmp_path / "metrics" / "typical_pruning_seed0.csv").write_text(
+        "epoch,step,train_loss\n0,9,7.5\n0,19,7.0\n"
+    )
+    blocks = [
+        {"step": 300, "theta_response": 0.87, "channels_changed": 0, "rho": 0.06},
+        {"step": 600, "theta_response": 0.81, "channels_changed": 0, "rho": 0.06},
+    ]
+    (tmp_path / "mcp_r0.76_seed0.json").write_text(json.dumps({"admm_blocks": blocks}))
     series = curves.read_metrics(logs / "metrics.csv")
     assert series["channels_changed"] == [(39, 12.0), (79, 4.0)]
     table = curves.write_curves(tmp_path)
     # loss: mean of the first / last three logged values; churn, distance: ends.
-    assert "| mcp_r0.76_seed0 | 100 | 7.000 → 5.000 | 12 → 4 | 3.50 → 1.25 |" in table
+    assert "| mcp_r0.76_seed0 | 100 | 7.000 → 5.000 | 12 → 4 | 0.500 → 0.125 |" in table
+    assert "| typical_pruning_seed0 | 20 | 7.250 → 7.250 | – | – |" in table
+    assert "### ADMM blocks of mcp_r0.76_seed0" in table
+    assert "| 300 | 0.06 | - | 0.87 | 0 | - | - |" in table
     assert (tmp_path / "training_curves.md").is_file()
     assert (tmp_path / "training_curves.png").is_file()
 

@@ -81,6 +81,7 @@ import datetime
 import math
 import platform
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -811,6 +812,10 @@ def run_config(
         "commit": CODE_COMMIT,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
     }
+    log = run_dir / "logs" / "metrics.csv"
+    if log.is_file():  # the training curve, kept beside the result (committed)
+        (out / "metrics").mkdir(exist_ok=True)
+        shutil.copyfile(log, out / "metrics" / f"{name}_seed{seed}.csv")
     write_json_atomic(result_file, result)
     print(
         f"[done] {name} seed {seed}: kNN {result['knn_top1']:.4f} linear "
