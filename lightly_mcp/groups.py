@@ -23,6 +23,7 @@ import ctypes
 import math
 import re
 import threading
+import traceback
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -286,11 +287,18 @@ def build_dependency_graph(
         for p in model.parameters():
             p.requires_grad_(True)
         model.eval()
-        with torch.enable_grad():
-            graph = tp.DependencyGraph().build_dependency(
-                model, example_inputs=example_inputs, verbose=False
-            )
-        _fix_split_index_mapping(graph)
+        graph = tp.DependencyGraph()
+        try:
+            with torch.enable_grad():
+                graph.build_dependency(
+                    model, example_inputs=example_inputs, verbose=False
+                )
+        except Exception:
+            # Its last step, the index mappings, can fail on the chunk sizes of a
+            # split that _fix_split_index_mapping corrects (timm cs3darknet).
+            if not getattr(graph, "module2node", None):
+                raise
+        _fix_split_index_mapping(graph, force=True)
     finally:
         for p, flag in requires_grad.items():
             p.requires_grad_(flag)
@@ -299,7 +307,7 @@ def build_dependency_graph(
     return graph
 
 
-def _fix_split_index_mapping(graph: tp.DependencyGraph) -> None:
+def _fix_split_index_mapping(graph: tp.DependencyGraph, force: bool = False) -> None:
     """Maps every consumer of a channel split to the chunk it really reads.
 
     torch-pruning assumes that the i-th consumer of a split reads its i-th chunk and
@@ -309,8 +317,9 @@ def _fix_split_index_mapping(graph: tp.DependencyGraph) -> None:
     the wrong channels. The chunk a consumer reads is recorded by autograd (the
     ``output_nr`` of its edge to the split); this sets torch-pruning's own split
     index mappings from it, with the chunk sizes from the split's saved arguments,
-    and recomputes the concatenations' offsets. Splits whose consumers read several
-    chunks are left as torch-pruning traced them (the exactness check judges them).
+    and recomputes the concatenations' offsets (always with ``force``). Splits whose
+    consumers read several chunks are left as torch-pruning traced them (the
+    exactness check judges them).
     """
     fixed = False
     for node in graph.module2node.values():
@@ -354,7 +363,7 @@ def _fix_split_index_mapping(graph: tp.DependencyGraph) -> None:
                         )
             node.enable_index_mapping = False  # torch-pruning must not redo it
             fixed = True
-    if fixed:
+    if fixed or force:
         for node in graph.module2node.values():
             if node.type == tp.ops.OPTYPE.CONCAT:
                 node.module.concat_sizes = None
@@ -662,6 +671,24 @@ def _trace_groups(
     return groups
 
 
+# torch-pruning's index-mapping functions and the construct each one traces.
+_INDEX_MAPPINGS = {
+    "update_reshape_index_mapping": "its channel reshape (e.g. a channel shuffle)",
+    "update_concat_index_mapping": "its concatenation",
+    "update_split_index_mapping": "its channel split",
+    "update_slice_index_mapping": "its channel slice",
+}
+
+
+def _failed_construct(error: BaseException) -> str:
+    """The construct whose tracing raised ``error`` in torch-pruning, or "it"."""
+    for frame, _ in traceback.walk_tb(error.__traceback__):
+        construct = _INDEX_MAPPINGS.get(frame.f_code.co_name)
+        if construct is not None:
+            return construct
+    return "it"
+
+
 def find_channel_groups(
     model: nn.Module,
     example_inputs: Tensor | None = None,
@@ -745,7 +772,9 @@ def find_channel_groups(
         ) from None
     except Exception as error:  # noqa: BLE001 - torch-pruning's internal errors
         raise unsupported(
-            model, f"torch-pruning cannot trace it ({describe_error(error)})"
+            model,
+            f"torch-pruning cannot trace {_failed_construct(error)} "
+            f"({describe_error(error)})",
         ) from error
     if not groups:
         raise NoPrunableGroupsError(

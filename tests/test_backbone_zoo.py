@@ -56,6 +56,7 @@ EXACT: dict[str, str] = {
     "torchvision/resnext50_32x4d": "grouped, residual",
     "timm/cspresnet50": "split (cross-stage partial), concatenating",
     "timm/cspresnext50": "split (cross-stage partial), grouped",
+    "timm/cs3darknet_s": "split (cross-stage partial), concatenating",
     "torchvision/googlenet": "concatenating",
     "torchvision/squeezenet1_1": "concatenating",
     "torchvision/densenet121": "concatenating",
@@ -73,7 +74,10 @@ REFUSED: dict[str, tuple[float, str]] = {
     "timm/nf_resnet26": (60.0, "weight-standardised convolution in net.stem.conv"),
     "timm/rexnet_100": (1.5, "tracing its channel groups took longer than 1.5 s"),
     "timm/ecaresnet26t": (1.5, "tracing its channel groups took longer than 1.5 s"),
-    "torchvision/shufflenet_v2_x0_5": (60.0, "torch-pruning cannot trace it"),
+    "torchvision/shufflenet_v2_x0_5": (
+        60.0,
+        "torch-pruning cannot trace its channel reshape (e.g. a channel shuffle)",
+    ),
     "timm/skresnet18": (
         60.0,
         "group of net.conv1 is not exact (it passes a split before "
