@@ -22,9 +22,13 @@ from lightly_mcp.groups import (
     unsupported,
 )
 
-CHECK_TOLERANCE = 1e-6
-"""Largest relative difference (float64) between masked and compact outputs that
-:func:`check_exact` accepts; a wrongly removed channel gives differences of order 1."""
+CHECK_TOLERANCE = {torch.float64: 1e-6, torch.float32: 1e-3}
+"""Largest relative difference between masked and compact outputs that
+:func:`check_exact` accepts, by the precision it checks in; a wrongly removed channel
+gives differences of order 1."""
+
+CHECK_FLOAT64_MAX_PARAMETERS = 50_000_000
+"""Larger backbones are checked in float32 (two float64 copies would need > 800 MB)."""
 
 
 def _tag_channels(model: nn.Module, splits: dict[str, SplitBatchNorm]) -> None:
@@ -182,6 +186,7 @@ def _mismatch(
     groups: Sequence[ChannelGroup],
     masks: Sequence[Tensor],
     x: Tensor,
+    tolerance: float,
 ) -> str | None:
     """Why the compact network differs from the masked one, or None if it does not."""
     params = dict(reference.named_parameters())
@@ -207,7 +212,7 @@ def _mismatch(
         )
     scale = float(masked.abs().max())
     difference = float((masked - compact_out).abs().max()) / max(scale, 1e-12)
-    if not difference <= CHECK_TOLERANCE:
+    if not difference <= tolerance:
         return f"the pruned network differs from the masked one by {difference:.1e}"
     return None
 
@@ -221,7 +226,8 @@ def check_exact(
 ) -> None:
     """Checks that masking and removing channels give the same network.
 
-    A float64 copy of ``model`` on the CPU, in eval mode with random BatchNorm
+    A float64 copy of ``model`` on the CPU (float32 above
+    :data:`CHECK_FLOAT64_MAX_PARAMETERS`), in eval mode with random BatchNorm
     statistics, is pruned with random masks at ``pruning_ratio`` and its output on
     ``example_inputs`` compared with the masked copy's (relative difference at most
     :data:`CHECK_TOLERANCE`). When they differ, the groups are bisected to name the
@@ -230,11 +236,14 @@ def check_exact(
     Raises:
         UnsupportedBackboneError: If they differ (or pruning fails), naming the group.
     """
-    reference = copy.deepcopy(model).to(device="cpu", dtype=torch.float64).eval()
+    large = sum(p.numel() for p in model.parameters()) > CHECK_FLOAT64_MAX_PARAMETERS
+    dtype = torch.float32 if large else torch.float64
+    tolerance = CHECK_TOLERANCE[dtype]
+    reference = copy.deepcopy(model).to(device="cpu", dtype=dtype).eval()
     _randomise_norms(reference, seed)
-    x = example_inputs.detach().to(device="cpu", dtype=torch.float64)
+    x = example_inputs.detach().to(device="cpu", dtype=dtype)
     masks = random_masks(groups, pruning_ratio, seed)
-    reason = _mismatch(reference, groups, masks, x)
+    reason = _mismatch(reference, groups, masks, x, tolerance)
     if reason is None:
         return
     everything = [torch.ones_like(mask) for mask in masks]
@@ -246,14 +255,14 @@ def check_exact(
     while len(candidates) > 1:
         half = candidates[: len(candidates) // 2]
         rest = candidates[len(candidates) // 2 :]
-        if _mismatch(reference, groups, only(half), x) is not None:
+        if _mismatch(reference, groups, only(half), x, tolerance) is not None:
             candidates = half
-        elif _mismatch(reference, groups, only(rest), x) is not None:
+        elif _mismatch(reference, groups, only(rest), x, tolerance) is not None:
             candidates = rest
         else:
             break  # only a combination of groups fails
     if len(candidates) == 1:
-        culprit = _mismatch(reference, groups, only(candidates), x)
+        culprit = _mismatch(reference, groups, only(candidates), x, tolerance)
         if culprit is not None:
             root = groups[candidates[0]].root
             try:

@@ -265,6 +265,17 @@ def test_groups_that_do_not_prune_exactly_are_refused_by_name(
     assert [g.root for g in find_channel_groups(net(), check=False)] == ["conv1"]
 
 
+def test_large_backbones_are_checked_in_float32(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from lightly_mcp import compaction
+
+    monkeypatch.setattr(compaction, "CHECK_FLOAT64_MAX_PARAMETERS", 10)
+    assert len(find_channel_groups(TinyConvNet(), torch.randn(1, 3, 8, 8))) == 2
+    with pytest.raises(UnsupportedBackboneError, match="differs from the masked one"):
+        find_channel_groups(_ChannelRoll(), torch.randn(1, 3, 8, 8))
+
+
 def test_backbone_that_does_not_run_on_the_example_is_a_value_error() -> None:
     net = nn.Sequential(nn.Conv2d(3, 8, 5), nn.Conv2d(8, 8, 5))
     with pytest.raises(ValueError, match=r"Sequential does not run on inputs of shape"):
