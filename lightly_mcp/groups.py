@@ -30,7 +30,14 @@ from typing import Any, TypeVar
 
 import torch
 import torch_pruning as tp
-from timm.layers import ScaledStdConv2d, ScaledStdConv2dSame, StdConv2d, StdConv2dSame
+from timm.layers import (
+    CecaModule,
+    EcaModule,
+    ScaledStdConv2d,
+    ScaledStdConv2dSame,
+    StdConv2d,
+    StdConv2dSame,
+)
 from torch import Tensor, nn
 from torch_pruning.dependency.index_mapping import (
     _SplitIndexMapping,
@@ -491,6 +498,13 @@ def unsupported(model: nn.Module, construct: str) -> UnsupportedBackboneError:
 def _refuse_unsupported_layers(model: nn.Module) -> None:
     """Refuses layers whose channels can never be masked and removed alike."""
     for name, module in model.named_modules():
+        if isinstance(module, (EcaModule, CecaModule)):
+            raise unsupported(
+                model,
+                f"ECA channel attention in {name} ({type(module).__name__}: its "
+                "convolution across channels gates each channel by its neighbours, "
+                "which change when a channel is removed)",
+            )
         if isinstance(module, _WEIGHT_STANDARDISED_CONVS):
             raise unsupported(
                 model,

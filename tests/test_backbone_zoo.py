@@ -73,7 +73,8 @@ EXACT: dict[str, str] = {
 REFUSED: dict[str, tuple[float, str]] = {
     "timm/nf_resnet26": (60.0, "weight-standardised convolution in net.stem.conv"),
     "timm/rexnet_100": (1.5, "tracing its channel groups took longer than 1.5 s"),
-    "timm/ecaresnet26t": (1.5, "tracing its channel groups took longer than 1.5 s"),
+    "timm/ecaresnet26t": (60.0, "ECA channel attention in net.layer1.0.se"),
+    "timm/gcresnet33ts": (1.5, "tracing its channel groups took longer than 1.5 s"),
     "torchvision/shufflenet_v2_x0_5": (
         60.0,
         "torch-pruning cannot trace its channel reshape (e.g. a channel shuffle)",
