@@ -9,8 +9,14 @@ mask, compaction and reports) speaks in groups and channel indices.
 
 A group's *output-side members* are the parameters that produce its channels: conv or
 linear output rows and biases, depthwise conv filters, norm-layer weights and biases.
-They are addressed by parameter name, so the same groups apply to the query encoder and
-to its momentum copy (which share one architecture).
+They are addressed by parameter name and channel index, so the same groups apply to the
+query encoder and to its momentum copy (which share one architecture), and a parameter
+after a concatenation can carry slices of several groups. A grouped convolution ties
+the channels at the same position of its convolution groups (``ChannelGroup.units``).
+
+A backbone that cannot be pruned exactly (masking a channel and removing it give
+different networks) is refused here, when the groups are traced, with one line naming
+the construct and the module (:class:`UnsupportedBackboneError`).
 
 Reference:
     Momentum Contrastive Pruning, Section 3.4 (ADMM on the encoder), and
@@ -146,7 +152,9 @@ class GroupMember:
         param_name: Name of the parameter in the backbone (``named_parameters()``).
         dim: Dimension of the parameter that indexes output channels.
         channel_index: For every channel of the group (in group order), the index
-            along ``dim`` of this parameter. Usually ``0, 1, ..., C - 1``.
+            along ``dim`` of this parameter. Usually ``0, 1, ..., C - 1``; a slice
+            of the parameter when it also carries other groups' channels (a norm
+            layer after a concatenation).
     """
 
     param_name: str
@@ -425,7 +433,12 @@ def _members_of(
     return list(members.values()), output_features, mixes_channels
 
 
-_ATTENTION_CLASS = re.compile(r"(Attention|SelfAttn)$")
+# timm's spatial self-attention layers in CNNs are named too (lambda, halo, bottleneck
+# and non-local attention); SE-style gates (SplitAttn, EffectiveSE, ...) are not.
+_ATTENTION_CLASS = re.compile(
+    r"(Attention|SelfAttn|^LambdaLayer|^HaloAttn|^BottleneckAttn|^NonLocalAttn"
+    r"|^BatNonLocalAttn)$"
+)
 
 
 def _attention_modules(model: nn.Module) -> list[str]:
@@ -746,7 +759,7 @@ def find_channel_groups(
     attention = _attention_modules(model)
     if attention:
         raise NoPrunableGroupsError(
-            f"{type(model).__name__} contains attention layers ({attention[0]}); "
+            f"{backbone_label(model)} contains attention layers ({attention[0]}); "
             "MCP prunes convolutional channels and attention models (ViTs) are not "
             "supported yet. Use a CNN backbone such as 'torchvision/mobilenet_v2' "
             "or 'timm/resnet18'."
@@ -792,7 +805,7 @@ def find_channel_groups(
         ) from error
     if not groups:
         raise NoPrunableGroupsError(
-            f"{type(model).__name__} has no prunable channel group. MCP prunes "
+            f"{backbone_label(model)} has no prunable channel group. MCP prunes "
             "convolutional channels; attention models (ViTs) and networks whose "
             "channels all pass through LayerNorm/GroupNorm are not supported yet. "
             "Use a CNN backbone such as 'torchvision/mobilenet_v2' or 'timm/resnet18'."

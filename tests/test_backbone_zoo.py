@@ -23,6 +23,7 @@ from lightly_mcp.compaction import compact
 from lightly_mcp.counting import count_parameters
 from lightly_mcp.groups import (
     WORKING_BACKBONES,
+    NoPrunableGroupsError,
     UnsupportedBackboneError,
     find_channel_groups,
 )
@@ -137,6 +138,24 @@ def test_zoo_refuses_with_the_construct(name: str) -> None:
         message,
     ), message
     assert "\n" not in message
+
+
+@pytest.mark.parametrize(
+    "name, layer",
+    [
+        (
+            "timm/lambda_resnet26t",
+            "timm/lambda_resnet26t contains attention layers (net.stages.2.1.self_attn",
+        ),
+        ("timm/vit_tiny_patch16_224", "(net.blocks.0.attn (Attention))"),
+        ("torchvision/vit_b_16", "MultiheadAttention"),
+    ],
+)
+def test_attention_models_are_refused_at_once(name: str, layer: str) -> None:
+    with torch.device("meta"):
+        backbone = build_backbone(name)
+    with pytest.raises(NoPrunableGroupsError, match=re.escape(layer)):
+        find_channel_groups(backbone, torch.empty(1, 3, SIZE, SIZE, device="meta"))
 
 
 def test_refusals_name_backbones_the_zoo_checks() -> None:
