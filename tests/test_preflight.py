@@ -117,3 +117,25 @@ def test_preflight_only_before_training(tmp_path: Path, tiny_dense: Path) -> Non
     assert for_command("run", recipe, out) is None  # nothing left to train
     assert for_command("prune", recipe, out, tiny_dense) is None
     assert not (out / "pretrain").exists()
+
+
+def test_the_quickstart_as_shipped_passes_its_preflight_on_both_data_sources(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The real quickstart's schedule (its blocks, frozen block, derived ρ) holds on
+    Fashion-MNIST and on the digits fallback, whose epochs are much shorter."""
+    from lightly_mcp.data import FASHION_MNIST_ROOT
+
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(root)  # the recipe names the shipped checkpoint relatively
+    (tmp_path / "empty").mkdir()
+    sources = [["--set", f"data.root={tmp_path / 'empty'}"]]  # digits
+    if Path(FASHION_MNIST_ROOT).is_dir():
+        sources.append([])
+    for extra in sources:
+        out = tmp_path / "run"
+        argv = ["run", "recipes/quickstart.yaml", "--out", str(out), "--dry-run"]
+        assert main([*argv, "--quiet", *extra]) == 0, extra
+        printed = " ".join(capsys.readouterr().out.split())
+        assert "MCP schedule (200 steps in 2 ADMM blocks of 100," in printed, extra
+        assert not out.exists()
