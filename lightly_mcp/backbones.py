@@ -30,6 +30,7 @@ from typing import Any
 import timm
 import torch
 import torchvision
+from timm.layers import BlurPool2d
 from torch import Tensor, nn
 
 from lightly_mcp.counting import count_parameters
@@ -410,6 +411,7 @@ def _build_timm(
     else:
         net = _create_timm_with_width(name, arch, width_multiplier, kwargs)
 
+    _channel_agnostic_blur(net)
     stem_conv_name = _adapt_timm_stem(name, net) if small_input else ""
 
     # Prefer head_hidden_size: some models (mobilenetv3, ...) apply a head
@@ -433,6 +435,22 @@ def _build_timm(
         out_dim = _probe_output_dim(net, input_size)
     feature_dim = attribute_dim if out_dim is None else out_dim
     return net, feature_dim
+
+
+@torch.no_grad()
+def _channel_agnostic_blur(net: nn.Module) -> None:
+    """Lets timm's anti-aliasing blurs take any number of channels.
+
+    ``BlurPool2d`` filters every channel with the same fixed binomial filter, stored
+    once per channel in a (non-persistent) buffer, so its channel count is fixed and
+    a pruned network no longer runs. With ``channels=None`` it expands one filter to
+    its input's channels: the same output, and the blur follows pruning.
+    """
+    for module in net.modules():
+        if isinstance(module, BlurPool2d) and module.channels is not None:
+            module.channels = None
+            filt = module.filt[:1].clone()
+            module.register_buffer("filt", filt, persistent=False)
 
 
 def _create_timm_with_width(

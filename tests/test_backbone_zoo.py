@@ -41,6 +41,7 @@ EXACT: dict[str, str] = {
     "timm/resnet10t": "residual",
     "timm/darknet17": "residual",
     "timm/seresnet18": "residual, SE-gated",
+    "timm/resnetblur18": "residual, anti-aliased (blur pool)",
     "torchvision/mobilenet_v2": "inverted residual",
     "torchvision/mobilenet_v3_small": "inverted residual, SE-gated",
     "torchvision/efficientnet_b0": "inverted residual, SE-gated",

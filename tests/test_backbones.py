@@ -427,3 +427,19 @@ def test_torchvision_small_input_refuses_stems_without_an_obvious_one(
     with pytest.raises(ValueError, match=re.escape(reason)):
         with torch.device("meta"):
             build_backbone(name, small_input=True)
+
+
+def test_timm_blur_pool_follows_the_channels_and_keeps_the_output() -> None:
+    import timm
+    from timm.layers import BlurPool2d
+
+    torch.manual_seed(0)
+    reference = timm.create_model("resnetblur18", num_classes=0).eval()
+    backbone = build_backbone("timm/resnetblur18").eval()
+    backbone.net.load_state_dict(reference.state_dict())
+    blurs = [m for m in backbone.modules() if isinstance(m, BlurPool2d)]
+    assert blurs and all(m.channels is None for m in blurs)
+    assert all(m.filt.shape[0] == 1 for m in blurs)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(backbone(x), reference(x))
