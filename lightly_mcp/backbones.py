@@ -449,7 +449,7 @@ def _channel_agnostic_blur(net: nn.Module) -> None:
     for module in net.modules():
         if isinstance(module, BlurPool2d) and module.channels is not None:
             module.channels = None
-            filt = module.filt[:1].clone()
+            filt = module.get_buffer("filt")[:1].clone()
             module.register_buffer("filt", filt, persistent=False)
 
 
