@@ -66,8 +66,8 @@ def test_registry_names() -> None:
 
 def test_grid_runs_the_headline_question_first() -> None:
     order = main.grid_order(list(main.METHODS), None)
-    assert len(order) == len(set(order)) == sum(
-        e["seeds"] for e in main.METHODS.values()
+    assert (
+        len(order) == len(set(order)) == sum(e["seeds"] for e in main.METHODS.values())
     )
     first = {"dense", "typical_pruning", "scratch_small", "mcp_r0.76"}
     assert {name for name, _ in order[:4]} == first
@@ -86,8 +86,11 @@ def test_mcp_rows_use_the_recipes_converging_schedule() -> None:
     assert (m.admm_interval, m.admm_interval_unit) == (300, "steps")
     assert main.pruning_steps(recipe) == 1200
     assert 300 >= 3 / (1 - recipe.pretrain.momentum) - 1e-9  # θ_k follows θ_q
-    ctx = main.Context(recipe=recipe, dense_checkpoint=main.dense_checkpoint(
-        Path("unused"), [], 0, progress=False), seed=0)
+    ctx = main.Context(
+        recipe=recipe,
+        dense_checkpoint=main.dense_checkpoint(Path("unused"), [], 0, progress=False),
+        seed=0,
+    )
     base = main.mcp_builder(main.R92)(ctx).hparams
     assert base["rho_response"] == m.rho_response == 2.0
     assert (base["lr_schedule"], base["frozen_blocks"], base["transition"]) == (

@@ -234,8 +234,10 @@ CASES: dict[str, Case] = {
         1,
         ("export",),
         {"export.latency": True},
-        check=lambda out, r: r["export"]["speedup"]["bs1"] > 0
-        and r["export"]["speedup"]["at_224"]["bs1"] is None,
+        check=lambda out, r: (
+            r["export"]["speedup"]["bs1"] > 0
+            and r["export"]["speedup"]["at_224"]["bs1"] is None
+        ),
     ),
     "export.latency_at_224": Case(
         True,

@@ -124,7 +124,10 @@ def targets(results: dict[str, list[dict[str, Any]]]) -> str:
     At ≈ 92 % removed MCP ≥ typical pruning + 2 and ≥ small from scratch + 2 points on
     kNN and linear top-1; at ≈ 50 % MCP within 1 point of dense on linear top-1.
     """
-    lines = ["| target | MCP | compared with | margin | met |", "|---|---:|---:|---:|---|"]
+    lines = [
+        "| target | MCP | compared with | margin | met |",
+        "|---|---:|---:|---:|---|",
+    ]
     checks = [
         (MCP92, other, metric, 2.0)
         for other in ("typical_pruning", "scratch_small")

@@ -143,8 +143,9 @@ class SupervisedClassifier(LightningModule):
 
     The backbone is built from ``backbone``/``backbone_kwargs`` (plain BatchNorm:
     SplitBatchNorm is only MoCo's shuffle-BN; merge it before taking a MoCo
-    backbone's state), then optionally loaded from ``backbone_state``, then optionally pruned to ``pruning_ratio``
-    (``masks_from``) and re-initialised (``reinit``, training from scratch).
+    backbone's state), then optionally loaded from ``backbone_state``, then
+    optionally pruned to ``pruning_ratio`` (``masks_from``) and re-initialised
+    (``reinit``, training from scratch).
 
     SGD with momentum 0.9, the learning rate ``lr`` per 256 images, no weight decay
     on norm and bias parameters, a cosine over the run (lightly's scheduler).
@@ -189,7 +190,9 @@ class SupervisedClassifier(LightningModule):
         if classifier_state is not None:
             classifier.load_state_dict(classifier_state)
         if pruning_ratio is not None:
-            network, kept = prune_network(network, pruning_ratio, input_size, masks_from)
+            network, kept = prune_network(
+                network, pruning_ratio, input_size, masks_from
+            )
             assert kept is not None
             classifier = slice_linear_input(classifier, kept)
         if reinit:
