@@ -256,7 +256,9 @@ def linear_probe_top1(
     """Linear-probe top-1 accuracy on cached frozen features.
 
     A linear layer is trained on cached, standardised frozen features (each
-    dimension standardised with the training mean and std) with cross-entropy and
+    dimension standardised with the training mean and std; dimensions a million
+    times flatter than the widest are treated as constant, so the result does not
+    depend on the features' overall scale) with cross-entropy and
     SGD (momentum 0.9, per-step cosine LR from ``lr`` to 0, optional weight
     decay). This is not lightly's ``LinearClassifier``, which re-embeds images
     every epoch; features are computed once, so the probe is fast. The weights are
@@ -300,7 +302,13 @@ def linear_probe_top1(
         x_test = test_features.detach().clone().float().to(device)
         y_test = test_labels.detach().clone().long().to(device)
         mean = x_train.mean(dim=0, keepdim=True)
-        std = x_train.std(dim=0, unbiased=False, keepdim=True).clamp_min(1e-6)
+        std = x_train.std(dim=0, unbiased=False, keepdim=True)
+        # Relative floor: the probe is invariant to the features' overall scale
+        # (a random-init MobileNetV2's features are ~1e-8, all below an absolute
+        # floor of 1e-6, which left the probe nothing to learn from); dimensions
+        # a million times flatter than the widest count as constant.
+        std = std.clamp_min(1e-6 * float(std.max()) if std.numel() else 1e-6)
+        std = std.clamp_min(torch.finfo(std.dtype).tiny)
         x_train = (x_train - mean) / std
         x_test = (x_test - mean) / std
 

@@ -115,6 +115,23 @@ def test_linear_probe_is_deterministic() -> None:
     assert first == second
 
 
+def test_linear_probe_does_not_depend_on_the_features_scale() -> None:
+    """A random-init MobileNetV2 has features of ~1e-8 (every dimension flatter than
+    an absolute floor of 1e-6); its probe scored below chance until the floor
+    became relative to the widest dimension."""
+    train_x, train_y = blobs(0, 50)
+    test_x, test_y = blobs(1, 30)
+    train_x = torch.cat([train_x, torch.zeros(len(train_x), 1)], dim=1)  # constant
+    test_x = torch.cat([test_x, torch.zeros(len(test_x), 1)], dim=1)
+    reference = linear_probe_top1(train_x, train_y, test_x, test_y, epochs=5)
+    assert reference >= 0.95
+    for scale in (1e-8, 1e4):
+        scaled = linear_probe_top1(
+            scale * train_x, train_y, scale * test_x, test_y, epochs=5
+        )
+        assert scaled == reference, scale
+
+
 def test_linear_probe_accepts_inference_tensors() -> None:
     train_x, train_y = blobs(0, 20)
     with torch.inference_mode():
