@@ -387,3 +387,25 @@ def test_report_checks_the_targets_and_flags_collapsed_seeds(tmp_path: Path) -> 
     assert scratch.endswith("| 76.00 | 43.00 | +33.00 | yes |")
     dense = lines["| mcp_r0.31 within 1 of dense (linear_top1)"]
     assert dense.endswith("| 86.50 | 88.00 | -1.50 | **no** |")
+
+
+def test_convergence_reads_run_folders_and_grid_rows(tmp_path: Path) -> None:
+    convergence = _load("convergence")
+    records = [{"step": 300.0, "theta_response": 0.86, "channels_changed": 0.0}]
+    run = tmp_path / "run"  # a `lightly-mcp run` folder: its prune stage
+    (run / "prune").mkdir(parents=True)
+    (run / "prune" / "done.json").write_text(json.dumps({"admm_blocks": records}))
+    assert convergence.block_history(run) == records
+    row = tmp_path / "mcp_r0.76_seed0"  # a grid row: the stage itself, CSV only
+    (row / "logs").mkdir(parents=True)
+    (row / "logs" / "metrics.csv").write_text(
+        "epoch,step,theta_response,admm_relative_distance\n"
+        "0,299,0.86,0.21\n0,319,0.86,0.21\n0,599,0.81,0.17\n"
+    )
+    history = convergence.block_history(row)  # the repeated log row dropped
+    assert [(r["step"], r["theta_response"]) for r in history] == [
+        (300.0, 0.86),
+        (600.0, 0.81),
+    ]
+    with pytest.raises(FileNotFoundError, match="no ADMM block record"):
+        convergence.block_history(tmp_path / "empty")

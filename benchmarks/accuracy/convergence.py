@@ -36,8 +36,16 @@ COLUMNS = (
 
 def block_history(run: Path) -> list[dict[str, Any]]:
     """The per-update records of a run folder: ``done.json``, else the checkpoint,
-    else the CSV log (runs made before the record existed)."""
-    done = run / "prune" / "done.json"
+    else the CSV log (runs made before the record existed). ``run`` is a
+    ``lightly-mcp run`` folder (its ``prune/`` stage) or an accuracy-grid row's
+    folder (``results/runs/<name>_seed<k>``, the stage itself)."""
+    if not (run / "prune").is_dir() and (run / "logs").is_dir():
+        return _stage_history(run)
+    return _stage_history(run / "prune")
+
+
+def _stage_history(stage: Path) -> list[dict[str, Any]]:
+    done = stage / "done.json"
     if done.is_file():
         history: list[dict[str, Any]] = json.loads(done.read_text()).get(
             "admm_blocks", []
@@ -45,16 +53,16 @@ def block_history(run: Path) -> list[dict[str, Any]]:
         if history:
             return history
     for name in ("final.ckpt", "last.ckpt"):
-        path = run / "prune" / name
+        path = stage / name
         if path.is_file():
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)
             history = list(checkpoint.get("mcp_schedule", {}).get("history", []))
             if history:
                 return history
-    metrics = run / "prune" / "logs" / "metrics.csv"
+    metrics = stage / "logs" / "metrics.csv"
     if metrics.is_file():
         return _from_csv(metrics)
-    raise FileNotFoundError(f"no ADMM block record under '{run}'.")
+    raise FileNotFoundError(f"no ADMM block record under '{stage}'.")
 
 
 def _from_csv(path: Path) -> list[dict[str, Any]]:
