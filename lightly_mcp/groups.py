@@ -793,9 +793,9 @@ def find_channel_groups(
             m.train(flag)
         raise unsupported(
             model,
-            f"tracing its channel groups took longer than {time_limit:g} s (a "
-            "pathological dependency graph, e.g. channel slices feeding residual "
-            "adds)",
+            f"tracing its channel groups took longer than {time_limit:g} s "
+            "(torch-pruning's group search does not finish on its graph, e.g. "
+            "rexnet's sliced residuals or global-context attention)",
         ) from None
     except Exception as error:  # noqa: BLE001 - torch-pruning's internal errors
         raise unsupported(
