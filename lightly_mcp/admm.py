@@ -203,6 +203,18 @@ class ADMMRegularizer(nn.Module):
         return 0.5 * self.rho * squares
 
     @torch.no_grad()
+    def zero_dropped(self, encoder: nn.Module) -> None:
+        """Sets the dropped channels of ``encoder``'s output-side parameters to zero,
+        in place: the hard form of :meth:`support_penalty` (θ ← φ ⊙ θ).
+        """
+        by_name = self._parameters_of(encoder)
+        kept = parameter_multipliers(by_name, self.groups, self.masks)
+        params = [by_name[n] for n in self.param_names]
+        torch._foreach_mul_(
+            params, [kept[n].to(by_name[n].dtype) for n in self.param_names]
+        )
+
+    @torch.no_grad()
     def distance(self, encoder: nn.Module) -> float:
         """``‖θ − Z‖`` over the output-side parameters: how far θ is from sparse."""
         params = self._parameters_of(encoder)

@@ -40,6 +40,7 @@ from lightly_mcp.groups import find_channel_groups
 from lightly_mcp.moco_v2 import MoCoV2
 from lightly_mcp.momentum_subnet import MomentumSubnet
 from lightly_mcp.schedule import (
+    FROZEN_MASKS,
     LR_SCHEDULES,
     MASK_HOLD_ALPHA,
     TRANSITIONS,
@@ -82,6 +83,11 @@ class MCP(MoCoV2):
         frozen_blocks: Blocks at the end trained with the mask frozen: subnet keys,
             and a penalty that pulls only the dropped channels of θ_q to zero. This is
             MCP's own training, not fine-tuning afterwards.
+        frozen_mask: How the frozen blocks treat θ_q's dropped channels:
+            ``"penalty"`` pulls them towards zero (``ADMMRegularizer.
+            support_penalty``); ``"hard"`` sets them to zero at the start of the
+            frozen phase and after every step, so the query encoder trains as the
+            compact network the momentum subnet will be.
         transition: ``"paper"``: the smooth transition ``(frq, dr)`` of Sec. 3.5;
             ``"stable_mask"``: keys from the full momentum encoder until an ADMM
             update leaves the mask unchanged after a block that moved θ_q far enough
@@ -117,6 +123,7 @@ class MCP(MoCoV2):
         admm_interval_unit: str = "epochs",
         lr_schedule: str = "cosine",
         frozen_blocks: int = 0,
+        frozen_mask: str = "penalty",
         transition: str = "paper",
         frq: int = 100,
         dr: int = 1,
@@ -137,6 +144,7 @@ class MCP(MoCoV2):
         for option, choice, allowed in (
             ("admm_interval_unit", admm_interval_unit, ADMM_INTERVAL_UNITS),
             ("lr_schedule", lr_schedule, LR_SCHEDULES),
+            ("frozen_mask", frozen_mask, FROZEN_MASKS),
             ("transition", transition, TRANSITIONS),
         ):
             if choice not in allowed:
@@ -297,7 +305,9 @@ class MCP(MoCoV2):
         self._use_subnet = self._keys_from_subnet(step)
         views = batch[0]
         info_nce = self.contrastive_loss(views)
-        if frozen:
+        if frozen and self.hparams["frozen_mask"] == "hard":
+            admm_loss = info_nce.new_zeros(())  # θ_q is exactly sparse already
+        elif frozen:
             admm_loss = self.admm.support_penalty(self.backbone)
         else:
             admm_loss = self.admm(self.backbone)
@@ -332,8 +342,11 @@ class MCP(MoCoV2):
         if done == self._last_seen_step:  # gradient accumulation: no step was taken
             return
         self._last_seen_step = done
-        if self.block_schedule().is_update(done):
+        schedule = self.block_schedule()
+        if schedule.is_update(done):
             self.admm_update()
+        if self.hparams["frozen_mask"] == "hard" and schedule.is_frozen(done):
+            self.admm.zero_dropped(self.backbone)  # the next step is a frozen one
 
     def on_train_end(self) -> None:
         """Re-estimates the momentum subnet's BatchNorm statistics (see

@@ -216,6 +216,7 @@ def mcp_model(recipe: Recipe, dense: Path | None = None) -> MCP:
         admm_interval_unit=m.admm_interval_unit,
         lr_schedule=m.lr_schedule,
         frozen_blocks=m.frozen_blocks,
+        frozen_mask=m.frozen_mask,
         transition=m.transition,
         frq=m.frq,
         dr=m.dr,

@@ -19,7 +19,7 @@ from typing import Any, Union
 
 import yaml
 
-from lightly_mcp.schedule import LR_SCHEDULES, TRANSITIONS
+from lightly_mcp.schedule import FROZEN_MASKS, LR_SCHEDULES, TRANSITIONS
 
 
 class RecipeError(ValueError):
@@ -104,6 +104,8 @@ class MCPSection:
         lr_schedule: ``cosine`` (one over the run), ``block_step`` (the paper's:
             restart every block, ×0.1 every third) or ``block_cosine``.
         frozen_blocks: Last blocks trained with the mask frozen (subnet keys).
+        frozen_mask: ``penalty`` (pull θ_q's dropped channels towards zero) or
+            ``hard`` (keep them at zero: θ_q trains as the compact network).
         transition: ``paper`` (``frq``/``dr``) or ``stable_mask`` (full-encoder keys
             until an update leaves the mask unchanged).
         recalibration_batches: Batches re-estimating the momentum subnet's
@@ -119,6 +121,7 @@ class MCPSection:
     admm_interval_unit: str = "epochs"
     lr_schedule: str = "cosine"
     frozen_blocks: int = 0
+    frozen_mask: str = "penalty"
     transition: str = "paper"
     frq: int = 100
     dr: int = 1
@@ -345,6 +348,7 @@ def validate(recipe: Recipe, source: str = "recipe") -> None:
         )
     for key, value, allowed in (
         ("lr_schedule", m.lr_schedule, LR_SCHEDULES),
+        ("frozen_mask", m.frozen_mask, FROZEN_MASKS),
         ("transition", m.transition, TRANSITIONS),
     ):
         _require(

@@ -46,6 +46,8 @@ MASK_HOLD_ALPHA = 1.0 - 1.0 / math.sqrt(2.0)
 #: Transition modes: the paper's (frq, dr) sequence, or full-encoder keys until the
 #: mask has been stable for one block.
 TRANSITIONS = ("paper", "stable_mask")
+#: How the frozen blocks keep θ_q's dropped channels: a penalty, or exactly zero.
+FROZEN_MASKS = ("penalty", "hard")
 
 
 def critical_damping(sgd_momentum: float) -> float:

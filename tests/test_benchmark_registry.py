@@ -52,6 +52,7 @@ def test_registry_names() -> None:
         "mcp_r0.76_frq100_dr1",
         "mcp_r0.76_frq1_dr0",
         "mcp_r0.76_frq0_dr0",
+        "mcp_r0.76_frozen_hard",
     ]
     for entry in main.METHODS.values():
         assert callable(entry["model"]) and entry["transform"] is not None
@@ -76,7 +77,7 @@ def test_grid_runs_the_headline_question_first() -> None:
     assert {pair for pair in order[6:14]} == {
         (name, seed) for name in first for seed in (1, 2)
     }
-    assert order[-1] == ("mcp_r0.76_frq0_dr0", 0)
+    assert order[-1] == ("mcp_r0.76_frozen_hard", 0)
     assert main.grid_order(["mcp_r0.76"], 1) == [("mcp_r0.76", 0)]
 
 
@@ -111,6 +112,9 @@ def test_mcp_rows_use_the_recipes_converging_schedule() -> None:
     assert main.transition_length(11, 1) > main.PAPER_TRANSITION_FRACTION * 1200
     never = main.METHODS["mcp_r0.76_frq1_dr0"]["model"](ctx).hparams
     assert (never["transition"], never["frq"], never["dr"]) == ("paper", 1, 0)
+    assert base["frozen_mask"] == "penalty"
+    hard = main.METHODS["mcp_r0.76_frozen_hard"]["model"](ctx).hparams
+    assert hard["frozen_mask"] == "hard" and hard["rho_response"] == 2.0
 
 
 def test_grid_starts_from_the_shipped_dense_model_with_its_settings(

@@ -9,7 +9,9 @@ import pytorch_lightning as pl
 import torch
 
 from lightly_mcp.checkpoints import CheckpointError
+from lightly_mcp.compaction import compact
 from lightly_mcp.errors import MCPWarning
+from lightly_mcp.groups import parameter_multipliers
 from lightly_mcp.mcp import MCP
 from lightly_mcp.moco_v2 import MoCoV2
 from tests.helpers import TINY, loader, trainer
@@ -405,6 +407,47 @@ def test_frozen_phase_uses_subnet_keys_and_the_support_penalty(tmp_path: Path) -
     support, admm = penalties[-1]
     assert support != pytest.approx(admm)
     assert logged == pytest.approx(support, rel=1e-3)
+
+
+def test_hard_frozen_mask_trains_the_query_as_the_compact_network(
+    tmp_path: Path,
+) -> None:
+    torch.manual_seed(0)
+    model = MCP(
+        **TINY,
+        pruning_ratio=0.5,
+        admm_interval=2,
+        admm_interval_unit="steps",
+        frozen_blocks=2,
+        frozen_mask="hard",
+        transition="stable_mask",
+        recalibration_batches=0,
+    )
+    zero_at_step_start: list[bool] = []
+
+    def dropped_are_zero() -> None:
+        kept = parameter_multipliers(
+            dict(model.backbone.named_parameters()), model.groups, model.admm.masks
+        )
+        params = dict(model.backbone.named_parameters())
+        zero_at_step_start.append(
+            all(
+                bool((params[n][kept[n].expand_as(params[n]) == 0] == 0).all())
+                for n in model.admm.param_names
+            )
+        )
+
+    _record_keys(model, also=dropped_are_zero)
+    trainer(tmp_path, max_steps=8).fit(model, loader())
+    # Steps 0-3 train with ADMM (θ_q dense); every frozen step starts exactly sparse.
+    assert zero_at_step_start == [False] * 4 + [True] * 4
+    assert float(model.trainer.callback_metrics["admm_loss"]) == 0.0
+    # The query encoder now computes what its compact copy computes.
+    example = torch.randn(4, 3, 16, 16)
+    query = model.backbone.eval()
+    small = compact(query, model.groups, model.admm.masks, example[:1])
+    with torch.no_grad():
+        torch.testing.assert_close(small(example), query(example), rtol=1e-5, atol=1e-5)
 
 
 def test_stable_mask_transition_waits_for_a_mask_that_holds(tmp_path: Path) -> None:

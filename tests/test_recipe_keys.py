@@ -212,6 +212,12 @@ CASES: dict[str, Case] = {
     "mcp.admm_interval_unit": Case("steps", ("prune",)),
     "mcp.lr_schedule": Case("block_cosine", ("prune",)),
     "mcp.frozen_blocks": Case(1, ("prune",)),
+    "mcp.frozen_mask": Case(
+        "hard",
+        ("prune",),
+        {"mcp.frozen_blocks": 1},
+        check=_hparam("prune", "frozen_mask", "hard"),
+    ),
     "mcp.transition": Case("stable_mask", ("prune",)),
     "mcp.frq": Case(2, ("prune",)),
     "mcp.dr": Case(2, ("prune",)),

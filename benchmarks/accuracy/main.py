@@ -47,7 +47,9 @@ The grid (the paper's Tables 1-4, Figs. 3 and 4, DESIGN.md section 3):
   paper's {0.1, 0.01, 0.001} around its best;
 - the transition ablation at r = 0.76 (Table 4): the paper's (frq, dr) = (100, 1)
   scaled to the run, (1, 0) and (0, 0) (``mcp_r0.76_frq100_dr1``, ``..._frq1_dr0``,
-  ``..._frq0_dr0``), against the recipe's ``stable_mask`` (``mcp_r0.76``).
+  ``..._frq0_dr0``), against the recipe's ``stable_mask`` (``mcp_r0.76``);
+- ``mcp_r0.76_frozen_hard``: the frozen block with θ_q's dropped channels held at
+  zero (``frozen_mask: hard``) instead of pulled there by a penalty.
 
 All pruned rows prune ``keep_output_dim=False`` groups (the feature dimension is
 pruned too) at the same ratio, so their compact networks have the same size.
@@ -493,12 +495,13 @@ def mcp_builder(
     ratio: float,
     rho_scale: float | None = None,
     transition: tuple[int, int] | None = None,
+    frozen_mask: str | None = None,
 ) -> Callable[[Context], LightningModule]:
     """An MCP row with the recipe's schedule (``mcp`` section).
 
     ``rho_scale``: a fixed ρ of ``rho_scale`` × the derived ρ (the ρ ablation).
     ``transition``: the paper's (frq, dr) transition instead of the recipe's; (100, 1)
-    is scaled to the run (``scaled_frq``).
+    is scaled to the run (``scaled_frq``). ``frozen_mask``: instead of the recipe's.
     """
 
     def build(ctx: Context) -> LightningModule:
@@ -509,6 +512,7 @@ def mcp_builder(
             "transition": m.transition,
             "frq": m.frq,
             "dr": m.dr,
+            "frozen_mask": m.frozen_mask if frozen_mask is None else frozen_mask,
         }
         if rho_scale is not None:
             options.update(rho=rho_scale * derived_rho(ctx.recipe), rho_response=None)
@@ -619,6 +623,9 @@ for _frq, _dr in ((100, 1), (1, 0), (0, 0)):
     METHODS[f"mcp_r{R92}_frq{_frq}_dr{_dr}"] = _entry(
         mcp_builder(R92, transition=(_frq, _dr))
     )
+# The frozen block with θ_q's dropped channels held at exactly zero (the query trains
+# as the compact network) instead of the recipe's penalty pulling them there.
+METHODS[f"mcp_r{R92}_frozen_hard"] = _entry(mcp_builder(R92, frozen_mask="hard"))
 
 
 def grid_order(names: list[str], max_seeds: int | None) -> list[tuple[str, int]]:
