@@ -18,7 +18,13 @@ from lightly_mcp.groups import (
     masked_tensors,
     num_kept_channels,
 )
-from tests.conftest import ConcatNet, CrossStageNet, GroupedConvNet, TinyConvNet
+from tests.conftest import (
+    ConcatNet,
+    CrossStageNet,
+    GroupedConvNet,
+    TinyConvNet,
+    randomize_batchnorm,
+)
 
 
 def test_tiny_net_groups_cover_coupled_channels(tiny_net: nn.Module) -> None:
@@ -345,3 +351,45 @@ def test_groups_behind_a_split_with_several_consumers_per_chunk() -> None:
 
 def randn_8() -> torch.Tensor:
     return torch.randn(1, 3, 8, 8)
+
+
+class _DenseTail(nn.Module):
+    """The features are a norm layer after a concatenation: two groups reach them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv_a = nn.Conv2d(3, 4, 3, padding=1)
+        self.conv_b = nn.Conv2d(4, 6, 3, padding=1)
+        self.norm = nn.BatchNorm2d(10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.conv_a(x)
+        x = self.norm(torch.cat([a, self.conv_b(torch.relu(a))], dim=1))
+        return torch.relu(x).mean((2, 3))
+
+
+def test_output_features_from_a_concatenation_of_two_groups() -> None:
+    from lightly_mcp.compaction import compact
+    from lightly_mcp.groups import output_feature_index
+    from lightly_mcp.momentum_subnet import MomentumSubnet
+
+    torch.manual_seed(0)
+    net = randomize_batchnorm(_DenseTail()).double().eval()
+    example = torch.randn(1, 3, 8, 8, dtype=torch.float64)
+    with pytest.raises(NoPrunableGroupsError):  # both groups reach the output
+        find_channel_groups(net, example)
+    groups = find_channel_groups(net, example, keep_output_dim=False)
+    by_root = {g.root: g for g in groups}
+    assert by_root["conv_a"].output_features == ((0, 0), (1, 1), (2, 2), (3, 3))
+    assert by_root["conv_b"].output_features == tuple((c, 4 + c) for c in range(6))
+    masks = [torch.tensor([1, 0, 0, 1]).bool(), torch.tensor([0, 1, 1, 0, 0, 1]).bool()]
+    masks = masks if groups[0].root == "conv_a" else masks[::-1]
+    kept, dropped = output_feature_index(groups, masks, 10)
+    assert kept.tolist() == [0, 3, 5, 6, 9]
+    x = torch.randn(3, 3, 8, 8, dtype=torch.float64)
+    with torch.no_grad():
+        masked = MomentumSubnet(net, groups, masks).eval()(x)
+        pruned = compact(net, groups, masks, example).eval()(x)
+    assert pruned.shape == (3, 5)
+    assert torch.allclose(masked[:, kept], pruned, atol=1e-12)
+    assert torch.all(masked[:, dropped] == 0)
