@@ -27,6 +27,7 @@ from lightly_mcp.groups import (
     UnsupportedBackboneError,
     find_channel_groups,
 )
+from lightly_mcp.mcp import MCP
 from lightly_mcp.momentum_subnet import MomentumSubnet
 from tests.conftest import randomize_batchnorm
 from tests.tiny import write_tiny
@@ -157,6 +158,39 @@ def test_attention_models_are_refused_at_once(name: str, layer: str) -> None:
         backbone = build_backbone(name)
     with pytest.raises(NoPrunableGroupsError, match=re.escape(layer)):
         find_channel_groups(backbone, torch.empty(1, 3, SIZE, SIZE, device="meta"))
+
+
+@pytest.mark.parametrize(
+    "name, construct",
+    [
+        ("timm/nf_resnet26", "weight-standardised convolution in net.stem.conv"),
+        ("torchvision/shufflenet_v2_x0_5", "cannot trace its channel reshape"),
+    ],
+)
+def test_mcp_refuses_at_construction(name: str, construct: str) -> None:
+    with pytest.raises(UnsupportedBackboneError, match=re.escape(construct)):
+        MCP(
+            backbone=name,
+            pruning_ratio=0.5,
+            input_size=SIZE,
+            batch_size_per_device=4,
+            memory_bank_size=16,
+        )
+
+
+def test_mcp_builds_on_a_grouped_backbone_with_whole_units() -> None:
+    model = MCP(
+        backbone="timm/regnetx_002",
+        pruning_ratio=0.5,
+        input_size=SIZE,
+        batch_size_per_device=4,
+        memory_bank_size=16,
+    )
+    tied = [g for g in model.groups if g.units]
+    assert tied
+    for group, mask in zip(model.groups, model.admm.masks):
+        assert not group.splits_units(mask)
+    assert model.kept_parameter_fraction < 0.6
 
 
 def test_refusals_name_backbones_the_zoo_checks() -> None:
