@@ -7,8 +7,10 @@ from collections.abc import Sequence
 
 import torch
 from lightly.models.batchnorm import SplitBatchNorm
+from timm.layers import MixedConv2d
 from torch import Tensor, nn
 from torch.func import functional_call
+from torch_pruning.ops import _SplitOp
 
 from lightly_mcp.batchnorm import merge_split_batchnorm
 from lightly_mcp.errors import describe_error
@@ -79,6 +81,20 @@ def _restore_splits(model: nn.Module, splits: dict[str, SplitBatchNorm]) -> None
         setattr(model.get_submodule(parent_name), child, restored)
 
 
+def _refresh_mixed_convolutions(model: nn.Module) -> None:
+    """Sets the split sizes of timm's mixed convolutions from their pruned parts.
+
+    ``MixedConv2d`` (MixNet) splits its input by sizes stored when it was built;
+    torch-pruning shrinks its convolutions but not those sizes.
+    """
+    for module in model.modules():
+        if isinstance(module, MixedConv2d):
+            convs = list(module.values())
+            module.splits = [conv.in_channels for conv in convs]
+            module.in_channels = sum(module.splits)
+            module.out_channels = sum(conv.out_channels for conv in convs)
+
+
 def compact(
     encoder: nn.Module,
     groups: Sequence[ChannelGroup],
@@ -144,6 +160,10 @@ def compact(
         pruner = graph.get_pruner_of_module(root)
         tp_group = graph.get_pruning_group(root, pruner.prune_out_channels, dropped)
         tp_group.prune()
+        if any(isinstance(item.dep.target.module, _SplitOp) for item in tp_group):
+            # The chunk offsets of the split changed: trace the pruned model again.
+            _refresh_mixed_convolutions(compact_model)
+            graph = build_dependency_graph(compact_model, example_inputs)
     _restore_splits(compact_model, splits)
     # torch-pruning creates new Parameters with requires_grad=True.
     for name, param in compact_model.named_parameters():

@@ -60,6 +60,7 @@ EXACT: dict[str, str] = {
     "timm/cspresnet50": "split (cross-stage partial), concatenating",
     "timm/cspresnext50": "split (cross-stage partial), grouped",
     "timm/cs3darknet_s": "split (cross-stage partial), concatenating",
+    "timm/mixnet_s": "split (mixed depthwise convolutions), SE-gated",
     "torchvision/googlenet": "concatenating",
     "torchvision/squeezenet1_1": "concatenating",
     "torchvision/densenet121": "concatenating",
@@ -91,10 +92,6 @@ REFUSED: dict[str, tuple[float, str]] = {
         60.0,
         "group of net.layer1.0.conv1 is not exact (it passes a split before "
         "net.layer1.0.convs.",
-    ),
-    "timm/mixnet_s": (
-        60.0,
-        "group of net.blocks.1.0.conv_pwl.0 is not exact (it passes a concatenation",
     ),
 }
 
