@@ -265,6 +265,10 @@ def test_training_curves_table(tmp_path: Path) -> None:
         {"step": 600, "theta_response": 0.81, "channels_changed": 0, "rho": 0.06},
     ]
     (tmp_path / "mcp_r0.76_seed0.json").write_text(json.dumps({"admm_blocks": blocks}))
+    (tmp_path / "typical_pruning_seed0.json").write_text("{}")
+    in_progress = tmp_path / "runs" / "random_mask_seed0" / "logs"  # no result yet
+    in_progress.mkdir(parents=True)
+    (in_progress / "metrics.csv").write_text("epoch,step,train_loss\n0,9,7.5\n")
     series = curves.read_metrics(logs / "metrics.csv")
     assert series["channels_changed"] == [(39, 12.0), (79, 4.0)]
     table = curves.write_curves(tmp_path)
@@ -272,6 +276,7 @@ def test_training_curves_table(tmp_path: Path) -> None:
     assert "| mcp_r0.76_seed0 | 100 | 7.000 → 5.000 | 12 → 4 | 0.500 → 0.125 |" in table
     assert "| typical_pruning_seed0 | 20 | 7.250 → 7.250 | – | – |" in table
     assert "### ADMM blocks of mcp_r0.76_seed0" in table
+    assert "random_mask" not in table
     assert "| 300 | 0.06 | - | 0.87 | 0 | - | - |" in table
     assert (tmp_path / "training_curves.md").is_file()
     assert (tmp_path / "training_curves.png").is_file()

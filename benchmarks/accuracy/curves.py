@@ -139,7 +139,10 @@ def plot(
 
 
 def write_curves(folder: Path) -> str:
-    runs = run_series(folder)
+    # Finished rows only (a row in progress has a log but no result yet).
+    runs = {
+        k: v for k, v in run_series(folder).items() if (folder / f"{k}.json").is_file()
+    }
     blocks = block_records(folder)
     table = summary_table(runs)
     for name, records in blocks.items():
