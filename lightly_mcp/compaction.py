@@ -8,6 +8,8 @@ from collections.abc import Sequence
 import torch
 from lightly.models.batchnorm import SplitBatchNorm
 from timm.layers import MixedConv2d
+from timm.models.dla import DlaBottle2neck
+from timm.models.res2net import Bottle2neck
 from torch import Tensor, nn
 from torch.func import functional_call
 from torch_pruning.ops import _SplitOp
@@ -82,12 +84,18 @@ def _restore_splits(model: nn.Module, splits: dict[str, SplitBatchNorm]) -> None
 
 
 def _refresh_mixed_convolutions(model: nn.Module) -> None:
-    """Sets the split sizes of timm's mixed convolutions from their pruned parts.
+    """Sets the split sizes of timm's split blocks from their pruned parts.
 
-    ``MixedConv2d`` (MixNet) splits its input by sizes stored when it was built;
-    torch-pruning shrinks its convolutions but not those sizes.
+    ``MixedConv2d`` (MixNet) and the Res2Net bottlenecks split their input by sizes
+    stored when they were built; torch-pruning shrinks their convolutions but not
+    those sizes. (Res2Net's chunks stay equal: ``find_channel_groups`` ties the same
+    position of every chunk.)
     """
     for module in model.modules():
+        if isinstance(module, (Bottle2neck, DlaBottle2neck)):
+            first = module.convs[0]
+            assert isinstance(first, nn.Conv2d)
+            module.width = first.in_channels  # res2net's chunk width
         if isinstance(module, MixedConv2d):
             convs = list(module.values())
             module.splits = [conv.in_channels for conv in convs]

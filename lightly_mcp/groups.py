@@ -604,6 +604,22 @@ def _units_of(
     grouped = False
     for item in tp_group.items:
         module = item.dep.target.module
+        if isinstance(module, tp.ops._SplitOp):
+            # A split into equal chunks whose size is fixed in the forward code
+            # (res2net's width): every chunk must keep the same positions.
+            offsets = module.offsets or []
+            chunks = {b - a for a, b in zip(offsets, offsets[1:])}
+            if len(offsets) > 2 and len(chunks) == 1 and len(item.idxs) == offsets[-1]:
+                (width,) = chunks
+                by_chunk: dict[int, list[int]] = {}
+                root_idxs = item.root_idxs if item.root_idxs is not None else item.idxs
+                for channel, index in zip(root_idxs, item.idxs):
+                    by_chunk.setdefault(int(index) % width, []).append(int(channel))
+                for channels in by_chunk.values():
+                    for channel in channels[1:]:
+                        parent[find(channel)] = find(channels[0])
+                grouped = True
+            continue
         if not _is_grouped_convolution(module):
             continue
         grouped = True

@@ -61,6 +61,7 @@ EXACT: dict[str, str] = {
     "timm/cspresnext50": "split (cross-stage partial), grouped",
     "timm/cs3darknet_s": "split (cross-stage partial), concatenating",
     "timm/mixnet_s": "split (mixed depthwise convolutions), SE-gated",
+    "timm/res2net50_26w_4s": "split (res2net: equal chunks), residual",
     "torchvision/googlenet": "concatenating",
     "torchvision/squeezenet1_1": "concatenating",
     "torchvision/densenet121": "concatenating",
@@ -87,11 +88,6 @@ REFUSED: dict[str, tuple[float, str]] = {
         60.0,
         "group of net.conv1 is not exact (it passes a split before "
         "net.layer1.0.conv1.paths.1.conv",
-    ),
-    "timm/res2net50_26w_4s": (
-        60.0,
-        "group of net.layer1.0.conv1 is not exact (it passes a split before "
-        "net.layer1.0.convs.",
     ),
 }
 

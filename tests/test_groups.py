@@ -393,3 +393,26 @@ def test_output_features_from_a_concatenation_of_two_groups() -> None:
     assert pruned.shape == (3, 5)
     assert torch.allclose(masked[:, kept], pruned, atol=1e-12)
     assert torch.all(masked[:, dropped] == 0)
+
+
+class _EqualChunks(nn.Module):
+    """Res2Net's pattern: a layer's channels split into equal chunks of fixed size."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 1)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.convs = nn.ModuleList(nn.Conv2d(4, 4, 3, padding=1) for _ in range(2))
+        self.conv3 = nn.Conv2d(8, 6, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        chunks = torch.relu(self.bn1(self.conv1(x))).chunk(2, dim=1)
+        x = torch.cat([conv(c) for conv, c in zip(self.convs, chunks)], dim=1)
+        return self.conv3(torch.relu(x)).mean((2, 3))
+
+
+def test_a_split_into_equal_chunks_ties_the_same_position_of_every_chunk() -> None:
+    groups = {g.root: g for g in find_channel_groups(_EqualChunks(), randn_8())}
+    assert groups["conv1"].units == ((0, 4), (1, 5), (2, 6), (3, 7))
+    assert groups["conv1"].num_kept(0.5) == 4
+    assert groups["convs.0"].units == ()  # one chunk's own group
