@@ -303,6 +303,7 @@ def build_dependency_graph(
             p.requires_grad_(True)
         model.eval()
         graph = tp.DependencyGraph()
+        failed = False
         try:
             with torch.enable_grad():
                 graph.build_dependency(
@@ -313,7 +314,8 @@ def build_dependency_graph(
             # split that _fix_split_index_mapping corrects (timm cs3darknet).
             if not getattr(graph, "module2node", None):
                 raise
-        _fix_split_index_mapping(graph, force=True)
+            failed = True
+        _fix_split_index_mapping(graph, force=failed)
     finally:
         for p, flag in requires_grad.items():
             p.requires_grad_(flag)
