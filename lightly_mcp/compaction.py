@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Sequence
 
 import torch
@@ -185,6 +186,23 @@ def compact(
 
 
 @torch.no_grad()
+def _randomise_weights(model: nn.Module, seed: int) -> None:
+    """Seeded random weights for every parameter (variance ``1 / fan_in``).
+
+    Exactness is a property of the architecture, not of the weights: the check must
+    not depend on what a model learned (a model whose trained weights overflow in a
+    forward pass would otherwise fail it with NaN).
+    """
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            if not param.is_floating_point():
+                continue
+            fan_in = param[0].numel() if param.dim() > 1 else 1
+            values = torch.randn(param.shape, generator=generator, dtype=torch.float64)
+            param.copy_((values / math.sqrt(fan_in)).to(param.dtype))
+
+
 def _randomise_norms(model: nn.Module, seed: int) -> None:
     """Random affine parameters and running statistics for every BatchNorm layer.
 
@@ -255,20 +273,37 @@ def check_exact(
     """Checks that masking and removing channels give the same network.
 
     A float64 copy of ``model`` on the CPU (float32 above
-    :data:`CHECK_FLOAT64_MAX_PARAMETERS`), in eval mode with random BatchNorm
-    statistics, is pruned with random masks at ``pruning_ratio`` and its output on
+    :data:`CHECK_FLOAT64_MAX_PARAMETERS`), in eval mode with seeded random weights
+    and BatchNorm statistics (the check is about the architecture, not about what the
+    model learned), is pruned with random masks at ``pruning_ratio`` and its output on
     ``example_inputs`` compared with the masked copy's (relative difference at most
     :data:`CHECK_TOLERANCE`). When they differ, the groups are bisected to name the
     first one whose pruning alone breaks the equality.
 
+    The global random number generators are left as they were: constructing a
+    model with the check draws the same random numbers afterwards as without it.
+
     Raises:
         UnsupportedBackboneError: If they differ (or pruning fails), naming the group.
     """
+    with torch.random.fork_rng(devices=[]):
+        _check_exact(model, groups, example_inputs, pruning_ratio, seed)
+
+
+def _check_exact(
+    model: nn.Module,
+    groups: Sequence[ChannelGroup],
+    example_inputs: Tensor,
+    pruning_ratio: float,
+    seed: int,
+) -> None:
     large = sum(p.numel() for p in model.parameters()) > CHECK_FLOAT64_MAX_PARAMETERS
     dtype = torch.float32 if large else torch.float64
     tolerance = CHECK_TOLERANCE[dtype]
     reference = copy.deepcopy(model).to(device="cpu", dtype=dtype).eval()
-    _randomise_norms(reference, seed)
+    with torch.no_grad():
+        _randomise_weights(reference, seed)
+        _randomise_norms(reference, seed)
     x = example_inputs.detach().to(device="cpu", dtype=dtype)
     masks = random_masks(groups, pruning_ratio, seed)
     reason = _mismatch(reference, groups, masks, x, tolerance)

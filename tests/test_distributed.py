@@ -62,6 +62,8 @@ def test_ddp_ranks_agree_and_match_one_process(tmp_path: Path) -> None:
 
     # Same global batch in one process: the first InfoNCE loss (logged with
     # sync_dist, i.e. the mean over ranks) agrees within tolerance; BatchNorm sees 8
-    # instead of 16 images per rank, so it is not exact.
+    # instead of 16 images per rank, so it is not exact (measured 1.8 % apart with
+    # the random stream of 2026-12-02; a sum over ranks instead of the mean would be
+    # 100 % apart).
     assert rank0["first_loss"] == rank1["first_loss"]
-    assert rank0["first_loss"] == pytest.approx(single["first_loss"], rel=0.01)
+    assert rank0["first_loss"] == pytest.approx(single["first_loss"], rel=0.03)

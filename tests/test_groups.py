@@ -271,6 +271,27 @@ def test_groups_that_do_not_prune_exactly_are_refused_by_name(
     assert [g.root for g in find_channel_groups(net(), check=False)] == ["conv1"]
 
 
+def test_the_check_judges_the_architecture_not_the_weights_and_keeps_the_rng(
+    tiny_net: nn.Module,
+) -> None:
+    # Trained weights can overflow in a forward pass (a 2-step pretraining of
+    # MobileNetV2 at 16 px left 1e10 in a depthwise convolution): the check uses
+    # random weights of its own, so such a model is not refused for that.
+    with torch.no_grad():
+        first = next(m for m in tiny_net.modules() if isinstance(m, nn.Conv2d))
+        first.weight.fill_(float("inf"))
+    torch.manual_seed(0)
+    state = torch.random.get_rng_state()
+    groups = find_channel_groups(tiny_net, torch.randn(1, 3, 8, 8, generator=None))
+    after_example = torch.random.get_rng_state()
+    torch.random.set_rng_state(state)
+    torch.randn(1, 3, 8, 8)
+    # The check drew nothing from the global generator (only the example did).
+    assert torch.equal(torch.random.get_rng_state(), after_example)
+    assert len(groups) >= 1
+    assert torch.isinf(first.weight).all()  # the model itself is untouched
+
+
 def test_large_backbones_are_checked_in_float32(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
