@@ -128,7 +128,8 @@ class ADMMRegularizer(nn.Module):
                 f"target_{i}", z[name].detach().clone(), persistent=False
             )
         self.register_load_state_dict_post_hook(_refresh_targets_after_load)
-        # (1 − φ) per member for the support penalty, cached per mask.
+        # φ and 1 − φ per member (support penalty, hard mask), cached per mask.
+        self._kept: list[Tensor] = []
         self._dropped: list[Tensor] = []
         self._dropped_for = -1
 
@@ -183,6 +184,17 @@ class ADMMRegularizer(nn.Module):
 
     loss = forward
 
+    def _support(self, encoder: nn.Module) -> tuple[list[Tensor], list[Tensor]]:
+        """Per output-side parameter, the kept (φ) and dropped (1 − φ) multipliers of
+        the current mask; recomputed only after an ADMM update changed it."""
+        if self._dropped_for != int(self.num_updates):
+            by_name = self._parameters_of(encoder)
+            kept = parameter_multipliers(by_name, self.groups, self.masks)
+            self._kept = [kept[n].to(by_name[n].dtype) for n in self.param_names]
+            self._dropped = [1.0 - k for k in self._kept]
+            self._dropped_for = int(self.num_updates)
+        return self._kept, self._dropped
+
     def support_penalty(self, encoder: nn.Module) -> Tensor:
         """``(ρ/2) Σ ‖(1 − φ) ⊙ θ‖²``: the penalty on the fixed support.
 
@@ -190,15 +202,8 @@ class ADMMRegularizer(nn.Module):
         channels of the query encoder to zero and leaves the kept ones free, instead
         of pulling towards a ``Z − U`` that no update will revise.
         """
-        if self._dropped_for != int(self.num_updates):
-            by_name = self._parameters_of(encoder)
-            kept = parameter_multipliers(by_name, self.groups, self.masks)
-            self._dropped = [
-                (1.0 - kept[n]).to(by_name[n].dtype) for n in self.param_names
-            ]
-            self._dropped_for = int(self.num_updates)
         params: list[Tensor] = [encoder.get_parameter(n) for n in self.param_names]
-        dropped = torch._foreach_mul(params, self._dropped)
+        dropped = torch._foreach_mul(params, self._support(encoder)[1])
         squares = torch.stack(torch._foreach_norm(dropped)).pow(2).sum()
         return 0.5 * self.rho * squares
 
@@ -207,12 +212,8 @@ class ADMMRegularizer(nn.Module):
         """Sets the dropped channels of ``encoder``'s output-side parameters to zero,
         in place: the hard form of :meth:`support_penalty` (θ ← φ ⊙ θ).
         """
-        by_name = self._parameters_of(encoder)
-        kept = parameter_multipliers(by_name, self.groups, self.masks)
-        params = [by_name[n] for n in self.param_names]
-        torch._foreach_mul_(
-            params, [kept[n].to(by_name[n].dtype) for n in self.param_names]
-        )
+        params = [encoder.get_parameter(n) for n in self.param_names]
+        torch._foreach_mul_(params, self._support(encoder)[0])
 
     @torch.no_grad()
     def distance(self, encoder: nn.Module) -> float:
