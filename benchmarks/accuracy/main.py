@@ -80,6 +80,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import inspect
 import math
 import platform
 import shlex
@@ -123,6 +124,8 @@ from lightly_mcp.transforms import build_transform
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))  # the grid's own modules
+sys.path.insert(0, str(HERE.parent))  # benchmarks/common.py
+from common import cpu_model  # noqa: E402
 from small_networks import (  # noqa: E402
     SupervisedClassifier,
     slice_head_input,
@@ -390,7 +393,7 @@ def derived_rho(recipe: Recipe) -> float:
     steps = pruning_steps(recipe)
     schedule = BlockSchedule(m.admm_interval, steps, m.frozen_blocks, m.lr_schedule)
     peak = m.lr * m.batch_size / 256
-    sgd_momentum = MoCoV2(**moco_kwargs(recipe, "mcp")).hparams["sgd_momentum"]
+    sgd_momentum = inspect.signature(MoCoV2).parameters["sgd_momentum"].default
     return schedule.derived_rho(
         0, m.rho_response, lambda t: peak * schedule.lr_factor(t), sgd_momentum
     )
@@ -434,15 +437,16 @@ def build_random_mask(ctx: Context) -> LightningModule:
 
 
 def _supervised_kwargs(recipe: Recipe, stage: str) -> dict[str, Any]:
-    schedule = recipe.pretrain if stage == "pretrain" else recipe.mcp
-    return {
-        "backbone": recipe.backbone.name,
-        "backbone_kwargs": backbone_kwargs(recipe),
-        "lr": schedule.lr,
-        "weight_decay": schedule.weight_decay,
-        "batch_size_per_device": schedule.batch_size,
-        "input_size": recipe.data.input_size,
-    }
+    """The backbone and ``stage``'s schedule, as the MoCo rows get them."""
+    moco = moco_kwargs(recipe, stage)
+    keys = (
+        "backbone",
+        "backbone_kwargs",
+        "lr",
+        "weight_decay",
+        "batch_size_per_device",
+    )
+    return {**{k: moco[k] for k in keys}, "input_size": recipe.data.input_size}
 
 
 def build_supervised_small(ctx: Context) -> LightningModule:
@@ -643,17 +647,6 @@ def grid_order(names: list[str], max_seeds: int | None) -> list[tuple[str, int]]
 
 
 # --- running ------------------------------------------------------------------------
-def cpu_model() -> str:
-    """The processor's model name (``/proc/cpuinfo``), else ``platform.processor()``."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
-
-
 def git_commit() -> str | None:
     """The checked-out commit, ``+dirty`` with uncommitted changes to tracked files
     (None outside a git checkout)."""

@@ -79,33 +79,26 @@ def prune_network(
     return small, kept
 
 
+def slice_linear_input(linear: nn.Linear, index: Tensor) -> nn.Linear:
+    """A copy of ``linear`` that reads only the input features ``index``."""
+    new = nn.Linear(len(index), linear.out_features, linear.bias is not None)
+    with torch.no_grad():
+        new.weight.copy_(linear.weight[:, index])
+        if linear.bias is not None and new.bias is not None:
+            new.bias.copy_(linear.bias)
+            new.bias.requires_grad_(linear.bias.requires_grad)
+    new.weight.requires_grad_(linear.weight.requires_grad)
+    return new
+
+
 def slice_head_input(head: nn.Module, index: Tensor) -> None:
     """Keeps only the input columns ``index`` of the head's first ``nn.Linear``."""
     for parent in head.modules():
         for child_name, child in parent.named_children():
             if isinstance(child, nn.Linear):
-                new = nn.Linear(len(index), child.out_features, child.bias is not None)
-                with torch.no_grad():
-                    new.weight.copy_(child.weight[:, index])
-                    if child.bias is not None:
-                        new.bias.copy_(child.bias)
-                new.weight.requires_grad_(child.weight.requires_grad)
-                if new.bias is not None and child.bias is not None:
-                    new.bias.requires_grad_(child.bias.requires_grad)
-                setattr(parent, child_name, new)
+                setattr(parent, child_name, slice_linear_input(child, index))
                 return
-    if isinstance(head, nn.Linear):
-        raise ValueError("slice the input of a bare nn.Linear with slice_linear_input")
     raise ValueError("the projection head has no nn.Linear layer")
-
-
-def slice_linear_input(linear: nn.Linear, index: Tensor) -> nn.Linear:
-    """A copy of ``linear`` that reads only the input features ``index``."""
-    holder = nn.Sequential(linear)
-    slice_head_input(holder, index)
-    out = holder[0]
-    assert isinstance(out, nn.Linear)
-    return out
 
 
 def torchvision_init(module: nn.Module) -> None:
