@@ -186,7 +186,8 @@ class ADMMRegularizer(nn.Module):
 
     def _support(self, encoder: nn.Module) -> tuple[list[Tensor], list[Tensor]]:
         """Per output-side parameter, the kept (φ) and dropped (1 − φ) multipliers of
-        the current mask; recomputed only after an ADMM update changed it."""
+        the current mask; recomputed only after an ADMM update changed it.
+        """
         if self._dropped_for != int(self.num_updates):
             by_name = self._parameters_of(encoder)
             kept = parameter_multipliers(by_name, self.groups, self.masks)
@@ -212,7 +213,7 @@ class ADMMRegularizer(nn.Module):
         """Sets the dropped channels of ``encoder``'s output-side parameters to zero,
         in place: the hard form of :meth:`support_penalty` (θ ← φ ⊙ θ).
         """
-        params = [encoder.get_parameter(n) for n in self.param_names]
+        params: list[Tensor] = [encoder.get_parameter(n) for n in self.param_names]
         torch._foreach_mul_(params, self._support(encoder)[0])
 
     @torch.no_grad()

@@ -365,17 +365,7 @@ def _adapt_torchvision_stem(name: str, net: nn.Module) -> None:
         net.maxpool = nn.Identity()
         return
     stem_name, stem = _first_strided_conv(net, prefix="")
-    if stem is None:
-        raise ValueError(
-            f"small_input is not supported for {name}: it has no strided convolution"
-        )
-    if stem.stride != (2, 2):
-        raise ValueError(
-            f"small_input is not supported for {name}: its stem convolution "
-            f"'{stem_name}' has stride {tuple(stem.stride)} (a patchify stem); "
-            "only stride-2 stems are adapted"
-        )
-    stem.stride = (1, 1)
+    _stride_two_stem(name, stem_name, stem).stride = (1, 1)
     after_stem = False
     for module_name, module in net.named_modules():
         if module is stem:
@@ -513,17 +503,8 @@ def _adapt_timm_stem(name: str, net: nn.Module) -> str:
         ValueError: If no stride-2 stem convolution is found (e.g. patchify stems of
             vision transformers and ConvNeXt, stride 4 or more).
     """
-    conv_name, conv = _find_timm_stem_conv(net)
-    if conv is None:
-        raise ValueError(
-            f"small_input is not supported for {name}: it has no strided convolution"
-        )
-    if conv.stride != (2, 2):
-        raise ValueError(
-            f"small_input is not supported for {name}: its stem convolution "
-            f"'{conv_name}' has stride {tuple(conv.stride)} (a patchify stem); "
-            "only stride-2 stems are adapted"
-        )
+    conv_name, found = _find_timm_stem_conv(net)
+    conv = _stride_two_stem(name, conv_name, found)
     # Padding stays as is: for odd kernels 'same'-style padding (k - 1) // 2 does not
     # depend on the stride, and timm's Conv2dSame pads dynamically from self.stride.
     conv.stride = (1, 1)
@@ -555,6 +536,23 @@ def _find_timm_stem_conv(net: nn.Module) -> tuple[str, nn.Conv2d | None]:
     # first strided Conv2d in module order. timm registers stems first, so module
     # order is execution order here; the result is checked by a probe forward.
     return _first_strided_conv(net, prefix="")
+
+
+def _stride_two_stem(name: str, conv_name: str, conv: nn.Conv2d | None) -> nn.Conv2d:
+    """The stem convolution that ``small_input`` makes stride 1; refuses a network
+    without one and patchify stems (stride 4 or more).
+    """
+    if conv is None:
+        raise ValueError(
+            f"small_input is not supported for {name}: it has no strided convolution"
+        )
+    if conv.stride != (2, 2):
+        raise ValueError(
+            f"small_input is not supported for {name}: its stem convolution "
+            f"'{conv_name}' has stride {tuple(conv.stride)} (a patchify stem); "
+            "only stride-2 stems are adapted"
+        )
+    return conv
 
 
 def _first_strided_conv(module: nn.Module, prefix: str) -> tuple[str, nn.Conv2d | None]:
