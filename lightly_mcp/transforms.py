@@ -1,17 +1,23 @@
-"""MoCo v2 views, configurable for small and grayscale images."""
+"""MoCo v2 views for training and the deterministic transform for evaluation,
+configurable for small and grayscale images.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
+import torch
 from lightly.transforms import MoCoV2Transform
+from lightly.transforms.utils import IMAGENET_NORMALIZE
 from PIL import Image
+from torchvision import transforms as T
 
 
-class _ToRGB:
+class ToRGB:
     """Converts any PIL image (grayscale, RGBA, 16-bit, palette) to 3-channel RGB."""
 
-    def __call__(self, image: Image.Image) -> Image.Image:
+    def __call__(self, image: Image.Image) -> Image.Image:  # noqa: D102
         if image.mode == "RGB":
             return image
         if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
@@ -43,7 +49,7 @@ class MCPTransform:
     ) -> None:
         if gaussian_blur is None:
             gaussian_blur = 0.0 if input_size <= 64 else 0.5
-        self.to_rgb = _ToRGB()
+        self.to_rgb = ToRGB()
         self.views = MoCoV2Transform(
             input_size=input_size, gaussian_blur=gaussian_blur, **kwargs
         )
@@ -56,3 +62,28 @@ class MCPTransform:
 def build_transform(input_size: int = 224, **kwargs: Any) -> MCPTransform:
     """The transform for MoCo v2 and MCP at ``input_size`` (see ``MCPTransform``)."""
     return MCPTransform(input_size=input_size, **kwargs)
+
+
+def eval_transform(input_size: int) -> Callable[[Image.Image], torch.Tensor]:
+    """The deterministic transform for evaluation (kNN, linear probe, export checks).
+
+    Converts to RGB (``ToRGB``, as the training views), resizes the shorter side to
+    ``input_size`` (bilinear) and centre-crops a square, then ``ToTensor`` and the
+    ImageNet normalisation that ``MoCoV2Transform`` uses.
+
+    Args:
+        input_size: Side of the output images.
+
+    Returns:
+        A callable mapping a PIL image to a ``(3, input_size, input_size)`` tensor.
+    """
+    transform: Callable[[Image.Image], torch.Tensor] = T.Compose(
+        [
+            ToRGB(),
+            T.Resize(input_size, interpolation=T.InterpolationMode.BILINEAR),
+            T.CenterCrop(input_size),
+            T.ToTensor(),
+            T.Normalize(mean=IMAGENET_NORMALIZE["mean"], std=IMAGENET_NORMALIZE["std"]),
+        ]
+    )
+    return transform

@@ -1,0 +1,195 @@
+"""Fashion-MNIST from its idx files (``.gz`` or plain), parsed with numpy.
+
+The files of the Debian package ``dataset-fashion-mnist`` in
+``/usr/share/datasets/fashion-mnist`` (``FASHION_MNIST_ROOT``), or of any folder given
+as ``root``; torchvision downloads them with ``download=True``.
+"""
+
+from __future__ import annotations
+
+import gzip
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from torchvision import datasets as tv_datasets
+
+from lightly_mcp.data.labeled_images import ArrayImages, LabeledImages
+from lightly_mcp.errors import DatasetError, describe_flat
+
+FASHION_MNIST_ROOT = Path("/usr/share/datasets/fashion-mnist")
+"""Where the Debian package ``dataset-fashion-mnist`` installs its idx files.
+
+The default root, read when a dataset is built: to change it, set it here, on
+``lightly_mcp.data.fashion_mnist`` (the name ``lightly_mcp.data`` re-exports is a
+copy).
+"""
+
+FASHION_MNIST_CLASSES: tuple[str, ...] = (
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+)
+
+IDX_IMAGES_MAGIC = 2051
+IDX_LABELS_MAGIC = 2049
+
+
+def read_idx(path: str | Path, expected_magic: int) -> np.ndarray:
+    """Reads an idx file (``.gz`` or plain) of unsigned bytes into a numpy array.
+
+    The idx format: a big-endian 32-bit magic number ``0x0000 08 nd`` (``0x08`` for
+    unsigned bytes, ``nd`` the number of dimensions: 2051 for images ``(N, H, W)``,
+    2049 for labels ``(N,)``), ``nd`` big-endian 32-bit sizes, then the data.
+
+    Args:
+        path: The file; gzip-compressed when its name ends in ``.gz``.
+        expected_magic: ``IDX_IMAGES_MAGIC`` (2051) or ``IDX_LABELS_MAGIC`` (2049).
+
+    Returns:
+        A read-only uint8 array of the shape given in the header.
+
+    Raises:
+        DatasetError: The file cannot be read, has another magic number, or its size
+            does not match its header. The message names the file.
+    """
+    path = Path(path)
+    try:
+        if path.name.endswith(".gz"):
+            with gzip.open(path, "rb") as gz_file:
+                data = gz_file.read()
+        else:
+            data = path.read_bytes()
+    except (OSError, EOFError) as error:
+        raise DatasetError(
+            f"corrupt idx file {path}: cannot read it ({describe_flat(error)})"
+        ) from error
+    what = {IDX_IMAGES_MAGIC: "images", IDX_LABELS_MAGIC: "labels"}.get(
+        expected_magic, "idx"
+    )
+    if len(data) < 4:
+        raise DatasetError(
+            f"corrupt idx file {path}: {len(data)} bytes, too short for a header"
+        )
+    magic = int.from_bytes(data[:4], "big")
+    if magic != expected_magic:
+        raise DatasetError(
+            f"corrupt idx file {path}: magic number {magic}, expected "
+            f"{expected_magic} ({what})"
+        )
+    ndim = magic & 0xFF
+    header = 4 + 4 * ndim
+    if len(data) < header:
+        raise DatasetError(f"corrupt idx file {path}: truncated header")
+    shape = tuple(
+        int(d) for d in np.frombuffer(data, dtype=">u4", count=ndim, offset=4)
+    )
+    size = math.prod(shape)
+    if len(data) - header != size:
+        raise DatasetError(
+            f"corrupt idx file {path}: the header gives shape {shape} ({size} bytes) "
+            f"but the file holds {len(data) - header} bytes of data"
+        )
+    return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(shape)
+
+
+def _find_idx(folders: Sequence[Path], stem: str) -> Path | None:
+    """The first ``stem.gz`` or ``stem`` file in ``folders``."""
+    for folder in folders:
+        for name in (f"{stem}.gz", stem):
+            if (folder / name).is_file():
+                return folder / name
+    return None
+
+
+def _fashion_mnist_files(root: Path, train: bool) -> tuple[Path | None, Path | None]:
+    """The image and label idx files of a split; ``None`` where missing.
+
+    Looks in ``root`` and in ``root/FashionMNIST/raw`` (where torchvision downloads).
+    """
+    prefix = "train" if train else "t10k"
+    folders = [root, root / "FashionMNIST" / "raw"]
+    return (
+        _find_idx(folders, f"{prefix}-images-idx3-ubyte"),
+        _find_idx(folders, f"{prefix}-labels-idx1-ubyte"),
+    )
+
+
+def fashion_mnist_root(root: str | Path | None = None) -> Path:
+    """The folder of the idx files: ``root``, or ``FASHION_MNIST_ROOT`` if ``None``."""
+    return Path(root).expanduser() if root is not None else FASHION_MNIST_ROOT
+
+
+def fashion_mnist_installed(root: str | Path | None = None) -> bool:
+    """Whether the idx files of both splits are in ``fashion_mnist_root(root)``."""
+    folder = fashion_mnist_root(root)
+    train = _fashion_mnist_files(folder, train=True)
+    test = _fashion_mnist_files(folder, train=False)
+    return all(path is not None for path in train + test)
+
+
+def build_fashion_mnist(
+    root: str | Path | None, train: bool, download: bool
+) -> LabeledImages:
+    """Fashion-MNIST's train or test split as ``LabeledImages`` of mode "L" images.
+
+    Args:
+        root: Folder of the idx files (or of ``FashionMNIST/raw``); ``None`` for
+            ``FASHION_MNIST_ROOT``.
+        train: The train split (``train-*``), else the test split (``t10k-*``).
+        download: Fetch missing files with torchvision.
+
+    Returns:
+        The split, with its 10 class names.
+
+    Raises:
+        DatasetError: Files missing (and not downloaded), or corrupt.
+    """
+    root = fashion_mnist_root(root)
+    split = "train" if train else "test"
+    prefix = "train" if train else "t10k"
+    images_path, labels_path = _fashion_mnist_files(root, train)
+    if (images_path is None or labels_path is None) and download:
+        try:
+            tv_datasets.FashionMNIST(str(root), train=train, download=True)
+        except Exception as error:
+            raise DatasetError(
+                f"fashion_mnist: downloading to {root} failed ({describe_flat(error)})"
+            ) from error
+        images_path, labels_path = _fashion_mnist_files(root, train)
+    if images_path is None or labels_path is None:
+        raise DatasetError(
+            f"fashion_mnist {split} not found: expected {prefix}-images-idx3-ubyte"
+            f"[.gz] and {prefix}-labels-idx1-ubyte[.gz] in {root} (install the Debian "
+            "package dataset-fashion-mnist, point root at a folder with these files, "
+            "or set `download: true` in the recipe to fetch them)"
+        )
+    images = read_idx(images_path, IDX_IMAGES_MAGIC)
+    labels = read_idx(labels_path, IDX_LABELS_MAGIC)
+    if len(images) != len(labels):
+        raise DatasetError(
+            f"fashion_mnist {split}: {images_path} holds {len(images)} images but "
+            f"{labels_path} holds {len(labels)} labels"
+        )
+    if len(labels) and int(labels.max()) >= len(FASHION_MNIST_CLASSES):
+        raise DatasetError(
+            f"corrupt idx file {labels_path}: label {int(labels.max())} out of range "
+            f"0..{len(FASHION_MNIST_CLASSES) - 1}"
+        )
+    return LabeledImages(
+        ArrayImages(images, labels),
+        labels,
+        kind="fashion_mnist",
+        split=split,
+        source=str(images_path.parent),
+        num_classes=len(FASHION_MNIST_CLASSES),
+        classes=FASHION_MNIST_CLASSES,
+    )

@@ -1,0 +1,168 @@
+"""torchvision's CIFAR-10, CIFAR-100 and STL-10, trusting a user-supplied copy.
+
+Files are downloaded only with ``download=True`` (``download: true`` in a recipe). A
+user-supplied copy is trusted: its files are checked for existence, not against
+torchvision's md5 sums, so corrupt files fail with a clear error when parsed.
+"""
+
+from __future__ import annotations
+
+import pickle
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from torchvision import datasets as tv_datasets
+
+from lightly_mcp.data.labeled_images import LabeledImages
+from lightly_mcp.errors import DatasetError, describe_flat
+
+DEFAULT_ROOT = Path("data")
+"""Root of ``cifar10``, ``cifar100`` and ``stl10`` when none is given."""
+
+
+def _cifar_required(cls: type[Any], train: bool) -> list[str]:
+    """Files a CIFAR split needs in ``cls.base_folder``."""
+    split_list = cls.train_list if train else cls.test_list
+    return [name for name, _ in split_list] + [cls.meta["filename"]]
+
+
+def _stl10_required(split: str) -> list[str]:
+    """Files an STL-10 split needs in ``stl10_binary``."""
+    files = {
+        "train": ["train_X.bin", "train_y.bin"],
+        "train+unlabeled": ["train_X.bin", "train_y.bin", "unlabeled_X.bin"],
+        "unlabeled": ["unlabeled_X.bin"],
+        "test": ["test_X.bin", "test_y.bin"],
+    }
+    return files[split]
+
+
+def _missing(folder: Path, names: Sequence[str]) -> list[str]:
+    return [name for name in names if not (folder / name).is_file()]
+
+
+class TrustedCIFAR10(tv_datasets.CIFAR10):
+    """torchvision's CIFAR-10 with an existence check instead of md5 sums.
+
+    torchvision compares every file with the md5 sum of the official archive; here a
+    user-supplied copy is trusted (only the files of the requested split and the
+    meta file must exist), and corrupt files fail when they are unpickled.
+    """
+
+    def _check_integrity(self) -> bool:
+        folder = Path(self.root) / self.base_folder
+        return not _missing(folder, _cifar_required(type(self), self.train))
+
+    def _load_meta(self) -> None:
+        path = Path(self.root) / self.base_folder / self.meta["filename"]
+        with open(path, "rb") as meta_file:
+            data = pickle.load(meta_file, encoding="latin1")
+        self.classes = data[self.meta["key"]]
+        self.class_to_idx = {name: i for i, name in enumerate(self.classes)}
+
+
+class TrustedCIFAR100(TrustedCIFAR10):
+    """torchvision's CIFAR-100 (fine labels) with an existence check, as above."""
+
+    base_folder = tv_datasets.CIFAR100.base_folder
+    url = tv_datasets.CIFAR100.url
+    filename = tv_datasets.CIFAR100.filename
+    tgz_md5 = tv_datasets.CIFAR100.tgz_md5
+    train_list = tv_datasets.CIFAR100.train_list
+    test_list = tv_datasets.CIFAR100.test_list
+    meta = tv_datasets.CIFAR100.meta
+
+
+class TrustedSTL10(tv_datasets.STL10):
+    """torchvision's STL-10 with an existence check instead of md5 sums.
+
+    Only the files of the requested split must exist (``unlabeled_X.bin`` only for
+    the unlabelled splits); a user-supplied copy is trusted and corrupt files fail
+    when they are parsed.
+    """
+
+    def _check_integrity(self) -> bool:
+        folder = Path(self.root) / self.base_folder
+        return not _missing(folder, _stl10_required(self.split))
+
+
+def build_torchvision(
+    kind: str,
+    root: str | Path | None,
+    train: bool,
+    download: bool,
+    stl10_unlabeled: bool = False,
+) -> LabeledImages:
+    """A split of ``cifar10``, ``cifar100`` or ``stl10`` as ``LabeledImages``.
+
+    Args:
+        kind: ``"cifar10"``, ``"cifar100"`` or ``"stl10"``.
+        root: The folder holding ``cifar-10-batches-py``, ``cifar-100-python`` or
+            ``stl10_binary``; ``None`` for ``DEFAULT_ROOT``.
+        train: Train split, else test split.
+        download: Fetch missing files with torchvision; never done otherwise.
+        stl10_unlabeled: For ``stl10`` with ``train=True``: the ``train+unlabeled``
+            split (the 100k unlabelled images get label ``-1``).
+
+    Returns:
+        The split, with torchvision's class names.
+
+    Raises:
+        DatasetError: Files missing (and not downloaded), unreadable, or with labels
+            out of range.
+    """
+    root = Path(root).expanduser() if root is not None else DEFAULT_ROOT
+    cls: type[Any]
+    if kind == "stl10":
+        cls = TrustedSTL10
+        split = ("train+unlabeled" if stl10_unlabeled else "train") if train else "test"
+        required = _stl10_required(split)
+        num_classes = 10
+    else:
+        cls = TrustedCIFAR10 if kind == "cifar10" else TrustedCIFAR100
+        split = "train" if train else "test"
+        required = _cifar_required(cls, train)
+        num_classes = 10 if kind == "cifar10" else 100
+    folder = root / cls.base_folder
+    missing = _missing(folder, required)
+    if missing and not download:
+        which = "all" if len(missing) == len(required) else ", ".join(missing)
+        raise DatasetError(
+            f"{kind} {split} not found: expected {', '.join(required)} in "
+            f"{folder.absolute()} "
+            f"(missing: {which}); set `download: true` in the recipe "
+            "(download=True) to fetch them"
+        )
+    try:
+        if kind == "stl10":
+            base = cls(str(root), split=split, download=download)
+            labels = np.asarray(base.labels, dtype=np.int64)
+        else:
+            base = cls(str(root), train=train, download=download)
+            labels = np.asarray(base.targets, dtype=np.int64)
+        if len(labels) != len(base.data):
+            raise ValueError(f"{len(base.data)} images but {len(labels)} labels")
+    except DatasetError:
+        raise
+    except Exception as error:
+        action = "download or read" if download else "read"
+        raise DatasetError(
+            f"{kind} {split}: cannot {action} the files {', '.join(required)} in "
+            f"{folder} ({describe_flat(error)})"
+        ) from error
+    if len(labels) and (labels.min() < -1 or labels.max() >= num_classes):
+        raise DatasetError(
+            f"{kind} {split}: labels in {folder} out of range 0..{num_classes - 1}"
+        )
+    classes = getattr(base, "classes", None)
+    return LabeledImages(
+        base,
+        labels,
+        kind=kind,
+        split=split,
+        source=str(root),
+        num_classes=num_classes,
+        classes=classes if classes else None,
+    )
