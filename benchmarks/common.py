@@ -9,7 +9,7 @@ import torchvision
 from torch import nn
 
 from lightly_mcp import compact, find_channel_groups
-from lightly_mcp.groups import leading_masks
+from lightly_mcp.masks import leading_masks
 
 
 def cpu_model() -> str:

@@ -4,7 +4,7 @@ Usage: OMP_NUM_THREADS=2 python benchmarks/fold_batchnorm_speed.py [--ratio 0.73
 
 Folds every Conv-BatchNorm pair with ``torch.fx.experimental.optimization.fuse``
 (eval mode), checks that outputs are unchanged, and times dense vs compact
-interleaved (``lightly_mcp.export.measure_latency``) at 224 px, batch 1 and 64, in
+interleaved (``lightly_mcp.measure.measure_latency``) at 224 px, batch 1 and 64, in
 NCHW and channels_last.
 """
 
@@ -16,7 +16,7 @@ import torch
 from common import mobilenet_v2_pair
 from torch.fx.experimental.optimization import fuse
 
-from lightly_mcp.export import measure_latency
+from lightly_mcp.measure import measure_latency
 
 
 def main() -> None:

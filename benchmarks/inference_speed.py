@@ -3,7 +3,7 @@
 No checkpoint is needed: the backbone has random weights and every channel group keeps
 its first n_g channels (``leading_masks``), which gives exactly the architecture an
 MCP run at the same ratio exports. Latencies are medians of dense/compact runs timed
-interleaved (``lightly_mcp.export.measure_latency``).
+interleaved (``lightly_mcp.measure.measure_latency``).
 
 Example:
     OMP_NUM_THREADS=2 PYTHONPATH=. .venv/bin/python benchmarks/inference_speed.py \
@@ -28,9 +28,14 @@ from torch import Tensor, nn
 
 from lightly_mcp.backbones import build_backbone
 from lightly_mcp.compaction import compact
-from lightly_mcp.counting import MAC_COUNTER, count_macs, count_parameters
-from lightly_mcp.export import measure_latency, round_masks
-from lightly_mcp.groups import find_channel_groups, leading_masks
+from lightly_mcp.masks import leading_masks, round_masks
+from lightly_mcp.measure import (
+    MAC_COUNTER,
+    count_macs,
+    count_parameters,
+    measure_latency,
+)
+from lightly_mcp.prunable_groups import find_channel_groups
 
 SETTINGS = [(1, 32), (64, 32), (1, 224), (64, 224)]
 

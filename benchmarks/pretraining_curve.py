@@ -32,11 +32,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import cpu_model  # noqa: E402
 
-from lightly_mcp.backbones import build_backbone  # noqa: E402
-from lightly_mcp.checkpoints import module_from_checkpoint, read_checkpoint  # noqa: E402
+from lightly_mcp.assemble import evaluation_data, recipe_backbone  # noqa: E402
+from lightly_mcp.checkpoints import read_checkpoint  # noqa: E402
 from lightly_mcp.evaluation import evaluate_backbone, raw_pixel_baseline  # noqa: E402
 from lightly_mcp.files import write_json_atomic  # noqa: E402
-from lightly_mcp.pipeline import backbone_kwargs, evaluation_data  # noqa: E402
+from lightly_mcp.loading import module_from_checkpoint  # noqa: E402
 from lightly_mcp.recipe import load_recipe  # noqa: E402
 
 
@@ -68,7 +68,7 @@ def evaluate_epoch(
     e = recipe.eval
     if path is None:
         torch.manual_seed(recipe.seed)
-        network = build_backbone(recipe.backbone.name, **backbone_kwargs(recipe))
+        network = recipe_backbone(recipe)
         seconds = 0.0
     else:
         data = read_checkpoint(path)

@@ -22,8 +22,9 @@ from pathlib import Path
 
 import yaml
 
-from lightly_mcp.checkpoints import module_from_checkpoint, read_checkpoint
-from lightly_mcp.provenance import ship_checkpoint
+from lightly_mcp.checkpoints import read_checkpoint
+from lightly_mcp.loading import module_from_checkpoint
+from lightly_mcp.shipping import ship_checkpoint
 
 MAX_BYTES = 20 * 1024 * 1024
 

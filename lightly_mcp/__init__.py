@@ -3,28 +3,51 @@
 Prune a self-supervised MoCo model once, without labels and without fine-tuning, and
 ship the momentum subnet: the momentum encoder seen through a channel mask found by
 ADMM on the query encoder.
+
+``import lightly_mcp`` loads the building blocks only (torch, torchvision, timm,
+torch-pruning): the Lightning methods ``MCP`` and ``MoCoV2`` are imported on first
+use, and the command line, recipes and export load Lightning, rich and YAML
+themselves.
 """
+
+from typing import TYPE_CHECKING, Any
 
 from lightly_mcp.admm import ADMMRegularizer, project_onto_channel_budget
 from lightly_mcp.backbones import Backbone, build_backbone
 from lightly_mcp.compaction import compact
-from lightly_mcp.counting import count_macs, count_parameters
+from lightly_mcp.errors import InputError, MCPError, MCPWarning
 from lightly_mcp.groups import (
     ChannelGroup,
     GroupMember,
     NoPrunableGroupsError,
     UnsupportedBackboneError,
-    find_channel_groups,
     num_kept_channels,
 )
-from lightly_mcp.mcp import MCP
-from lightly_mcp.moco_v2 import MoCoV2
+from lightly_mcp.masks import GroupMasks
+from lightly_mcp.measure import count_macs, count_parameters
 from lightly_mcp.momentum_subnet import MomentumSubnet
+from lightly_mcp.prunable_groups import find_channel_groups
 from lightly_mcp.pruning_ratio import solve_pruning_ratio
 from lightly_mcp.transforms import MCPTransform, build_transform
 from lightly_mcp.transition import SmoothTransition
 
+if TYPE_CHECKING:
+    from lightly_mcp.mcp import MCP
+    from lightly_mcp.moco_v2 import MoCoV2
+
 __version__ = "0.1.0"
+
+#: The Lightning methods, imported on first use (PEP 562).
+_METHODS = {"MCP": "lightly_mcp.mcp", "MoCoV2": "lightly_mcp.moco_v2"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _METHODS:
+        import importlib
+
+        return getattr(importlib.import_module(_METHODS[name]), name)
+    raise AttributeError(f"module 'lightly_mcp' has no attribute {name!r}")
+
 
 __all__ = [
     "ADMMRegularizer",
@@ -33,6 +56,10 @@ __all__ = [
     "MCPTransform",
     "MoCoV2",
     "ChannelGroup",
+    "GroupMasks",
+    "InputError",
+    "MCPError",
+    "MCPWarning",
     "GroupMember",
     "MomentumSubnet",
     "NoPrunableGroupsError",

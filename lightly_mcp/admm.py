@@ -12,20 +12,16 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from lightly_mcp.groups import (
-    ChannelGroup,
-    channel_scores,
-    masked_tensors,
-    parameter_multipliers,
-    validate_pruning_ratio,
-)
+from lightly_mcp.errors import InputError
+from lightly_mcp.groups import ChannelGroup, validate_pruning_ratio
+from lightly_mcp.masks import GroupMasks, masked_tensors, register_masks
 
 
 def project_onto_channel_budget(
     tensors: Mapping[str, Tensor],
     groups: Sequence[ChannelGroup],
     pruning_ratio: float,
-) -> tuple[dict[str, Tensor], list[Tensor]]:
+) -> tuple[dict[str, Tensor], GroupMasks]:
     """Euclidean projection onto "at most ``n_g`` non-zero channels per group".
 
     Per group, channels are ranked by the L2 norm of all their output-side members
@@ -43,13 +39,10 @@ def project_onto_channel_budget(
         pruning_ratio: Fraction of channels removed in every group.
 
     Returns:
-        ``(projected, masks)``: the projected member tensors by name, and per group a
-        boolean mask of kept channels.
+        ``(projected, masks)``: the projected member tensors by name, and the masks
+        of kept channels (:meth:`GroupMasks.top_k`).
     """
-    masks = []
-    for group in groups:
-        scores = channel_scores(tensors, group)
-        masks.append(group.top_mask(scores, group.num_kept(pruning_ratio)))
+    masks = GroupMasks.top_k(groups, pruning_ratio, tensors)
     return masked_tensors(tensors, groups, masks), masks
 
 
@@ -61,10 +54,12 @@ class ADMMRegularizer(nn.Module):
     ``Z ← Π(θ + U)``, ``U ← U + θ − Z``, ``mask ← support(Z)``, where ``Π`` keeps the
     ``n_g = max(1, C_g − floor(r·C_g))`` channels of largest norm in every group.
     ``Z``, ``U``, the mask, ``ρ`` and the update count are buffers: they are saved in
-    ``state_dict()`` and move with the module.
+    ``state_dict()`` and move with the module. The regularizer owns the mask
+    (:attr:`group_masks`); the momentum subnet references it.
 
     Attributes:
         groups: The channel groups (shared with the momentum subnet).
+        group_masks: The mask, per group the kept channels (support of ``Z``).
         pruning_ratio: Fraction of channels removed in every group.
         rho_growth: Factor applied to ρ after every update (1.0 keeps ρ constant).
 
@@ -75,6 +70,8 @@ class ADMMRegularizer(nn.Module):
         >>> # every admm_interval steps or epochs:
         >>> changed = admm.update(backbone)
     """
+
+    group_masks: GroupMasks
 
     def __init__(
         self,
@@ -96,11 +93,11 @@ class ADMMRegularizer(nn.Module):
         super().__init__()
         self.pruning_ratio = validate_pruning_ratio(pruning_ratio)
         if not rho >= 0:
-            raise ValueError(f"rho must be >= 0, got {rho}.")
+            raise InputError(f"rho must be >= 0, got {rho}.")
         if not rho_growth >= 1.0:
-            raise ValueError(f"rho_growth must be >= 1.0, got {rho_growth}.")
+            raise InputError(f"rho_growth must be >= 1.0, got {rho_growth}.")
         if not groups:
-            raise ValueError("groups must not be empty.")
+            raise InputError("groups must not be empty.")
         self.groups = list(groups)
         self.rho_growth = float(rho_growth)
         # A parameter after a concatenation is a member of several groups.
@@ -120,8 +117,7 @@ class ADMMRegularizer(nn.Module):
         for i, name in enumerate(self.param_names):
             self.register_buffer(f"z_{i}", z[name].detach().clone())
             self.register_buffer(f"u_{i}", torch.zeros_like(params[name]))
-        for g, mask in enumerate(masks):
-            self.register_buffer(f"mask_{g}", mask)
+        register_masks(self, masks)  # saved as mask_{g}, as always
         # Z − U, derived state cached for the per-step loss (refreshed on update/load).
         for i, name in enumerate(self.param_names):
             self.register_buffer(
@@ -131,7 +127,7 @@ class ADMMRegularizer(nn.Module):
         # φ and 1 − φ per member (support penalty, hard mask), cached per mask.
         self._kept: list[Tensor] = []
         self._dropped: list[Tensor] = []
-        self._dropped_for = -1
+        self._support_version = -1
 
     # --- state -------------------------------------------------------------------
     @property
@@ -142,7 +138,7 @@ class ADMMRegularizer(nn.Module):
     @property
     def masks(self) -> list[Tensor]:
         """Per group, the boolean mask of kept channels (support of ``Z``)."""
-        return [getattr(self, f"mask_{g}") for g in range(len(self.groups))]
+        return self.group_masks.tensors()
 
     def z(self) -> dict[str, Tensor]:
         """``Z`` by parameter name."""
@@ -167,9 +163,12 @@ class ADMMRegularizer(nn.Module):
 
     @torch.no_grad()
     def refresh(self) -> None:
-        """Recomputes the cached ``Z − U`` (after buffers were overwritten)."""
+        """Recomputes the cached ``Z − U`` and drops the mask's derived state (after
+        buffers were overwritten, e.g. by a DDP broadcast).
+        """
         for target, z, u in zip(self._targets(), self.z().values(), self.u().values()):
             torch.sub(z, u, out=target)
+        self.group_masks.invalidate()
 
     def forward(self, encoder: nn.Module) -> Tensor:
         """Returns the ADMM penalty ``(ρ/2) Σ ‖θ − Z + U‖²`` (differentiable in θ).
@@ -188,12 +187,11 @@ class ADMMRegularizer(nn.Module):
         """Per output-side parameter, the kept (φ) and dropped (1 − φ) multipliers of
         the current mask; recomputed only after an ADMM update changed it.
         """
-        if self._dropped_for != int(self.num_updates):
-            by_name = self._parameters_of(encoder)
-            kept = parameter_multipliers(by_name, self.groups, self.masks)
-            self._kept = [kept[n].to(by_name[n].dtype) for n in self.param_names]
+        if self._support_version != self.group_masks.version:
+            kept = self.group_masks.multipliers(self._parameters_of(encoder))
+            self._kept = [kept[n] for n in self.param_names]
             self._dropped = [1.0 - k for k in self._kept]
-            self._dropped_for = int(self.num_updates)
+            self._support_version = self.group_masks.version
         return self._kept, self._dropped
 
     def support_penalty(self, encoder: nn.Module) -> Tensor:
@@ -249,7 +247,7 @@ class ADMMRegularizer(nn.Module):
         dual when ρ changes requires this rescaling (Boyd et al. 2011, §3.4.1).
         """
         if not rho > 0:
-            raise ValueError(f"rho must be > 0, got {rho}.")
+            raise InputError(f"rho must be > 0, got {rho}.")
         old = self.rho
         if old > 0 and old != rho:
             torch._foreach_mul_(list(self.u().values()), old / rho)
@@ -275,11 +273,7 @@ class ADMMRegularizer(nn.Module):
         for i, name in enumerate(self.param_names):
             getattr(self, f"z_{i}").copy_(z_new[name])
             getattr(self, f"u_{i}").add_(params[name].detach() - z_new[name])
-        changed = 0
-        for g, mask in enumerate(masks_new):
-            old = getattr(self, f"mask_{g}")
-            changed += int((old != mask).sum())
-            old.copy_(mask)
+        changed = self.group_masks.assign(masks_new)
         self.num_updates.add_(1)
         if self.rho_growth != 1.0:
             self.set_rho(self.rho * self.rho_growth)
@@ -288,7 +282,7 @@ class ADMMRegularizer(nn.Module):
 
     def kept_channels(self) -> list[int]:
         """Number of kept channels per group."""
-        return [int(mask.sum()) for mask in self.masks]
+        return self.group_masks.kept_channels()
 
     def extra_repr(self) -> str:
         """Summary shown by ``print(module)``."""

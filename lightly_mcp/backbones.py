@@ -33,8 +33,8 @@ import torchvision
 from timm.layers import BlurPool2d
 from torch import Tensor, nn
 
-from lightly_mcp.counting import count_parameters
-from lightly_mcp.errors import describe_error
+from lightly_mcp.errors import InputError, describe_error
+from lightly_mcp.measure import count_parameters, eval_mode
 
 SUPPORTED_TORCHVISION: tuple[str, ...] = tuple(
     torchvision.models.list_models(module=torchvision.models)
@@ -182,7 +182,7 @@ def build_backbone(
         FileNotFoundError: If ``weights`` does not exist.
     """
     if width_multiplier is not None and not width_multiplier > 0:
-        raise ValueError(f"width_multiplier must be positive, got {width_multiplier}")
+        raise InputError(f"width_multiplier must be positive, got {width_multiplier}")
     library, _, arch = name.partition("/")
     if library == "torchvision" and arch in SUPPORTED_TORCHVISION:
         net, feature_dim = _build_torchvision(
@@ -193,7 +193,7 @@ def build_backbone(
             name, arch, small_input=small_input, width_multiplier=width_multiplier
         )
     else:
-        raise ValueError(_unknown_name_message(name))
+        raise InputError(_unknown_name_message(name))
     backbone = Backbone(net, feature_dim=feature_dim, name=name)
     if weights is not None:
         load_weights(backbone, weights)
@@ -233,7 +233,7 @@ def load_weights(backbone: Backbone, path: str | os.PathLike[str]) -> None:
     try:
         loaded = torch.load(file, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError) as error:
-        raise ValueError(
+        raise InputError(
             f"weights file '{file}' could not be read as a state dict: "
             f"{describe_error(error)}"
         ) from error
@@ -260,7 +260,7 @@ def load_weights(backbone: Backbone, path: str | os.PathLike[str]) -> None:
             problems.append(_count_with_examples(unexpected, "unexpected key"))
         if mismatched:
             problems.append(_count_with_examples(mismatched, "shape mismatch"))
-        raise ValueError(
+        raise InputError(
             f"weights file '{file}' does not match {backbone.name}: "
             + ", ".join(problems)
         )
@@ -293,7 +293,7 @@ def _build_torchvision(
     if arch == "mobilenet_v2":
         kwargs["width_mult"] = 1.0 if width_multiplier is None else width_multiplier
     elif width_multiplier is not None:
-        raise ValueError(
+        raise InputError(
             f"{name} has no width multiplier (width_multiplier={width_multiplier}); "
             "torchvision/mobilenet_v2 and some timm models have one"
         )
@@ -306,7 +306,7 @@ def _build_torchvision(
     size = _SMALL_INPUT_PROBE_SIZE if small_input else 224
     feature_dim = _probe_output_dim(net, (3, size, size))
     if feature_dim is None:
-        raise ValueError(
+        raise InputError(
             f"small_input is not supported for {name}: the model does not run on "
             f"{size}x{size} images once its stem has stride 1"
         )
@@ -322,7 +322,7 @@ def _remove_classifier(name: str, net: nn.Module) -> None:
         or (isinstance(module, nn.Conv2d) and module.out_channels == _PROBE_CLASSES)
     ]
     if len(found) != 1:
-        raise ValueError(f"cannot find the classifier of {name} (found {found})")
+        raise InputError(f"cannot find the classifier of {name} (found {found})")
     _set_submodule(net, found[0], nn.Identity())
     # Dropout right before it belongs to the classifier (features stay deterministic);
     # a classifier Sequential left with nothing else becomes one nn.Identity.
@@ -414,7 +414,7 @@ def _build_timm(
         size = _SMALL_INPUT_PROBE_SIZE
         out_dim = _probe_output_dim(net, (3, size, size))
         if out_dim is None:
-            raise ValueError(
+            raise InputError(
                 f"small_input is not supported for {name}: the model does not run "
                 f"on {size}x{size} images once the stride of its stem convolution "
                 f"'{stem_conv_name}' is set to 1"
@@ -473,9 +473,9 @@ def _create_timm_with_width(
     except TypeError as error:
         # "unexpected keyword argument" (the model has no multiplier) or "got
         # multiple values" (the model name fixes it, e.g. mobilenetv2_100).
-        raise ValueError(no_multiplier) from error
+        raise InputError(no_multiplier) from error
     except (AssertionError, ValueError, RuntimeError) as error:
-        raise ValueError(
+        raise InputError(
             f"{name} cannot be built with width_multiplier={width_multiplier}: "
             f"{describe_error(error)}"
         ) from error
@@ -485,7 +485,7 @@ def _create_timm_with_width(
         with torch.device("meta"):
             default = timm.create_model(arch, **kwargs)
         if count_parameters(default) == count_parameters(net):
-            raise ValueError(no_multiplier)
+            raise InputError(no_multiplier)
     return net
 
 
@@ -543,11 +543,11 @@ def _stride_two_stem(name: str, conv_name: str, conv: nn.Conv2d | None) -> nn.Co
     without one and patchify stems (stride 4 or more).
     """
     if conv is None:
-        raise ValueError(
+        raise InputError(
             f"small_input is not supported for {name}: it has no strided convolution"
         )
     if conv.stride != (2, 2):
-        raise ValueError(
+        raise InputError(
             f"small_input is not supported for {name}: its stem convolution "
             f"'{conv_name}' has stride {tuple(conv.stride)} (a patchify stem); "
             "only stride-2 stems are adapted"
@@ -591,15 +591,12 @@ def _probe_output_dim(net: nn.Module, input_size: tuple[int, ...]) -> int | None
             net.named_buffers(remove_duplicate=False),
         )
     }
-    was_training = net.training
-    net.eval()  # batch norm refuses a batch of one in training mode
     try:
-        with torch.device("meta"), torch.no_grad():
+        # eval mode: batch norm refuses a batch of one in training mode
+        with eval_mode(net), torch.device("meta"), torch.no_grad():
             out = torch.func.functional_call(net, state, (torch.empty(1, *input_size),))
     except Exception:  # noqa: BLE001 - any failure means "does not run"
         return None
-    finally:
-        net.train(was_training)
     if not isinstance(out, Tensor):
         return None
     return int(out.flatten(1).shape[1])
@@ -624,7 +621,7 @@ def _extract_state_dict(loaded: object, file: Path) -> dict[str, Tensor]:
         isinstance(key, str) and isinstance(value, Tensor)
         for key, value in loaded.items()
     ):
-        raise ValueError(
+        raise InputError(
             f"weights file '{file}' holds no state dict (a mapping from parameter "
             f"names to tensors, or a checkpoint with a 'state_dict' entry), got "
             f"{type(loaded).__name__}"

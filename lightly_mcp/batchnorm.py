@@ -1,16 +1,22 @@
-"""Single-device shuffle-BN with lightly's ``SplitBatchNorm``, and its removal.
+"""BatchNorm: single-device shuffle-BN, its removal, and recalibration.
 
 On one device lightly's ``batch_shuffle`` only permutes the batch, which does nothing
 for BatchNorm. ``SplitBatchNorm`` normalises sub-batches separately instead, which is
 what MoCo's shuffle-BN achieves on several devices. For deployment the layers are
-turned back into plain ``BatchNorm2d`` (identical in eval mode).
+turned back into plain ``BatchNorm2d`` (identical in eval mode), whose running
+statistics :func:`recalibrate_batchnorm` can re-estimate on a few batches.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import Any
+
 import torch
 from lightly.models.batchnorm import SplitBatchNorm
-from torch import nn
+from torch import Tensor, nn
+
+from lightly_mcp.errors import ExportError, InputError
 
 
 def _replace_modules(module: nn.Module, convert: type, make: object) -> int:
@@ -30,7 +36,7 @@ def use_split_batchnorm(module: nn.Module, num_splits: int) -> int:
     Affine parameters and running statistics are copied. Returns the count replaced.
     """
     if num_splits < 2:
-        raise ValueError(f"num_splits must be >= 2, got {num_splits}.")
+        raise InputError(f"num_splits must be >= 2, got {num_splits}.")
 
     def make(bn: nn.BatchNorm2d) -> SplitBatchNorm:
         split = SplitBatchNorm(
@@ -72,3 +78,63 @@ def merge_split_batchnorm(module: nn.Module) -> int:
         return bn
 
     return _replace_modules(module, SplitBatchNorm, make)
+
+
+def _images(batch: Any) -> Tensor:
+    """The image tensor of a batch: a tensor, or ``(views, label, ...)``."""
+    while isinstance(batch, (list, tuple)):
+        if not batch:
+            break
+        batch = batch[0]
+    if not isinstance(batch, Tensor):
+        raise ExportError(
+            f"Cannot find images in a recalibration batch of type "
+            f"{type(batch).__name__}; give tensors or (views, label, ...) batches."
+        )
+    return batch
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(
+    model: nn.Module, batches: Iterable[Any], num_batches: int = 10
+) -> int:
+    """Recomputes the running statistics of every BatchNorm layer of ``model``.
+
+    The statistics are reset and re-estimated as a cumulative average
+    (``momentum=None``) over ``num_batches`` batches in train mode; the layers'
+    momentum is restored afterwards and the model is left in eval mode.
+
+    Args:
+        model: The network (e.g. the compact backbone).
+        batches: Batches of images, or ``(views, label, ...)`` (first view is used).
+        num_batches: How many batches to run.
+
+    Returns:
+        The number of batches that were run.
+
+    Raises:
+        ExportError: If ``batches`` gives no batch, or a batch without images.
+    """
+    norms = [
+        m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+    ]
+    momenta = [m.momentum for m in norms]
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    model.train()
+    seen = 0
+    try:
+        for batch in batches:
+            if seen >= num_batches:
+                break
+            model(_images(batch).to(device))
+            seen += 1
+    finally:
+        for norm, momentum in zip(norms, momenta):
+            norm.momentum = momentum
+        model.eval()
+    if seen == 0:
+        raise ExportError("The recalibration DataLoader gave no batch.")
+    return seen

@@ -10,6 +10,8 @@ from typing import Any
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import Callback
 
+from lightly_mcp.errors import InputError
+
 
 class TrainingClock(Callback):
     """Cumulative training seconds, kept in every checkpoint.
@@ -68,7 +70,7 @@ class KeepEpochCheckpoints(Callback):
         self, dirpath: str | os.PathLike[str], every_n_epochs: int = 1
     ) -> None:
         if every_n_epochs < 1:
-            raise ValueError(f"every_n_epochs must be >= 1, got {every_n_epochs}.")
+            raise InputError(f"every_n_epochs must be >= 1, got {every_n_epochs}.")
         self.dirpath = Path(dirpath)
         self.every_n_epochs = every_n_epochs
 

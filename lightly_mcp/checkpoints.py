@@ -24,13 +24,14 @@ from __future__ import annotations
 import pickle
 import re
 import zipfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
-from lightly_mcp.errors import describe_error
+from lightly_mcp.errors import CheckpointError, UnsafeCheckpointError, describe_error
 from lightly_mcp.provenance import (
     ProvenanceError,
     missing_checkpoint_message,
@@ -41,16 +42,6 @@ if TYPE_CHECKING:
     from lightly_mcp.moco_v2 import MoCoV2
 
 PARTS = ("backbone", "backbone_momentum", "projection_head", "projection_head_momentum")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used; the message says why and what to do."""
-
-
-class UnsafeCheckpointError(CheckpointError):
-    """A file that ``torch.load(weights_only=True)`` refuses: truncated, corrupt, or
-    holding pickled Python objects (e.g. a whole pickled ``nn.Module``).
-    """
 
 
 def checkpoint_file(path: str | Path, what: str = "Checkpoint") -> Path:
@@ -102,49 +93,29 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def module_from_checkpoint(data: dict[str, Any], path: str | Path) -> MoCoV2:
-    """Rebuilds the :class:`MoCoV2` or :class:`MCP` module a Lightning checkpoint of
-    this project holds (read with :func:`read_checkpoint`).
+def checkpoint_kind(data: Mapping[str, Any]) -> str | None:
+    """Which of this project's modules a checkpoint (as read by
+    :func:`read_checkpoint`) was written by; the one place that decides it.
 
-    The class is told by the state (``admm.*`` keys: MCP), the module is built from
-    the checkpoint's hyper-parameters (an MCP's ``dense_checkpoint`` is not re-read:
-    the weights come from this checkpoint), then its state, queue and transition
-    position are restored. The caller's RNG state is left alone.
+    Returns:
+        ``"MCP"`` (ADMM state), ``"MoCoV2"`` (a momentum backbone and no ADMM state),
+        ``"unknown"`` (a Lightning checkpoint of neither), or ``None`` if ``data`` is
+        not a Lightning checkpoint (no ``state_dict`` and ``hyper_parameters``).
 
-    Raises:
-        CheckpointError: If it is not such a checkpoint or does not rebuild.
+    Examples:
+        >>> checkpoint_kind({"state_dict": {"admm.rho": 0}, "hyper_parameters": {}})
+        'MCP'
     """
-    from lightly_mcp.mcp import MCP
-    from lightly_mcp.moco_v2 import MoCoV2
-
     state = data.get("state_dict")
-    hparams = data.get("hyper_parameters")
-    if not isinstance(state, dict) or not isinstance(hparams, dict):
-        raise CheckpointError(
-            f"Checkpoint '{path}' is not a Lightning checkpoint (no 'state_dict' and "
-            "'hyper_parameters'); use the checkpoint a MoCoV2 or MCP run wrote."
-        )
-    kwargs = dict(hparams)
-    cls: type[MoCoV2]
+    if not isinstance(state, Mapping) or not isinstance(
+        data.get("hyper_parameters"), Mapping
+    ):
+        return None
     if any(str(key).startswith("admm.") for key in state):
-        cls, kwargs["dense_checkpoint"] = MCP, None
-    elif any(str(key).startswith("backbone_momentum.") for key in state):
-        cls = MoCoV2
-        kwargs.pop("dense_checkpoint", None)
-    else:
-        raise CheckpointError(
-            f"Checkpoint '{path}' is neither a MoCoV2 nor an MCP checkpoint."
-        )
-    try:
-        model = cls(**kwargs)
-        model.load_state_dict(state)
-    except (TypeError, RuntimeError) as error:
-        raise CheckpointError(
-            f"Checkpoint '{path}' does not rebuild as a {cls.__name__} model of "
-            f"backbone '{hparams.get('backbone')}': {describe_error(error)}"
-        ) from None
-    model.on_load_checkpoint({k: v for k, v in data.items() if k != "rng_states"})
-    return model
+        return "MCP"
+    if any(str(key).startswith("backbone_momentum.") for key in state):
+        return "MoCoV2"
+    return "unknown"
 
 
 def _rename(state: dict[str, Any], mapping: list[tuple[str, str]]) -> dict[str, Any]:

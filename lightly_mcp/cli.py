@@ -170,7 +170,8 @@ def _parser() -> argparse.ArgumentParser:
 def _recipe(args: argparse.Namespace) -> Any:
     import yaml
 
-    from lightly_mcp.recipe import RecipeError, load_recipe
+    from lightly_mcp.errors import RecipeError
+    from lightly_mcp.recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.set)
     if not yaml.safe_load(Path(args.recipe).read_text()):
@@ -198,7 +199,7 @@ def _check_devices(recipe: Any, args: argparse.Namespace) -> None:
     """
     import torch
 
-    from lightly_mcp.recipe import RecipeError
+    from lightly_mcp.errors import RecipeError
 
     t = recipe.trainer
     source = "--devices" if args.devices is not None else "trainer.devices"
@@ -395,16 +396,14 @@ def _run(
 
 
 def _expected_errors() -> tuple[type[BaseException], ...]:
-    from lightly_mcp.checkpoints import CheckpointError
-    from lightly_mcp.recipe import RecipeError
+    """What the command line reports as bad input (exit 2): lightly-mcp's
+    ``InputError`` family, a missing file, and Lightning's bad-Trainer-settings error
+    (e.g. an unknown strategy). Anything else is a bug (exit 1, "unexpected").
+    """
+    from lightly_mcp.errors import InputError
 
-    errors: list[type[BaseException]] = [
-        RecipeError,
-        CheckpointError,
-        FileNotFoundError,
-        ValueError,
-    ]
-    try:  # Lightning's bad-Trainer-settings error (e.g. an unknown strategy)
+    errors: list[type[BaseException]] = [InputError, FileNotFoundError]
+    try:
         from lightning_fabric.utilities.exceptions import MisconfigurationException
 
         errors.append(MisconfigurationException)
@@ -414,7 +413,7 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
 
 
 def _stage_interrupted() -> type[BaseException]:
-    from lightly_mcp.pipeline import StageInterrupted
+    from lightly_mcp.errors import StageInterrupted
 
     return StageInterrupted
 
@@ -456,7 +455,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             raise
         message = first_line(error)
-        from lightly_mcp.continuation import LateStageError
+        from lightly_mcp.errors import LateStageError
 
         cause = error.__cause__ if isinstance(error, LateStageError) else error
         if isinstance(cause, _expected_errors()):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import math
 from collections.abc import Sequence
 
 import torch
@@ -12,28 +11,14 @@ from timm.layers import MixedConv2d
 from timm.models.dla import DlaBottle2neck
 from timm.models.res2net import Bottle2neck
 from torch import Tensor, nn
-from torch.func import functional_call
 from torch_pruning.ops import _SplitOp
 
 from lightly_mcp.batchnorm import merge_split_batchnorm
-from lightly_mcp.errors import describe_error
 from lightly_mcp.groups import (
     ChannelGroup,
     build_dependency_graph,
-    masked_tensors,
-    output_feature_index,
-    random_masks,
-    route_of,
-    unsupported,
 )
-
-CHECK_TOLERANCE = {torch.float64: 1e-6, torch.float32: 1e-3}
-"""Largest relative difference between masked and compact outputs that
-:func:`check_exact` accepts, by the precision it checks in; a wrongly removed channel
-gives differences of order 1."""
-
-CHECK_FLOAT64_MAX_PARAMETERS = 50_000_000
-"""Larger backbones are checked in float32 (two float64 copies would need > 800 MB)."""
+from lightly_mcp.masks import GroupMasks, Masks, output_feature_index
 
 
 def _tag_channels(model: nn.Module, splits: dict[str, SplitBatchNorm]) -> None:
@@ -107,7 +92,7 @@ def _refresh_mixed_convolutions(model: nn.Module) -> None:
 def compact(
     encoder: nn.Module,
     groups: Sequence[ChannelGroup],
-    masks: Sequence[Tensor],
+    masks: Masks,
     example_inputs: Tensor | None = None,
 ) -> nn.Module:
     """Returns a physically pruned copy of ``encoder`` that keeps only masked channels.
@@ -124,17 +109,27 @@ def compact(
     Args:
         encoder: The dense encoder (e.g. the momentum encoder).
         groups: Its channel groups.
-        masks: Per group, a boolean mask of kept channels.
+        masks: The masks of kept channels (a ``GroupMasks`` of ``groups``, or per
+            group a boolean mask).
         example_inputs: A batch to trace with; defaults to one 64x64 RGB image.
 
     Returns:
         The compact encoder, in the same train/eval mode as ``encoder``. When a
         group reaching the output is pruned (``keep_output_dim=False``), its output
-        has fewer features (``lightly_mcp.groups.output_feature_index``) and a
+        has fewer features (``lightly_mcp.masks.output_feature_index``) and a
         ``feature_dim`` attribute is updated.
+
+    Raises:
+        ValueError: If a mask does not fit its group, keeps no channel or part of a
+            set of tied channels.
+
+    Examples:
+        >>> groups = find_channel_groups(backbone)
+        >>> masks = GroupMasks.top_k(groups, 0.5, dict(backbone.named_parameters()))
+        >>> small = compact(backbone, groups, masks)
     """
-    if len(groups) != len(masks):
-        raise ValueError(f"Got {len(masks)} masks for {len(groups)} channel groups.")
+    masks = GroupMasks.of(groups, masks)
+    masks.check_compactable()
     compact_model = copy.deepcopy(encoder)
     # torch-pruning cannot cut split statistics: prune plain BatchNorm2d layers and
     # restore the splits afterwards.
@@ -147,20 +142,7 @@ def compact(
     requires_grad = {n: p.requires_grad for n, p in encoder.named_parameters()}
     graph = build_dependency_graph(compact_model, example_inputs)
     _tag_channels(compact_model, splits)
-    for group, mask in zip(groups, masks):
-        if mask.shape != (group.num_channels,):
-            raise ValueError(
-                f"Mask for group '{group.root}' has shape {tuple(mask.shape)}, "
-                f"expected ({group.num_channels},)."
-            )
-        if not bool(mask.any()):
-            raise ValueError(f"Mask for group '{group.root}' keeps no channel.")
-        if group.splits_units(mask):
-            raise ValueError(
-                f"Mask for group '{group.root}' keeps part of a set of tied channels: "
-                "a grouped convolution must keep the same channels in each of its "
-                "convolution groups (ChannelGroup.units)."
-            )
+    for group, mask in masks.items():
         # torch-pruning corrupts the model on duplicate or unsorted indices.
         dropped = sorted({int(i) for i in torch.nonzero(~mask.cpu()).flatten()})
         if not dropped:
@@ -183,158 +165,3 @@ def compact(
         kept, _ = output_feature_index(groups, masks, feature_dim)
         setattr(compact_model, "feature_dim", len(kept))  # noqa: B010
     return compact_model
-
-
-@torch.no_grad()
-def _randomise_weights(model: nn.Module, seed: int) -> None:
-    """Seeded random weights for every parameter (variance ``1 / fan_in``).
-
-    Exactness is a property of the architecture, not of the weights: the check must
-    not depend on what a model learned (a model whose trained weights overflow in a
-    forward pass would otherwise fail it with NaN).
-    """
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in model.parameters():
-            if not param.is_floating_point():
-                continue
-            fan_in = param[0].numel() if param.dim() > 1 else 1
-            values = torch.randn(param.shape, generator=generator, dtype=torch.float64)
-            param.copy_((values / math.sqrt(fan_in)).to(param.dtype))
-
-
-def _randomise_norms(model: nn.Module, seed: int) -> None:
-    """Random affine parameters and running statistics for every BatchNorm layer.
-
-    Fresh layers (weight 1, bias 0, mean 0, var 1) hide errors such as a norm bias
-    that is not masked.
-    """
-    generator = torch.Generator().manual_seed(seed)
-    for module in model.modules():
-        if not isinstance(module, nn.modules.batchnorm._NormBase):
-            continue
-        for name, low, scale in (
-            ("running_mean", -0.5, 1.0),
-            ("running_var", 0.5, 1.5),
-            ("weight", 0.7, 0.6),
-            ("bias", -0.3, 0.6),
-        ):
-            tensor = getattr(module, name, None)
-            if isinstance(tensor, Tensor) and tensor.is_floating_point():
-                values = low + scale * torch.rand(
-                    tensor.shape, generator=generator, dtype=torch.float64
-                )
-                tensor.copy_(values.to(tensor.dtype))
-
-
-def _mismatch(
-    reference: nn.Module,
-    groups: Sequence[ChannelGroup],
-    masks: Sequence[Tensor],
-    x: Tensor,
-    tolerance: float,
-) -> str | None:
-    """Why the compact network differs from the masked one, or None if it does not."""
-    params = dict(reference.named_parameters())
-    try:
-        with torch.no_grad():
-            masked = functional_call(
-                reference, {**params, **masked_tensors(params, groups, masks)}, (x,)
-            )
-        pruned = compact(reference, groups, masks, x)
-        with torch.no_grad():
-            compact_out = pruned(x)
-    except Exception as error:  # noqa: BLE001 - any failure is a mismatch
-        return f"pruning fails with {describe_error(error)}"
-    if not isinstance(masked, Tensor) or not isinstance(compact_out, Tensor):
-        return "the backbone does not return a tensor"
-    if masked.dim() > 1 and masked.shape[1] != compact_out.shape[1]:
-        kept, _ = output_feature_index(groups, masks, masked.shape[1])
-        masked = masked[:, kept]
-    if masked.shape != compact_out.shape:
-        return (
-            f"the pruned network's output has shape {tuple(compact_out.shape)}, "
-            f"the masked one's {tuple(masked.shape)}"
-        )
-    scale = float(masked.abs().max())
-    difference = float((masked - compact_out).abs().max()) / max(scale, 1e-12)
-    if not difference <= tolerance:
-        return f"the pruned network differs from the masked one by {difference:.1e}"
-    return None
-
-
-def check_exact(
-    model: nn.Module,
-    groups: Sequence[ChannelGroup],
-    example_inputs: Tensor,
-    pruning_ratio: float = 0.5,
-    seed: int = 0,
-) -> None:
-    """Checks that masking and removing channels give the same network.
-
-    A float64 copy of ``model`` on the CPU (float32 above
-    :data:`CHECK_FLOAT64_MAX_PARAMETERS`), in eval mode with seeded random weights
-    and BatchNorm statistics (the check is about the architecture, not about what the
-    model learned), is pruned with random masks at ``pruning_ratio`` and its output on
-    ``example_inputs`` compared with the masked copy's (relative difference at most
-    :data:`CHECK_TOLERANCE`). When they differ, the groups are bisected to name the
-    first one whose pruning alone breaks the equality.
-
-    The global random number generators are left as they were: constructing a
-    model with the check draws the same random numbers afterwards as without it.
-
-    Raises:
-        UnsupportedBackboneError: If they differ (or pruning fails), naming the group.
-    """
-    with torch.random.fork_rng(devices=[]):
-        _check_exact(model, groups, example_inputs, pruning_ratio, seed)
-
-
-def _check_exact(
-    model: nn.Module,
-    groups: Sequence[ChannelGroup],
-    example_inputs: Tensor,
-    pruning_ratio: float,
-    seed: int,
-) -> None:
-    large = sum(p.numel() for p in model.parameters()) > CHECK_FLOAT64_MAX_PARAMETERS
-    dtype = torch.float32 if large else torch.float64
-    tolerance = CHECK_TOLERANCE[dtype]
-    reference = copy.deepcopy(model).to(device="cpu", dtype=dtype).eval()
-    with torch.no_grad():
-        _randomise_weights(reference, seed)
-        _randomise_norms(reference, seed)
-    x = example_inputs.detach().to(device="cpu", dtype=dtype)
-    masks = random_masks(groups, pruning_ratio, seed)
-    reason = _mismatch(reference, groups, masks, x, tolerance)
-    if reason is None:
-        return
-    everything = [torch.ones_like(mask) for mask in masks]
-
-    def only(chosen: Sequence[int]) -> list[Tensor]:
-        return [masks[i] if i in chosen else everything[i] for i in range(len(masks))]
-
-    candidates = list(range(len(groups)))
-    while len(candidates) > 1:
-        half = candidates[: len(candidates) // 2]
-        rest = candidates[len(candidates) // 2 :]
-        if _mismatch(reference, groups, only(half), x, tolerance) is not None:
-            candidates = half
-        elif _mismatch(reference, groups, only(rest), x, tolerance) is not None:
-            candidates = rest
-        else:
-            break  # only a combination of groups fails
-    if len(candidates) == 1:
-        culprit = _mismatch(reference, groups, only(candidates), x, tolerance)
-        if culprit is not None:
-            root = groups[candidates[0]].root
-            try:
-                route = route_of(reference, root, x)
-            except Exception:  # noqa: BLE001 - the message does without it
-                route = ""
-            raise unsupported(
-                model,
-                f"removing channels of the group of {root} is not exact "
-                f"({f'{route}; ' if route else ''}{culprit})",
-            )
-    raise unsupported(model, f"pruning all groups together is not exact ({reason})")

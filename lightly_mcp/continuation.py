@@ -16,13 +16,7 @@ import shlex
 from collections.abc import Sequence
 from pathlib import Path
 
-from lightly_mcp.errors import first_line
-
-
-class LateStageError(Exception):
-    """A stage of a run failed after earlier stages finished; the message says what
-    is kept and how to continue. The original error is ``__cause__``.
-    """
+from lightly_mcp.errors import LateStageError, first_line
 
 
 def finished_stages(out: Path) -> dict[str, Path]:

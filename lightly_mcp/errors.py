@@ -1,6 +1,108 @@
-"""One-line descriptions of exceptions, for messages shown to users."""
+"""Every error and warning lightly-mcp raises on purpose, and how they are shown.
+
+The hierarchy:
+
+- ``MCPError``: the base of every error this package raises on purpose.
+
+  - ``InputError`` (also a ``ValueError``): the user's input cannot be used (a recipe
+    value, a file, a folder, a backbone, an argument). The message is one line that
+    names the problem and the fix. The command line prints it and exits 2.
+
+    - ``RecipeError``, ``DatasetError``, ``CheckpointError``
+      (``UnsafeCheckpointError``),
+      ``ProvenanceError``, ``OutputFolderError``, ``ExportError``, ``PreflightError``,
+      ``UnsupportedBackboneError`` (``NoPrunableGroupsError``),
+      ``TrainingDivergedError``.
+
+  - ``LateStageError``: a stage failed after earlier stages finished; the message says
+    what is kept and how to continue, the original error is its ``__cause__``.
+  - ``StageInterrupted``: a training stage was stopped by SIGTERM after saving.
+
+- ``MCPWarning``: a warning about the method itself; the command line keeps these
+  when it silences third-party warnings.
+
+Any other exception reaching the command line is a bug: it exits 1 and says
+"unexpected".
+
+Examples:
+    >>> from lightly_mcp.errors import InputError, RecipeError
+    >>> issubclass(RecipeError, InputError) and issubclass(RecipeError, ValueError)
+    True
+"""
 
 from __future__ import annotations
+
+
+class MCPError(Exception):
+    """The base of every error lightly-mcp raises on purpose."""
+
+
+class InputError(MCPError, ValueError):
+    """Input that cannot be used; the message names the problem and the fix."""
+
+
+class RecipeError(InputError):
+    """A recipe that cannot be used; the message names the key and the fix."""
+
+
+class DatasetError(InputError):
+    """A dataset cannot be built: missing or corrupt files, or a bad argument."""
+
+
+class CheckpointError(InputError):
+    """A checkpoint that cannot be used; the message says why and what to do."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """A file that ``torch.load(weights_only=True)`` refuses: truncated, corrupt, or
+    holding pickled Python objects (e.g. a whole pickled ``nn.Module``).
+    """
+
+
+class ProvenanceError(InputError):
+    """A shipped checkpoint that does not match its provenance record."""
+
+
+class OutputFolderError(InputError):
+    """An output folder that cannot be used: in use by another process, not
+    writable, or holding results of another recipe. The message says what to do.
+    """
+
+
+class ExportError(InputError):
+    """An export that cannot be done or did not verify; the message says why."""
+
+
+class PreflightError(InputError):
+    """A stage of the recipe would fail; the message is the stage's own."""
+
+
+class UnsupportedBackboneError(InputError):
+    """Raised when MCP cannot prune a backbone's channels exactly.
+
+    The message is one line naming the construct and the module, and backbones that
+    work. Raised when the groups are traced, i.e. before any training.
+    """
+
+
+class NoPrunableGroupsError(UnsupportedBackboneError):
+    """Raised when a backbone has no channel group that MCP can prune."""
+
+
+class TrainingDivergedError(InputError):
+    """The loss became NaN or infinite; the message names the likely cause (a
+    setting of the recipe, such as the learning rate).
+    """
+
+
+class LateStageError(MCPError):
+    """A stage of a run failed after earlier stages finished; the message says what
+    is kept and how to continue. The original error is ``__cause__``.
+    """
+
+
+class StageInterrupted(MCPError, RuntimeError):
+    """A training stage was stopped by SIGTERM after saving its checkpoint."""
 
 
 class MCPWarning(UserWarning):
@@ -20,3 +122,11 @@ def describe_error(error: BaseException) -> str:
     """``"TypeName: first line of the message"``, or just the type name."""
     line = first_line(error)
     return f"{type(error).__name__}: {line}" if line else type(error).__name__
+
+
+def describe_flat(error: BaseException) -> str:
+    """``"TypeName: the whole message"`` with its whitespace (newlines included)
+    collapsed to single spaces, or just the type name.
+    """
+    text = " ".join(str(error).split())
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__

@@ -19,8 +19,6 @@ subnet and the exported compact model, so their numbers are directly comparable.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -28,6 +26,9 @@ import torch.nn.functional as F
 from lightly.utils.benchmarking import knn_predict
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
+
+from lightly_mcp.errors import InputError
+from lightly_mcp.measure import eval_mode
 
 LINEAR_PROBE = (
     "linear layer on cached frozen features standardised with the training "
@@ -37,18 +38,6 @@ LINEAR_PROBE = (
 KNN = "lightly.utils.benchmarking.knn_predict, cosine, L2-normalised"
 
 
-@contextmanager
-def _frozen(model: nn.Module) -> Iterator[None]:
-    """Puts ``model`` in eval mode and restores every submodule's mode afterwards."""
-    modes = [(module, module.training) for module in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, training in modes:
-            module.training = training
-
-
 def _check_device(model: nn.Module, device: torch.device) -> None:
     param = next(model.parameters(), None)
     if param is None:
@@ -56,7 +45,7 @@ def _check_device(model: nn.Module, device: torch.device) -> None:
     if param.device.type != device.type or (
         device.index is not None and param.device.index != device.index
     ):
-        raise ValueError(
+        raise InputError(
             f"The model lives on {param.device} but embedding was asked on {device}; "
             f"move the model with model.to({str(device)!r}) first."
         )
@@ -109,7 +98,7 @@ def embed(
         with torch.inference_mode():
             for batch in loader:
                 if not isinstance(batch, (list, tuple)) or len(batch) < 2:
-                    raise ValueError(
+                    raise InputError(
                         "embed() expects batches (images, labels, ...), got "
                         f"{type(batch).__name__}."
                     )
@@ -122,7 +111,7 @@ def embed(
                 if advance is not None:
                     advance()
 
-    with _frozen(model):
+    with eval_mode(model):
         if progress:
             from rich.progress import Progress
 
@@ -133,13 +122,13 @@ def embed(
             run()
 
     if not feature_chunks:
-        raise ValueError("The loader yielded no batches; nothing to embed.")
+        raise InputError("The loader yielded no batches; nothing to embed.")
     # Concatenating outside inference mode gives ordinary tensors, which autograd
     # (e.g. the linear probe) may use.
     features = torch.cat([chunk.clone() for chunk in feature_chunks])
     labels = torch.cat([chunk.clone() for chunk in label_chunks])
     if len(features) != len(labels):
-        raise ValueError(
+        raise InputError(
             f"Got {len(features)} feature rows but {len(labels)} labels; the model "
             "must return one feature vector per image."
         )
@@ -151,21 +140,21 @@ def _check_labelled(
 ) -> int:
     """Validates labels and returns the number of classes."""
     if train_labels.numel() == 0 or test_labels.numel() == 0:
-        raise ValueError("Evaluation needs a non-empty training and test set.")
+        raise InputError("Evaluation needs a non-empty training and test set.")
     if bool((train_labels < 0).all()) and bool((test_labels < 0).all()):
-        raise ValueError(
+        raise InputError(
             "Evaluation needs labels, but every label is -1 (unlabelled data); "
             "use a labelled dataset for the train and test loaders."
         )
     if bool((train_labels < 0).any()) or bool((test_labels < 0).any()):
-        raise ValueError(
+        raise InputError(
             "Evaluation needs labels for every sample, but some labels are negative."
         )
     inferred = int(max(int(train_labels.max()), int(test_labels.max()))) + 1
     if num_classes is None:
         return inferred
     if num_classes < inferred:
-        raise ValueError(
+        raise InputError(
             f"num_classes={num_classes} but the labels go up to {inferred - 1}."
         )
     return num_classes
@@ -173,9 +162,9 @@ def _check_labelled(
 
 def _check_features(train_features: Tensor, test_features: Tensor) -> None:
     if train_features.ndim != 2 or test_features.ndim != 2:
-        raise ValueError("Features must be 2-D tensors [N, D].")
+        raise InputError("Features must be 2-D tensors [N, D].")
     if train_features.shape[1] != test_features.shape[1]:
-        raise ValueError(
+        raise InputError(
             f"Train features have dimension {train_features.shape[1]} but test "
             f"features have {test_features.shape[1]}."
         )
@@ -219,11 +208,11 @@ def knn_top1(
     _check_features(train_features, test_features)
     classes = _check_labelled(train_labels, test_labels, num_classes)
     if k < 1 or temperature <= 0 or batch_size < 1:
-        raise ValueError("k, temperature and batch_size must be positive.")
+        raise InputError("k, temperature and batch_size must be positive.")
     if len(train_features) != len(train_labels) or len(test_features) != len(
         test_labels
     ):
-        raise ValueError("Every feature row needs exactly one label.")
+        raise InputError("Every feature row needs exactly one label.")
     bank = F.normalize(train_features.float(), dim=1).t().contiguous()
     bank_labels = train_labels.long().to(bank.device)
     queries = F.normalize(test_features.float(), dim=1).to(bank.device)
@@ -288,11 +277,11 @@ def linear_probe_top1(
     _check_features(train_features, test_features)
     classes = _check_labelled(train_labels, test_labels, num_classes)
     if epochs < 1 or batch_size < 1:
-        raise ValueError("epochs and batch_size must be positive.")
+        raise InputError("epochs and batch_size must be positive.")
     if len(train_features) != len(train_labels) or len(test_features) != len(
         test_labels
     ):
-        raise ValueError("Every feature row needs exactly one label.")
+        raise InputError("Every feature row needs exactly one label.")
     device = train_features.device
     # Leave inference mode / no_grad if the caller is in one; clone so that
     # inference tensors become ordinary tensors autograd may save.

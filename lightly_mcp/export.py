@@ -10,7 +10,8 @@ output folder, atomically:
 - ``model.ts``: TorchScript (traced in eval mode), loadable with ``torch.jit.load``.
 - ``model.onnx``: ONNX with a dynamic batch axis, when the exporter supports the
   architecture (a failure is noted in the report, not raised).
-- ``report.json``: sizes, MACs, latencies, speedups and the equivalence check.
+- ``report.json``: sizes, MACs, latencies, speedups and the equivalence check
+  (:class:`lightly_mcp.report.ExportReport`).
 
 Examples:
     >>> report = export("runs/mcp/last.ckpt", "exported/mobilenet_v2_73")
@@ -21,30 +22,42 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import os
 import shutil
-import statistics
 import tempfile
-import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from rich.console import Console
-from rich.table import Table
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from lightly_mcp.batchnorm import merge_split_batchnorm
-from lightly_mcp.checkpoints import module_from_checkpoint, read_checkpoint
+from lightly_mcp.batchnorm import merge_split_batchnorm, recalibrate_batchnorm
 from lightly_mcp.compaction import compact
-from lightly_mcp.counting import MAC_COUNTER, count_macs, count_parameters
-from lightly_mcp.errors import describe_error
+from lightly_mcp.errors import ExportError, InputError, describe_error
 from lightly_mcp.files import write_json_atomic
-from lightly_mcp.groups import ChannelGroup, channel_scores, output_feature_index
+from lightly_mcp.loading import load_mcp_checkpoint
+from lightly_mcp.masks import output_feature_index, round_masks
 from lightly_mcp.mcp import MCP
+from lightly_mcp.measure import (
+    MAC_COUNTER,
+    count_macs,
+    count_parameters,
+    measure_latency,
+)
+from lightly_mcp.report import (
+    DeployMeasurements,
+    ExportFiles,
+    ExportReport,
+    KeptChannels,
+    NetworkMeasurements,
+    PerBatch,
+    Speedup,
+    export_summary_table,
+)
 
 #: Resolution of the second set of MACs and latencies (ImageNet deployment size).
 DEPLOY_RESOLUTION = 224
@@ -52,8 +65,6 @@ DEPLOY_RESOLUTION = 224
 CHECK_BATCH_SIZE = 4
 #: Relative tolerance of the equivalence check: ``err <= TOL * max(1, scale)``.
 CHECK_TOLERANCE = 1e-4
-#: Warm-up runs before latency is timed.
-WARMUP_RUNS = 3
 #: What ``model.pt`` needs to be loaded, repeated in the report.
 PICKLE_NOTE = (
     "whole pickled nn.Module: torch.load(path, weights_only=False) runs pickle, "
@@ -61,209 +72,10 @@ PICKLE_NOTE = (
 )
 
 
-class ExportError(ValueError):
-    """An export that cannot be done or did not verify; the message says why."""
-
-
-# --- loading ------------------------------------------------------------------------
-def load_mcp_checkpoint(
-    checkpoint: str | Path, expected_backbone: str | None = None
-) -> MCP:
-    """Rebuilds an :class:`MCP` module from a Lightning checkpoint, safely.
-
-    The file is read with ``weights_only=True``; the module is rebuilt from the
-    checkpoint's hyper-parameters (with ``dense_checkpoint=None``: the weights come
-    from this checkpoint, no other file is read), then its state, queue and
-    transition scheduler are restored.
-
-    Args:
-        checkpoint: Path of a checkpoint written by a Lightning ``Trainer`` for MCP.
-        expected_backbone: If given, the backbone name the checkpoint must have.
-
-    Returns:
-        The MCP module, in eval mode, on the CPU.
-
-    Raises:
-        CheckpointError: If the file cannot be read safely (corrupt, truncated, code)
-            or does not rebuild.
-        ExportError: If it is not an MCP checkpoint (e.g. a MoCo v2 one) or was
-            trained with another backbone than ``expected_backbone``.
-    """
-    data = read_checkpoint(checkpoint)
-    state = data.get("state_dict")
-    hparams = data.get("hyper_parameters")
-    if not isinstance(state, Mapping) or not isinstance(hparams, Mapping):
-        raise ExportError(
-            f"Checkpoint '{checkpoint}' is not a Lightning checkpoint (no "
-            "'state_dict' and 'hyper_parameters'); export needs the checkpoint an MCP "
-            "training run wrote."
-        )
-    if not any(str(key).startswith("admm.") for key in state):
-        if any(str(key).startswith("backbone_momentum.") for key in state):
-            raise ExportError(
-                f"Checkpoint '{checkpoint}' is a MoCo v2 checkpoint (no ADMM state), "
-                "not an MCP checkpoint: there is no pruning mask to export. Prune it "
-                "first with MCP(dense_checkpoint=...) and export that run's checkpoint."
-            )
-        raise ExportError(
-            f"Checkpoint '{checkpoint}' is not an MCP checkpoint (no 'admm.*' state)."
-        )
-    backbone = hparams.get("backbone")
-    if expected_backbone is not None and backbone != expected_backbone:
-        raise ExportError(
-            f"Checkpoint '{checkpoint}' was trained with backbone '{backbone}', but "
-            f"'{expected_backbone}' was expected. Use a checkpoint of "
-            f"'{expected_backbone}' or expect '{backbone}'."
-        )
-    model = module_from_checkpoint(data, checkpoint)
-    assert isinstance(model, MCP)
-    return model.eval()
-
-
-# --- masks --------------------------------------------------------------------------
-def round_masks(
-    encoder: nn.Module,
-    groups: Sequence[ChannelGroup],
-    masks: Sequence[Tensor],
-    round_to: int,
-) -> list[Tensor]:
-    """Widens masks so that every group keeps a multiple of ``round_to`` channels.
-
-    Per group, the kept count is rounded up to the next multiple of ``round_to``
-    (capped at the group's size); the extra channels are the dropped ones with the
-    highest L2 norm over the group's members in ``encoder`` (as
-    :func:`lightly_mcp.groups.channel_scores`). Kept channels stay kept.
-
-    Args:
-        encoder: The encoder whose weights rank the dropped channels (the momentum
-            encoder).
-        groups: Its channel groups.
-        masks: Per group, the boolean mask of kept channels.
-        round_to: The channel multiple, >= 1.
-
-    Returns:
-        New boolean masks (the inputs are not modified).
-    """
-    if isinstance(round_to, bool) or not (isinstance(round_to, int) and round_to >= 1):
-        raise ValueError(f"round_to must be an integer >= 1, got {round_to!r}.")
-    params = dict(encoder.named_parameters())
-    widened = []
-    for group, mask in zip(groups, masks):
-        mask = mask.detach().cpu().to(torch.bool).clone()
-        kept = int(mask.sum())
-        target = min(group.num_channels, math.ceil(kept / round_to) * round_to)
-        if target > kept:
-            scores = channel_scores(params, group).detach().cpu().float()
-            scores[mask] = -math.inf
-            extra = torch.topk(scores, target - kept).indices
-            mask[extra] = True
-        widened.append(mask)
-    return widened
-
-
-# --- timing -------------------------------------------------------------------------
-def measure_latency(
-    models: Mapping[str, Callable[[Tensor], Any]],
-    input_shape: Sequence[int],
-    repeats: int = 20,
-    warmup: int = WARMUP_RUNS,
-) -> dict[str, float]:
-    """Median latency in milliseconds of several models, timed interleaved.
-
-    Every model runs ``warmup`` times first; then each repeat runs every model once,
-    in turn, so that slow drifts of the machine (turbo, other load) affect all of
-    them alike and their ratios are fair. Runs are under ``torch.inference_mode()``
-    on one random input of ``input_shape``; ``nn.Module`` models are put in eval mode.
-
-    Args:
-        models: Callables taking one tensor (modules, TorchScript, wrappers).
-        input_shape: Shape of the input batch, e.g. ``(1, 3, 224, 224)``.
-        repeats: Timed runs per model, >= 1.
-        warmup: Untimed runs per model before timing.
-
-    Returns:
-        Per model name, the median latency in milliseconds.
-    """
-    if repeats < 1:
-        raise ValueError(f"repeats must be >= 1, got {repeats}.")
-    x = torch.randn(*input_shape)
-    times: dict[str, list[float]] = {name: [] for name in models}
-    with torch.inference_mode():
-        for model in models.values():
-            if isinstance(model, nn.Module):
-                model.eval()
-            for _ in range(warmup):
-                model(x)
-        for _ in range(repeats):
-            for name, model in models.items():
-                start = time.perf_counter()
-                model(x)
-                times[name].append(1000.0 * (time.perf_counter() - start))
-    return {name: statistics.median(values) for name, values in times.items()}
-
-
-# --- BatchNorm recalibration --------------------------------------------------------
-def _images(batch: Any) -> Tensor:
-    """The image tensor of a batch: a tensor, or ``(views, label, ...)``."""
-    while isinstance(batch, (list, tuple)):
-        if not batch:
-            break
-        batch = batch[0]
-    if not isinstance(batch, Tensor):
-        raise ExportError(
-            f"Cannot find images in a recalibration batch of type "
-            f"{type(batch).__name__}; give tensors or (views, label, ...) batches."
-        )
-    return batch
-
-
-@torch.no_grad()
-def recalibrate_batchnorm(
-    model: nn.Module, batches: Iterable[Any], num_batches: int = 10
-) -> int:
-    """Recomputes the running statistics of every BatchNorm layer of ``model``.
-
-    The statistics are reset and re-estimated as a cumulative average
-    (``momentum=None``) over ``num_batches`` batches in train mode; the layers'
-    momentum is restored afterwards and the model is left in eval mode.
-
-    Args:
-        model: The network (e.g. the compact backbone).
-        batches: Batches of images, or ``(views, label, ...)`` (first view is used).
-        num_batches: How many batches to run.
-
-    Returns:
-        The number of batches that were run.
-    """
-    norms = [
-        m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
-    ]
-    momenta = [m.momentum for m in norms]
-    for norm in norms:
-        norm.reset_running_stats()
-        norm.momentum = None
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    model.train()
-    seen = 0
-    try:
-        for batch in batches:
-            if seen >= num_batches:
-                break
-            model(_images(batch).to(device))
-            seen += 1
-    finally:
-        for norm, momentum in zip(norms, momenta):
-            norm.momentum = momentum
-        model.eval()
-    if seen == 0:
-        raise ExportError("The recalibration DataLoader gave no batch.")
-    return seen
-
-
 # --- the compact model -------------------------------------------------------------
 def export_masks(model: MCP, round_to: int | None = None) -> list[Tensor]:
-    """The masks export uses: the trained subnet's, widened to multiples of
-    ``round_to`` when given (see :func:`round_masks`).
+    """The masks export uses: the trained subnet's, on the CPU, widened to multiples
+    of ``round_to`` when given (see :func:`round_masks`).
     """
     masks = [mask.detach().cpu().clone() for mask in model.subnet.masks]
     if round_to is not None:
@@ -434,10 +246,9 @@ def export(
     out_dir = Path(out_dir)
     _check_out_dir(Path(checkpoint), out_dir, overwrite)
     if latency and latency_repeats < 1:
-        raise ValueError(f"latency_repeats must be >= 1, got {latency_repeats}.")
+        raise InputError(f"latency_repeats must be >= 1, got {latency_repeats}.")
 
     model = load_mcp_checkpoint(checkpoint, expected_backbone=expected_backbone)
-    size = int(model.hparams["input_size"])
     masks = export_masks(model, round_to)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -448,7 +259,8 @@ def export(
             model,
             masks,
             tmp,
-            size=size,
+            checkpoint=str(checkpoint),
+            round_to=round_to,
             recalibrate=recalibrate,
             recalibration_batches=recalibration_batches,
             latency=latency,
@@ -456,15 +268,14 @@ def export(
             latency_at_224=latency_at_224,
             onnx=onnx,
         )
-        report["round_to"] = round_to
-        report["checkpoint"] = str(checkpoint)
-        write_json_atomic(tmp / "report.json", report)
+        as_json = report.to_dict()
+        write_json_atomic(tmp / "report.json", as_json)
         _move_into_place(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    console.print(summary_table(report))
-    return report
+    console.print(export_summary_table(report, DEPLOY_RESOLUTION))
+    return as_json
 
 
 def _check_out_dir(checkpoint: Path, out_dir: Path, overwrite: bool) -> None:
@@ -529,157 +340,184 @@ def _build(
     masks: list[Tensor],
     folder: Path,
     *,
-    size: int,
+    checkpoint: str,
+    round_to: int | None,
     recalibrate: DataLoader | None,
     recalibration_batches: int,
     latency: bool,
     latency_repeats: int,
-    latency_at_224: bool = False,
-    onnx: bool = True,
-) -> dict[str, Any]:
+    latency_at_224: bool,
+    onnx: bool,
+) -> ExportReport:
     """Compacts, checks, measures and writes the model files into ``folder``."""
+    size = int(model.hparams["input_size"])
     example = torch.randn(1, 3, size, size)
     compact_model, err, scale = compact_and_check(model, masks)
-
-    recalibrated = False
     if recalibrate is not None:
         recalibrate_batchnorm(compact_model, recalibrate, recalibration_batches)
-        recalibrated = True
-    compact_model.eval()
-
-    dense = copy.deepcopy(model.backbone_momentum)
-    merge_split_batchnorm(dense)
-    dense.eval()
-
+    dense = _deployed_dense(model)
     files = _save_models(compact_model, folder, size, onnx=onnx)
 
-    sides: dict[str, dict[str, Any]] = {}
-    for name, net in (("dense", dense), ("compact", compact_model)):
-        with torch.no_grad():
-            feature_dim = int(net(example).shape[-1])
-        sides[name] = {
-            "params": count_parameters(net),
-            "macs": count_macs(net, size),
-            "feature_dim": feature_dim,
-            "latency_ms": {"bs1": None, "bs64": None},
-            "at_224": {
-                "macs": count_macs(net, DEPLOY_RESOLUTION),
-                "latency_ms": {"bs1": None, "bs64": None},
-            },
-        }
-    speedup: dict[str, Any] = {"bs1": None, "bs64": None, "at_224": {}}
-    speedup["at_224"] = {"bs1": None, "bs64": None}
+    nets = {"dense": dense, "compact": compact_model}
+    sides = {name: _measure(net, example, size) for name, net in nets.items()}
+    speedup = Speedup()
     if latency:
-        nets = {"dense": dense, "compact": compact_model}
-        resolutions = [size]
-        if latency_at_224 and DEPLOY_RESOLUTION != size:
-            resolutions.append(DEPLOY_RESOLUTION)
-        for resolution in resolutions:
-            for batch in (1, 64):
-                key = f"bs{batch}"
-                ms = measure_latency(
-                    nets, (batch, 3, resolution, resolution), latency_repeats
-                )
-                for name in nets:
-                    side = sides[name]
-                    target = side if resolution == size else side["at_224"]
-                    target["latency_ms"][key] = ms[name]
-                ratio = ms["dense"] / ms["compact"]
-                if resolution == size:
-                    speedup[key] = ratio
-                else:
-                    speedup["at_224"][key] = ratio
-        if size == DEPLOY_RESOLUTION:  # the training resolution is 224 px
-            for name in nets:
-                sides[name]["at_224"]["latency_ms"] = dict(sides[name]["latency_ms"])
-            speedup["at_224"] = {k: speedup[k] for k in ("bs1", "bs64")}
+        speedup = _time(nets, sides, size, latency_repeats, latency_at_224)
 
-    return {
-        "backbone": model.hparams["backbone"],
-        "pruning_ratio": float(model.hparams["pruning_ratio"]),
-        "resolution": size,
-        "dense": sides["dense"],
-        "compact": sides["compact"],
-        "speedup": speedup,
-        "macs_ratio": sides["dense"]["macs"] / sides["compact"]["macs"],
-        "params_removed": 1.0 - sides["compact"]["params"] / sides["dense"]["params"],
-        "equivalence_max_abs_err": err,
-        "equivalence_output_scale": scale,
-        "equivalence_note": (
+    return ExportReport(
+        backbone=model.hparams["backbone"],
+        pruning_ratio=float(model.hparams["pruning_ratio"]),
+        resolution=size,
+        dense=sides["dense"],
+        compact=sides["compact"],
+        speedup=speedup,
+        equivalence_max_abs_err=err,
+        equivalence_output_scale=scale,
+        equivalence_note=(
             "compact vs masked momentum subnet, eval mode, random inputs "
             f"{CHECK_BATCH_SIZE}x3x{size}x{size}, checked before BatchNorm "
             "recalibration"
         ),
-        "kept_channels": [
-            {"group": g.root, "kept": int(m.sum()), "total": g.num_channels}
-            for g, m in zip(model.groups, masks)
+        kept_channels=[
+            KeptChannels(group.root, int(mask.sum()), group.num_channels)
+            for group, mask in zip(model.groups, masks)
         ],
-        "torch_version": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "device": "cpu",
-        "mac_counter": MAC_COUNTER,
-        "files": files,
-        "bn_recalibrated": recalibrated,
-    }
+        torch_version=torch.__version__,
+        threads=torch.get_num_threads(),
+        device="cpu",
+        mac_counter=MAC_COUNTER,
+        files=files,
+        bn_recalibrated=recalibrate is not None,
+        round_to=round_to,
+        checkpoint=checkpoint,
+    )
+
+
+def _deployed_dense(model: MCP) -> nn.Module:
+    """The unpruned momentum encoder as it would be deployed, to compare with."""
+    dense = copy.deepcopy(model.backbone_momentum)
+    merge_split_batchnorm(dense)
+    return dense.eval()
+
+
+def _measure(net: nn.Module, example: Tensor, size: int) -> NetworkMeasurements:
+    """Parameters, MACs and feature dimension of ``net``; latencies not timed yet."""
+    with torch.no_grad():
+        feature_dim = int(net(example).shape[-1])
+    return NetworkMeasurements(
+        params=count_parameters(net),
+        macs=count_macs(net, size),
+        feature_dim=feature_dim,
+        latency_ms=PerBatch(),
+        at_224=DeployMeasurements(count_macs(net, DEPLOY_RESOLUTION), PerBatch()),
+    )
+
+
+def _time(
+    nets: Mapping[str, nn.Module],
+    sides: Mapping[str, NetworkMeasurements],
+    size: int,
+    repeats: int,
+    at_224: bool,
+) -> Speedup:
+    """Times ``nets`` into their ``sides``; returns dense over compact latency.
+
+    The training resolution is always timed, the deployment resolution if
+    ``at_224`` (and when it is the training resolution, its timings are reused).
+    """
+    latencies, speedup = _time_at(nets, size, repeats)
+    for name, side in sides.items():
+        side.latency_ms = latencies[name]
+    if size == DEPLOY_RESOLUTION:  # the training resolution is 224 px
+        for side in sides.values():
+            side.at_224.latency_ms = replace(side.latency_ms)
+        return Speedup(speedup.bs1, speedup.bs64, at_224=replace(speedup))
+    if not at_224:
+        return Speedup(speedup.bs1, speedup.bs64)
+    latencies, speedup_224 = _time_at(nets, DEPLOY_RESOLUTION, repeats)
+    for name, side in sides.items():
+        side.at_224.latency_ms = latencies[name]
+    return Speedup(speedup.bs1, speedup.bs64, at_224=speedup_224)
+
+
+def _time_at(
+    nets: Mapping[str, nn.Module], resolution: int, repeats: int
+) -> tuple[dict[str, PerBatch], PerBatch]:
+    """Latencies of ``nets`` at batch 1 and 64, and dense over compact latency."""
+    bs1 = measure_latency(nets, (1, 3, resolution, resolution), repeats)
+    bs64 = measure_latency(nets, (64, 3, resolution, resolution), repeats)
+    latencies = {name: PerBatch(bs1[name], bs64[name]) for name in nets}
+    speedup = PerBatch(bs1["dense"] / bs1["compact"], bs64["dense"] / bs64["compact"])
+    return latencies, speedup
 
 
 def _save_models(
     model: nn.Module, folder: Path, size: int, onnx: bool = True
-) -> dict[str, Any]:
+) -> ExportFiles:
     """Writes model.pt, model.ts and (when asked and it exports) model.onnx into
     ``folder``.
     """
-    written = []
-    notes: dict[str, Any] = {}
     torch.save(model, folder / "model.pt")
-    written.append("model.pt")
-    notes["model.pt"] = PICKLE_NOTE
+    notes = {"model.pt": PICKLE_NOTE}
+    notes["torchscript"] = _save_torchscript(model, folder / "model.ts", size)
+    notes["onnx"] = (
+        _save_onnx(model, folder / "model.onnx", size) if onnx else "not asked for"
+    )
+    model.eval()
+    written = [
+        name
+        for name in ("model.pt", "model.ts", "model.onnx")
+        if (folder / name).is_file()
+    ]
+    return ExportFiles(written, notes)
 
+
+def _save_torchscript(model: nn.Module, path: Path, size: int) -> str:
+    """Traces ``model`` to ``path`` and checks the reloaded file; the report's note.
+
+    A failed trace is noted and leaves no file; a reloaded model that computes
+    something else raises :class:`ExportError`.
+    """
     x = torch.randn(2, 3, size, size)
     with torch.no_grad():
         reference = model(x)
     try:
         with torch.no_grad():
             traced = torch.jit.trace(model, torch.randn(1, 3, size, size))
-        traced.save(str(folder / "model.ts"))
-        reloaded = torch.jit.load(str(folder / "model.ts"))
+        traced.save(str(path))
+        reloaded = torch.jit.load(str(path))
         with torch.no_grad():
             ts_err = float((reloaded(x) - reference).abs().max())
     except Exception as error:  # noqa: BLE001 - recorded in the report
-        (folder / "model.ts").unlink(missing_ok=True)
-        notes["torchscript"] = f"failed: {describe_error(error)[:300]}"
-    else:
-        if not ts_err <= CHECK_TOLERANCE * max(1.0, float(reference.abs().max())):
-            raise ExportError(
-                f"The reloaded TorchScript model differs from the compact model by "
-                f"{ts_err:.3g}."
-            )
-        written.append("model.ts")
-        notes["torchscript"] = f"ok (traced, eval mode; max abs err {ts_err:.3g})"
+        path.unlink(missing_ok=True)
+        return f"failed: {describe_error(error)[:300]}"
+    if not ts_err <= CHECK_TOLERANCE * max(1.0, float(reference.abs().max())):
+        raise ExportError(
+            f"The reloaded TorchScript model differs from the compact model by "
+            f"{ts_err:.3g}."
+        )
+    return f"ok (traced, eval mode; max abs err {ts_err:.3g})"
 
-    if not onnx:
-        notes["onnx"] = "not asked for"
-        model.eval()
-        return {"written": written, **notes}
+
+def _save_onnx(model: nn.Module, path: Path, size: int) -> str:
+    """Exports ``model`` to ONNX at ``path``; the report's note (a failure is noted
+    and leaves no file).
+    """
     try:
         torch.onnx.export(
             model,
             (torch.randn(1, 3, size, size),),
-            str(folder / "model.onnx"),
+            str(path),
             input_names=["images"],
             output_names=["features"],
             dynamic_axes={"images": {0: "batch"}, "features": {0: "batch"}},
             dynamo=False,
         )
     except Exception as error:  # noqa: BLE001 - recorded in the report
-        for leftover in folder.glob("model.onnx*"):
+        for leftover in path.parent.glob(f"{path.name}*"):
             leftover.unlink()
-        notes["onnx"] = f"failed: {describe_error(error)[:300]}"
-    else:
-        written.append("model.onnx")
-        notes["onnx"] = "ok (dynamic batch axis)"
-    model.eval()
-    return {"written": written, **notes}
+        return f"failed: {describe_error(error)[:300]}"
+    return "ok (dynamic batch axis)"
 
 
 def _move_into_place(tmp: Path, out_dir: Path) -> None:
@@ -691,53 +529,3 @@ def _move_into_place(tmp: Path, out_dir: Path) -> None:
     os.replace(tmp, out_dir)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
-
-
-# --- summary ------------------------------------------------------------------------
-def _fmt(value: Any, spec: str = ",") -> str:
-    return "-" if value is None else format(value, spec)
-
-
-def summary_table(report: Mapping[str, Any]) -> Table:
-    """A rich table of dense vs compact size, MACs, latency and speedup."""
-    size = report["resolution"]
-    dense, comp, speed = report["dense"], report["compact"], report["speedup"]
-    table = Table(
-        title=f"MCP export: {report['backbone']} "
-        f"(pruning ratio {report['pruning_ratio']:g})"
-    )
-    table.add_column("")
-    table.add_column("dense", justify="right")
-    table.add_column("compact", justify="right")
-    table.add_column("dense / compact", justify="right")
-
-    def row(label: str, d: Any, c: Any, ratio: Any, spec: str = ",") -> None:
-        table.add_row(label, _fmt(d, spec), _fmt(c, spec), _fmt(ratio, ".2f"))
-
-    row("params", dense["params"], comp["params"], dense["params"] / comp["params"])
-    row(f"MACs @{size}", dense["macs"], comp["macs"], report["macs_ratio"])
-    d224, c224 = dense["at_224"], comp["at_224"]
-    row("MACs @224", d224["macs"], c224["macs"], d224["macs"] / c224["macs"])
-    row("feature dim", dense["feature_dim"], comp["feature_dim"], None)
-    for batch in ("bs1", "bs64"):
-        row(
-            f"latency ms @{size} {batch}",
-            dense["latency_ms"][batch],
-            comp["latency_ms"][batch],
-            speed[batch],
-            ".2f",
-        )
-        if size != DEPLOY_RESOLUTION and d224["latency_ms"][batch] is not None:
-            row(
-                f"latency ms @224 {batch}",
-                d224["latency_ms"][batch],
-                c224["latency_ms"][batch],
-                speed["at_224"][batch],
-                ".2f",
-            )
-    table.caption = (
-        f"equivalence max abs err {report['equivalence_max_abs_err']:.2e} "
-        f"(output scale {report['equivalence_output_scale']:.3g}); "
-        f"threads {report['threads']}; BN recalibrated: {report['bn_recalibrated']}"
-    )
-    return table

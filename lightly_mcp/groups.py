@@ -5,7 +5,8 @@ ties the channels of every branch that feeds it, a depthwise convolution ties it
 and output channels, a norm layer follows its convolution. A *channel group* is one
 such set of coupled channels, found once by tracing the network with torch-pruning's
 ``DependencyGraph``. Everything else in MCP (the ADMM projection, the momentum-subnet
-mask, compaction and reports) speaks in groups and channel indices.
+mask, compaction and reports) speaks in groups and channel indices; the masks over
+the groups live in ``lightly_mcp.masks``.
 
 A group's *output-side members* are the parameters that produce its channels: conv or
 linear output rows and biases, depthwise conv filters, norm-layer weights and biases.
@@ -50,7 +51,13 @@ from torch_pruning.dependency.index_mapping import (
     update_index_mapping,
 )
 
-from lightly_mcp.errors import describe_error
+from lightly_mcp.errors import (
+    InputError,
+    NoPrunableGroupsError,
+    UnsupportedBackboneError,
+    describe_error,
+)
+from lightly_mcp.measure import eval_mode
 
 # Norm layers that mix channels: zeroing one channel changes the output of the others,
 # so a masked forward is not equivalent to removing the channel. Groups that contain
@@ -83,18 +90,6 @@ WORKING_BACKBONES = (
 """Backbones named in refusals as ones that prune exactly (checked by the zoo test)."""
 
 
-class UnsupportedBackboneError(ValueError):
-    """Raised when MCP cannot prune a backbone's channels exactly.
-
-    The message is one line naming the construct and the module, and backbones that
-    work. Raised when the groups are traced, i.e. before any training.
-    """
-
-
-class NoPrunableGroupsError(UnsupportedBackboneError):
-    """Raised when a backbone has no channel group that MCP can prune."""
-
-
 class _TimeLimitExceeded(BaseException):
     """Raised asynchronously in a thread whose time limit ran out."""
 
@@ -115,7 +110,7 @@ def call_with_time_limit(function: Callable[[], _T], seconds: float | None) -> _
     if seconds is None:
         return function()
     if not seconds > 0:
-        raise ValueError(f"time_limit must be > 0 seconds or None, got {seconds}.")
+        raise InputError(f"time_limit must be > 0 seconds or None, got {seconds}.")
     thread_id = ctypes.c_ulong(threading.get_ident())
     lock = threading.Lock()
     state = {"inside": True, "fired": False}
@@ -257,11 +252,11 @@ class ChannelGroup:
 def validate_pruning_ratio(pruning_ratio: float) -> float:
     """Returns the ratio as float or raises a ValueError if it is outside [0, 1)."""
     if not isinstance(pruning_ratio, (int, float)) or isinstance(pruning_ratio, bool):
-        raise ValueError(
+        raise InputError(
             f"pruning_ratio must be a number in [0, 1), got {pruning_ratio!r}."
         )
     if not 0.0 <= pruning_ratio < 1.0:
-        raise ValueError(
+        raise InputError(
             f"pruning_ratio must be in [0, 1) (the fraction of channels removed in "
             f"every group), got {pruning_ratio}."
         )
@@ -297,30 +292,27 @@ def build_dependency_graph(
     if example_inputs is None:
         example_inputs = default_example_inputs()
     requires_grad = {p: p.requires_grad for p in model.parameters()}
-    training = {m: m.training for m in model.modules()}
     try:
         for p in model.parameters():
             p.requires_grad_(True)
-        model.eval()
-        graph = tp.DependencyGraph()
-        failed = False
-        try:
-            with torch.enable_grad():
-                graph.build_dependency(
-                    model, example_inputs=example_inputs, verbose=False
-                )
-        except Exception:
-            # Its last step, the index mappings, can fail on the chunk sizes of a
-            # split that _fix_split_index_mapping corrects (timm cs3darknet).
-            if not getattr(graph, "module2node", None):
-                raise
-            failed = True
-        _fix_split_index_mapping(graph, force=failed)
+        with eval_mode(model):
+            graph = tp.DependencyGraph()
+            failed = False
+            try:
+                with torch.enable_grad():
+                    graph.build_dependency(
+                        model, example_inputs=example_inputs, verbose=False
+                    )
+            except Exception:
+                # Its last step, the index mappings, can fail on the chunk sizes of
+                # a split that _fix_split_index_mapping corrects (timm cs3darknet).
+                if not getattr(graph, "module2node", None):
+                    raise
+                failed = True
+            _fix_split_index_mapping(graph, force=failed)
     finally:
         for p, flag in requires_grad.items():
             p.requires_grad_(flag)
-        for m, flag in training.items():
-            m.train(flag)
     return graph
 
 
@@ -476,16 +468,12 @@ def _modules_returning_output(model: nn.Module, example_inputs: Tensor) -> set[s
                 outputs[name] = out
 
         handles.append(module.register_forward_hook(hook))
-    training = {m: m.training for m in model.modules()}
     try:
-        model.eval()
-        with torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             out = model(example_inputs)
     finally:
         for handle in handles:
             handle.remove()
-        for m, flag in training.items():
-            m.train(flag)
     if not isinstance(out, Tensor):
         return set()
     ptr = out.untyped_storage().data_ptr()
@@ -734,20 +722,20 @@ def _failed_construct(error: BaseException) -> str:
     return "it"
 
 
-def find_channel_groups(
+def trace_channel_groups(
     model: nn.Module,
     example_inputs: Tensor | None = None,
     keep_output_dim: bool = True,
     time_limit: float | None = DEFAULT_TIME_LIMIT,
-    check: bool = True,
 ) -> list[ChannelGroup]:
-    """Finds the coupled output-channel groups of a backbone.
+    """Traces the coupled output-channel groups of a backbone (without checking
+    that pruning them is exact: :func:`lightly_mcp.prunable_groups.find_channel_groups`
+    does both).
 
     A backbone whose channels cannot be pruned exactly is refused here, before any
     training, with one line naming the construct and the module: weight-standardised
     convolutions, attention layers, constructs torch-pruning cannot trace, graphs
-    whose tracing takes longer than ``time_limit``, and (``check``) any group whose
-    masked forward differs from the physically pruned network's.
+    whose tracing takes longer than ``time_limit``.
 
     Args:
         model: The backbone (maps images to features).
@@ -756,8 +744,6 @@ def find_channel_groups(
         keep_output_dim: If True, the group that reaches the backbone's output is not
             pruned, so the feature dimension stays the same.
         time_limit: Seconds the tracing may take (``None``: no limit).
-        check: Prune a float64 copy with random masks at r = 0.5 and check that it
-            equals the masked network (``lightly_mcp.compaction.check_exact``).
 
     Returns:
         The prunable groups, in a deterministic order (by root module name).
@@ -766,13 +752,7 @@ def find_channel_groups(
         UnsupportedBackboneError: If the backbone cannot be pruned exactly.
         NoPrunableGroupsError: If the backbone has no prunable group (for example
             attention models, which are not supported yet).
-        ValueError: If the backbone does not run on ``example_inputs``.
-
-    Examples:
-        >>> backbone = torchvision.models.resnet18()
-        >>> backbone.fc = torch.nn.Identity()
-        >>> groups = find_channel_groups(backbone)
-        >>> groups[0].num_channels, groups[0].param_names[:2]
+        InputError: If the backbone does not run on ``example_inputs``.
     """
     attention = _attention_modules(model)
     if attention:
@@ -788,27 +768,25 @@ def find_channel_groups(
     try:
         output_modules = _modules_returning_output(model, example_inputs)
     except Exception as error:  # noqa: BLE001 - any failure: it does not run
-        raise ValueError(
+        raise InputError(
             f"{backbone_label(model)} does not run on inputs of shape "
             f"{tuple(example_inputs.shape)}: {describe_error(error)}"
         ) from error
     requires_grad = {p: p.requires_grad for p in model.parameters()}
-    training = {m: m.training for m in model.modules()}
     try:
-        groups = call_with_time_limit(
-            lambda: _trace_groups(
-                model, example_inputs, keep_output_dim, output_modules
-            ),
-            time_limit,
-        )
+        with eval_mode(model):  # also if the time limit skips the tracer's restoring
+            groups = call_with_time_limit(
+                lambda: _trace_groups(
+                    model, example_inputs, keep_output_dim, output_modules
+                ),
+                time_limit,
+            )
     except UnsupportedBackboneError:
         raise
     except TimeoutError:
         # The interruption may have skipped build_dependency_graph's restoring.
         for p, flag in requires_grad.items():
             p.requires_grad_(flag)
-        for m, flag in training.items():
-            m.train(flag)
         raise unsupported(
             model,
             f"tracing its channel groups took longer than {time_limit:g} s "
@@ -829,42 +807,7 @@ def find_channel_groups(
             "Use a CNN backbone such as 'torchvision/mobilenet_v2' or 'timm/resnet18'."
         )
     groups.sort(key=lambda g: g.root)
-    if check:
-        from lightly_mcp.compaction import check_exact  # compaction imports groups
-
-        check_exact(model, groups, example_inputs)
     return groups
-
-
-def output_feature_index(
-    groups: Sequence[ChannelGroup], masks: Sequence[Tensor], num_features: int
-) -> tuple[Tensor, Tensor]:
-    """Which of the backbone's ``num_features`` output features the masks keep.
-
-    Only groups that reach the output (``ChannelGroup.output_features``, found with
-    ``keep_output_dim=False``) remove features. Physical pruning keeps the order of
-    the remaining features, so the compact network's features are the dense
-    network's ``kept`` features, in that order.
-
-    Returns:
-        ``(kept, dropped)``: sorted feature indices (int64 tensors).
-    """
-    if len(groups) != len(masks):
-        raise ValueError(f"Got {len(masks)} masks for {len(groups)} channel groups.")
-    dropped: set[int] = set()
-    for group, mask in zip(groups, masks):
-        for channel, feature in group.output_features:
-            if not bool(mask[channel]):
-                dropped.add(feature)
-    if any(not 0 <= f < num_features for f in dropped):
-        raise ValueError(
-            f"Output feature index out of range for {num_features} features; the "
-            "groups were found on another network."
-        )
-    kept = [f for f in range(num_features) if f not in dropped]
-    return torch.tensor(kept, dtype=torch.long), torch.tensor(
-        sorted(dropped), dtype=torch.long
-    )
 
 
 def channel_scores(tensors: Mapping[str, Tensor], group: ChannelGroup) -> Tensor:
@@ -911,75 +854,3 @@ def member_mask(
     view = [1] * len(param_shape)
     view[member.dim] = size
     return multiplier.view(view)
-
-
-def random_masks(
-    groups: Sequence[ChannelGroup], pruning_ratio: float, seed: int = 0
-) -> list[Tensor]:
-    """Masks keeping ``n_g`` channels of every group chosen at random (seeded)."""
-    generator = torch.Generator().manual_seed(seed)
-    masks = []
-    for group in groups:
-        order = torch.randperm(group.num_units, generator=generator)
-        kept = group.num_kept(pruning_ratio) // group.unit_size
-        masks.append(group.mask_of_units(order[:kept]))
-    return masks
-
-
-def leading_masks(groups: Sequence[ChannelGroup], pruning_ratio: float) -> list[Tensor]:
-    """Masks keeping the first ``n_g`` channels (units) of every group.
-
-    Parameter and MAC counts depend only on how many channels each group keeps, so
-    these masks give the compact architecture of any mask at ``pruning_ratio``.
-    """
-    return [
-        group.mask_of_units(
-            torch.arange(group.num_kept(pruning_ratio) // group.unit_size)
-        )
-        for group in groups
-    ]
-
-
-def masked_tensors(
-    tensors: Mapping[str, Tensor],
-    groups: Sequence[ChannelGroup],
-    masks: Sequence[Tensor],
-) -> dict[str, Tensor]:
-    """Returns the member tensors with the dropped channels set to zero.
-
-    Tensors that are not a member of any group are not included.
-    """
-    multipliers = parameter_multipliers(tensors, groups, masks)
-    return {
-        name: tensors[name] * multiplier.to(tensors[name].dtype)
-        for name, multiplier in multipliers.items()
-    }
-
-
-def parameter_multipliers(
-    tensors: Mapping[str, Tensor],
-    groups: Sequence[ChannelGroup],
-    masks: Sequence[Tensor],
-) -> dict[str, Tensor]:
-    """Per member parameter, its 0/1 multiplier for all groups' masks together.
-
-    A parameter carrying channels of several groups (after a concatenation) gets
-    the product of every group's :func:`member_mask`.
-
-    Args:
-        tensors: Parameter-shaped tensors by name (shapes and devices are read).
-        groups: The channel groups.
-        masks: Per group, a boolean mask of kept channels.
-    """
-    if len(groups) != len(masks):
-        raise ValueError(f"Got {len(masks)} masks for {len(groups)} channel groups.")
-    out: dict[str, Tensor] = {}
-    for group, mask in zip(groups, masks):
-        for member in group.members:
-            tensor = tensors[member.param_name]
-            multiplier = member_mask(member, mask.to(tensor.device), tensor.shape)
-            previous = out.get(member.param_name)
-            out[member.param_name] = (
-                multiplier if previous is None else previous * multiplier
-            )
-    return out

@@ -34,11 +34,12 @@ from torch.utils.data import DataLoader
 from lightly_mcp.admm import ADMMRegularizer
 from lightly_mcp.checkpoints import load_dense_moco
 from lightly_mcp.compaction import compact
-from lightly_mcp.counting import count_parameters
-from lightly_mcp.errors import MCPWarning
-from lightly_mcp.groups import find_channel_groups
+from lightly_mcp.errors import InputError, MCPWarning
+from lightly_mcp.measure import count_parameters
 from lightly_mcp.moco_v2 import MoCoV2
 from lightly_mcp.momentum_subnet import MomentumSubnet
+from lightly_mcp.prunable_groups import find_channel_groups
+from lightly_mcp.pruning_ratio import solve_pruning_ratio
 from lightly_mcp.schedule import (
     FROZEN_MASKS,
     LR_SCHEDULES,
@@ -102,6 +103,11 @@ class MCP(MoCoV2):
         input_size: Image size used to trace the backbone's channel groups.
         dense_checkpoint: A dense MoCo checkpoint to start from (query and momentum
             encoders, heads, and the queue when present); from scratch if None.
+        target_params: Instead of ``pruning_ratio`` (which it replaces): the
+            fraction of the backbone's parameters to remove. The uniform ratio is
+            solved on this model's backbone and channel groups
+            (``solve_pruning_ratio``) and recorded as the ``pruning_ratio``
+            hyper-parameter, so that a checkpoint rebuilds without solving again.
         **moco_kwargs: Arguments of :class:`MoCoV2` (backbone, temperature, ...).
 
     Examples:
@@ -131,6 +137,7 @@ class MCP(MoCoV2):
         keep_output_dim: bool = True,
         input_size: int = 32,
         dense_checkpoint: str | None = None,
+        target_params: float | None = None,
         **moco_kwargs: Any,
     ) -> None:
         super().__init__(**moco_kwargs)
@@ -140,7 +147,7 @@ class MCP(MoCoV2):
             ("recalibration_batches", recalibration_batches, 0),
         ):
             if isinstance(value, bool) or not (isinstance(value, int) and value >= low):
-                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}.")
+                raise InputError(f"{name} must be an integer >= {low}, got {value!r}.")
         for option, choice, allowed in (
             ("admm_interval_unit", admm_interval_unit, ADMM_INTERVAL_UNITS),
             ("lr_schedule", lr_schedule, LR_SCHEDULES),
@@ -148,18 +155,18 @@ class MCP(MoCoV2):
             ("transition", transition, TRANSITIONS),
         ):
             if choice not in allowed:
-                raise ValueError(f"{option} must be one of {allowed}, got {choice!r}.")
+                raise InputError(f"{option} must be one of {allowed}, got {choice!r}.")
         if rho_response is not None:
             if not rho_response > 0:
-                raise ValueError(f"rho_response must be > 0, got {rho_response}.")
+                raise InputError(f"rho_response must be > 0, got {rho_response}.")
             if rho_growth != 1.0:
-                raise ValueError(
+                raise InputError(
                     "rho_growth and rho_response exclude each other: rho_response "
                     "derives every block's rho itself; set rho_growth to 1."
                 )
             if not self.hparams["sgd_momentum"] < 1:
-                raise ValueError("rho_response needs sgd_momentum < 1.")
-        self.save_hyperparameters()
+                raise InputError("rho_response needs sgd_momentum < 1.")
+        self.save_hyperparameters(ignore=["target_params"])
         self.dense_load_report: list[str] = []
         if dense_checkpoint is not None:
             self.dense_load_report = self.load_dense_checkpoint(dense_checkpoint)
@@ -168,18 +175,32 @@ class MCP(MoCoV2):
         self.groups = find_channel_groups(
             self.backbone, example_inputs, keep_output_dim=keep_output_dim
         )
+        if target_params is not None:
+            pruning_ratio = solve_pruning_ratio(
+                self.backbone,
+                self.groups,
+                target_params,
+                "params",
+                input_size,
+                example_inputs,
+            )
+            self.hparams["pruning_ratio"] = pruning_ratio
         self.admm = ADMMRegularizer(
             self.backbone, self.groups, pruning_ratio, rho=rho, rho_growth=rho_growth
         )
+        # The subnet references the regularizer's mask: one mask, saved once.
         self.subnet = MomentumSubnet(
-            self.backbone_momentum, self.groups, self.admm.masks
+            self.backbone_momentum, self.groups, self.admm.group_masks
         )
         self.transition = SmoothTransition(frq, dr)
         # Every mask keeps exactly n_g channels per group, so the compact size is
         # fixed by the ratio: count it once.
         self.kept_parameter_fraction = count_parameters(
             compact(
-                self.backbone_momentum, self.groups, self.admm.masks, example_inputs
+                self.backbone_momentum,
+                self.groups,
+                self.admm.group_masks,
+                example_inputs,
             )
         ) / count_parameters(self.backbone_momentum)
         self._use_subnet = False
@@ -223,7 +244,7 @@ class MCP(MoCoV2):
         return compact(
             self.subnet.materialize(),
             self.groups,
-            self.subnet.masks,
+            self.subnet.group_masks,
             torch.randn(1, 3, size, size, device=self.device),
         )
 
@@ -250,7 +271,7 @@ class MCP(MoCoV2):
             if self.hparams["admm_interval_unit"] == "epochs":
                 batches = trainer.num_training_batches
                 if not math.isfinite(batches):
-                    raise ValueError(
+                    raise InputError(
                         "admm_interval_unit='epochs' needs a training DataLoader with "
                         "a length; use admm_interval_unit='steps'."
                     )
@@ -323,7 +344,8 @@ class MCP(MoCoV2):
         return loss
 
     def on_train_start(self) -> None:
-        """Re-derives the subnet's mask from the ADMM state and sets the block's ρ.
+        """Re-derives the subnet's multipliers from the ADMM state and sets the
+        block's ρ.
 
         Under DDP, rank 0's buffers (Z, U, masks) are broadcast to every rank when
         the model is wrapped; the subnet's weight multipliers are derived state and
@@ -331,7 +353,7 @@ class MCP(MoCoV2):
         """
         super().on_train_start()
         self.admm.refresh()
-        self.subnet.set_masks(self.admm.masks)
+        self.subnet.refresh()
         schedule = self.block_schedule()
         if self.hparams["rho_response"] is not None:
             self.admm.set_rho(self.block_rho(schedule.block_of(self.global_step)))
@@ -413,7 +435,7 @@ class MCP(MoCoV2):
         )
         predicted = None if block is None else self.predicted_response(block)
         self._last_changed = self.admm.update(self.backbone)
-        self.subnet.set_masks(self.admm.masks)
+        self.subnet.follow_masks()
         # A mask that held over a block long enough to move θ_q (a first update
         # after a block of no response changes nothing either).
         if self._last_changed == 0 and alpha >= MASK_HOLD_ALPHA:

@@ -34,6 +34,7 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from lightly_mcp.backbones import build_backbone
 from lightly_mcp.batchnorm import use_split_batchnorm
+from lightly_mcp.errors import InputError, TrainingDivergedError
 from lightly_mcp.resumable_data import restore_loader_positions
 from lightly_mcp.transforms import build_transform
 
@@ -93,9 +94,9 @@ class MoCoV2(LightningModule):
         _check_positive("temperature", temperature)
         _check_positive("lr", lr)
         if not 0.0 <= momentum <= 1.0:
-            raise ValueError(f"momentum must be in [0, 1], got {momentum}.")
+            raise InputError(f"momentum must be in [0, 1], got {momentum}.")
         if memory_bank_size < 0:
-            raise ValueError(f"memory_bank_size must be >= 0, got {memory_bank_size}.")
+            raise InputError(f"memory_bank_size must be >= 0, got {memory_bank_size}.")
         self.save_hyperparameters()
         self.batch_size_per_device = batch_size_per_device
 
@@ -263,17 +264,13 @@ class MoCoV2(LightningModule):
         """Copies a saved queue (keys and pointer) into the loss's memory bank."""
         memory_bank = self.criterion.memory_bank
         if tuple(bank.shape) != tuple(memory_bank.bank.shape):
-            raise ValueError(
+            raise InputError(
                 f"Saved memory bank has shape {tuple(bank.shape)} but this model's has "
                 f"{tuple(memory_bank.bank.shape)}; set memory_bank_size and "
                 "projection_dim to the checkpoint's values."
             )
         memory_bank.bank.copy_(bank)
         memory_bank.bank_ptr.copy_(bank_ptr)
-
-
-class TrainingDivergedError(ValueError):
-    """The loss became NaN or infinite; the message names the likely cause."""
 
 
 def _rng_states() -> dict[str, Any]:
@@ -321,7 +318,7 @@ def _python_state_to_lists(state: Any) -> list[Any]:
 
 def _check_positive(name: str, value: float) -> None:
     if not value > 0:
-        raise ValueError(f"{name} must be > 0, got {value}.")
+        raise InputError(f"{name} must be > 0, got {value}.")
 
 
 # Module-level transform, as in lightly's benchmark methods (ImageNet-size views).

@@ -15,7 +15,9 @@ from lightly.models.batchnorm import SplitBatchNorm
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from lightly_mcp.groups import ChannelGroup, member_mask, parameter_multipliers
+from lightly_mcp.errors import InputError
+from lightly_mcp.groups import ChannelGroup, member_mask
+from lightly_mcp.masks import MASKS_ATTRIBUTE, GroupMasks, Masks, register_masks
 
 _RUNNING_STATS = ("running_mean", "running_var")
 
@@ -40,46 +42,59 @@ class MomentumSubnet(nn.Module):
     the mask).
 
     The per-parameter multipliers are computed only when the mask changes
-    (:meth:`set_masks`), never in the forward pass. Masks and statistics are buffers.
+    (:meth:`set_masks`, :meth:`follow_masks`), never in the forward pass. Statistics
+    are buffers.
 
     The encoder is referenced, not owned: it does not appear in this module's
-    ``state_dict()`` or ``parameters()``.
+    ``state_dict()`` or ``parameters()``. So are masks given as a
+    :class:`~lightly_mcp.masks.GroupMasks` (the ADMM regularizer's, which owns and
+    saves them); masks given as tensors are copied into masks of the subnet's own,
+    saved in its ``state_dict()``.
 
     Attributes:
         groups: The channel groups shared with the ADMM regularizer.
+        group_masks: The masks the subnet applies (its own or referenced).
 
     Examples:
-        >>> subnet = MomentumSubnet(backbone_momentum, groups, admm.masks)
+        >>> subnet = MomentumSubnet(backbone_momentum, groups, admm.group_masks)
         >>> keys = subnet(x_key)            # keys from φ ⊙ θ_k
-        >>> subnet.set_masks(admm.masks)    # after every ADMM update
+        >>> admm.update(backbone)           # changes the shared mask
+        >>> subnet.follow_masks()           # after every ADMM update
     """
+
+    group_masks: GroupMasks
 
     def __init__(
         self,
         encoder: nn.Module,
         groups: Sequence[ChannelGroup],
-        masks: Sequence[Tensor] | None = None,
+        masks: Masks | None = None,
     ) -> None:
         """Args:
         encoder: The momentum (key) encoder.
         groups: Its channel groups.
-        masks: Per group, a boolean mask of kept channels; all True if None.
+        masks: A ``GroupMasks`` to share (referenced, not saved here), or per
+            group a boolean mask of kept channels (copied); all True if None.
         """
         super().__init__()
         # Bypass nn.Module registration: the encoder belongs to the caller.
         object.__setattr__(self, "_encoder", encoder)
         self.groups = list(groups)
-        for g, group in enumerate(self.groups):
-            self.register_buffer(
-                f"mask_{g}", torch.ones(group.num_channels, dtype=torch.bool)
-            )
+        if isinstance(masks, GroupMasks):
+            # Bypass registration too: the owner saves and moves them.
+            object.__setattr__(self, "group_masks", GroupMasks.of(self.groups, masks))
+        else:
+            register_masks(self, GroupMasks(self.groups, masks))
         self.buffer_names = [name for name, _ in encoder.named_buffers()]
         for i, (_, buffer) in enumerate(encoder.named_buffers()):
             self.register_buffer(f"stat_{i}", buffer.detach().clone())
         self._multipliers: dict[str, Tensor] = {}
         self._frozen: list[tuple[Tensor, Tensor]] = []
+        # The masks the statistics were last brought up to date with (entering
+        # channels are found against them).
+        self._applied: list[Tensor] = []
         self.register_load_state_dict_post_hook(_refresh_after_load)
-        self.set_masks(masks if masks is not None else self.masks)
+        self.refresh()
 
     @property
     def encoder(self) -> nn.Module:
@@ -107,44 +122,68 @@ class MomentumSubnet(nn.Module):
         self._refresh_derived()
         return self
 
+    def _load_from_state_dict(
+        self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any
+    ) -> None:
+        """Loads the statistics (and the masks when they are the subnet's own).
+
+        Checkpoints written before the mask had one home hold the referenced masks
+        here too (``subnet.mask_{g}``, a copy of ``admm.mask_{g}``): they are dropped.
+        """
+        if self._modules.get(MASKS_ATTRIBUTE) is None:
+            for g in range(len(self.groups)):
+                state_dict.pop(f"{prefix}mask_{g}", None)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     @property
     def masks(self) -> list[Tensor]:
         """Per group, the boolean mask of kept channels."""
-        return [getattr(self, f"mask_{g}") for g in range(len(self.groups))]
+        return self.group_masks.tensors()
 
     def buffers_dict(self) -> dict[str, Tensor]:
         """The subnet's own buffers under the encoder's buffer names."""
         return {n: getattr(self, f"stat_{i}") for i, n in enumerate(self.buffer_names)}
 
     @torch.no_grad()
-    def set_masks(self, masks: Sequence[Tensor]) -> None:
-        """Sets the channel masks and recomputes the weight multipliers.
+    def set_masks(self, masks: Masks) -> None:
+        """Sets the channel masks (shared ones too) and follows them
+        (:meth:`follow_masks`).
 
-        A channel that re-enters the mask gets statistics of its own: those of the
-        full momentum encoder for that channel (the subnet's were frozen while it was
-        dropped and describe an older network). :meth:`recalibrate` replaces them by
-        the subnet's own estimate.
+        Raises:
+            ValueError: If there is not one mask of shape ``[C_g]`` per group.
         """
-        if len(masks) != len(self.groups):
-            raise ValueError(
-                f"Got {len(masks)} masks for {len(self.groups)} channel groups."
-            )
-        entering = []
-        for g, (group, mask) in enumerate(zip(self.groups, masks)):
-            if mask.shape != (group.num_channels,):
-                raise ValueError(
-                    f"Mask {g} has shape {tuple(mask.shape)}, expected "
-                    f"({group.num_channels},) for group '{group.root}'."
-                )
-            buffer = getattr(self, f"mask_{g}")
-            new = mask.to(device=buffer.device, dtype=torch.bool)
-            entering.append(new & ~buffer)
-            buffer.copy_(new)
+        self.group_masks.assign(masks)
+        self.follow_masks()
+
+    @torch.no_grad()
+    def follow_masks(self) -> None:
+        """Takes over a change of the masks: recomputes the weight multipliers.
+
+        A channel that re-entered the mask since the last call gets statistics of its
+        own: those of the full momentum encoder for that channel (the subnet's were
+        frozen while it was dropped and describe an older network).
+        :meth:`recalibrate` replaces them by the subnet's own estimate.
+        """
+        entering = [
+            mask & ~applied.to(mask.device)
+            for mask, applied in zip(self.group_masks, self._applied)
+        ]
+        self._applied = [mask.clone() for mask in self.group_masks]
         self._refresh_derived()
         own = self.buffers_dict()
         encoder = dict(self.encoder.named_buffers())
         for name, index in self._norm_statistics(entering):
             own[name][index] = encoder[name][index].to(own[name].dtype)
+
+    @torch.no_grad()
+    def refresh(self) -> None:
+        """Re-derives the multipliers from the masks and statistics as they are,
+        after they were overwritten (``load_state_dict``, a DDP broadcast): no
+        statistics are copied.
+        """
+        self.group_masks.invalidate()
+        self._applied = [mask.clone() for mask in self.group_masks]
+        self._refresh_derived()
 
     def _norm_statistics(self, channels: Sequence[Tensor]) -> list[tuple[str, Tensor]]:
         """``(buffer name, positions)`` of the running statistics of some channels.
@@ -180,13 +219,9 @@ class MomentumSubnet(nn.Module):
 
     def _refresh_derived(self) -> None:
         """Recomputes the weight multipliers and the frozen-statistics indices."""
-        params = dict(self.encoder.named_parameters())
-        self._multipliers = {
-            name: multiplier.to(params[name].dtype)
-            for name, multiplier in parameter_multipliers(
-                params, self.groups, self.masks
-            ).items()
-        }
+        self._multipliers = self.group_masks.multipliers(
+            dict(self.encoder.named_parameters())
+        )
         buffers = self.buffers_dict()
         self._frozen = [
             (buffers[name], index)
@@ -212,7 +247,7 @@ class MomentumSubnet(nn.Module):
             The number of batches used.
         """
         if num_batches < 1:
-            raise ValueError(f"num_batches must be >= 1, got {num_batches}.")
+            raise InputError(f"num_batches must be >= 1, got {num_batches}.")
         norms = [
             m
             for m in self.encoder.modules()
@@ -235,7 +270,7 @@ class MomentumSubnet(nn.Module):
                 norm.momentum = momentum
             self.train(was_training)
         if seen == 0:
-            raise ValueError("No batch to recalibrate the momentum subnet with.")
+            raise InputError("No batch to recalibrate the momentum subnet with.")
         return seen
 
     @torch.no_grad()
@@ -294,4 +329,4 @@ class MomentumSubnet(nn.Module):
 
 def _refresh_after_load(module: nn.Module, incompatible_keys: object) -> None:
     assert isinstance(module, MomentumSubnet)
-    module._refresh_derived()
+    module.refresh()

@@ -3,7 +3,8 @@
 Data flows one way: each stage reads the previous stage's file and writes its own
 folder under the run directory. A stage is *complete* when its ``done.json`` marker
 (or, for export, its ``report.json``) exists; ``run`` skips complete stages and an
-interrupted training stage resumes from its ``last.ckpt``.
+interrupted training stage resumes from its ``last.ckpt``. What a stage trains and
+evaluates is built from the recipe by ``lightly_mcp.assemble``.
 """
 
 from __future__ import annotations
@@ -17,265 +18,43 @@ from typing import Any, cast
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import ModelCheckpoint, RichProgressBar
-from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 from rich.console import Console
 from torch import nn
 from torch.utils.data import DataLoader
 
-from lightly_mcp.backbones import build_backbone
-from lightly_mcp.callbacks import KeepEpochCheckpoints, TrainingClock
+from lightly_mcp.assemble import (
+    evaluation_data,
+    export_recalibration_data,
+    mcp_model,
+    moco_kwargs,
+    recipe_backbone,
+    trainer_for,
+    training_data,
+)
 from lightly_mcp.checkpoints import (
     CheckpointError,
     UnsafeCheckpointError,
     checkpoint_file,
-    module_from_checkpoint,
     read_checkpoint,
 )
-from lightly_mcp.data import (
-    LabeledImages,
-    build_dataset,
-    default_dataset_kind,
-    eval_transform,
-    fallback_note,
-)
+from lightly_mcp.errors import StageInterrupted
 from lightly_mcp.evaluation import evaluate_backbone, raw_pixel_baseline
 from lightly_mcp.export import compact_from_checkpoint, export
 from lightly_mcp.files import write_json_atomic
-from lightly_mcp.groups import find_channel_groups
+from lightly_mcp.loading import module_from_checkpoint
 from lightly_mcp.mcp import MCP
 from lightly_mcp.moco_v2 import MoCoV2
-from lightly_mcp.pruning_ratio import solve_pruning_ratio
 from lightly_mcp.recipe import Recipe, RecipeError, dump_recipe
 from lightly_mcp.report import write_plots
-from lightly_mcp.resumable_data import ResumableLoader
 from lightly_mcp.run_folder import OutputFolderError, check_recipe, is_rank_zero
-from lightly_mcp.transforms import build_transform
 
 DONE = "done.json"
-
-
-class StageInterrupted(RuntimeError):
-    """A training stage was stopped by SIGTERM after saving its checkpoint."""
 
 
 def read_json(path: Path) -> Any:
     """Reads a JSON file."""
     return json.loads(path.read_text())
-
-
-# --- data ---------------------------------------------------------------------------
-def dataset_kind(recipe: Recipe) -> str:
-    """The dataset kind, resolving ``auto`` (Fashion-MNIST in ``data.root`` or the
-    Debian package's folder, else digits).
-    """
-    d = recipe.data
-    return default_dataset_kind(d.root) if d.kind == "auto" else d.kind
-
-
-def recipe_dataset(recipe: Recipe, **options: Any) -> LabeledImages:
-    """``build_dataset`` with the recipe's data: a subset larger than the dataset
-    means all of it, and the digits fallback of ``auto`` says so in ``describe()``
-    (on the training split).
-    """
-    d = recipe.data
-    kind = dataset_kind(recipe)
-    dataset = build_dataset(
-        kind,
-        root=d.root,
-        seed=recipe.seed,
-        download=d.download,
-        clamp_subset=True,
-        **options,
-    )
-    if d.kind == "auto" and kind == "digits" and options.get("train", True):
-        dataset.fallback_note = fallback_note(d.root)
-    return dataset
-
-
-def training_data(
-    recipe: Recipe,
-    batch_size: int,
-    transform: Any = None,
-    loader_seed: int | None = None,
-) -> tuple[LabeledImages, DataLoader]:
-    """Two-view training data and loader; refuses a batch larger than the data.
-
-    ``transform`` defaults to the recipe's MoCo v2 two-view transform; ``loader_seed``
-    (default ``recipe.seed``) seeds the order and augmentations, not the subset.
-
-    The loader shuffles with a permutation seeded by ``(recipe.seed, epoch)``, seeds
-    every image's augmentations by ``(recipe.seed, epoch, index)`` and keeps its
-    position in Lightning checkpoints, so a stage interrupted mid-epoch resumes with
-    the very next batch (see ``lightly_mcp.resumable_data``).
-    """
-    d = recipe.data
-    dataset = recipe_dataset(
-        recipe,
-        train=True,
-        transform=build_transform(input_size=d.input_size, min_scale=d.min_scale)
-        if transform is None
-        else transform,
-        subset=d.subset,
-    )
-    if batch_size > len(dataset):
-        raise RecipeError(
-            f"batch size {batch_size} is larger than the training set "
-            f"({len(dataset)} images); lower the batch size or use more data."
-        )
-    loader = ResumableLoader(
-        dataset,
-        batch_size=batch_size,
-        seed=recipe.seed if loader_seed is None else loader_seed,
-        num_workers=d.num_workers,
-    )
-    return dataset, loader
-
-
-def evaluation_data(recipe: Recipe) -> tuple[DataLoader, DataLoader, str, bool]:
-    """Loaders of the train (bank) and test images, a description, and whether
-    the images carry labels (image folders without class sub-folders do not).
-    """
-    d, e = recipe.data, recipe.eval
-    transform = eval_transform(d.input_size)
-    train = recipe_dataset(
-        recipe, train=True, subset=e.train_subset, transform=transform
-    )
-    test = recipe_dataset(
-        recipe, train=False, subset=e.test_subset, transform=transform
-    )
-    loaders = [
-        DataLoader(
-            ds, batch_size=e.batch_size, shuffle=False, num_workers=d.num_workers
-        )
-        for ds in (train, test)
-    ]
-    description = f"{train.describe()}; {test.describe()}"
-    return loaders[0], loaders[1], description, train.has_labels and test.has_labels
-
-
-# --- model construction ------------------------------------------------------------
-def backbone_kwargs(recipe: Recipe) -> dict[str, Any]:
-    """Options for ``build_backbone`` from the recipe."""
-    b = recipe.backbone
-    kwargs: dict[str, Any] = {"small_input": b.small_input}
-    if b.width_multiplier is not None:
-        kwargs["width_multiplier"] = b.width_multiplier
-    if b.weights is not None:
-        kwargs["weights"] = b.weights
-    return kwargs
-
-
-def moco_kwargs(recipe: Recipe, stage: str) -> dict[str, Any]:
-    """``MoCoV2`` arguments; the training schedule comes from ``stage``'s section."""
-    p = recipe.pretrain
-    schedule = recipe.pretrain if stage == "pretrain" else recipe.mcp
-    return {
-        "backbone": recipe.backbone.name,
-        "backbone_kwargs": backbone_kwargs(recipe),
-        "batch_size_per_device": schedule.batch_size,
-        "temperature": p.temperature,
-        "momentum": p.momentum,
-        "memory_bank_size": p.memory_bank_size,
-        "projection_hidden_dim": p.projection_hidden_dim,
-        "projection_dim": p.projection_dim,
-        "projection_batch_norm": p.projection_batch_norm,
-        "split_batch_norm": p.split_batch_norm,
-        "lr": schedule.lr,
-        "weight_decay": schedule.weight_decay,
-        "symmetric_loss": p.symmetric_loss,
-        "warmup_epochs": p.warmup_epochs if stage == "pretrain" else 0,
-    }
-
-
-def pruning_ratio(recipe: Recipe) -> float:
-    """The uniform ratio: given, or solved for ``mcp.target_params``."""
-    m = recipe.mcp
-    if m.pruning_ratio is not None:
-        return m.pruning_ratio
-    assert m.target_params is not None
-    size = recipe.data.input_size
-    backbone = build_backbone(recipe.backbone.name, **backbone_kwargs(recipe))
-    example = torch.randn(1, 3, size, size)
-    groups = find_channel_groups(backbone, example, keep_output_dim=m.keep_output_dim)
-    return solve_pruning_ratio(
-        backbone, groups, m.target_params, "params", size, example
-    )
-
-
-def mcp_model(recipe: Recipe, dense: Path | None = None) -> MCP:
-    """The ``MCP`` module of the recipe, starting from ``dense`` when given."""
-    m = recipe.mcp
-    return MCP(
-        pruning_ratio=pruning_ratio(recipe),
-        rho=m.rho,
-        rho_growth=m.rho_growth,
-        rho_response=m.rho_response,
-        admm_interval=m.admm_interval,
-        admm_interval_unit=m.admm_interval_unit,
-        lr_schedule=m.lr_schedule,
-        frozen_blocks=m.frozen_blocks,
-        frozen_mask=m.frozen_mask,
-        transition=m.transition,
-        frq=m.frq,
-        dr=m.dr,
-        recalibration_batches=m.recalibration_batches,
-        keep_output_dim=m.keep_output_dim,
-        input_size=recipe.data.input_size,
-        dense_checkpoint=str(dense) if dense is not None else None,
-        **moco_kwargs(recipe, "mcp"),
-    )
-
-
-def trainer_for(
-    recipe: Recipe,
-    stage_dir: Path,
-    epochs: int,
-    max_steps: int,
-    progress: bool,
-    keep_every_n_epochs: int = 0,
-) -> pl.Trainer:
-    """A Lightning Trainer writing checkpoints and logs into ``stage_dir``.
-
-    With ``keep_every_n_epochs > 0`` a checkpoint of every n-th epoch is also kept as
-    ``stage_dir/epochs/epoch=NNN.ckpt`` (epochs counted from 1) (for learning curves).
-    """
-    t = recipe.trainer
-    loggers: list[Any] = [CSVLogger(str(stage_dir), name="logs", version="")]
-    loggers.append(TensorBoardLogger(str(stage_dir), name="tensorboard", version=""))
-    callbacks: list[Any] = [
-        # last.ckpt after every epoch (Lightning writes it atomically).
-        ModelCheckpoint(
-            dirpath=str(stage_dir),
-            filename="last",
-            save_top_k=1,
-            every_n_epochs=1,
-            save_on_train_epoch_end=True,
-            enable_version_counter=False,
-        ),
-        TrainingClock(),
-    ]
-    if keep_every_n_epochs > 0:
-        callbacks.append(
-            KeepEpochCheckpoints(stage_dir / "epochs", keep_every_n_epochs)
-        )
-    if progress:
-        callbacks.append(RichProgressBar())
-    return pl.Trainer(
-        max_epochs=epochs,
-        max_steps=max_steps,
-        accelerator=t.accelerator,
-        devices=t.devices,
-        strategy=t.strategy,
-        precision=t.precision,  # type: ignore[arg-type]
-        log_every_n_steps=t.log_every_n_steps,
-        default_root_dir=str(stage_dir),
-        logger=loggers,
-        callbacks=callbacks,
-        enable_progress_bar=progress,
-        enable_model_summary=progress,
-    )
 
 
 def _fit(
@@ -458,13 +237,6 @@ def prune(recipe: Recipe, dense: Path | None, out: Path, progress: bool = True) 
     return final
 
 
-def export_recalibration_data(recipe: Recipe) -> DataLoader | None:
-    """Training images for ``export.recalibrate_bn`` (None when it is off)."""
-    if not recipe.export.recalibrate_bn:
-        return None
-    return training_data(recipe, recipe.mcp.batch_size)[1]
-
-
 def export_stage(
     recipe: Recipe, checkpoint: Path, out: Path, console: Console | None = None
 ) -> dict[str, Any]:
@@ -512,7 +284,7 @@ def load_backbone_for_eval(
     the file.
 
     Raises:
-        ValueError: For a file that cannot be read safely (without
+        CheckpointError: For a file that cannot be read safely (without
             ``trust_pickle``), or a pickle that does not hold an ``nn.Module``.
         FileNotFoundError: For a missing file, or a folder without ``model.ts``.
     """
@@ -545,10 +317,10 @@ def load_backbone_for_eval(
         data = read_checkpoint(path)  # weights_only=True: runs no code
     except UnsafeCheckpointError:
         if not trust_pickle:
-            raise ValueError(PICKLE_REFUSED.format(path=path)) from None
+            raise CheckpointError(PICKLE_REFUSED.format(path=path)) from None
         module = torch.load(path, map_location="cpu", weights_only=False)
         if not isinstance(module, nn.Module):
-            raise ValueError(
+            raise CheckpointError(
                 f"'{path}' does not hold a torch.nn.Module (it holds a "
                 f"{type(module).__name__})."
             ) from None
@@ -619,10 +391,7 @@ def evaluate(
         )
     if baselines:
         torch.manual_seed(recipe.seed)
-        random_init = build_backbone(
-            recipe.backbone.name,
-            **{k: v for k, v in backbone_kwargs(recipe).items() if k != "weights"},
-        )
+        random_init = recipe_backbone(recipe, weights=False)
         results["baselines"] = {
             "random_init": evaluate_backbone(
                 random_init.to(device), train_loader, test_loader, **options

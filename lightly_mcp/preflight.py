@@ -44,13 +44,12 @@ import torch
 from rich.console import Console
 from torch.utils.data import Subset
 
-from lightly_mcp.backbones import build_backbone
 from lightly_mcp.checkpoints import CheckpointError
-from lightly_mcp.errors import MCPWarning, first_line
+from lightly_mcp.errors import InputError, MCPWarning, PreflightError, first_line
 from lightly_mcp.export import export
-from lightly_mcp.groups import find_channel_groups
 from lightly_mcp.mcp import MCP
 from lightly_mcp.moco_v2 import MoCoV2
+from lightly_mcp.prunable_groups import find_channel_groups
 from lightly_mcp.recipe import Recipe
 from lightly_mcp.resumable_data import ResumableLoader
 
@@ -63,10 +62,6 @@ EVAL_IMAGES = (16, 8)
 STEP_BATCH = 4
 
 T = TypeVar("T")
-
-
-class PreflightError(ValueError):
-    """A stage of the recipe would fail; the message is the stage's own."""
 
 
 @dataclass
@@ -138,10 +133,10 @@ def preflight(
     Raises:
         PreflightError: A stage would fail; the message is that stage's.
     """
-    from lightly_mcp import pipeline
+    from lightly_mcp import assemble, pipeline
 
     if first not in ("pretrain", "prune"):
-        raise ValueError(f"first must be 'pretrain' or 'prune', got {first!r}.")
+        raise InputError(f"first must be 'pretrain' or 'prune', got {first!r}.")
     start = time.perf_counter()
     result = PreflightResult()
     quiet = Console(file=io.StringIO())
@@ -151,15 +146,13 @@ def preflight(
             # Refuse a backbone MCP cannot prune exactly before anything trains.
             size = recipe.data.input_size
             find_channel_groups(
-                build_backbone(
-                    recipe.backbone.name, **pipeline.backbone_kwargs(recipe)
-                ),
+                assemble.recipe_backbone(recipe),
                 torch.randn(1, 3, size, size),
                 keep_output_dim=recipe.mcp.keep_output_dim,
             )
             result.checked.append("backbone prunes exactly")
         with _stage("data"):
-            kind = pipeline.dataset_kind(recipe)
+            kind = assemble.dataset_kind(recipe)
             if recipe.data.kind == "auto":
                 result.notes.append(f"data.kind auto resolved to {kind}")
             batches = {"prune": recipe.mcp.batch_size}
@@ -167,8 +160,8 @@ def preflight(
                 batches["pretrain"] = recipe.pretrain.batch_size
             datasets = {}
             for stage, batch in batches.items():
-                datasets[stage], _ = pipeline.training_data(recipe, batch)
-            train_eval, test_eval, description, labelled = pipeline.evaluation_data(
+                datasets[stage], _ = assemble.training_data(recipe, batch)
+            train_eval, test_eval, description, labelled = assemble.evaluation_data(
                 recipe
             )
             result.notes.append(f"training data: {datasets['prune'].describe()}")
@@ -176,7 +169,7 @@ def preflight(
             result.checked.append("data")
         if first == "pretrain":
             with _stage("pretrain"):
-                moco = MoCoV2(**pipeline.moco_kwargs(recipe, "pretrain"))
+                moco = MoCoV2(**assemble.moco_kwargs(recipe, "pretrain"))
                 _steps(
                     moco,
                     recipe,
@@ -195,7 +188,7 @@ def preflight(
                 raise FileNotFoundError(
                     missing_checkpoint_message(dense, "dense checkpoint")
                 )
-            model = pipeline.mcp_model(recipe, dense)
+            model = assemble.mcp_model(recipe, dense)
             result.checked.append(_check_schedule(model, recipe, datasets["prune"]))
             steps = _prepare_short_schedule(model)
             loader = _steps(
@@ -271,7 +264,7 @@ def _check_schedule(model: MCP, recipe: Recipe, dataset: Any) -> str:
     if m.max_steps > 0:
         total = min(total, m.max_steps)
     if batches < 1:
-        raise ValueError(
+        raise InputError(
             f"the training set ({len(dataset)} images over {world} devices) gives no "
             f"full batch of {m.batch_size}; lower mcp.batch_size or use more data."
         )
@@ -331,7 +324,7 @@ def _steps(
     batch = max(STEP_BATCH, 2 * split) if split > 1 else STEP_BATCH
     batch = min(batch, real_batch)
     if len(dataset) < batch:
-        raise ValueError(
+        raise InputError(
             f"the training set has {len(dataset)} images, fewer than one batch of "
             f"{batch}; use more data."
         )
@@ -361,7 +354,7 @@ def _steps(
         warnings.simplefilter("ignore", MCPWarning)
         trainer.fit(model, loader)
     if trainer.global_step < steps:
-        raise ValueError(
+        raise InputError(
             f"training stopped after {trainer.global_step} of {steps} steps."
         )
     return loader

@@ -12,29 +12,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from lightly_mcp.files import default_file_mode, write_json_atomic
-
-# What MCP needs to start from a dense MoCo v2 checkpoint: encoders, heads (in
-# ``state_dict``), the model's settings and the queue. No optimizer, scheduler,
-# loop, callback or RNG state.
-SLIM_KEYS = (
-    "state_dict",
-    "hyper_parameters",
-    "memory_bank",
-    "epoch",
-    "global_step",
-    "pytorch-lightning_version",
-)
-
-
-class ProvenanceError(ValueError):
-    """A shipped checkpoint that does not match its provenance record."""
+from lightly_mcp.errors import ProvenanceError
 
 
 def provenance_path(checkpoint: str | os.PathLike[str]) -> Path:
@@ -117,62 +98,4 @@ def verify_checkpoint(checkpoint: str | os.PathLike[str]) -> dict[str, Any] | No
             f"file '{provenance_path(checkpoint)}' records {record['sha256'][:12]}… "
             f"(altered or incomplete); {hint}."
         )
-    return record
-
-
-def slim_checkpoint(data: dict[str, Any]) -> dict[str, Any]:
-    """The part of a MoCoV2 Lightning checkpoint that MCP starts from.
-
-    Raises:
-        ValueError: If ``data`` has no ``state_dict`` / ``hyper_parameters`` or is an
-            MCP checkpoint (ship dense checkpoints only).
-    """
-    state = data.get("state_dict")
-    if not isinstance(state, dict) or not isinstance(
-        data.get("hyper_parameters"), dict
-    ):
-        raise ValueError(
-            "not a Lightning checkpoint of MoCoV2 (no 'state_dict' and "
-            "'hyper_parameters'); ship the final.ckpt of a pretrain run."
-        )
-    if any(str(key).startswith("admm.") for key in state):
-        raise ValueError(
-            "this is an MCP checkpoint; ship the dense MoCoV2 checkpoint of a pretrain "
-            "run (pretrain/final.ckpt)."
-        )
-    return {key: data[key] for key in SLIM_KEYS if key in data}
-
-
-def ship_checkpoint(
-    data: dict[str, Any], target: str | os.PathLike[str], record: dict[str, Any]
-) -> dict[str, Any]:
-    """Writes the slim checkpoint to ``target`` and its provenance sidecar, atomically.
-
-    Args:
-        data: A MoCoV2 Lightning checkpoint (as read by ``read_checkpoint``).
-        target: ``NAME.ckpt`` to write.
-        record: Provenance entries (command, recipe, commit, wall time, accuracy...);
-            ``file``, ``bytes`` and ``sha256`` are added.
-
-    Returns:
-        The provenance record as written.
-    """
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
-    os.close(fd)
-    os.chmod(tmp, default_file_mode())
-    try:
-        torch.save(slim_checkpoint(data), tmp)
-        record = {
-            **record,
-            "file": target.name,
-            "bytes": os.path.getsize(tmp),
-            "sha256": sha256_of(tmp),
-        }
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    write_json_atomic(provenance_path(target), record)
     return record

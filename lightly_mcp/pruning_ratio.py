@@ -7,8 +7,10 @@ from collections.abc import Sequence
 from torch import Tensor, nn
 
 from lightly_mcp.compaction import compact
-from lightly_mcp.counting import count_macs, count_parameters
-from lightly_mcp.groups import ChannelGroup, leading_masks
+from lightly_mcp.errors import InputError
+from lightly_mcp.groups import ChannelGroup
+from lightly_mcp.masks import leading_masks
+from lightly_mcp.measure import count_macs, count_parameters
 
 METRICS = ("params", "macs")
 
@@ -25,7 +27,7 @@ def removed_fraction(
     channels (which channels does not matter for the count).
     """
     if metric not in METRICS:
-        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}.")
+        raise InputError(f"metric must be one of {METRICS}, got {metric!r}.")
     small = compact(
         encoder, groups, leading_masks(groups, pruning_ratio), example_inputs
     )
@@ -61,7 +63,7 @@ def solve_pruning_ratio(
             exceeds what removing all but one channel per group achieves).
     """
     if not 0.0 < target < 1.0:
-        raise ValueError(f"target must be in (0, 1), got {target}.")
+        raise InputError(f"target must be in (0, 1), got {target}.")
 
     def removed(r: float) -> float:
         return removed_fraction(encoder, groups, r, metric, input_size, example_inputs)
@@ -69,7 +71,7 @@ def solve_pruning_ratio(
     high = 1.0 - 1e-6
     reachable = removed(high)
     if reachable < target:
-        raise ValueError(
+        raise InputError(
             f"Cannot remove {target:.1%} of the {metric}: pruning every group down to "
             f"one channel removes only {reachable:.1%} (unprunable layers remain). "
             "Choose a smaller target."

@@ -19,11 +19,8 @@ from typing import Any, Union
 
 import yaml
 
+from lightly_mcp.errors import RecipeError
 from lightly_mcp.schedule import FROZEN_MASKS, LR_SCHEDULES, TRANSITIONS
-
-
-class RecipeError(ValueError):
-    """A recipe that cannot be used; the message names the key and the fix."""
 
 
 @dataclass
@@ -62,8 +59,28 @@ class BackboneSection:
 
 
 @dataclass
-class PretrainSection:
-    """Dense MoCo v2 pretraining; its model settings are shared with MCP.
+class StageSchedule:
+    """How long and how fast a training stage (``pretrain`` or ``mcp``) trains.
+
+    Attributes:
+        epochs: Epochs of the stage.
+        max_steps: Stop after this many optimizer steps (-1: run all epochs).
+        batch_size: Images per step (per device).
+        lr: Base learning rate of SGD.
+        weight_decay: SGD weight decay.
+    """
+
+    epochs: int = 1
+    max_steps: int = -1
+    batch_size: int = 128
+    lr: float = 0.06
+    weight_decay: float = 5e-4
+
+
+@dataclass
+class PretrainSection(StageSchedule):
+    """Dense MoCo v2 pretraining; its model settings (temperature, momentum, queue,
+    projection head, split BatchNorm) are shared with MCP.
 
     Attributes:
         dense_checkpoint: Start MCP from this dense checkpoint and skip pretraining.
@@ -72,11 +89,6 @@ class PretrainSection:
     """
 
     dense_checkpoint: str | None = None
-    epochs: int = 1
-    max_steps: int = -1
-    batch_size: int = 128
-    lr: float = 0.06
-    weight_decay: float = 5e-4
     temperature: float = 0.1
     momentum: float = 0.99
     memory_bank_size: int = 4096
@@ -90,7 +102,7 @@ class PretrainSection:
 
 
 @dataclass
-class MCPSection:
+class MCPSection(StageSchedule):
     """Momentum Contrastive Pruning.
 
     Attributes:
@@ -127,11 +139,6 @@ class MCPSection:
     dr: int = 1
     recalibration_batches: int = 20
     keep_output_dim: bool = True
-    epochs: int = 1
-    max_steps: int = -1
-    batch_size: int = 128
-    lr: float = 0.06
-    weight_decay: float = 5e-4
 
 
 @dataclass

@@ -1,8 +1,14 @@
-"""Run summary (rich table) and plots (matplotlib) written next to the report."""
+"""Reports: the export report and the run summary as rich tables, and run plots.
+
+:class:`ExportReport` is what ``lightly_mcp.export.export`` measures, written to the
+export's ``report.json`` by :meth:`ExportReport.to_dict`; the run summary and the
+plots (matplotlib) are written next to a pipeline run's report.
+"""
 
 from __future__ import annotations
 
 import csv
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -12,10 +18,224 @@ from rich.table import Table
 from lightly_mcp.transition import SmoothTransition
 
 
-def _fmt(value: Any, spec: str) -> str:
+def _fmt(value: Any, spec: str, missing: str = "–") -> str:
     if value is None:
-        return "–"
+        return missing
     return format(value, spec)
+
+
+# --- the export report --------------------------------------------------------------
+# The parts of ExportReport are dataclasses whose field names, in order, are the keys
+# of report.json: ``dataclasses.asdict`` writes them.
+@dataclass
+class PerBatch:
+    """A latency (ms) or speedup at batch sizes 1 and 64; ``None`` if not timed."""
+
+    bs1: float | None = None
+    bs64: float | None = None
+
+    def at(self, batch_size: int) -> float | None:
+        """The value at ``batch_size`` (1 or 64)."""
+        return {1: self.bs1, 64: self.bs64}[batch_size]
+
+
+@dataclass
+class Speedup(PerBatch):
+    """Dense over compact latency, at the training and the deployment resolution."""
+
+    at_224: PerBatch = field(default_factory=PerBatch)
+
+
+@dataclass
+class DeployMeasurements:
+    """MACs and latency at the deployment resolution (224 px, the ``at_224`` key)."""
+
+    macs: int
+    latency_ms: PerBatch
+
+
+@dataclass
+class NetworkMeasurements:
+    """Size, cost and speed of one network (dense or compact).
+
+    Attributes:
+        params: Number of parameters.
+        macs: Multiply-accumulates of one image at the training resolution.
+        feature_dim: Size of the output features.
+        latency_ms: Median latency at the training resolution.
+        at_224: MACs and latency at the deployment resolution.
+    """
+
+    params: int
+    macs: int
+    feature_dim: int
+    latency_ms: PerBatch
+    at_224: DeployMeasurements
+
+
+@dataclass
+class KeptChannels:
+    """Channels one group keeps: ``kept`` of ``total``; ``group`` is its root."""
+
+    group: str
+    kept: int
+    total: int
+
+
+@dataclass
+class ExportFiles:
+    """The files an export wrote, and per file or format how (or why not).
+
+    Attributes:
+        written: File names, in the order written.
+        notes: Per file or format (``model.pt``, ``torchscript``, ``onnx``), a note.
+    """
+
+    written: list[str]
+    notes: dict[str, str]
+
+    def to_dict(self) -> dict[str, Any]:
+        """``{"written": [...], **notes}``, as in ``report.json``."""
+        return {"written": list(self.written), **self.notes}
+
+
+@dataclass
+class ExportReport:
+    """What an export measured and wrote (its ``report.json``).
+
+    Attributes:
+        backbone: The backbone's name.
+        pruning_ratio: The MCP run's pruning ratio.
+        resolution: The training resolution (px), where the compact model is checked.
+        dense: The unpruned momentum encoder.
+        compact: The compact (physically pruned) model.
+        speedup: Dense over compact latency.
+        equivalence_max_abs_err: Max abs difference (float32) between the compact
+            model and the masked momentum subnet.
+        equivalence_output_scale: Max abs output, the check's tolerance scale.
+        equivalence_note: How the equivalence was checked.
+        kept_channels: Per channel group, the channels kept.
+        torch_version: PyTorch's version.
+        threads: PyTorch's CPU threads.
+        device: Where latency was timed.
+        mac_counter: How MACs were counted.
+        files: The files written.
+        bn_recalibrated: Whether BatchNorm statistics were re-estimated.
+        round_to: The channel multiple the masks were widened to, if any.
+        checkpoint: The MCP checkpoint exported.
+    """
+
+    backbone: str
+    pruning_ratio: float
+    resolution: int
+    dense: NetworkMeasurements
+    compact: NetworkMeasurements
+    speedup: Speedup
+    equivalence_max_abs_err: float
+    equivalence_output_scale: float
+    equivalence_note: str
+    kept_channels: list[KeptChannels]
+    torch_version: str
+    threads: int
+    device: str
+    mac_counter: str
+    files: ExportFiles
+    bn_recalibrated: bool
+    round_to: int | None
+    checkpoint: str
+
+    @property
+    def macs_ratio(self) -> float:
+        """Dense over compact MACs at the training resolution."""
+        return self.dense.macs / self.compact.macs
+
+    @property
+    def params_removed(self) -> float:
+        """The fraction of the dense parameters the compact model does not have."""
+        return 1.0 - self.compact.params / self.dense.params
+
+    def to_dict(self) -> dict[str, Any]:
+        """The report as JSON-ready nested dicts, in ``report.json``'s key order."""
+        return {
+            "backbone": self.backbone,
+            "pruning_ratio": self.pruning_ratio,
+            "resolution": self.resolution,
+            "dense": asdict(self.dense),
+            "compact": asdict(self.compact),
+            "speedup": asdict(self.speedup),
+            "macs_ratio": self.macs_ratio,
+            "params_removed": self.params_removed,
+            "equivalence_max_abs_err": self.equivalence_max_abs_err,
+            "equivalence_output_scale": self.equivalence_output_scale,
+            "equivalence_note": self.equivalence_note,
+            "kept_channels": [asdict(kept) for kept in self.kept_channels],
+            "torch_version": self.torch_version,
+            "threads": self.threads,
+            "device": self.device,
+            "mac_counter": self.mac_counter,
+            "files": self.files.to_dict(),
+            "bn_recalibrated": self.bn_recalibrated,
+            "round_to": self.round_to,
+            "checkpoint": self.checkpoint,
+        }
+
+
+def export_summary_table(report: ExportReport, deploy_resolution: int) -> Table:
+    """A rich table of dense vs compact size, MACs, latency and speedup.
+
+    Args:
+        report: The export report.
+        deploy_resolution: The resolution of its ``at_224`` measurements; their
+            latencies get rows of their own when it is not the training resolution.
+    """
+    size = report.resolution
+    dense, comp, speed = report.dense, report.compact, report.speedup
+    table = Table(
+        title=f"MCP export: {report.backbone} (pruning ratio {report.pruning_ratio:g})"
+    )
+    table.add_column("")
+    table.add_column("dense", justify="right")
+    table.add_column("compact", justify="right")
+    table.add_column("dense / compact", justify="right")
+
+    def row(label: str, d: Any, c: Any, ratio: Any, spec: str = ",") -> None:
+        table.add_row(
+            label,
+            _fmt(d, spec, missing="-"),
+            _fmt(c, spec, missing="-"),
+            _fmt(ratio, ".2f", missing="-"),
+        )
+
+    row("params", dense.params, comp.params, dense.params / comp.params)
+    row(f"MACs @{size}", dense.macs, comp.macs, report.macs_ratio)
+    d224, c224 = dense.at_224, comp.at_224
+    row("MACs @224", d224.macs, c224.macs, d224.macs / c224.macs)
+    row("feature dim", dense.feature_dim, comp.feature_dim, None)
+    for batch in (1, 64):
+        row(
+            f"latency ms @{size} bs{batch}",
+            dense.latency_ms.at(batch),
+            comp.latency_ms.at(batch),
+            speed.at(batch),
+            ".2f",
+        )
+        if size != deploy_resolution and d224.latency_ms.at(batch) is not None:
+            row(
+                f"latency ms @224 bs{batch}",
+                d224.latency_ms.at(batch),
+                c224.latency_ms.at(batch),
+                speed.at_224.at(batch),
+                ".2f",
+            )
+    table.caption = (
+        f"equivalence max abs err {report.equivalence_max_abs_err:.2e} "
+        f"(output scale {report.equivalence_output_scale:.3g}); "
+        f"threads {report.threads}; BN recalibrated: {report.bn_recalibrated}"
+    )
+    return table
+
+
+# --- the run summary ----------------------------------------------------------------
 
 
 def print_run_summary(report: dict[str, Any], console: Console | None = None) -> None:

@@ -30,6 +30,8 @@ from typing import Any
 
 import yaml
 
+from lightly_mcp.errors import OutputFolderError
+
 LOCK = ".lock"
 
 STAGES: tuple[str, ...] = ("pretrain", "prune", "export", "evaluate")
@@ -114,12 +116,6 @@ _FOLDERS = (
     "eval",
     "plots",
 )
-
-
-class OutputFolderError(ValueError):
-    """An output folder that cannot be used: in use by another process, not
-    writable, or holding results of another recipe. The message says what to do.
-    """
 
 
 # --- ranks ---------------------------------------------------------------------------

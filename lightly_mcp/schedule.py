@@ -33,6 +33,8 @@ from dataclasses import dataclass
 
 from lightly.utils.scheduler import cosine_schedule
 
+from lightly_mcp.errors import InputError
+
 #: Learning-rate schedules of an MCP run: one cosine over the whole run (MoCo v2's),
 #: the paper's restart per block with ×0.1 steps, or a cosine restarting every block.
 LR_SCHEDULES = ("cosine", "block_step", "block_cosine")
@@ -97,17 +99,17 @@ class BlockSchedule:
 
     def __post_init__(self) -> None:
         if self.block_steps < 1:
-            raise ValueError(f"block_steps must be >= 1, got {self.block_steps}.")
+            raise InputError(f"block_steps must be >= 1, got {self.block_steps}.")
         if self.total_steps < 1:
-            raise ValueError(f"total_steps must be >= 1, got {self.total_steps}.")
+            raise InputError(f"total_steps must be >= 1, got {self.total_steps}.")
         if self.frozen_blocks < 0:
-            raise ValueError(f"frozen_blocks must be >= 0, got {self.frozen_blocks}.")
+            raise InputError(f"frozen_blocks must be >= 0, got {self.frozen_blocks}.")
         if self.lr_schedule not in LR_SCHEDULES:
-            raise ValueError(
+            raise InputError(
                 f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}."
             )
         if self.frozen_blocks >= self.num_blocks:
-            raise ValueError(
+            raise InputError(
                 f"frozen_blocks ({self.frozen_blocks}) must be smaller than the number "
                 f"of ADMM blocks ({self.num_blocks} blocks of {self.block_steps} steps "
                 f"in {self.total_steps} steps): lengthen the run or shorten the blocks."
@@ -162,7 +164,7 @@ class BlockSchedule:
             if length == 1:
                 return 1.0
             return cosine_schedule(position, length, 1.0, BLOCK_COSINE_END)
-        raise ValueError("lr_factor is defined for the block schedules only.")
+        raise InputError("lr_factor is defined for the block schedules only.")
 
     def block_lr_sum(self, block: int, lr_at: Callable[[int], float]) -> float:
         """``Σ lr_t`` over the steps of ``block``, for a learning rate ``lr_at(t)``."""
@@ -189,7 +191,7 @@ class BlockSchedule:
         """
         total = self.block_lr_sum(block, lr_at)
         if total <= 0:
-            raise ValueError(f"block {block} has no learning rate to move θ_q.")
+            raise InputError(f"block {block} has no learning rate to move θ_q.")
         rho = response * (1.0 - sgd_momentum) / total
         steps = self.block_range(block)
         peak = max(lr_at(t) for t in steps)
@@ -201,7 +203,7 @@ class BlockSchedule:
             shortest = math.ceil(
                 1.1 * response * (1.0 - sgd_momentum) / (mean_over_peak * critical)
             )
-            raise ValueError(
+            raise InputError(
                 f"ADMM blocks of {len(steps)} steps are too short for a response of "
                 f"{response:g} with SGD momentum {sgd_momentum:g}: the penalty's step "
                 f"rho*lr = {rho * peak:.3g} exceeds the critical damping "

@@ -36,8 +36,8 @@ def smoke() -> None:
     groups = find_channel_groups(encoder)
     admm = ADMMRegularizer(encoder, groups, pruning_ratio=0.73, rho=0.01)
     admm.update(encoder)
-    subnet = MomentumSubnet(encoder, groups, admm.masks).eval()
-    small = compact(encoder, groups, admm.masks).eval()
+    subnet = MomentumSubnet(encoder, groups, admm.group_masks).eval()
+    small = compact(encoder, groups, admm.group_masks).eval()
     encoder.eval()
     x = torch.randn(8, 3, 64, 64)
     with torch.no_grad():

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from lightly_mcp.errors import InputError
+
 
 class SmoothTransition:
     """Chooses, per training iteration, which network produces the keys.
@@ -37,7 +39,7 @@ class SmoothTransition:
         """
         for name, value in (("frq", frq), ("dr", dr)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"{name} must be an integer >= 0, got {value!r}.")
+                raise InputError(f"{name} must be an integer >= 0, got {value!r}.")
         self.frq = frq
         self.dr = dr
         self._run_length = frq  # full-encoder iterations in the current run
@@ -85,7 +87,7 @@ class SmoothTransition:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restores a position saved by :meth:`state_dict`."""
         if (state["frq"], state["dr"]) != (self.frq, self.dr):
-            raise ValueError(
+            raise InputError(
                 f"Transition state was saved with (frq={state['frq']}, "
                 f"dr={state['dr']}) but this scheduler has (frq={self.frq}, "
                 f"dr={self.dr})."

@@ -54,3 +54,34 @@ TINY = dict(
     projection_dim=16,
     lr=0.06,
 )
+
+
+#: A recipe that runs every stage of ``lightly-mcp run`` in seconds (digits, 16 px).
+TINY_RECIPE = {
+    "seed": 0,
+    "data": {"kind": "digits", "input_size": 16, "subset": 64},
+    "backbone": {
+        "name": "torchvision/mobilenet_v2",
+        "small_input": False,
+        "width_multiplier": 0.5,
+    },
+    "pretrain": {
+        "epochs": 1,
+        "batch_size": 16,
+        "memory_bank_size": 64,
+        "projection_hidden_dim": 32,
+        "projection_dim": 16,
+    },
+    "mcp": {
+        "pruning_ratio": 0.5,
+        "frq": 2,
+        "dr": 1,
+        "admm_interval": 2,
+        "admm_interval_unit": "steps",
+        "epochs": 1,
+        "batch_size": 16,
+    },
+    "export": {"latency": False},
+    "eval": {"train_subset": 200, "test_subset": 100, "linear_epochs": 2},
+    "trainer": {"accelerator": "cpu", "log_every_n_steps": 1},
+}

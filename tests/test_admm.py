@@ -8,14 +8,11 @@ from torch import nn
 
 from lightly_mcp.admm import ADMMRegularizer, project_onto_channel_budget
 from lightly_mcp.compaction import compact
-from lightly_mcp.counting import count_parameters
-from lightly_mcp.groups import (
-    ChannelGroup,
-    channel_scores,
-    find_channel_groups,
-    parameter_multipliers,
-)
+from lightly_mcp.groups import ChannelGroup, channel_scores
+from lightly_mcp.masks import parameter_multipliers
+from lightly_mcp.measure import count_parameters
 from lightly_mcp.momentum_subnet import MomentumSubnet
+from lightly_mcp.prunable_groups import find_channel_groups
 from tests.conftest import (
     ConcatNet,
     GroupedConvNet,

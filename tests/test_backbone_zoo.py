@@ -20,15 +20,15 @@ from lightly_mcp.admm import ADMMRegularizer
 from lightly_mcp.backbones import build_backbone
 from lightly_mcp.cli import main
 from lightly_mcp.compaction import compact
-from lightly_mcp.counting import count_parameters
 from lightly_mcp.groups import (
     WORKING_BACKBONES,
     NoPrunableGroupsError,
     UnsupportedBackboneError,
-    find_channel_groups,
 )
 from lightly_mcp.mcp import MCP
+from lightly_mcp.measure import count_parameters
 from lightly_mcp.momentum_subnet import MomentumSubnet
+from lightly_mcp.prunable_groups import find_channel_groups
 from tests.conftest import randomize_batchnorm
 from tests.tiny import write_tiny
 

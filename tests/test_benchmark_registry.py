@@ -1,4 +1,5 @@
-"""The accuracy benchmark's registry, its two baseline modules and its report."""
+"""The accuracy benchmark's registry, its protocol and its report (the methods it
+compares: tests/test_baselines.py)."""
 
 from __future__ import annotations
 
@@ -11,10 +12,9 @@ from types import ModuleType
 import pytest
 import torch
 
+from lightly_mcp.assemble import moco_kwargs
 from lightly_mcp.checkpoints import read_checkpoint
-from lightly_mcp.counting import count_parameters
 from lightly_mcp.moco_v2 import MoCoV2
-from lightly_mcp.pipeline import moco_kwargs
 from lightly_mcp.recipe import load_recipe
 from tests.helpers import TINY, loader, trainer
 
@@ -174,51 +174,6 @@ def test_transition_scaling() -> None:
     assert main.scaled_frq(4) == 1
 
 
-def test_random_mask_momentum_update_is_exact() -> None:
-    torch.manual_seed(0)
-    model = main.RandomMaskMoCoV2(pruning_ratio=0.5, input_size=16, **TINY)
-    m = model.hparams["momentum"]
-    key = dict(model.backbone_momentum.named_parameters())
-    query = dict(model.backbone.named_parameters())
-    masked = 0
-    # θ_k⁰ = φ ⊙ θ_q.
-    for name, p_k in key.items():
-        mult = model._multipliers.get(name)
-        expected = query[name] if mult is None else query[name] * mult
-        assert torch.equal(p_k, expected)
-        if mult is not None:
-            masked += int((mult == 0).sum())
-    assert masked > 0
-    # Move the query encoder, then one update.
-    with torch.no_grad():
-        for p in model.backbone.parameters():
-            p.add_(torch.randn_like(p))
-    before = {n: p.detach().clone() for n, p in key.items()}
-    model.update_momentum_encoder()
-    for name, p_k in key.items():
-        mult = model._multipliers.get(name)
-        q = query[name].detach()
-        phi = torch.ones_like(q) if mult is None else mult.expand_as(q)
-        expected = m * before[name] + phi * (1 - m) * q
-        torch.testing.assert_close(p_k, expected, rtol=0, atol=1e-6)
-        if mult is not None:  # dropped entries stay at φ ⊙ θ_q⁰ = 0
-            assert torch.all(p_k[phi.expand_as(p_k) == 0] == 0)
-
-
-def test_typical_pruning_is_smaller_and_trains(tmp_path: Path) -> None:
-    torch.manual_seed(0)
-    dense = MoCoV2(**TINY)
-    model = main.CompactMoCoV2(pruning_ratio=0.5, input_size=16, **TINY)
-    assert count_parameters(model.backbone) < count_parameters(dense.backbone)
-    assert count_parameters(model.backbone_momentum) == count_parameters(model.backbone)
-    x = torch.randn(2, 3, 16, 16)
-    assert model.projection_head(model.backbone(x)).shape == (2, 16)
-    before = [p.detach().clone() for p in model.backbone.parameters()]
-    trainer(tmp_path, max_steps=1).fit(model, loader())
-    after = list(model.backbone.parameters())
-    assert any(not torch.equal(a, b) for a, b in zip(after, before))
-
-
 def test_warmup_longer_than_the_run_is_clamped(tmp_path: Path) -> None:
     model = MoCoV2(**{**TINY, "warmup_epochs": 200})
     trainer(tmp_path, max_steps=2).fit(model, loader())  # lightly would raise
@@ -280,43 +235,6 @@ def test_training_curves_table(tmp_path: Path) -> None:
     assert "| 300 | 0.06 | - | 0.87 | 0 | - | - |" in table
     assert (tmp_path / "training_curves.md").is_file()
     assert (tmp_path / "training_curves.png").is_file()
-
-
-def test_supervised_classifier_trains_and_scores(tmp_path: Path) -> None:
-    small_networks = _load("small_networks")
-    torch.manual_seed(0)
-    model = small_networks.SupervisedClassifier(
-        backbone=TINY["backbone"],
-        backbone_kwargs=TINY["backbone_kwargs"],
-        num_classes=3,
-        batch_size_per_device=8,
-        pruning_ratio=0.5,
-        masks_from="first",
-        reinit=True,
-        input_size=16,
-    )
-    dense = small_networks.SupervisedClassifier(
-        backbone=TINY["backbone"], backbone_kwargs=TINY["backbone_kwargs"]
-    )
-    assert count_parameters(model.backbone) < count_parameters(dense.backbone) / 3
-    assert model.classifier.in_features == model.backbone.feature_dim
-    images = torch.randn(16, 3, 16, 16)
-    labels = torch.randint(0, 3, (16,))
-    data = torch.utils.data.TensorDataset(images, labels)
-    before = [p.detach().clone() for p in model.parameters()]
-    trainer(tmp_path, max_steps=2).fit(
-        model, torch.utils.data.DataLoader(data, batch_size=8)
-    )
-    assert all(not torch.equal(a, b) for a, b in zip(model.parameters(), before))
-    # test_top1 is the classifier's own accuracy, in eval mode.
-    model.eval()
-    with torch.no_grad():
-        predicted = model(images).argmax(1)
-    top1 = model.test_top1(torch.utils.data.DataLoader(data, batch_size=5))
-    assert top1 == pytest.approx(float((predicted == labels).float().mean()))
-    model.train()
-    model.test_top1(torch.utils.data.DataLoader(data, batch_size=5))
-    assert model.training
 
 
 def test_transfer_pruning_fine_tunes_prunes_and_resumes(tmp_path: Path) -> None:

@@ -15,35 +15,7 @@ import yaml
 
 from lightly_mcp.cli import main
 from lightly_mcp.pipeline import load_backbone_for_eval
-
-TINY_RECIPE = {
-    "seed": 0,
-    "data": {"kind": "digits", "input_size": 16, "subset": 64},
-    "backbone": {
-        "name": "torchvision/mobilenet_v2",
-        "small_input": False,
-        "width_multiplier": 0.5,
-    },
-    "pretrain": {
-        "epochs": 1,
-        "batch_size": 16,
-        "memory_bank_size": 64,
-        "projection_hidden_dim": 32,
-        "projection_dim": 16,
-    },
-    "mcp": {
-        "pruning_ratio": 0.5,
-        "frq": 2,
-        "dr": 1,
-        "admm_interval": 2,
-        "admm_interval_unit": "steps",
-        "epochs": 1,
-        "batch_size": 16,
-    },
-    "export": {"latency": False},
-    "eval": {"train_subset": 200, "test_subset": 100, "linear_epochs": 2},
-    "trainer": {"accelerator": "cpu", "log_every_n_steps": 1},
-}
+from tests.helpers import TINY_RECIPE
 
 
 def write_recipe(directory: Path, **sections: dict) -> Path:
@@ -430,8 +402,8 @@ def test_image_folder_evaluation_uses_held_out_images(tmp_path: Path) -> None:
     import numpy as np
     from PIL import Image
 
+    from lightly_mcp.assemble import evaluation_data
     from lightly_mcp.evaluation import raw_pixel_baseline
-    from lightly_mcp.pipeline import evaluation_data
     from lightly_mcp.recipe import recipe_from_dict
 
     generator = np.random.default_rng(0)

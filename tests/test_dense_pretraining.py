@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from lightly_mcp.checkpoints import module_from_checkpoint, read_checkpoint
+from lightly_mcp.checkpoints import read_checkpoint
 from lightly_mcp.data import FASHION_MNIST_ROOT
+from lightly_mcp.loading import module_from_checkpoint
 from lightly_mcp.pipeline import pretrain
 from lightly_mcp.provenance import provenance_path, sha256_of
 from lightly_mcp.recipe import RecipeError, load_recipe

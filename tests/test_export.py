@@ -14,17 +14,11 @@ from torch import nn
 import lightly_mcp.export as export_module
 from lightly_mcp.checkpoints import CheckpointError
 from lightly_mcp.compaction import compact
-from lightly_mcp.counting import count_macs, count_parameters
-from lightly_mcp.export import (
-    CHECK_TOLERANCE,
-    ExportError,
-    export,
-    load_mcp_checkpoint,
-    measure_latency,
-    round_masks,
-)
-from lightly_mcp.groups import output_feature_index
+from lightly_mcp.export import CHECK_TOLERANCE, ExportError, export
+from lightly_mcp.loading import load_mcp_checkpoint
+from lightly_mcp.masks import output_feature_index, round_masks
 from lightly_mcp.mcp import MCP
+from lightly_mcp.measure import count_macs, count_parameters
 from lightly_mcp.moco_v2 import MoCoV2
 from tests.helpers import TINY, loader, trainer
 
@@ -225,17 +219,6 @@ def test_latency_speedup_is_the_latency_ratio(
         assert speed["at_224"][key] == pytest.approx(
             dense["at_224"]["latency_ms"][key] / comp["at_224"]["latency_ms"][key]
         )
-
-
-def test_measure_latency_times_every_model_interleaved() -> None:
-    order: list[str] = []
-
-    def model(name: str) -> Any:
-        return lambda x: order.append(name)
-
-    ms = measure_latency({"a": model("a"), "b": model("b")}, (1, 3, 4, 4), 3, warmup=1)
-    assert set(ms) == {"a", "b"}
-    assert order == ["a", "b"] + ["a", "b"] * 3
 
 
 def test_interrupted_export_leaves_no_partial_folder(

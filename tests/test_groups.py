@@ -14,10 +14,10 @@ from lightly_mcp.groups import (
     NoPrunableGroupsError,
     UnsupportedBackboneError,
     call_with_time_limit,
-    find_channel_groups,
-    masked_tensors,
     num_kept_channels,
 )
+from lightly_mcp.masks import masked_tensors
+from lightly_mcp.prunable_groups import find_channel_groups
 from tests.conftest import (
     ConcatNet,
     CrossStageNet,
@@ -295,9 +295,9 @@ def test_the_check_judges_the_architecture_not_the_weights_and_keeps_the_rng(
 def test_large_backbones_are_checked_in_float32(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from lightly_mcp import compaction
+    from lightly_mcp import prunable_groups
 
-    monkeypatch.setattr(compaction, "CHECK_FLOAT64_MAX_PARAMETERS", 10)
+    monkeypatch.setattr(prunable_groups, "CHECK_FLOAT64_MAX_PARAMETERS", 10)
     assert len(find_channel_groups(TinyConvNet(), torch.randn(1, 3, 8, 8))) == 2
     with pytest.raises(UnsupportedBackboneError, match="differs from the masked one"):
         find_channel_groups(_ChannelRoll(), torch.randn(1, 3, 8, 8))
@@ -391,7 +391,7 @@ class _DenseTail(nn.Module):
 
 def test_output_features_from_a_concatenation_of_two_groups() -> None:
     from lightly_mcp.compaction import compact
-    from lightly_mcp.groups import output_feature_index
+    from lightly_mcp.masks import output_feature_index
     from lightly_mcp.momentum_subnet import MomentumSubnet
 
     torch.manual_seed(0)

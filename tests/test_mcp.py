@@ -11,7 +11,7 @@ import torch
 from lightly_mcp.checkpoints import CheckpointError
 from lightly_mcp.compaction import compact
 from lightly_mcp.errors import MCPWarning
-from lightly_mcp.groups import parameter_multipliers
+from lightly_mcp.masks import parameter_multipliers
 from lightly_mcp.mcp import MCP
 from lightly_mcp.moco_v2 import MoCoV2
 from tests.helpers import TINY, loader, trainer

@@ -9,9 +9,10 @@ import torchvision
 from torch import nn
 
 from lightly_mcp.compaction import compact
-from lightly_mcp.counting import count_parameters
-from lightly_mcp.groups import ChannelGroup, find_channel_groups
+from lightly_mcp.groups import ChannelGroup
+from lightly_mcp.measure import count_parameters
 from lightly_mcp.momentum_subnet import MomentumSubnet
+from lightly_mcp.prunable_groups import find_channel_groups
 from tests.conftest import TinyConvNet, randomize_batchnorm
 
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 import yaml
 
-from tests.test_cli import TINY_RECIPE
+from tests.helpers import TINY_RECIPE
 
 pytestmark = pytest.mark.skipif(
     not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),

@@ -5,10 +5,8 @@ import torch
 import torchvision
 from torch import nn
 
-from lightly_mcp.counting import count_macs, count_parameters
-from lightly_mcp.groups import find_channel_groups
+from lightly_mcp.prunable_groups import find_channel_groups
 from lightly_mcp.pruning_ratio import removed_fraction, solve_pruning_ratio
-from tests.conftest import TinyConvNet
 
 INPUT = torch.randn(1, 3, 8, 8)
 
@@ -51,12 +49,3 @@ def test_unreachable_target_is_refused(tiny_net: nn.Module) -> None:
     groups = find_channel_groups(tiny_net, INPUT)
     with pytest.raises(ValueError, match="Choose a smaller target"):
         solve_pruning_ratio(tiny_net, groups, 0.999, example_inputs=INPUT)
-
-
-def test_counting() -> None:
-    conv = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, bias=False))
-    assert count_parameters(conv) == 108
-    assert count_macs(conv, input_size=5) == 108 * 25
-    net = TinyConvNet().train()
-    count_macs(net, 8)
-    assert net.training

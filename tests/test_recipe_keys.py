@@ -89,7 +89,7 @@ def _data(text: str) -> Callable[[Path, Results], None]:
 
 
 def _fashion_mnist_files(tmp: Path) -> str:
-    from tests.test_data import write_fashion_mnist
+    from tests.data.writers import write_fashion_mnist
 
     write_fashion_mnist(tmp / "fashion", n_train=40, n_test=10)
     return str(tmp / "fashion")

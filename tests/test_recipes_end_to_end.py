@@ -139,13 +139,13 @@ def test_recipe_runs_end_to_end(
 
 
 def test_auto_uses_fashion_mnist_where_its_root_has_it(tmp_path: Path) -> None:
-    from tests.test_data import write_fashion_mnist
+    from tests.data.writers import write_fashion_mnist
 
     write_fashion_mnist(tmp_path / "fm", n_train=12, n_test=6)
     recipe = load_recipe(
         ROOT / "recipes" / "quickstart.yaml", [f"data.root={tmp_path / 'fm'}"]
     )
-    from lightly_mcp.pipeline import evaluation_data, training_data
+    from lightly_mcp.assemble import evaluation_data, training_data
 
     dataset, _ = training_data(recipe, 4)
     assert dataset.kind == "fashion_mnist"

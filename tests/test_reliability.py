@@ -17,14 +17,13 @@ import yaml
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
+from lightly_mcp.assemble import mcp_model, training_data
 from lightly_mcp.checkpoints import CheckpointError, read_checkpoint
 from lightly_mcp.cli import main
 from lightly_mcp.mcp import MCP
 from lightly_mcp.moco_v2 import TrainingDivergedError
-from lightly_mcp.pipeline import mcp_model, training_data
 from lightly_mcp.recipe import Recipe, recipe_from_dict
-from tests.helpers import TINY, loader, trainer
-from tests.test_cli import TINY_RECIPE
+from tests.helpers import TINY, TINY_RECIPE, loader, trainer
 
 MCP_ARGS = dict(
     pruning_ratio=0.5,

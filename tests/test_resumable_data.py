@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch.utils.data import Dataset
 
+from lightly_mcp.assemble import training_data
 from lightly_mcp.data import build_dataset
-from lightly_mcp.pipeline import training_data
 from lightly_mcp.recipe import recipe_from_dict
 from lightly_mcp.resumable_data import ResumableLoader, ResumableSampler, SeededItems
 from lightly_mcp.transforms import build_transform

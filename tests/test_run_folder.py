@@ -14,7 +14,7 @@ import yaml
 
 from lightly_mcp.cli import main
 from lightly_mcp.run_folder import OutputFolderError, output_lock
-from tests.test_cli import TINY_RECIPE
+from tests.helpers import TINY_RECIPE
 
 HOLD = """
 import sys, time

@@ -9,14 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from lightly_mcp.checkpoints import (
-    CheckpointError,
-    module_from_checkpoint,
-    read_checkpoint,
-)
+from lightly_mcp.checkpoints import CheckpointError, read_checkpoint
+from lightly_mcp.loading import module_from_checkpoint
 from lightly_mcp.moco_v2 import MoCoV2
-from lightly_mcp.provenance import SLIM_KEYS, provenance_path, sha256_of
+from lightly_mcp.provenance import provenance_path, sha256_of
 from lightly_mcp.recipe import load_recipe
+from lightly_mcp.shipping import SLIM_KEYS
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = sorted((ROOT / "pretrained").glob("*.ckpt"))

@@ -5,6 +5,10 @@ of ``{"model": <builds a LightningModule>, "transform": ...}`` and one entry poi
 All settings come from ``recipes/fashion_mnist_mobilenetv2.yaml`` (32x32 3-channel
 Fashion-MNIST, torchvision MobileNetV2 width 0.5 with the small-input stem), loaded
 with ``lightly_mcp.recipe.load_recipe`` and ``--set section.key=value`` overrides.
+The models, data and trainers are built by the package: MCP, MoCo v2, data and
+trainer through ``lightly_mcp.assemble`` (an MCP row is the recipe with its ratio and
+ablation set), the comparison methods from ``lightly_mcp.baselines``; this file holds
+the grid's protocol (rows, budgets, seeds, the transition scaling, the results files).
 
 The protocol matches the paper's *penalty response*, not its step count (issue "The
 paper's promise, measured"): every pruning row trains ``mcp.max_steps`` = 1,200 SGD
@@ -79,6 +83,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import inspect
 import math
@@ -96,43 +101,38 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from lightly.models.utils import update_momentum
 from pytorch_lightning import LightningModule
 from torch import Tensor, nn
 
-from lightly_mcp.backbones import build_backbone
-from lightly_mcp.batchnorm import merge_split_batchnorm, use_split_batchnorm
-from lightly_mcp.checkpoints import load_dense_moco, read_checkpoint
-from lightly_mcp.compaction import compact
-from lightly_mcp.counting import MAC_COUNTER, count_macs, count_parameters
-from lightly_mcp.evaluation import evaluate_backbone
-from lightly_mcp.groups import find_channel_groups, member_mask, output_feature_index
-from lightly_mcp.mcp import MCP
-from lightly_mcp.moco_v2 import MoCoV2
-from lightly_mcp.pipeline import (
-    backbone_kwargs,
+from lightly_mcp.assemble import (
     evaluation_data,
+    mcp_model,
     moco_kwargs,
-    pretrain,
+    recipe_backbone,
     trainer_for,
     training_data,
-    write_json_atomic,
 )
-from lightly_mcp.recipe import Recipe, load_recipe
+from lightly_mcp.baselines import (
+    CompactMoCoV2,
+    RandomMaskMoCoV2,
+    SupervisedClassifier,
+    supervised_transform,
+)
+from lightly_mcp.batchnorm import merge_split_batchnorm
+from lightly_mcp.checkpoints import read_checkpoint
+from lightly_mcp.evaluation import evaluate_backbone
+from lightly_mcp.files import write_json_atomic
+from lightly_mcp.mcp import MCP
+from lightly_mcp.measure import MAC_COUNTER, count_macs, count_parameters
+from lightly_mcp.moco_v2 import MoCoV2
+from lightly_mcp.pipeline import pretrain
+from lightly_mcp.recipe import Recipe, load_recipe, validate
 from lightly_mcp.schedule import BlockSchedule
 from lightly_mcp.transforms import build_transform
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))  # the grid's own modules
 sys.path.insert(0, str(HERE.parent))  # benchmarks/common.py
 from common import cpu_model  # noqa: E402
-from small_networks import (  # noqa: E402
-    SupervisedClassifier,
-    slice_head_input,
-    supervised_transform,
-    torchvision_init,
-    uniform_masks,
-)
 
 warnings.filterwarnings("ignore", message=".*does not have many workers.*")
 
@@ -160,165 +160,6 @@ QUICK_OVERRIDES = [
     "eval.test_subset=500",
     "eval.linear_epochs=10",
 ]
-
-
-# --- models -------------------------------------------------------------------------
-class CompactMoCoV2(MoCoV2):
-    """MoCo v2 on a physically pruned backbone (``typical_pruning``, ``scratch_small``).
-
-    The channel groups (``keep_output_dim=False``) of the dense backbone are traced,
-    n_g channels per group are kept, the query and momentum backbones are replaced by
-    ``compact`` copies and the projection heads lose the dropped feature inputs.
-
-    Args:
-        pruning_ratio: Fraction of channels removed in every group.
-        input_size: Image size for tracing.
-        dense_checkpoint: Dense MoCo checkpoint loaded before pruning.
-        masks_from: ``"magnitude"``: the top-n_g channels of the momentum encoder by
-            ``channel_scores`` (filter-magnitude pruning); ``"first"``: the first n_g
-            channels (architecture only, with ``reinit``).
-        reinit: Re-initialise the compact networks (training from scratch).
-        **kwargs: Arguments of :class:`MoCoV2`.
-    """
-
-    def __init__(
-        self,
-        pruning_ratio: float = R92,
-        input_size: int = 32,
-        dense_checkpoint: str | None = None,
-        masks_from: str = "magnitude",
-        reinit: bool = False,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(**kwargs)
-        self.save_hyperparameters()
-        if dense_checkpoint is not None:
-            load_dense_moco(self, dense_checkpoint)
-        example = torch.randn(1, 3, input_size, input_size)
-        groups = find_channel_groups(self.backbone, example, keep_output_dim=False)
-        masks = uniform_masks(groups, pruning_ratio, masks_from, self.backbone_momentum)
-        index, _ = output_feature_index(groups, masks, self.backbone.feature_dim)
-        split = int(self.hparams["split_batch_norm"])
-        for name in ("backbone", "backbone_momentum"):
-            dense = getattr(self, name)
-            small = compact(dense, groups, masks, example)
-            if split > 1:
-                use_split_batchnorm(small, split)
-            small.feature_dim = len(index)
-            setattr(self, name, small)
-        slice_head_input(self.projection_head, index)
-        slice_head_input(self.projection_head_momentum, index)
-        if reinit:
-            torchvision_init(self.backbone)
-            torchvision_init(self.projection_head)
-            self.backbone_momentum.load_state_dict(self.backbone.state_dict())
-            self.projection_head_momentum.load_state_dict(
-                self.projection_head.state_dict()
-            )
-        self.backbone_momentum.requires_grad_(False)
-        self.projection_head_momentum.requires_grad_(False)
-
-
-class RandomMaskMoCoV2(MoCoV2):
-    """MoCo v2 with a fixed random mask φ on the momentum update (the paper's Eq. 3).
-
-    ``θ_k ← m·θ_k + φ ⊙ (1 − m)·θ_q`` for every output-side member parameter of the
-    channel groups (``keep_output_dim=False``), ``θ_k⁰ = φ ⊙ θ_q``; all other
-    parameters (and the projection head) follow the plain momentum update. Dropped
-    channels of the key encoder are therefore exactly zero at all times (weights,
-    norm scale and shift), so the key encoder *is* the masked network, and
-    ``compact_key_encoder()`` is its physically pruned copy. The query encoder is not
-    masked.
-
-    Args:
-        pruning_ratio: Fraction of channels removed in every group.
-        input_size: Image size for tracing.
-        mask_seed: Seed of the random mask.
-        dense_checkpoint: Dense MoCo checkpoint to start from (None: random init).
-        **kwargs: Arguments of :class:`MoCoV2`.
-    """
-
-    def __init__(
-        self,
-        pruning_ratio: float = R92,
-        input_size: int = 32,
-        mask_seed: int = 0,
-        dense_checkpoint: str | None = None,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(**kwargs)
-        self.save_hyperparameters()
-        if dense_checkpoint is not None:
-            load_dense_moco(self, dense_checkpoint)
-        example = torch.randn(1, 3, input_size, input_size)
-        self.groups = find_channel_groups(self.backbone, example, keep_output_dim=False)
-        generator = torch.Generator().manual_seed(mask_seed)
-        for g, group in enumerate(self.groups):
-            mask = torch.zeros(group.num_channels, dtype=torch.bool)
-            n = group.num_kept(pruning_ratio)
-            mask[torch.randperm(group.num_channels, generator=generator)[:n]] = True
-            self.register_buffer(f"mask_{g}", mask)
-        self._multipliers: dict[str, Tensor] = {}
-        self._refresh_multipliers()
-        self.reset_momentum_encoder()
-
-    @property
-    def masks(self) -> list[Tensor]:
-        """Per group, the boolean mask of kept channels."""
-        return [getattr(self, f"mask_{g}") for g in range(len(self.groups))]
-
-    def _refresh_multipliers(self) -> None:
-        params = dict(self.backbone.named_parameters())
-        multipliers: dict[str, Tensor] = {}
-        for group, mask in zip(self.groups, self.masks):
-            for member in group.members:
-                shape = params[member.param_name].shape
-                mult = member_mask(member, mask.cpu(), shape)
-                previous = multipliers.get(member.param_name)
-                multipliers[member.param_name] = (
-                    mult if previous is None else previous * mult
-                )
-        self._multipliers = multipliers
-
-    def _multiplier(self, name: str, like: Tensor) -> Tensor | None:
-        mult = self._multipliers.get(name)
-        if mult is None:
-            return None
-        if mult.device != like.device or mult.dtype != like.dtype:
-            mult = mult.to(device=like.device, dtype=like.dtype)
-            self._multipliers[name] = mult
-        return mult
-
-    @torch.no_grad()
-    def reset_momentum_encoder(self) -> None:
-        """``θ_k⁰ = φ ⊙ θ_q`` (backbone; the head is copied as it is)."""
-        query = dict(self.backbone.named_parameters())
-        for name, p_k in self.backbone_momentum.named_parameters():
-            p_q = query[name].detach()
-            mult = self._multiplier(name, p_q)
-            p_k.copy_(p_q if mult is None else p_q * mult)
-        self.projection_head_momentum.load_state_dict(self.projection_head.state_dict())
-
-    @torch.no_grad()
-    def update_momentum_encoder(self) -> None:
-        """``θ_k ← m·θ_k + φ ⊙ (1 − m)·θ_q``; plain update outside the groups."""
-        m = float(self.hparams["momentum"])
-        query = dict(self.backbone.named_parameters())
-        for name, p_k in self.backbone_momentum.named_parameters():
-            p_q = query[name].detach()
-            mult = self._multiplier(name, p_q)
-            p_k.mul_(m).add_(p_q if mult is None else p_q * mult, alpha=1.0 - m)
-        update_momentum(self.projection_head, self.projection_head_momentum, m=m)
-
-    def compact_key_encoder(self) -> nn.Module:
-        """The physically pruned key encoder (equal to the masked one)."""
-        size = self.hparams["input_size"]
-        return compact(
-            self.backbone_momentum,
-            self.groups,
-            self.masks,
-            torch.randn(1, 3, size, size, device=self.device),
-        )
 
 
 # --- the registry -------------------------------------------------------------------
@@ -509,15 +350,13 @@ def mcp_builder(
     """
 
     def build(ctx: Context) -> LightningModule:
-        m = ctx.recipe.mcp
         options: dict[str, Any] = {
-            "rho": m.rho,
-            "rho_response": m.rho_response,
-            "transition": m.transition,
-            "frq": m.frq,
-            "dr": m.dr,
-            "frozen_mask": m.frozen_mask if frozen_mask is None else frozen_mask,
+            "pruning_ratio": ratio,
+            "target_params": None,
+            "keep_output_dim": False,
         }
+        if frozen_mask is not None:
+            options["frozen_mask"] = frozen_mask
         if rho_scale is not None:
             options.update(rho=rho_scale * derived_rho(ctx.recipe), rho_response=None)
         if transition is not None:
@@ -525,20 +364,11 @@ def mcp_builder(
             if (frq, dr) == (100, 1):
                 frq = scaled_frq(pruning_steps(ctx.recipe))
             options.update(transition="paper", frq=frq, dr=dr)
-        return MCP(
-            pruning_ratio=ratio,
-            rho_growth=m.rho_growth,
-            admm_interval=m.admm_interval,
-            admm_interval_unit=m.admm_interval_unit,
-            lr_schedule=m.lr_schedule,
-            frozen_blocks=m.frozen_blocks,
-            recalibration_batches=m.recalibration_batches,
-            keep_output_dim=False,
-            input_size=ctx.recipe.data.input_size,
-            dense_checkpoint=str(ctx.dense_checkpoint),
-            **options,
-            **moco_kwargs(ctx.recipe, "mcp"),
+        row = dataclasses.replace(
+            ctx.recipe, mcp=dataclasses.replace(ctx.recipe.mcp, **options)
         )
+        validate(row, "grid row")
+        return mcp_model(row, ctx.dense_checkpoint)
 
     return build
 
@@ -746,7 +576,7 @@ def run_config(
     model = model.cpu().eval()
     networks = networks_of(model)
     size = recipe.data.input_size
-    dense_backbone = build_backbone(recipe.backbone.name, **backbone_kwargs(recipe))
+    dense_backbone = recipe_backbone(recipe)
     dense_params = count_parameters(dense_backbone)
     dense_macs = count_macs(dense_backbone, size)
     eval_start = time.perf_counter()

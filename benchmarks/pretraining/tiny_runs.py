@@ -32,9 +32,10 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from common import cpu_model  # noqa: E402
 
+from lightly_mcp.assemble import moco_kwargs, training_data  # noqa: E402
 from lightly_mcp.data import FASHION_MNIST_ROOT  # noqa: E402
 from lightly_mcp.moco_v2 import MoCoV2  # noqa: E402
-from lightly_mcp.pipeline import moco_kwargs, pretrain, training_data  # noqa: E402
+from lightly_mcp.pipeline import pretrain  # noqa: E402
 from lightly_mcp.recipe import load_recipe  # noqa: E402
 
 RECIPE = ROOT / "recipes" / "fashion_mnist_dense_mobilenetv2.yaml"

@@ -176,7 +176,7 @@ def test_cli_prunes_from_a_lightly_example_checkpoint(
     import yaml
 
     from lightly_mcp.cli import main
-    from tests.test_cli import TINY_RECIPE
+    from tests.helpers import TINY_RECIPE
 
     _, path = example_model
     recipe = {
@@ -301,7 +301,7 @@ def test_first_prune_from_an_example_checkpoint_names_the_keys(
     import yaml
 
     from lightly_mcp.cli import main
-    from tests.test_cli import TINY_RECIPE
+    from tests.helpers import TINY_RECIPE
 
     _, path = example_model
     recipe = {**TINY_RECIPE, "backbone": {"name": "torchvision/resnet18"}}
