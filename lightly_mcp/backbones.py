@@ -180,6 +180,13 @@ def build_backbone(
             its stem cannot be adapted for small inputs, or the weights file does not
             match the network.
         FileNotFoundError: If ``weights`` does not exist.
+
+    Examples:
+        >>> backbone = build_backbone("timm/resnet18", small_input=True)
+        >>> backbone(torch.randn(2, 3, 32, 32)).shape
+        torch.Size([2, 512])
+        >>> build_backbone("torchvision/mobilenet_v2", width_multiplier=0.5).feature_dim
+        1280
     """
     if width_multiplier is not None and not width_multiplier > 0:
         raise InputError(f"width_multiplier must be positive, got {width_multiplier}")

@@ -213,6 +213,11 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     Raises:
         RecipeError: On a missing or unreadable file, unknown keys, wrong types or
             values out of range, with a message naming the key.
+
+    Examples:
+        >>> recipe = load_recipe("recipes/quickstart.yaml", ["mcp.pruning_ratio=0.5"])
+        >>> recipe.mcp.pruning_ratio, recipe.backbone.name
+        (0.5, 'torchvision/mobilenet_v2')
     """
     path = Path(path)
     if not path.is_file():
