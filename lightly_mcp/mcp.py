@@ -38,20 +38,16 @@ from lightly_mcp.errors import InputError, MCPWarning
 from lightly_mcp.measure import count_parameters
 from lightly_mcp.moco_v2 import MoCoV2
 from lightly_mcp.momentum_subnet import MomentumSubnet
+from lightly_mcp.options import check_mcp_options
 from lightly_mcp.prunable_groups import find_channel_groups
 from lightly_mcp.pruning_ratio import solve_pruning_ratio
 from lightly_mcp.schedule import (
-    FROZEN_MASKS,
-    LR_SCHEDULES,
     MASK_HOLD_ALPHA,
-    TRANSITIONS,
     BlockSchedule,
     alpha_of_response,
 )
 from lightly_mcp.transforms import build_transform
 from lightly_mcp.transition import SmoothTransition
-
-ADMM_INTERVAL_UNITS = ("steps", "epochs")
 
 
 class MCP(MoCoV2):
@@ -141,29 +137,23 @@ class MCP(MoCoV2):
         **moco_kwargs: Any,
     ) -> None:
         super().__init__(**moco_kwargs)
-        for name, value, low in (
-            ("admm_interval", admm_interval, 1),
-            ("frozen_blocks", frozen_blocks, 0),
-            ("recalibration_batches", recalibration_batches, 0),
-        ):
-            if isinstance(value, bool) or not (isinstance(value, int) and value >= low):
-                raise InputError(f"{name} must be an integer >= {low}, got {value!r}.")
-        for option, choice, allowed in (
-            ("admm_interval_unit", admm_interval_unit, ADMM_INTERVAL_UNITS),
-            ("lr_schedule", lr_schedule, LR_SCHEDULES),
-            ("frozen_mask", frozen_mask, FROZEN_MASKS),
-            ("transition", transition, TRANSITIONS),
-        ):
-            if choice not in allowed:
-                raise InputError(f"{option} must be one of {allowed}, got {choice!r}.")
+        check_mcp_options(
+            {
+                "frq": frq,
+                "dr": dr,
+                "admm_interval": admm_interval,
+                "frozen_blocks": frozen_blocks,
+                "recalibration_batches": recalibration_batches,
+                "admm_interval_unit": admm_interval_unit,
+                "lr_schedule": lr_schedule,
+                "frozen_mask": frozen_mask,
+                "transition": transition,
+                "rho": rho,
+                "rho_growth": rho_growth,
+                "rho_response": rho_response,
+            }
+        )
         if rho_response is not None:
-            if not rho_response > 0:
-                raise InputError(f"rho_response must be > 0, got {rho_response}.")
-            if rho_growth != 1.0:
-                raise InputError(
-                    "rho_growth and rho_response exclude each other: rho_response "
-                    "derives every block's rho itself; set rho_growth to 1."
-                )
             if not self.hparams["sgd_momentum"] < 1:
                 raise InputError("rho_response needs sgd_momentum < 1.")
         self.save_hyperparameters(ignore=["target_params"])

@@ -19,8 +19,8 @@ from typing import Any, Union
 
 import yaml
 
-from lightly_mcp.errors import RecipeError
-from lightly_mcp.schedule import FROZEN_MASKS, LR_SCHEDULES, TRANSITIONS
+from lightly_mcp.errors import InputError, RecipeError
+from lightly_mcp.options import check_mcp_options
 
 
 @dataclass
@@ -342,56 +342,10 @@ def validate(recipe: Recipe, source: str = "recipe") -> None:
             f"'mcp.target_params' must be in (0, 1), got {m.target_params}.",
             source,
         )
-    _require(m.rho >= 0, f"'mcp.rho' must be >= 0, got {m.rho}.", source)
-    _require(
-        m.rho_growth >= 1, f"'mcp.rho_growth' must be >= 1, got {m.rho_growth}.", source
-    )
-    if m.rho_response is not None:
-        _require(
-            m.rho_response > 0,
-            f"'mcp.rho_response' must be > 0, got {m.rho_response}.",
-            source,
-        )
-        _require(
-            m.rho_growth == 1,
-            "'mcp.rho_growth' must be 1 with 'mcp.rho_response' (rho is derived "
-            "for every block).",
-            source,
-        )
-    for key, value, allowed in (
-        ("lr_schedule", m.lr_schedule, LR_SCHEDULES),
-        ("frozen_mask", m.frozen_mask, FROZEN_MASKS),
-        ("transition", m.transition, TRANSITIONS),
-    ):
-        _require(
-            value in allowed,
-            f"'mcp.{key}' must be one of {', '.join(allowed)}; got {value!r}.",
-            source,
-        )
-    _require(
-        m.frozen_blocks >= 0,
-        f"'mcp.frozen_blocks' must be an integer >= 0, got {m.frozen_blocks}.",
-        source,
-    )
-    _require(
-        m.recalibration_batches >= 0,
-        "'mcp.recalibration_batches' must be an integer >= 0, got "
-        f"{m.recalibration_batches}.",
-        source,
-    )
-    _require(m.frq >= 0, f"'mcp.frq' must be an integer >= 0, got {m.frq}.", source)
-    _require(m.dr >= 0, f"'mcp.dr' must be an integer >= 0, got {m.dr}.", source)
-    _require(
-        m.admm_interval >= 1,
-        f"'mcp.admm_interval' must be an integer >= 1, got {m.admm_interval}.",
-        source,
-    )
-    _require(
-        m.admm_interval_unit in ("steps", "epochs"),
-        f"'mcp.admm_interval_unit' must be 'steps' or 'epochs', got "
-        f"{m.admm_interval_unit!r}.",
-        source,
-    )
+    try:
+        check_mcp_options(asdict(m), qualify=lambda name: f"'mcp.{name}'")
+    except InputError as error:
+        raise RecipeError(f"{source}: {error}") from None
     for name, section in (("pretrain", p), ("mcp", m)):
         _require(section.batch_size >= 1, f"'{name}.batch_size' must be >= 1.", source)
         _require(section.lr > 0, f"'{name}.lr' must be > 0.", source)
