@@ -3,37 +3,18 @@ compares: tests/test_baselines.py)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 import torch
 
+from benchmarks.accuracy import main, report
 from lightly_mcp.assemble import moco_kwargs
 from lightly_mcp.checkpoints import read_checkpoint
 from lightly_mcp.moco_v2 import MoCoV2
 from lightly_mcp.recipe import load_recipe
 from tests.helpers import TINY, loader, trainer
-
-ACCURACY = Path(__file__).resolve().parents[1] / "benchmarks" / "accuracy"
-
-
-def _load(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(
-        f"accuracy_{name}", ACCURACY / f"{name}.py"
-    )
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-main = _load("main")
-report = _load("report")
 
 
 def test_registry_names() -> None:
@@ -203,7 +184,8 @@ def test_report_mean_and_std(tmp_path: Path) -> None:
 
 
 def test_training_curves_table(tmp_path: Path) -> None:
-    curves = _load("curves")
+    from benchmarks.accuracy import curves
+
     logs = tmp_path / "runs" / "mcp_r0.76_seed0" / "logs"
     logs.mkdir(parents=True)
     (logs / "metrics.csv").write_text(
@@ -317,7 +299,8 @@ def test_report_checks_the_targets_and_flags_collapsed_seeds(tmp_path: Path) -> 
 
 
 def test_convergence_reads_run_folders_and_grid_rows(tmp_path: Path) -> None:
-    convergence = _load("convergence")
+    from benchmarks.accuracy import convergence
+
     records = [{"step": 300.0, "theta_response": 0.86, "channels_changed": 0.0}]
     run = tmp_path / "run"  # a `lightly-mcp run` folder: its prune stage
     (run / "prune").mkdir(parents=True)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -147,20 +146,13 @@ def test_negative_keep_every_n_epochs_is_refused() -> None:
         load_recipe(DENSE_RECIPE, ["pretrain.keep_every_n_epochs=-1"])
 
 
-def _benchmark(name: str):  # type: ignore[no-untyped-def]
-    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / name)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_curve_and_shipping_scripts(tiny_run: Path, tmp_path: Path) -> None:
     """The learning-curve benchmark evaluates the kept epochs (0 = random init) and
     the shipping script writes a verified slim checkpoint with its provenance."""
     run = tiny_run.parent
     out = tmp_path / "curve"
-    curve_script = _benchmark("pretraining_curve.py")
+    from benchmarks import pretraining_curve as curve_script
+
     assert curve_script.main([str(run), "--epochs", "2,4", "--out", str(out)]) == 0
     curve = json.loads((out / "curve.json").read_text())
     assert [row["epoch"] for row in curve["epochs"]] == [0, 2, 4]
@@ -176,7 +168,8 @@ def test_curve_and_shipping_scripts(tiny_run: Path, tmp_path: Path) -> None:
     assert json.loads((out / "curve.json").read_text())["epochs"] == curve["epochs"]
 
     target = tmp_path / "pretrained" / "tiny.ckpt"
-    ship = _benchmark("ship_dense_checkpoint.py")
+    from benchmarks import ship_dense_checkpoint as ship
+
     args = [str(run), "--epoch", "4", "--curve", str(out / "curve.json")]
     assert ship.main([*args, "--target", str(target), "--commit", "abc"]) == 0
     record = json.loads(provenance_path(target).read_text())

@@ -1,0 +1,1 @@
+"""The accuracy grid (``main.py``), its report, curves and convergence scripts."""
