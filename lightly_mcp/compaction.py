@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from torch_pruning.ops import _SplitOp
 
 from lightly_mcp.batchnorm import merge_split_batchnorm
+from lightly_mcp.dependency_graph import refresh_traceable_forms
 from lightly_mcp.groups import (
     ChannelGroup,
     build_dependency_graph,
@@ -154,6 +155,7 @@ def compact(
         if any(isinstance(item.dep.target.module, _SplitOp) for item in tp_group):
             # The chunk offsets of the split changed: trace the pruned model again.
             _refresh_mixed_convolutions(compact_model)
+            refresh_traceable_forms(compact_model)
             graph = build_dependency_graph(compact_model, example_inputs)
     _restore_splits(compact_model, splits)
     # torch-pruning creates new Parameters with requires_grad=True.

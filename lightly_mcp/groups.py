@@ -51,6 +51,7 @@ from torch_pruning.dependency.index_mapping import (
     update_index_mapping,
 )
 
+from lightly_mcp.dependency_graph import DependencyGraph, traceable_forms
 from lightly_mcp.errors import (
     InputError,
     NoPrunableGroupsError,
@@ -287,7 +288,9 @@ def build_dependency_graph(
 
     torch-pruning needs gradients to trace and switches the model to eval mode; this
     enables ``requires_grad`` while tracing and restores both afterwards. Tracing in
-    eval mode also leaves BatchNorm running statistics untouched.
+    eval mode also leaves BatchNorm running statistics untouched. Blocks that
+    torch-pruning misreads are traced in an equivalent form
+    (:func:`lightly_mcp.dependency_graph.traceable_forms`).
     """
     if example_inputs is None:
         example_inputs = default_example_inputs()
@@ -295,13 +298,16 @@ def build_dependency_graph(
     try:
         for p in model.parameters():
             p.requires_grad_(True)
-        with eval_mode(model):
-            graph = tp.DependencyGraph()
+        with eval_mode(model), traceable_forms(model) as side:
+            graph = DependencyGraph()
             failed = False
             try:
                 with torch.enable_grad():
                     graph.build_dependency(
-                        model, example_inputs=example_inputs, verbose=False
+                        model,
+                        example_inputs=example_inputs,
+                        forward_fn=lambda m, x: [m(x), *side],
+                        verbose=False,
                     )
             except Exception:
                 # Its last step, the index mappings, can fail on the chunk sizes of
@@ -395,7 +401,7 @@ def _members_of(
         the ``(channel, output feature)`` pairs when the group reaches the output
         (torch-pruning's output node), else None.
     """
-    members: dict[str, GroupMember] = {}
+    members: dict[tuple[str, int], GroupMember] = {}
     output_features: tuple[tuple[int, int], ...] | None = None
     mixes_channels = False
     for item in tp_group.items:
@@ -412,8 +418,6 @@ def _members_of(
         if not isinstance(module, nn.Module) or module not in module_names:
             continue  # torch-pruning's placeholder ops (add, cat, ...)
         dim = _out_channel_dim(module)
-        order = sorted(zip(item.root_idxs, item.idxs))
-        channel_index = tuple(int(idx) for _, idx in order)
         size = None
         for param_name, param in module.named_parameters(recurse=False):
             if param.dim() <= dim:
@@ -423,8 +427,29 @@ def _members_of(
             if param.shape[dim] != size:
                 continue
             full_name = f"{module_names[module]}.{param_name}".lstrip(".")
-            members[full_name] = GroupMember(full_name, dim, channel_index)
+            for k, channel_index in enumerate(_channel_indices(item, size)):
+                members[(full_name, k)] = GroupMember(full_name, dim, channel_index)
     return list(members.values()), output_features, mixes_channels
+
+
+def _channel_indices(item: Any, size: int | None = None) -> list[tuple[int, ...]]:
+    """A member's channel indices in group order, once per copy of the group.
+
+    A layer can produce every channel of a group several times and nothing else
+    (a selective kernel's ``fc_select``: one attention logit per path and channel,
+    ``size`` outputs in all): then it is a member once per copy, each with one index
+    per group channel.
+    """
+    order = sorted(zip(item.root_idxs, item.idxs))
+    roots = [int(root) for root, _ in order]
+    copies = len(order) // max(len(set(roots)), 1)
+    if (
+        copies > 1
+        and len(order) == (size if size is not None else len(order))
+        and roots == [r for r in dict.fromkeys(roots) for _ in range(copies)]
+    ):
+        return [tuple(int(idx) for _, idx in order[k::copies]) for k in range(copies)]
+    return [tuple(int(idx) for _, idx in order)]
 
 
 # timm's spatial self-attention layers in CNNs are named too (lambda, halo, bottleneck
@@ -644,6 +669,40 @@ def _units_of(
     return tuple(sorted(tuple(unit) for unit in units.values()))
 
 
+def _rooted_at_fewest_channels(tp_group: Any, graph: tp.DependencyGraph) -> Any:
+    """The same group, traced from its layer with the fewest output channels.
+
+    torch-pruning roots a group at the first layer it meets; a layer producing every
+    channel of the group several times (a selective kernel's ``fc_select``) would
+    make the group look twice as wide as the layers it feeds. Other groups are
+    returned as they are.
+    """
+    root = tp_group[0].dep.target.module
+    fewest = len(tp_group[0].idxs)
+    for item in tp_group.items:
+        module = item.dep.target.module
+        if not isinstance(module, (tp.ops.TORCH_CONV, tp.ops.TORCH_LINEAR)):
+            continue
+        if not graph.is_out_channel_pruning_fn(item.dep.handler):
+            continue
+        if len(item.idxs) < fewest:
+            root, fewest = module, len(item.idxs)
+    first = tp_group[0].dep.target.module
+    if root is first:
+        return tp_group
+    pruner = graph.get_pruner_of_module(root)
+    channels = list(range(pruner.get_out_channels(root)))
+    rerooted = graph.get_pruning_group(root, pruner.prune_out_channels, channels)
+    for item in rerooted.items:
+        if item.dep.target.module is first and graph.is_out_channel_pruning_fn(
+            item.dep.handler
+        ):
+            copies = _channel_indices(item, len(tp_group[0].idxs))
+            if len(copies) > 1 and len(copies) * fewest == len(tp_group[0].idxs):
+                return rerooted  # the first layer produces every channel k times
+    return tp_group
+
+
 def _trace_groups(
     model: nn.Module,
     example_inputs: Tensor,
@@ -656,6 +715,7 @@ def _trace_groups(
     groups: list[ChannelGroup] = []
     claimed: dict[tuple[str, int], str] = {}
     for tp_group in graph.get_all_groups():
+        tp_group = _rooted_at_fewest_channels(tp_group, graph)
         members, output_features, mixes_channels = _members_of(
             tp_group, graph, module_names
         )
@@ -790,8 +850,8 @@ def trace_channel_groups(
         raise unsupported(
             model,
             f"tracing its channel groups took longer than {time_limit:g} s "
-            "(torch-pruning's group search does not finish on its graph, e.g. "
-            "rexnet's sliced residuals or global-context attention)",
+            "(torch-pruning's tracing or group search does not finish on its "
+            "graph)",
         ) from None
     except Exception as error:  # noqa: BLE001 - torch-pruning's internal errors
         raise unsupported(

@@ -187,12 +187,13 @@ def test_weight_standardised_convolution_is_refused_before_tracing() -> None:
 
 
 def test_time_limit_refuses_a_pathological_graph_and_restores_the_model() -> None:
-    # torch-pruning's group search on rexnet's sliced residuals runs for minutes.
+    # Tracing rexnet takes about a second (torch-pruning's own group search on its
+    # sliced residuals ran for minutes): far longer than 0.05 s.
     backbone = build_backbone("timm/rexnet_100").train()
     backbone.net.stem.requires_grad_(False)
     start = time.perf_counter()
-    with pytest.raises(UnsupportedBackboneError, match="took longer than 1.5 s"):
-        find_channel_groups(backbone, torch.randn(1, 3, 32, 32), time_limit=1.5)
+    with pytest.raises(UnsupportedBackboneError, match="took longer than 0.05 s"):
+        find_channel_groups(backbone, torch.randn(1, 3, 32, 32), time_limit=0.05)
     assert time.perf_counter() - start < 20
     assert all(m.training for m in backbone.modules())
     assert not any(p.requires_grad for p in backbone.net.stem.parameters())
