@@ -104,7 +104,8 @@ def _parser() -> argparse.ArgumentParser:
         "export",
         help="compact model + report → OUT/",
         description="Physically prune an MCP checkpoint's momentum "
-        "subnet and write model.pt, model.ts, model.onnx, report.json.",
+        "subnet, fold its BatchNorm layers and write model.pt2 (torch.export), "
+        "model.onnx, model.pt, report.json.",
     )
     p.add_argument("checkpoint", type=Path, help="MCP checkpoint")
     p.add_argument(
@@ -119,6 +120,11 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also time dense and compact at 224 px (default: the training size)",
     )
+    p.add_argument(
+        "--torchscript",
+        action="store_true",
+        help="also write model.ts (TorchScript, deprecated; for LibTorch C++)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     common(p, recipe=False)
 
@@ -126,13 +132,14 @@ def _parser() -> argparse.ArgumentParser:
         "evaluate",
         help="kNN and linear-probe top-1 → OUT/eval.json",
         description="kNN and linear-probe top-1 of a checkpoint or an exported "
-        "model (model.ts, or an export folder) → OUT/eval.json.",
+        "model (model.pt2, or an export folder) → OUT/eval.json.",
     )
     p.add_argument(
         "model",
         type=Path,
-        help="MoCoV2/MCP checkpoint (read with weights_only=True), exported model.ts "
-        "(TorchScript), or an export folder (its model.ts)",
+        help="MoCoV2/MCP checkpoint (read with weights_only=True), exported model.pt2 "
+        "(torch.export, read without pickle), model.ts (TorchScript, older exports), "
+        "or an export folder (its model.pt2)",
     )
     p.add_argument("recipe", type=Path, help="YAML recipe (data and eval sections)")
     p.add_argument(
@@ -263,6 +270,7 @@ def _dispatch(args: argparse.Namespace) -> int:
             round_to=args.round_to,
             latency=not args.no_latency,
             latency_at_224=args.latency_at_224,
+            torchscript=args.torchscript,
             console=console,
             overwrite=args.overwrite,
         )
@@ -388,7 +396,7 @@ def _run(
             out,
             rerun_argv(args),
             args.recipe,
-            export_options(e.round_to, e.latency, e.latency_at_224),
+            export_options(e.round_to, e.latency, e.latency_at_224, e.torchscript),
         )
         if late is None:
             raise

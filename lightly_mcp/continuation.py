@@ -72,10 +72,15 @@ def continue_commands(
 
 
 def export_options(
-    round_to: int | None, latency: bool, latency_at_224: bool = False
+    round_to: int | None,
+    latency: bool,
+    latency_at_224: bool = False,
+    torchscript: bool = False,
 ) -> list[str]:
     """The ``lightly-mcp export`` options of a recipe's export section."""
     options = [] if round_to is None else ["--round-to", str(round_to)]
+    if torchscript:
+        options.append("--torchscript")
     if not latency:
         return [*options, "--no-latency"]
     return options + (["--latency-at-224"] if latency_at_224 else [])

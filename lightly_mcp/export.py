@@ -5,17 +5,25 @@ of the momentum subnet for real (:func:`lightly_mcp.compaction.compact`), checks
 the compact network computes what the masked momentum subnet computes, and writes one
 output folder, atomically:
 
-- ``model.pt``: the compact backbone as a whole pickled ``nn.Module``. Loading it runs
-  pickle (``torch.load(path, weights_only=False)``): load only files you trust.
-- ``model.ts``: TorchScript (traced in eval mode), loadable with ``torch.jit.load``.
+Every file holds the same network, in eval mode, with its BatchNorm layers folded into
+the convolutions before them (:mod:`lightly_mcp.folding`); the equivalence check is
+run on that folded network.
+
+- ``model.pt2``: a ``torch.export`` program with a dynamic batch axis, code-free;
+  :func:`lightly_mcp.runtimes.load_program` reads it without unpickling anything.
 - ``model.onnx``: ONNX with a dynamic batch axis, when the exporter supports the
   architecture (a failure is noted in the report, not raised).
-- ``report.json``: sizes, MACs, latencies, speedups and the equivalence check
+- ``model.pt``: the compact backbone as a whole pickled ``nn.Module``. Loading it runs
+  pickle (``torch.load(path, weights_only=False)``): load only files you trust.
+- ``model.ts``: TorchScript, only when asked for (``torchscript=True``), for LibTorch
+  C++ deployments; PyTorch deprecates TorchScript in favour of ``torch.export``.
+- ``report.json``: sizes, MACs, per deployed form the latency of both networks, each
+  network's fastest form, the best-against-best speedup, and the equivalence check
   (:class:`lightly_mcp.report.ExportReport`).
 
 Examples:
     >>> report = export("runs/mcp/last.ckpt", "exported/mobilenet_v2_73")
-    >>> compact = torch.jit.load("exported/mobilenet_v2_73/model.ts")  # no pickle
+    >>> compact = load_program("exported/mobilenet_v2_73/model.pt2")  # no pickle
 """
 
 from __future__ import annotations
@@ -26,7 +34,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Mapping
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +47,7 @@ from lightly_mcp.batchnorm import merge_split_batchnorm, recalibrate_batchnorm
 from lightly_mcp.compaction import compact
 from lightly_mcp.errors import ExportError, InputError, describe_error
 from lightly_mcp.files import write_json_atomic
+from lightly_mcp.folding import fold_batchnorm
 from lightly_mcp.loading import load_mcp_checkpoint
 from lightly_mcp.masks import output_feature_index, round_masks
 from lightly_mcp.mcp import MCP
@@ -57,6 +66,14 @@ from lightly_mcp.report import (
     PerBatch,
     Speedup,
     export_summary_table,
+    fastest,
+)
+from lightly_mcp.runtimes import (
+    deployed_forms,
+    export_program,
+    load_program,
+    save_onnx,
+    save_program,
 )
 
 #: Resolution of the second set of MACs and latencies (ImageNet deployment size).
@@ -68,7 +85,7 @@ CHECK_TOLERANCE = 1e-4
 #: What ``model.pt`` needs to be loaded, repeated in the report.
 PICKLE_NOTE = (
     "whole pickled nn.Module: torch.load(path, weights_only=False) runs pickle, "
-    "load only files you trust; model.ts / model.onnx need no pickle"
+    "load only files you trust; model.pt2 / model.onnx need no pickle"
 )
 
 
@@ -83,25 +100,47 @@ def export_masks(model: MCP, round_to: int | None = None) -> list[Tensor]:
     return masks
 
 
+@dataclass
+class CheckedCompact:
+    """A compact model and its equivalence check against the masked subnet.
+
+    Attributes:
+        model: The compact model (eval mode, float32, on the CPU).
+        max_abs_err: Max abs difference from the reference in float32.
+        output_scale: Max abs output, the check's tolerance scale.
+        folded: BatchNorm layers folded into convolutions (0 when not folded).
+        unfolded: The compact model before folding (``model`` when not folded):
+            the architecture whose parameters the report counts.
+    """
+
+    model: nn.Module
+    max_abs_err: float
+    output_scale: float
+    folded: int
+    unfolded: nn.Module
+
+
 def compact_and_check(
-    model: MCP, masks: list[Tensor]
-) -> tuple[nn.Module, float, float]:
+    model: MCP, masks: list[Tensor], *, fold: bool = True
+) -> CheckedCompact:
     """The compact momentum subnet of ``model`` with ``masks``, checked.
 
     The trained subnet (its own normalisation statistics) is compacted, its
     ``SplitBatchNorm`` layers are merged into plain ``BatchNorm2d`` (equal in eval
-    mode), and its output in eval mode, on random inputs at the training resolution,
-    is compared with that of the masked momentum subnet, both computed in float64
+    mode) and, with ``fold``, folded into the convolutions before them. The output of
+    that network in eval mode, on random inputs at the training resolution, is
+    compared with that of the masked momentum subnet, both computed in float64
     (float32 rounding, amplified by deep networks with large activations, is not a
     difference of the networks). When the masks prune the group that reaches the
     output (``keep_output_dim=False``), the compact model has fewer features: it is
     compared with the subnet's kept features (:func:`output_feature_index`), and the
     subnet's dropped features must be zero.
 
-    Returns:
-        The compact model (eval mode, every parameter requiring gradients, float32),
-        the max abs error between the two in float32 and the output scale the
-        check's tolerance is relative to.
+    Args:
+        model: The MCP module.
+        masks: Per group, the channels to keep.
+        fold: Fold BatchNorm into the convolutions (what is deployed); ``False``
+            keeps the norms (to fine-tune or recalibrate the model).
 
     Raises:
         ExportError: If the compact model does not match the masked subnet.
@@ -114,11 +153,17 @@ def compact_and_check(
     compact_model = compact(subnet.materialize(), model.groups, masks, example)
     # Deployed files hold plain BatchNorm2d: lightly's SplitBatchNorm (kept by
     # compact() for train-mode equivalence) only matters for training. The check
-    # below is on the merged model, the one that is written.
+    # below is on the merged (and folded) model, the one that is written.
     merge_split_batchnorm(compact_model)
     compact_model.eval()
     for param in compact_model.parameters():
         param.requires_grad_(True)
+    unfolded = compact_model
+    folded = 0
+    reference64 = copy.deepcopy(unfolded).double()
+    if fold:
+        reference64, folded = _folded_in_float64(unfolded, size)
+        compact_model = copy.deepcopy(reference64).float()
 
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(CHECK_BATCH_SIZE, 3, size, size, generator=generator)
@@ -129,9 +174,7 @@ def compact_and_check(
     # is as large in float64. The float32 error is what the report states.
     with torch.no_grad():
         expected = copy.deepcopy(subnet).double()(x.double())
-        got = copy.deepcopy(compact_model).double()(x.double())
         expected32 = subnet(x)
-        got32 = compact_model(x)
     # A pruned output group (keep_output_dim=False) removes output features: the
     # compact model computes the subnet's kept features, in order, and the subnet's
     # dropped features are zero.
@@ -148,19 +191,83 @@ def compact_and_check(
             )
         expected = expected.index_select(1, kept)
         expected32 = expected32.index_select(1, kept)
+    err32 = _check_same(
+        reference64,
+        compact_model,
+        x,
+        expected,
+        expected32,
+        "the masked momentum subnet",
+    )
+    return CheckedCompact(compact_model, err32, scale, folded, unfolded)
+
+
+def fold_and_check(model: nn.Module, size: int) -> tuple[nn.Module, int]:
+    """``model`` (eval mode) with its BatchNorm folded, checked against itself.
+
+    Returns:
+        The folded copy and the number of norms folded.
+
+    Raises:
+        ExportError: If the folded network computes something else.
+    """
+    model = model.eval()
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(CHECK_BATCH_SIZE, 3, size, size, generator=generator)
+    with torch.no_grad():
+        expected = copy.deepcopy(model).double()(x.double())
+        expected32 = model(x)
+    folded64, folded = _folded_in_float64(model, size)
+    folded_model = copy.deepcopy(folded64).float()
+    _check_same(
+        folded64, folded_model, x, expected, expected32, "the network before folding"
+    )
+    return folded_model, folded
+
+
+def _folded_in_float64(model: nn.Module, size: int) -> tuple[nn.Module, int]:
+    """A float64 copy of ``model`` with its BatchNorm folded, and the count folded.
+
+    Folding in float64 and rounding the result once to float32 gives the float32
+    weights closest to the folded ones; the float64 copy is what the equivalence
+    check compares (a structural check, free of float32 rounding).
+    """
+    folded = copy.deepcopy(model).double().eval()
+    count = fold_batchnorm(folded, torch.randn(2, 3, size, size, dtype=torch.float64))
+    return folded, count
+
+
+def _check_same(
+    model64: nn.Module,
+    model: nn.Module,
+    x: Tensor,
+    expected: Tensor,
+    expected32: Tensor,
+    reference: str,
+) -> float:
+    """Checks ``model64(x)`` against ``expected`` (both float64); the float32 error
+    of ``model`` against ``expected32``.
+
+    Raises:
+        ExportError: If the shapes differ or the float64 error exceeds the tolerance.
+    """
+    with torch.no_grad():
+        got = model64(x.double())
+        got32 = model(x)
     if got.shape != expected.shape:
         raise ExportError(
-            f"Compact output shape {tuple(got.shape)} differs from the momentum "
-            f"subnet's {tuple(expected.shape)} (its kept output features)."
+            f"Compact output shape {tuple(got.shape)} differs from that of "
+            f"{reference} {tuple(expected.shape)} (its kept output features)."
         )
+    scale = float(expected.abs().max())
     err = float((got - expected).abs().max())
-    if not err <= tolerance:
+    if not err <= CHECK_TOLERANCE * max(1.0, scale):
         raise ExportError(
-            f"The compact model does not match the masked momentum subnet: max abs "
-            f"error {err:.3g} (float64) > {CHECK_TOLERANCE:g} * max(1, {scale:.3g}). "
+            f"The compact model does not match {reference}: max abs error "
+            f"{err:.3g} (float64) > {CHECK_TOLERANCE:g} * max(1, {scale:.3g}). "
             "Nothing was written."
         )
-    return compact_model, float((got32 - expected32).abs().max()), scale
+    return float((got32 - expected32).abs().max())
 
 
 def compact_from_checkpoint(
@@ -170,6 +277,7 @@ def compact_from_checkpoint(
     recalibrate: DataLoader | None = None,
     recalibration_batches: int = 10,
     expected_backbone: str | None = None,
+    fold: bool = True,
 ) -> nn.Module:
     """The compact model :func:`export` writes, rebuilt from the MCP checkpoint.
 
@@ -177,13 +285,28 @@ def compact_from_checkpoint(
     no pickled code. With the same options as the export, the result equals its
     ``model.pt`` (up to float noise of the BatchNorm recalibration, if any).
 
+    Args:
+        checkpoint: Path of an MCP Lightning checkpoint.
+        round_to: Widen the masks to multiples of this, as the export does.
+        recalibrate: Batches to re-estimate the BatchNorm statistics with, if any.
+        recalibration_batches: How many of them.
+        expected_backbone: If given, refuse checkpoints of another backbone.
+        fold: Fold BatchNorm into the convolutions, as the export does; ``False``
+            keeps the norms, to fine-tune the compact model.
+
     Returns:
         The compact model, in eval mode, on the CPU.
     """
     model = load_mcp_checkpoint(checkpoint, expected_backbone=expected_backbone)
-    compact_model, _, _ = compact_and_check(model, export_masks(model, round_to))
-    if recalibrate is not None:
-        recalibrate_batchnorm(compact_model, recalibrate, recalibration_batches)
+    masks = export_masks(model, round_to)
+    if recalibrate is None:
+        return compact_and_check(model, masks, fold=fold).model
+    compact_model = compact_and_check(model, masks, fold=False).model
+    recalibrate_batchnorm(compact_model, recalibrate, recalibration_batches)
+    if fold:
+        compact_model, _ = fold_and_check(
+            compact_model, int(model.hparams["input_size"])
+        )
     return compact_model.eval()
 
 
@@ -202,19 +325,23 @@ def export(
     overwrite: bool = False,
     console: Console | None = None,
     onnx: bool = True,
+    torchscript: bool = False,
 ) -> dict[str, Any]:
     """Exports the compact momentum subnet of an MCP checkpoint to a folder.
 
     Steps: read the checkpoint safely and rebuild the MCP module; optionally widen
-    the masks to multiples of ``round_to``; compact the momentum subnet; check in
-    eval mode, on random inputs at the training resolution, that the compact network
-    matches the masked momentum subnet (before any BatchNorm recalibration, which
-    changes outputs on purpose); optionally recalibrate BatchNorm statistics; count
-    parameters and MACs; time dense vs compact; write ``model.pt``, ``model.ts``,
-    ``model.onnx`` and ``report.json``. Everything is written to a temporary sibling
-    folder that is renamed to ``out_dir`` at the end, so a failed export leaves no
-    partial output. The compact model is saved in eval mode with all parameters
-    requiring gradients (ready to fine-tune).
+    the masks to multiples of ``round_to``; compact the momentum subnet; fold its
+    BatchNorm layers into the convolutions; check in eval mode, on random inputs at
+    the training resolution, that the folded compact network matches the masked
+    momentum subnet (with BatchNorm recalibration: the unfolded network is checked
+    before recalibrating, which changes outputs on purpose, and the folded one
+    against the recalibrated one); count parameters and MACs; time dense and compact
+    (both folded) in every deployed form (eager, ``torch.export``, ONNX Runtime);
+    write ``model.pt2``, ``model.onnx``, ``model.pt`` (and ``model.ts`` if asked)
+    and ``report.json``, checking every reloaded file. Everything is written to a
+    temporary sibling folder that is renamed to ``out_dir`` at the end, so a failed
+    export leaves no partial output. To fine-tune the compact model, rebuild it
+    unfolded with ``compact_from_checkpoint(..., fold=False)``.
 
     Args:
         checkpoint: Path of an MCP Lightning checkpoint.
@@ -225,7 +352,7 @@ def export(
         round_to: Keep channel counts multiples of this (extra channels are the
             highest-norm dropped ones); None keeps the trained masks as they are.
         latency: Time dense and compact models; if False, latency fields are null.
-        latency_repeats: Timed runs per model and setting (median reported).
+        latency_repeats: Timed runs per model, form and setting (median reported).
         latency_at_224: Also time both models at 224 px (``at_224``; null
             otherwise). A model trained at 32 px with a small-input stem is not a
             224-px model, and timing it there costs minutes on a small CPU.
@@ -233,6 +360,8 @@ def export(
         overwrite: Replace a non-empty ``out_dir``.
         console: Where the summary table is printed (a new ``Console`` if None).
         onnx: Also write ``model.onnx`` (its failure is noted, never raised).
+        torchscript: Also write ``model.ts`` (TorchScript, for LibTorch C++; its
+            failure is noted, never raised).
 
     Returns:
         The report, as written to ``report.json``.
@@ -267,6 +396,7 @@ def export(
             latency_repeats=latency_repeats,
             latency_at_224=latency_at_224,
             onnx=onnx,
+            torchscript=torchscript,
         )
         as_json = report.to_dict()
         write_json_atomic(tmp / "report.json", as_json)
@@ -348,21 +478,45 @@ def _build(
     latency_repeats: int,
     latency_at_224: bool,
     onnx: bool,
+    torchscript: bool,
 ) -> ExportReport:
-    """Compacts, checks, measures and writes the model files into ``folder``."""
+    """Compacts, checks, folds, measures and writes the model files into ``folder``."""
     size = int(model.hparams["input_size"])
     example = torch.randn(1, 3, size, size)
-    compact_model, err, scale = compact_and_check(model, masks)
-    if recalibrate is not None:
-        recalibrate_batchnorm(compact_model, recalibrate, recalibration_batches)
-    dense = _deployed_dense(model)
-    files = _save_models(compact_model, folder, size, onnx=onnx)
+    note = (
+        f"folded compact vs masked momentum subnet, eval mode, random inputs "
+        f"{CHECK_BATCH_SIZE}x3x{size}x{size}"
+    )
+    if recalibrate is None:
+        checked = compact_and_check(model, masks, fold=True)
+        compact_model, compact_folded = checked.model, checked.folded
+        unfolded = checked.unfolded
+    else:
+        # Recalibration needs the norms: check unfolded, recalibrate, then fold
+        # (checked against the recalibrated network).
+        checked = compact_and_check(model, masks, fold=False)
+        recalibrate_batchnorm(checked.model, recalibrate, recalibration_batches)
+        unfolded = checked.model
+        compact_model, compact_folded = fold_and_check(unfolded, size)
+        note = (
+            f"compact vs masked momentum subnet, eval mode, random inputs "
+            f"{CHECK_BATCH_SIZE}x3x{size}x{size}, checked before BatchNorm "
+            "recalibration; the folded model checked against the recalibrated one"
+        )
+    dense_unfolded = _deployed_dense(model)
+    dense, dense_folded = fold_and_check(dense_unfolded, size)
+    files = _save_models(
+        compact_model, folder, size, onnx=onnx, torchscript=torchscript
+    )
 
+    # Parameters and MACs are the architectures' (with their norms, as the paper
+    # counts); latencies are the folded networks', as deployed.
     nets = {"dense": dense, "compact": compact_model}
-    sides = {name: _measure(net, example, size) for name, net in nets.items()}
-    speedup = Speedup()
+    architectures = {"dense": dense_unfolded, "compact": unfolded}
+    sides = {name: _measure(net, example, size) for name, net in architectures.items()}
+    speedup, not_timed = Speedup(), dict[str, str]()
     if latency:
-        speedup = _time(nets, sides, size, latency_repeats, latency_at_224)
+        speedup, not_timed = _time(nets, sides, size, latency_repeats, latency_at_224)
 
     return ExportReport(
         backbone=model.hparams["backbone"],
@@ -371,13 +525,9 @@ def _build(
         dense=sides["dense"],
         compact=sides["compact"],
         speedup=speedup,
-        equivalence_max_abs_err=err,
-        equivalence_output_scale=scale,
-        equivalence_note=(
-            "compact vs masked momentum subnet, eval mode, random inputs "
-            f"{CHECK_BATCH_SIZE}x3x{size}x{size}, checked before BatchNorm "
-            "recalibration"
-        ),
+        equivalence_max_abs_err=checked.max_abs_err,
+        equivalence_output_scale=checked.output_scale,
+        equivalence_note=note,
         kept_channels=[
             KeptChannels(group.root, int(mask.sum()), group.num_channels)
             for group, mask in zip(model.groups, masks)
@@ -390,18 +540,24 @@ def _build(
         bn_recalibrated=recalibrate is not None,
         round_to=round_to,
         checkpoint=checkpoint,
+        bn_folded={"dense": dense_folded, "compact": compact_folded},
+        forms_not_timed=not_timed,
     )
 
 
 def _deployed_dense(model: MCP) -> nn.Module:
-    """The unpruned momentum encoder as it would be deployed, to compare with."""
+    """The unpruned momentum encoder as it would be deployed, to compare with
+    (before folding).
+    """
     dense = copy.deepcopy(model.backbone_momentum)
     merge_split_batchnorm(dense)
     return dense.eval()
 
 
 def _measure(net: nn.Module, example: Tensor, size: int) -> NetworkMeasurements:
-    """Parameters, MACs and feature dimension of ``net``; latencies not timed yet."""
+    """Parameters, MACs and feature dimension of ``net`` (before folding: the
+    architecture); latencies not timed yet.
+    """
     with torch.no_grad():
         feature_dim = int(net(example).shape[-1])
     return NetworkMeasurements(
@@ -419,57 +575,130 @@ def _time(
     size: int,
     repeats: int,
     at_224: bool,
-) -> Speedup:
-    """Times ``nets`` into their ``sides``; returns dense over compact latency.
+) -> tuple[Speedup, dict[str, str]]:
+    """Times ``nets`` in every deployed form into their ``sides``.
 
     The training resolution is always timed, the deployment resolution if
     ``at_224`` (and when it is the training resolution, its timings are reused).
+
+    Returns:
+        Dense over compact latency, each network in its fastest form; and per
+        ``network/form`` that could not be built, why.
     """
-    latencies, speedup = _time_at(nets, size, repeats)
+    by_form, not_timed = _time_at(nets, size, repeats)
     for name, side in sides.items():
-        side.latency_ms = latencies[name]
+        side.latency_ms_by_form = by_form[name]
+        side.latency_ms, side.fastest_form = fastest(by_form[name])
+    speedup = _speedup(sides["dense"].latency_ms, sides["compact"].latency_ms)
     if size == DEPLOY_RESOLUTION:  # the training resolution is 224 px
         for side in sides.values():
             side.at_224.latency_ms = replace(side.latency_ms)
-        return Speedup(speedup.bs1, speedup.bs64, at_224=replace(speedup))
+            side.at_224.fastest_form = replace(side.fastest_form)
+            side.at_224.latency_ms_by_form = dict(side.latency_ms_by_form)
+        return Speedup(speedup.bs1, speedup.bs64, at_224=replace(speedup)), not_timed
     if not at_224:
-        return Speedup(speedup.bs1, speedup.bs64)
-    latencies, speedup_224 = _time_at(nets, DEPLOY_RESOLUTION, repeats)
+        return Speedup(speedup.bs1, speedup.bs64), not_timed
+    by_form, not_timed_224 = _time_at(nets, DEPLOY_RESOLUTION, repeats)
     for name, side in sides.items():
-        side.at_224.latency_ms = latencies[name]
-    return Speedup(speedup.bs1, speedup.bs64, at_224=speedup_224)
+        side.at_224.latency_ms_by_form = by_form[name]
+        side.at_224.latency_ms, side.at_224.fastest_form = fastest(by_form[name])
+    speedup_224 = _speedup(
+        sides["dense"].at_224.latency_ms, sides["compact"].at_224.latency_ms
+    )
+    not_timed.update({f"{k} @{DEPLOY_RESOLUTION}": v for k, v in not_timed_224.items()})
+    return Speedup(speedup.bs1, speedup.bs64, at_224=speedup_224), not_timed
+
+
+def _speedup(dense: PerBatch, compact: PerBatch) -> PerBatch:
+    def ratio(d: float | None, c: float | None) -> float | None:
+        return d / c if d is not None and c else None
+
+    return PerBatch(ratio(dense.bs1, compact.bs1), ratio(dense.bs64, compact.bs64))
 
 
 def _time_at(
     nets: Mapping[str, nn.Module], resolution: int, repeats: int
-) -> tuple[dict[str, PerBatch], PerBatch]:
-    """Latencies of ``nets`` at batch 1 and 64, and dense over compact latency."""
-    bs1 = measure_latency(nets, (1, 3, resolution, resolution), repeats)
-    bs64 = measure_latency(nets, (64, 3, resolution, resolution), repeats)
-    latencies = {name: PerBatch(bs1[name], bs64[name]) for name in nets}
-    speedup = PerBatch(bs1["dense"] / bs1["compact"], bs64["dense"] / bs64["compact"])
-    return latencies, speedup
+) -> tuple[dict[str, dict[str, PerBatch]], dict[str, str]]:
+    """Per network and deployed form, latencies at batch 1 and 64, all timed
+    interleaved; and per ``network/form`` that could not be built, why.
+    """
+    runners: dict[str, Any] = {}
+    not_timed: dict[str, str] = {}
+    for name, net in nets.items():
+        forms, skipped = deployed_forms(net, resolution)
+        runners.update({f"{name}/{form}": run for form, run in forms.items()})
+        not_timed.update({f"{name}/{form}": why for form, why in skipped.items()})
+    bs1 = measure_latency(runners, (1, 3, resolution, resolution), repeats)
+    bs64 = measure_latency(runners, (64, 3, resolution, resolution), repeats)
+    by_form: dict[str, dict[str, PerBatch]] = {name: {} for name in nets}
+    for key in runners:
+        name, _, form = key.partition("/")
+        by_form[name][form] = PerBatch(bs1[key], bs64[key])
+    return by_form, not_timed
 
 
 def _save_models(
-    model: nn.Module, folder: Path, size: int, onnx: bool = True
+    model: nn.Module,
+    folder: Path,
+    size: int,
+    onnx: bool = True,
+    torchscript: bool = False,
 ) -> ExportFiles:
-    """Writes model.pt, model.ts and (when asked and it exports) model.onnx into
-    ``folder``.
+    """Writes model.pt2, model.pt and, when asked and they export, model.onnx and
+    model.ts into ``folder``; each reloaded file is checked against ``model``.
     """
-    torch.save(model, folder / "model.pt")
-    notes = {"model.pt": PICKLE_NOTE}
-    notes["torchscript"] = _save_torchscript(model, folder / "model.ts", size)
+    notes = {"model.pt2": _save_program(model, folder / "model.pt2", size)}
     notes["onnx"] = (
         _save_onnx(model, folder / "model.onnx", size) if onnx else "not asked for"
+    )
+    torch.save(model, folder / "model.pt")
+    notes["model.pt"] = PICKLE_NOTE
+    notes["torchscript"] = (
+        _save_torchscript(model, folder / "model.ts", size)
+        if torchscript
+        else "not asked for (TorchScript is deprecated; model.pt2 replaces it)"
     )
     model.eval()
     written = [
         name
-        for name in ("model.pt", "model.ts", "model.onnx")
+        for name in ("model.pt2", "model.onnx", "model.pt", "model.ts")
         if (folder / name).is_file()
     ]
     return ExportFiles(written, notes)
+
+
+def _check_reloaded(reloaded: Any, model: nn.Module, size: int, what: str) -> float:
+    """Max abs difference of a reloaded file from ``model`` (batch 2 and 3).
+
+    Raises:
+        ExportError: If it exceeds the equivalence tolerance.
+    """
+    err = 0.0
+    for batch in (2, 3):
+        x = torch.randn(batch, 3, size, size)
+        with torch.no_grad():
+            reference = model(x)
+            err = max(err, float((reloaded(x) - reference).abs().max()))
+        if not err <= CHECK_TOLERANCE * max(1.0, float(reference.abs().max())):
+            raise ExportError(
+                f"The reloaded {what} differs from the compact model by {err:.3g}."
+            )
+    return err
+
+
+def _save_program(model: nn.Module, path: Path, size: int) -> str:
+    """Writes the ``torch.export`` program of ``model`` to ``path``; the report's note.
+
+    Raises:
+        ExportError: If the network cannot be exported or the reloaded program
+            computes something else (``model.pt2`` is the primary deployed file).
+    """
+    save_program(export_program(model, size), path)
+    err = _check_reloaded(load_program(path), model, size, "torch.export program")
+    return (
+        f"ok (torch.export, eval mode, BatchNorm folded, dynamic batch axis; "
+        f"max abs err {err:.3g}); load with lightly_mcp.runtimes.load_program"
+    )
 
 
 def _save_torchscript(model: nn.Module, path: Path, size: int) -> str:
@@ -478,25 +707,16 @@ def _save_torchscript(model: nn.Module, path: Path, size: int) -> str:
     A failed trace is noted and leaves no file; a reloaded model that computes
     something else raises :class:`ExportError`.
     """
-    x = torch.randn(2, 3, size, size)
-    with torch.no_grad():
-        reference = model(x)
     try:
         with torch.no_grad():
             traced = torch.jit.trace(model, torch.randn(1, 3, size, size))
         traced.save(str(path))
         reloaded = torch.jit.load(str(path))
-        with torch.no_grad():
-            ts_err = float((reloaded(x) - reference).abs().max())
     except Exception as error:  # noqa: BLE001 - recorded in the report
         path.unlink(missing_ok=True)
         return f"failed: {describe_error(error)[:300]}"
-    if not ts_err <= CHECK_TOLERANCE * max(1.0, float(reference.abs().max())):
-        raise ExportError(
-            f"The reloaded TorchScript model differs from the compact model by "
-            f"{ts_err:.3g}."
-        )
-    return f"ok (traced, eval mode; max abs err {ts_err:.3g})"
+    err = _check_reloaded(reloaded, model, size, "TorchScript model")
+    return f"ok (traced, eval mode; max abs err {err:.3g})"
 
 
 def _save_onnx(model: nn.Module, path: Path, size: int) -> str:
@@ -504,20 +724,11 @@ def _save_onnx(model: nn.Module, path: Path, size: int) -> str:
     and leaves no file).
     """
     try:
-        torch.onnx.export(
-            model,
-            (torch.randn(1, 3, size, size),),
-            str(path),
-            input_names=["images"],
-            output_names=["features"],
-            dynamic_axes={"images": {0: "batch"}, "features": {0: "batch"}},
-            dynamo=False,
-        )
-    except Exception as error:  # noqa: BLE001 - recorded in the report
-        for leftover in path.parent.glob(f"{path.name}*"):
-            leftover.unlink()
-        return f"failed: {describe_error(error)[:300]}"
-    return "ok (dynamic batch axis)"
+        save_onnx(model, path, size)
+    except ExportError as error:
+        cause = error.__cause__
+        return f"failed: {describe_error(cause if cause is not None else error)[:300]}"
+    return "ok (dynamic batch axis, BatchNorm folded)"
 
 
 def _move_into_place(tmp: Path, out_dir: Path) -> None:

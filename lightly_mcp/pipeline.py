@@ -48,6 +48,7 @@ from lightly_mcp.moco_v2 import MoCoV2
 from lightly_mcp.recipe import Recipe, RecipeError, dump_recipe
 from lightly_mcp.report import write_plots
 from lightly_mcp.run_folder import OutputFolderError, check_recipe, is_rank_zero
+from lightly_mcp.runtimes import load_program
 
 DONE = "done.json"
 
@@ -255,6 +256,7 @@ def export_stage(
         latency=e.latency,
         latency_repeats=e.latency_repeats,
         latency_at_224=e.latency_at_224,
+        torchscript=e.torchscript,
         console=console,
         expected_backbone=recipe.backbone.name,
         overwrite=True,
@@ -265,7 +267,7 @@ PICKLE_REFUSED = (
     "'{path}' cannot be read safely (torch.load with weights_only=True): it is "
     "corrupt or holds pickled Python objects (an exported model.pt is a whole "
     "pickled nn.Module), and unpickling it runs code from the file. Evaluate the "
-    "exported model.ts (TorchScript, no pickle) or a checkpoint instead, or pass "
+    "exported model.pt2 (torch.export, no pickle) or a checkpoint instead, or pass "
     "--trust-pickle if you trust this file."
 )
 
@@ -277,21 +279,28 @@ def load_backbone_for_eval(
 
     A MoCo v2 checkpoint gives ``dense`` (its momentum encoder); an MCP checkpoint
     gives ``dense`` (the unmasked momentum encoder) and ``subnet`` (the masked one);
-    an exported ``model.ts`` (TorchScript, no pickled code), or an export folder
-    (its ``model.ts``), gives ``compact``. Checkpoints, whatever their suffix, are
-    read with ``weights_only=True``. A whole pickled module (an exported
-    ``model.pt``) is unpickled only with ``trust_pickle=True``: that runs code from
-    the file.
+    an exported ``model.pt2`` (a ``torch.export`` program, read without pickle), an
+    older export's ``model.ts`` (TorchScript), or an export folder (its
+    ``model.pt2``, else its ``model.ts``), gives ``compact``. Checkpoints, whatever
+    their suffix, are read with ``weights_only=True``. A whole pickled module (an
+    exported ``model.pt``) is unpickled only with ``trust_pickle=True``: that runs
+    code from the file.
 
     Raises:
         CheckpointError: For a file that cannot be read safely (without
             ``trust_pickle``), or a pickle that does not hold an ``nn.Module``.
-        FileNotFoundError: For a missing file, or a folder without ``model.ts``.
+        FileNotFoundError: For a missing file, or a folder without ``model.pt2``.
     """
     path = Path(path)
     if path.is_dir():
-        scripted, pickled = path / "model.ts", path / "model.pt"
-        if scripted.is_file():
+        program, scripted, pickled = (
+            path / "model.pt2",
+            path / "model.ts",
+            path / "model.pt",
+        )
+        if program.is_file():
+            path = program
+        elif scripted.is_file():
             path = scripted
         elif trust_pickle and pickled.is_file():
             path = pickled
@@ -306,9 +315,11 @@ def load_backbone_for_eval(
                 else ""
             )
             raise FileNotFoundError(
-                f"'{path}' has no model.ts (the TorchScript model export writes) to "
-                f"evaluate{hint}."
+                f"'{path}' has no model.pt2 (the torch.export program export writes) "
+                f"to evaluate{hint}."
             )
+    if path.suffix == ".pt2":
+        return {"compact": load_program(path)}
     if path.suffix == ".ts":
         if not path.is_file():
             raise FileNotFoundError(f"TorchScript model '{path}' does not exist.")
@@ -337,12 +348,14 @@ def exported_compact(
 ) -> nn.Module:
     """The compact model of ``out/export``, without unpickling anything.
 
-    Its ``model.ts`` when export wrote one; otherwise (TorchScript failed, see the
-    report's ``files``) the same compact model rebuilt from the MCP checkpoint,
-    read with ``weights_only=True``. ``model.pt`` is never read.
+    Its ``model.pt2`` (read without pickle, :func:`load_program`); for an older
+    export, its ``model.ts``; otherwise the same compact model rebuilt from the MCP
+    checkpoint, read with ``weights_only=True``. ``model.pt`` is never read.
     """
-    scripted = out / "export" / "model.ts"
     written = report.get("files", {}).get("written", [])
+    program, scripted = out / "export" / "model.pt2", out / "export" / "model.ts"
+    if "model.pt2" in written and program.is_file():
+        return load_program(program)
     if "model.ts" in written and scripted.is_file():
         return torch.jit.load(str(scripted), map_location="cpu")
     e = recipe.export

@@ -150,6 +150,7 @@ class ExportSection:
     latency: bool = True
     latency_repeats: int = 20
     latency_at_224: bool = False
+    torchscript: bool = False
 
 
 @dataclass

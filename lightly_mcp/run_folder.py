@@ -84,6 +84,7 @@ STAGE_FILES: dict[str, tuple[str, ...]] = {
     "pretrain": tuple(f"pretrain/{name}" for name in _TRAINING_FILES),
     "prune": tuple(f"prune/{name}" for name in _TRAINING_FILES),
     "export": (
+        "export/model.pt2",
         "export/model.pt",
         "export/model.ts",
         "export/model.onnx*",

@@ -95,7 +95,7 @@ def test_mcp_with_split_batchnorm_trains_and_compacts(tmp_path: Path) -> None:
     with torch.no_grad():
         assert torch.allclose(compact(x), model.subnet(x), atol=1e-5)
     # Export's compact model is plain BatchNorm2d and matches in eval mode.
-    deployed, _, _ = compact_and_check(model, model.subnet.masks)
+    deployed = compact_and_check(model, model.subnet.masks, fold=False).model
     assert not any(isinstance(m, SplitBatchNorm) for m in deployed.modules())
     model.subnet.eval()
     with torch.no_grad():

@@ -54,8 +54,8 @@ def test_run_writes_every_output(finished_run: Path) -> None:
         "prune/final.ckpt",
         "prune/done.json",
         "prune/logs/metrics.csv",
+        "export/model.pt2",
         "export/model.pt",
-        "export/model.ts",
         "export/report.json",
         "eval/eval.json",
         "plots/losses.png",
@@ -121,13 +121,13 @@ def _evaluate(model: Path, recipe: Path, out: Path, *flags: str) -> dict:
 def test_evaluate_command(finished_run: Path, tmp_path: Path) -> None:
     recipe = finished_run / "recipe.yaml"
     export = finished_run / "export"
-    scripted = _evaluate(export / "model.ts", recipe, tmp_path / "ts")
-    assert set(scripted) == {"compact"}
-    assert scripted["compact"]["settings"]["k"] == 200
-    # A folder means its model.ts; model.pt only with --trust-pickle.
-    assert _evaluate(export, recipe, tmp_path / "dir") == scripted
+    program = _evaluate(export / "model.pt2", recipe, tmp_path / "pt2")
+    assert set(program) == {"compact"}
+    assert program["compact"]["settings"]["k"] == 200
+    # A folder means its model.pt2; model.pt only with --trust-pickle.
+    assert _evaluate(export, recipe, tmp_path / "dir") == program
     pickled = _evaluate(export / "model.pt", recipe, tmp_path / "pt", "--trust-pickle")
-    assert pickled["compact"]["knn_top1"] == scripted["compact"]["knn_top1"]
+    assert pickled["compact"]["knn_top1"] == program["compact"]["knn_top1"]
 
 
 class _Payload:
@@ -163,11 +163,11 @@ def test_evaluate_refuses_a_pickled_model_without_trust_pickle(
     )
     assert "evil/model.pt' cannot be read safely" in message
     assert "runs code" in message
-    assert "model.ts" in message and "--trust-pickle" in message
+    assert "model.pt2" in message and "--trust-pickle" in message
     message = _error(
         capsys, ["evaluate", str(tmp_path / "evil"), str(recipe), "--out", out]
     )
-    assert "has no model.ts" in message and "--trust-pickle" in message
+    assert "has no model.pt2" in message and "--trust-pickle" in message
     assert not marker.exists()
     assert not (tmp_path / "out").exists()
 
@@ -182,23 +182,22 @@ def test_checkpoint_named_pt_is_read_without_unpickling(
     assert set(networks) == {"dense", "subnet"}
 
 
-@pytest.mark.parametrize("torchscript_written", [True, False])
+@pytest.mark.parametrize("program_written", [True, False])
 def test_run_never_unpickles_the_exported_model(
     finished_run: Path,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
-    torchscript_written: bool,
+    program_written: bool,
 ) -> None:
     out = tmp_path / "copy"
     shutil.copytree(finished_run, out)
     marker = tmp_path / "PWNED"
     torch.save(_Payload(marker), out / "export" / "model.pt")
     (out / "eval" / "eval.json").unlink()
-    if not torchscript_written:  # as when TorchScript export fails
-        (out / "export" / "model.ts").unlink()
+    if not program_written:  # rebuilt from the checkpoint instead
+        (out / "export" / "model.pt2").unlink()
         report = json.loads((out / "export" / "report.json").read_text())
-        report["files"]["written"].remove("model.ts")
-        report["files"]["torchscript"] = "failed: RuntimeError: unsupported"
+        report["files"]["written"].remove("model.pt2")
         (out / "export" / "report.json").write_text(json.dumps(report))
     _refuse_unsafe_torch_load(monkeypatch)
     assert main(["run", str(out / "recipe.yaml"), "--out", str(out), "--quiet"]) == 0

@@ -94,5 +94,10 @@ def test_export_options_follow_the_recipe() -> None:
     assert export_options(None, True) == []
     assert export_options(8, False) == ["--round-to", "8", "--no-latency"]
     assert export_options(None, True, latency_at_224=True) == ["--latency-at-224"]
+    assert export_options(4, True, torchscript=True) == [
+        "--round-to",
+        "4",
+        "--torchscript",
+    ]
     # Nothing is timed without latency, at 224 px neither.
     assert export_options(None, False, latency_at_224=True) == ["--no-latency"]

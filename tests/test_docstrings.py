@@ -18,6 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
         "lightly_mcp.checkpoints",  # checkpoint_kind
         "lightly_mcp.data.registry",  # build_dataset
         "lightly_mcp.errors",
+        "lightly_mcp.folding",  # fold_batchnorm
         "lightly_mcp.options",  # check_mcp_options
         "lightly_mcp.recipe",  # load_recipe
         "lightly_mcp.schedule",

@@ -14,12 +14,18 @@ from torch import nn
 import lightly_mcp.export as export_module
 from lightly_mcp.checkpoints import CheckpointError
 from lightly_mcp.compaction import compact
-from lightly_mcp.export import CHECK_TOLERANCE, ExportError, export
+from lightly_mcp.export import (
+    CHECK_TOLERANCE,
+    ExportError,
+    compact_from_checkpoint,
+    export,
+)
 from lightly_mcp.loading import load_mcp_checkpoint
 from lightly_mcp.masks import output_feature_index, round_masks
 from lightly_mcp.mcp import MCP
 from lightly_mcp.measure import count_macs, count_parameters
 from lightly_mcp.moco_v2 import MoCoV2
+from lightly_mcp.runtimes import load_program
 from tests.helpers import TINY, loader, trainer
 
 BACKBONES = ("torchvision/mobilenet_v2", "torchvision/resnet18", "timm/efficientnet_b0")
@@ -97,6 +103,10 @@ def test_compact_export_matches_subnet_and_formats(
     compact_model = _load_pt(out_dir)
     assert not compact_model.training
     assert all(p.requires_grad for p in compact_model.parameters())
+    # What is shipped is folded: no norm is left, every one was folded.
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in compact_model.modules())
+    assert report["bn_folded"]["compact"] > 0
+    assert report["bn_folded"]["dense"] == report["bn_folded"]["compact"]
 
     mcp = load_mcp_checkpoint(checkpoints[backbone])
     subnet = mcp.subnet.eval()
@@ -117,8 +127,9 @@ def test_compact_export_matches_subnet_and_formats(
         mcp.subnet.masks,
         torch.randn(1, 3, SIZE, SIZE),
     )
+    # Parameters are the architecture's (norms included), not the folded model's.
     assert report["compact"]["params"] == count_parameters(independent)
-    assert report["compact"]["params"] == count_parameters(compact_model)
+    assert report["compact"]["params"] != count_parameters(compact_model)
     assert report["dense"]["params"] == count_parameters(mcp.backbone_momentum)
     assert report["compact"]["params"] < report["dense"]["params"]
     assert report["params_removed"] == pytest.approx(
@@ -160,11 +171,14 @@ def test_compact_export_matches_subnet_and_formats(
         assert entry["kept"] == group.num_kept(0.5)
         assert entry["total"] == group.num_channels
 
-    # TorchScript reloads and agrees with model.pt.
-    assert "model.ts" in report["files"]["written"]
-    scripted = torch.jit.load(str(out_dir / "model.ts"))
+    # The torch.export program reloads without pickle and agrees with model.pt.
+    assert report["files"]["written"][0] == "model.pt2"
+    assert "model.ts" not in report["files"]["written"]
+    assert report["files"]["torchscript"].startswith("not asked for")
+    program = load_program(out_dir / "model.pt2")
     with torch.no_grad():
-        assert (scripted(x) - got).abs().max() <= 1e-5 * scale
+        assert (program(x) - got).abs().max() <= 1e-5 * scale
+        assert program(x[:1]).shape == got[:1].shape  # dynamic batch axis
 
     # ONNX, when it was written, agrees too (with another batch size).
     if "model.onnx" in report["files"]["written"]:
@@ -213,6 +227,13 @@ def test_latency_speedup_is_the_latency_ratio(
     dense, comp, speed = report["dense"], report["compact"], report["speedup"]
     for key in ("bs1", "bs64"):
         assert dense["latency_ms"][key] > 0 and comp["latency_ms"][key] > 0
+        # Best against best: each network's latency is its fastest form's.
+        for side in (dense, comp, dense["at_224"], comp["at_224"]):
+            by_form = side["latency_ms_by_form"]
+            assert {"eager", "torch.export", "onnxruntime"} <= set(by_form)
+            times = {form: value[key] for form, value in by_form.items()}
+            assert side["fastest_form"][key] == min(times, key=times.__getitem__)
+            assert side["latency_ms"][key] == min(times.values())
         assert speed[key] == pytest.approx(
             dense["latency_ms"][key] / comp["latency_ms"][key]
         )
@@ -247,8 +268,25 @@ def test_onnx_failure_is_recorded_not_raised(
         checkpoints[SMALLEST], tmp_path / "out", latency=False, console=_quiet()
     )
     assert report["files"]["onnx"] == "failed: RuntimeError: unsupported operator"
-    assert report["files"]["written"] == ["model.pt", "model.ts"]
+    assert report["files"]["written"] == ["model.pt2", "model.pt"]
     assert not (tmp_path / "out" / "model.onnx").exists()
+
+
+def test_torchscript_only_when_asked_for(
+    checkpoints: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(export_module, "DEPLOY_RESOLUTION", 32)
+    monkeypatch.setattr(torch.onnx, "export", None)  # (slow; tested above)
+    out = tmp_path / "out"
+    report = export(
+        checkpoints[SMALLEST], out, latency=False, torchscript=True, console=_quiet()
+    )
+    assert report["files"]["written"] == ["model.pt2", "model.pt", "model.ts"]
+    x = torch.randn(2, 3, SIZE, SIZE)
+    with torch.no_grad():
+        expected = _load_pt(out)(x)
+        got = torch.jit.load(str(out / "model.ts"))(x)
+    assert (got - expected).abs().max() <= 1e-5 * max(1.0, float(expected.abs().max()))
 
 
 def test_existing_output_folder_is_refused_unless_overwrite(
@@ -398,8 +436,23 @@ def test_bn_recalibration_changes_running_stats(
         console=_quiet(),
     )
     assert report["bn_recalibrated"] is True
-    recalibrated = _load_pt(tmp_path / "out")
-    plain = _load_pt(exported[SMALLEST][0])
+    shipped = _load_pt(tmp_path / "out")
+    x = torch.randn(2, 3, SIZE, SIZE)
+    with torch.no_grad():
+        assert not torch.allclose(shipped(x), _load_pt(exported[SMALLEST][0])(x))
+    # The norms before folding: rebuilt from the checkpoint with the same batches.
+    recalibrated = compact_from_checkpoint(
+        checkpoints[SMALLEST],
+        recalibrate=loader(n=16, size=SIZE, batch_size=8),
+        recalibration_batches=2,
+        fold=False,
+    )
+    plain = compact_from_checkpoint(checkpoints[SMALLEST], fold=False)
+    with torch.no_grad():
+        expected = recalibrated(x)
+        assert (shipped(x) - expected).abs().max() <= CHECK_TOLERANCE * max(
+            1.0, float(expected.abs().max())
+        )
     assert not recalibrated.training
     norms = [
         (a, b)
@@ -456,11 +509,12 @@ def test_export_with_a_pruned_feature_dimension(
     x = torch.randn(3, 3, SIZE, SIZE)
     with torch.no_grad():
         expected = mcp.subnet.eval()(x)
-        got = torch.jit.load(str(out_dir / "model.ts"))(x)
+        got = load_program(out_dir / "model.pt2")(x)
     assert expected[:, dropped].abs().max() == 0
     assert expected[:, kept].abs().max() > 0.1  # not a comparison of zeros
     scale = max(1.0, float(expected.abs().max()))
-    assert (got - expected[:, kept]).abs().max() <= 1e-5 * scale
+    # Folding rounds in float32; the export's own tolerance.
+    assert (got - expected[:, kept]).abs().max() <= CHECK_TOLERANCE * scale
 
 
 def test_pruned_feature_dimension_self_check_still_catches_errors(

@@ -87,7 +87,7 @@ def test_run_on_several_processes_writes_once_and_every_rank_exits(
         assert not (out / stage / ".final.ckpt.tmp").exists()
     report = json.loads((out / "report.json").read_text())
     assert 0.0 <= report["compact"]["knn_top1"] <= 1.0
-    assert (out / "export" / "model.ts").is_file()
+    assert (out / "export" / "model.pt2").is_file()
     assert (out / "eval" / "eval.json").is_file()
     assert "Traceback" not in result.stderr
 

@@ -236,6 +236,11 @@ CASES: dict[str, Case] = {
         True, ("export",), check=lambda out, r: r["export"]["bn_recalibrated"]
     ),
     "export.latency": Case(False, ("export",)),
+    "export.torchscript": Case(
+        True,
+        ("export",),
+        check=lambda out, r: "model.ts" in r["export"]["files"]["written"],
+    ),
     "export.latency_repeats": Case(
         1,
         ("export",),

@@ -1,0 +1,232 @@
+"""Deployed forms: a network as eager PyTorch, as a ``torch.export`` program and in
+ONNX Runtime, and the code-free files that hold the last two.
+
+- ``model.pt2``: a ``torch.export`` program with a dynamic batch axis
+  (:func:`save_program`). :func:`load_program` reads it without running pickled
+  code: ``torch.export.load`` falls back to unpickling arbitrary objects for some
+  entries, and that fallback is refused here.
+- ``model.onnx``: ONNX with a dynamic batch axis (:func:`save_onnx`), run with ONNX
+  Runtime's CPU provider (:func:`onnx_runner`).
+
+:func:`deployed_forms` gives one network in every form this machine can run, as
+callables taking an image batch, for timing them side by side.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import pickle
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+from unittest import mock
+
+import torch
+from torch import Tensor, nn
+
+from lightly_mcp.errors import ExportError, UnsafeCheckpointError, describe_error
+
+#: The forms :func:`deployed_forms` can give, fastest first on typical CPUs.
+FORMS = ("onnxruntime", "torch.export", "eager")
+#: The batch size a program is traced with (1 would be specialised by torch.export).
+_TRACE_BATCH = 2
+
+
+# --- torch.export -------------------------------------------------------------------
+def export_program(model: nn.Module, size: int) -> torch.export.ExportedProgram:
+    """``model`` (eval mode) as a ``torch.export`` program for ``3×size×size`` images,
+    any batch size.
+
+    Raises:
+        ExportError: If ``torch.export`` cannot trace the network.
+    """
+    example = torch.randn(_TRACE_BATCH, 3, size, size)
+    batch = torch.export.Dim("batch", min=1, max=1 << 16)
+    try:
+        with torch.no_grad():
+            return torch.export.export(
+                model.eval(), (example,), dynamic_shapes=({0: batch},)
+            )
+    except Exception as error:  # noqa: BLE001 - any tracing failure
+        raise ExportError(
+            f"torch.export cannot trace the network: {describe_error(error)[:300]}"
+        ) from error
+
+
+def save_program(program: torch.export.ExportedProgram, path: str | Path) -> None:
+    """Writes ``program`` to ``path`` (``.pt2``)."""
+    torch.export.save(program, str(path))
+
+
+class _Refused:
+    """Stands in for the unpickling functions while a program is loaded."""
+
+    @staticmethod
+    def loads(*args: Any, **kwargs: Any) -> Any:
+        raise pickle.UnpicklingError("pickled objects are not loaded")
+
+
+@contextlib.contextmanager
+def _no_pickled_code() -> Iterator[None]:
+    """``torch.load`` only with ``weights_only=True``, no other unpickling."""
+    from torch.export.pt2_archive import _package
+
+    weights_only = torch.load
+
+    def load(*args: Any, **kwargs: Any) -> Any:
+        kwargs["weights_only"] = True
+        return weights_only(*args, **kwargs)
+
+    with (
+        mock.patch.object(torch, "load", load),
+        mock.patch.object(_package, "pickle", _Refused),
+        mock.patch.object(torch._C, "_pickle_load_obj", _Refused.loads),
+    ):
+        yield
+
+
+class ExportedNetwork(nn.Module):
+    """A ``torch.export`` program's module, usable where an ``nn.Module`` is expected.
+
+    The program was traced in eval mode and holds no train-mode behaviour:
+    :meth:`train` only records the flag (the program's own module refuses it).
+    """
+
+    def __init__(self, program: torch.export.ExportedProgram) -> None:
+        super().__init__()
+        self.program = program.module()
+
+    def train(self, mode: bool = True) -> ExportedNetwork:
+        """Records ``mode``; the traced graph stays what it is (eval mode)."""
+        self.training = mode
+        return self
+
+    def forward(self, x: Tensor) -> Tensor:
+        """The program's output for the image batch ``x``."""
+        out: Tensor = self.program(x)
+        return out
+
+
+def load_program(path: str | Path) -> ExportedNetwork:
+    """The network saved by :func:`save_program`, as a callable module (CPU).
+
+    Tensors are read with ``weights_only=True``; an entry that would need pickled
+    Python objects is refused rather than unpickled.
+
+    Raises:
+        FileNotFoundError: If ``path`` does not exist.
+        UnsafeCheckpointError: If the file is not a readable program or would need
+            unpickling.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"No torch.export program at '{path}'.")
+    try:
+        with _no_pickled_code():
+            program = torch.export.load(str(path))
+        module = ExportedNetwork(program)
+    except Exception as error:  # noqa: BLE001 - anything unreadable is refused
+        raise UnsafeCheckpointError(
+            f"'{path}' cannot be read as a torch.export program without running "
+            f"pickled code ({describe_error(error)[:200]}); export it again with "
+            "lightly-mcp export."
+        ) from error
+    return module
+
+
+# --- ONNX ---------------------------------------------------------------------------
+def save_onnx(model: nn.Module, path: str | Path, size: int) -> None:
+    """Writes ``model`` (eval mode) as ONNX with a dynamic batch axis.
+
+    Raises:
+        ExportError: If the exporter fails (no file is left behind).
+    """
+    path = Path(path)
+    try:
+        torch.onnx.export(
+            model.eval(),
+            (torch.randn(1, 3, size, size),),
+            str(path),
+            input_names=["images"],
+            output_names=["features"],
+            dynamic_axes={"images": {0: "batch"}, "features": {0: "batch"}},
+            dynamo=False,
+        )
+    except Exception as error:  # noqa: BLE001 - any exporter failure
+        for leftover in path.parent.glob(f"{path.name}*"):
+            leftover.unlink()
+        raise ExportError(
+            f"ONNX export failed: {describe_error(error)[:300]}"
+        ) from error
+
+
+def onnx_runner(
+    path: str | Path, threads: int | None = None
+) -> Callable[[Tensor], Tensor]:
+    """A callable running the ONNX model at ``path`` with ONNX Runtime on the CPU.
+
+    Args:
+        path: An ONNX file with one image input and one output.
+        threads: Intra-op threads (PyTorch's thread count if None).
+
+    Raises:
+        ImportError: If onnxruntime is not installed (``pip install
+            lightly-mcp[onnx]``).
+    """
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = threads or torch.get_num_threads()
+    options.inter_op_num_threads = 1
+    session = onnxruntime.InferenceSession(
+        str(path), options, providers=["CPUExecutionProvider"]
+    )
+    name = session.get_inputs()[0].name
+
+    def run(x: Tensor) -> Tensor:
+        (out,) = session.run(None, {name: x.detach().cpu().numpy()})
+        return torch.from_numpy(out)
+
+    return run
+
+
+# --- all forms ----------------------------------------------------------------------
+def deployed_forms(
+    model: nn.Module, size: int, forms: tuple[str, ...] = FORMS
+) -> tuple[dict[str, Callable[[Tensor], Any]], dict[str, str]]:
+    """``model`` in each of ``forms`` this machine can run.
+
+    Args:
+        model: The network as deployed (eval mode, BatchNorm folded if wanted).
+        size: The image size the programs are traced for.
+        forms: Which of :data:`FORMS` to build.
+
+    Returns:
+        Per form, a callable taking an image batch; and per form that could not be
+        built, why (e.g. onnxruntime not installed, a tracing failure).
+    """
+    runners: dict[str, Callable[[Tensor], Any]] = {}
+    skipped: dict[str, str] = {}
+    for form in forms:
+        try:
+            if form == "eager":
+                runners[form] = model.eval()
+            elif form == "torch.export":
+                runners[form] = ExportedNetwork(export_program(model, size))
+            elif form == "onnxruntime":
+                runners[form] = _onnx_in_memory(model, size)
+            else:
+                raise ValueError(f"unknown form '{form}'; choose from {FORMS}")
+        except (ExportError, ImportError) as error:
+            skipped[form] = describe_error(error)[:300]
+    return runners, skipped
+
+
+def _onnx_in_memory(model: nn.Module, size: int) -> Callable[[Tensor], Tensor]:
+    import onnxruntime  # noqa: F401 - fail before exporting when it is missing
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "model.onnx"
+        save_onnx(model, path, size)
+        return onnx_runner(path)
