@@ -1,21 +1,26 @@
-"""Training-step cost of MCP against MoCo v2 (target: MCP ≤ 1.05 × MoCo v2).
+"""Training-step cost of MCP against MoCo v2 (target: MCP ≤ 0.9 × MoCo v2).
 
-Three models with the same backbone, batch and threads, stepped interleaved in one
-process (A, B, C, A, B, C, ...) so machine noise hits all of them alike:
+Models with the same backbone, batch and threads, stepped interleaved in one process
+(A, B, C, D, A, B, C, D, ...) so machine noise hits all of them alike:
 
 - ``lightly-example``: a minimal MoCo v2 step written only from lightly's own
   ``examples/pytorch/moco.py`` (backbone + ``MoCoProjectionHead``, ``NTXentLoss`` with
   a memory bank, ``update_momentum``), the reference a lightly user knows;
 - ``MoCoV2``: this project's ``lightly_mcp.MoCoV2.training_step``;
 - ``MCP``: ``lightly_mcp.MCP.training_step`` with ``frq=0`` (keys from the momentum
-  subnet at every step: the most expensive case) and the ADMM penalty.
+  subnet at every step) and the ADMM penalty, keys from the subnet's physically
+  pruned copy (``compact_keys=True``, the default);
+- ``MCP-masked``: the same with ``compact_keys=False``: keys from the masked forward
+  of the full momentum encoder (the reference implementation).
 
 Each step is forward + backward + SGD step. ADMM updates happen every N steps or
-epochs and are not part of a step; their cost is printed separately.
+epochs and are not part of a step; their cost is printed separately, and so is the
+cost of rebuilding the compact copy after a mask change (surgery, check and one key
+forward).
 
 Usage:
     OMP_NUM_THREADS=2 python benchmarks/training_step_speed.py \
-        --backbone torchvision/mobilenet_v2 --width 0.5 --batch-size 64 --steps 20
+        --backbone torchvision/mobilenet_v2 --width 0.5 --batch-size 128 --steps 20
 """
 
 from __future__ import annotations
@@ -107,9 +112,14 @@ def build_step(
         return step, sgd(example.backbone, example.projection_head), example
     if name == "MoCoV2":
         model: MoCoV2 = MoCoV2(**common).to(device)
-    elif name == "MCP":
+    elif name in ("MCP", "MCP-masked"):
         model = MCP(
-            **common, pruning_ratio=args.ratio, frq=0, dr=0, input_size=size
+            **common,
+            pruning_ratio=args.ratio,
+            frq=0,
+            dr=0,
+            input_size=size,
+            compact_keys=name == "MCP",
         ).to(device)
     else:
         raise ValueError(f"unknown model {name!r}; use one of {MODELS}")
@@ -120,20 +130,27 @@ def build_step(
     )
 
 
-MODELS = ("lightly-example", "MoCoV2", "MCP")
+MODELS = ("lightly-example", "MoCoV2", "MCP", "MCP-masked")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backbone", default="torchvision/mobilenet_v2")
     parser.add_argument("--width", type=float, default=None)
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--input-size", type=int, default=32)
     parser.add_argument("--steps", type=int, default=20, help="timed steps per model")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--ratio", type=float, default=0.73)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument(
+        "--models",
+        nargs="+",
+        choices=MODELS,
+        default=list(MODELS),
+        help="models to step (the ratios need MoCoV2 and the MCP variants)",
+    )
     return parser.parse_args(argv)
 
 
@@ -162,12 +179,27 @@ def run_step(
     optimizer.zero_grad(set_to_none=True)
 
 
+def compact_rebuild_seconds(model: MCP, views: list[torch.Tensor]) -> float:
+    """Seconds to rebuild the compact copy after a mask change: torch-pruning
+    surgery, the float64 check against the masked forward and one key forward.
+    """
+    subnet = model.subnet
+    subnet.sync_statistics()
+    subnet._drop_compact()
+    start = time.perf_counter()
+    with torch.no_grad():
+        subnet(views[1])
+    if views[1].is_cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
 def main() -> None:
     args = parse_args()
     torch.manual_seed(0)
     device = torch.device(args.device)
-    built = {name: build_step(name, args, device) for name in MODELS}
-    times: dict[str, list[float]] = {name: [] for name in MODELS}
+    built = {name: build_step(name, args, device) for name in args.models}
+    times: dict[str, list[float]] = {name: [] for name in built}
     for _, _, module in built.values():
         module.train()
     for i in range(args.warmup + args.steps):
@@ -180,22 +212,43 @@ def main() -> None:
                 torch.cuda.synchronize()
             if i >= args.warmup:
                 times[name].append(time.perf_counter() - start)
-    mcp = built["MCP"][2]
-    assert isinstance(mcp, MCP)
-    admm_start = time.perf_counter()
-    mcp.admm_update()
-    admm_seconds = time.perf_counter() - admm_start
-
     medians = {name: statistics.median(t) for name, t in times.items()}
-    result = {
+    result: dict[str, Any] = {
         **describe_setup(args),
         "steps": args.steps,
+        "warmup": args.warmup,
         "threads": torch.get_num_threads(),
         "median_step_seconds": medians,
-        "mcp_over_mocov2": medians["MCP"] / medians["MoCoV2"],
-        "mcp_over_lightly_example": medians["MCP"] / medians["lightly-example"],
-        "admm_update_seconds": admm_seconds,
+        "min_step_seconds": {name: min(t) for name, t in times.items()},
     }
+    for name in ("MCP", "MCP-masked"):
+        if name not in built:
+            continue
+        mcp = built[name][2]
+        assert isinstance(mcp, MCP)
+        key = "mcp" if name == "MCP" else "mcp_masked"
+        if "MoCoV2" in medians:
+            result[f"{key}_over_mocov2"] = medians[name] / medians["MoCoV2"]
+        if "lightly-example" in medians:
+            result[f"{key}_over_lightly_example"] = (
+                medians[name] / medians["lightly-example"]
+            )
+        if name == "MCP":
+            # The compact path must really have computed the keys.
+            result["compact_keys_failure"] = mcp.subnet.compact_failure
+            result["compact_keys_used"] = mcp.subnet.uses_compact_keys()
+            views = [
+                torch.randn(args.batch_size, 3, args.input_size, args.input_size).to(
+                    device
+                )
+                for _ in range(2)
+            ]
+            result["compact_rebuild_seconds"] = compact_rebuild_seconds(mcp, views)
+        admm_start = time.perf_counter()
+        mcp.admm_update()
+        result[f"{key}_admm_update_seconds"] = time.perf_counter() - admm_start
+    if "MCP" in medians and "MCP-masked" in medians:
+        result["compact_over_masked"] = medians["MCP"] / medians["MCP-masked"]
     print(json.dumps(result, indent=2))
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -8,13 +8,19 @@ Reference:
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from lightly_mcp.errors import InputError
 from lightly_mcp.groups import ChannelGroup, validate_pruning_ratio
-from lightly_mcp.masks import GroupMasks, masked_tensors, register_masks
+from lightly_mcp.masks import (
+    GroupMasks,
+    masked_tensors,
+    parameter_multipliers,
+    register_masks,
+)
 
 
 def project_onto_channel_budget(
@@ -56,6 +62,15 @@ class ADMMRegularizer(nn.Module):
     ``Z``, ``U``, the mask, ``ρ`` and the update count are buffers: they are saved in
     ``state_dict()`` and move with the module. The regularizer owns the mask
     (:attr:`group_masks`); the momentum subnet references it.
+
+    **Storage.** ``Z`` is zero outside the mask and, since ``Z`` keeps ``θ + U``
+    unchanged on the mask, the update leaves ``U`` exactly zero on it
+    (``U ← (θ + U) − Z``). The two have disjoint supports, so ``state_dict()``
+    stores them as one tensor per parameter, ``zu_{i} = Z + U``, and loading splits
+    it again with the saved mask: exactly, bit for bit up to the sign of zeros.
+    Where the supports overlap (state loaded from an older checkpoint, before its
+    first update here; a mask assigned from outside) ``z_{i}`` and ``u_{i}`` are
+    saved as before, and checkpoints in that older format load as they are.
 
     Attributes:
         groups: The channel groups (shared with the momentum subnet).
@@ -124,6 +139,8 @@ class ADMMRegularizer(nn.Module):
                 f"target_{i}", z[name].detach().clone(), persistent=False
             )
         self.register_load_state_dict_post_hook(_refresh_targets_after_load)
+        self._register_state_dict_hook(_save_z_and_u_together)
+        self._register_load_state_dict_pre_hook(_split_z_and_u, with_module=True)
         # φ and 1 − φ per member (support penalty, hard mask), cached per mask.
         self._kept: list[Tensor] = []
         self._dropped: list[Tensor] = []
@@ -272,7 +289,8 @@ class ADMMRegularizer(nn.Module):
         )
         for i, name in enumerate(self.param_names):
             getattr(self, f"z_{i}").copy_(z_new[name])
-            getattr(self, f"u_{i}").add_(params[name].detach() - z_new[name])
+            # U + θ − Z, written so that it is exactly zero where Z keeps θ + U.
+            torch.sub(shifted[name], z_new[name], out=getattr(self, f"u_{i}"))
         changed = self.group_masks.assign(masks_new)
         self.num_updates.add_(1)
         if self.rho_growth != 1.0:
@@ -295,3 +313,64 @@ class ADMMRegularizer(nn.Module):
 def _refresh_targets_after_load(module: nn.Module, incompatible_keys: object) -> None:
     assert isinstance(module, ADMMRegularizer)
     module.refresh()
+
+
+@torch.no_grad()
+def _save_z_and_u_together(
+    module: nn.Module,
+    state_dict: dict[str, Any],
+    prefix: str,
+    local_metadata: dict[str, Any],
+) -> None:
+    """Replaces ``z_{i}`` and ``u_{i}`` by ``zu_{i} = Z + U`` where their supports
+    are disjoint (``Z`` only on the mask, ``U`` only off it).
+    """
+    assert isinstance(module, ADMMRegularizer)
+    kept = module.group_masks.multipliers(module.z())
+    for i, name in enumerate(module.param_names):
+        z_key, u_key = f"{prefix}z_{i}", f"{prefix}u_{i}"
+        if z_key not in state_dict or u_key not in state_dict:
+            continue
+        z, u = state_dict[z_key].detach(), state_dict[u_key].detach()
+        on_mask = kept[name].to(z.device) != 0
+        if bool(torch.where(on_mask, u, 0).any()) or bool(
+            torch.where(on_mask, 0, z).any()
+        ):
+            continue  # overlapping supports: the older format, two tensors
+        del state_dict[z_key], state_dict[u_key]
+        state_dict[f"{prefix}zu_{i}"] = torch.where(on_mask, z, u)
+
+
+@torch.no_grad()
+def _split_z_and_u(
+    module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any
+) -> None:
+    """Turns ``zu_{i}`` back into ``z_{i}`` and ``u_{i}`` with the saved mask (the
+    module's own when the state has none); older checkpoints hold them already.
+    """
+    assert isinstance(module, ADMMRegularizer)
+    keys = [f"{prefix}zu_{i}" for i in range(len(module.param_names))]
+    if not any(key in state_dict for key in keys):
+        return
+    masks = []
+    for g, own in enumerate(module.masks):
+        saved = state_dict.get(f"{prefix}group_masks.mask_{g}")
+        if saved is None:
+            saved = state_dict.get(f"{prefix}mask_{g}", own)
+        masks.append(saved.to(torch.bool))
+    own_z = module.z()
+    shapes = {
+        name: state_dict.get(key, own_z[name])
+        for name, key in zip(module.param_names, keys)
+    }
+    try:
+        kept = parameter_multipliers(shapes, module.groups, masks)
+    except (ValueError, RuntimeError):
+        return  # the wrong architecture: load_state_dict reports the keys
+    for i, (name, key) in enumerate(zip(module.param_names, keys)):
+        zu = state_dict.pop(key, None)
+        if zu is None:
+            continue
+        on_mask = kept[name].to(zu.device) != 0
+        state_dict[f"{prefix}z_{i}"] = torch.where(on_mask, zu, 0)
+        state_dict[f"{prefix}u_{i}"] = torch.where(on_mask, 0, zu)

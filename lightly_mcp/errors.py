@@ -105,6 +105,12 @@ class StageInterrupted(MCPError, RuntimeError):
     """A training stage was stopped by SIGTERM after saving its checkpoint."""
 
 
+class CompactKeysError(MCPError, RuntimeError):
+    """The momentum subnet's compact copy could not be built or does not reproduce
+    the masked forward; the subnet falls back to its masked forward.
+    """
+
+
 class MCPWarning(UserWarning):
     """A warning about the method itself (e.g. an oscillating ADMM mask).
 

@@ -59,7 +59,9 @@ class MCP(MoCoV2):
     momentum; the keys enter the queue. At the end of every block of
     ``admm_interval`` steps or epochs the ADMM variables and the mask are updated,
     except at the very end of training and during the last ``frozen_blocks`` blocks.
-    Masks change only then: a training step does no sorting, copying or tracing.
+    Masks change only then: a training step does no sorting, copying or tracing,
+    except that the first subnet step after a mask change rebuilds the compact copy
+    that computes the subnet's keys (``compact_keys``; once per changed mask).
 
     All MCP state (Z, U, mask, ρ, transition position, queue, block bookkeeping) is in
     the checkpoint, so ``Trainer.fit(ckpt_path=...)`` resumes it, also mid-block.
@@ -96,6 +98,12 @@ class MCP(MoCoV2):
             to re-estimate the momentum subnet's BatchNorm statistics with its own
             forwards (0: keep the statistics gathered during training).
         keep_output_dim: Do not prune the group that reaches the backbone's output.
+        compact_keys: Compute the momentum subnet's keys with a physically pruned
+            copy of it (rebuilt at every mask change, weights gathered from the
+            momentum encoder at every step), which does a fraction of the masked
+            forward's work; the masked forward is the fallback where the copy
+            cannot be built or does not reproduce it
+            (``MomentumSubnet.compact_failure`` says why). False: always masked.
         input_size: Image size used to trace the backbone's channel groups.
         dense_checkpoint: A dense MoCo checkpoint to start from (query and momentum
             encoders, heads, and the queue when present); from scratch if None.
@@ -131,6 +139,7 @@ class MCP(MoCoV2):
         dr: int = 1,
         recalibration_batches: int = 20,
         keep_output_dim: bool = True,
+        compact_keys: bool = True,
         input_size: int = 32,
         dense_checkpoint: str | None = None,
         target_params: float | None = None,
@@ -151,6 +160,7 @@ class MCP(MoCoV2):
                 "rho": rho,
                 "rho_growth": rho_growth,
                 "rho_response": rho_response,
+                "compact_keys": compact_keys,
             }
         )
         if rho_response is not None:
@@ -180,7 +190,10 @@ class MCP(MoCoV2):
         )
         # The subnet references the regularizer's mask: one mask, saved once.
         self.subnet = MomentumSubnet(
-            self.backbone_momentum, self.groups, self.admm.group_masks
+            self.backbone_momentum,
+            self.groups,
+            self.admm.group_masks,
+            compact_keys=compact_keys,
         )
         self.transition = SmoothTransition(frq, dr)
         # Every mask keeps exactly n_g channels per group, so the compact size is
@@ -365,6 +378,7 @@ class MCP(MoCoV2):
         ``recalibration_batches``) so that what is saved describes the subnet, when
         the run has taken all its steps.
         """
+        self.subnet.sync_statistics()
         batches = self.hparams["recalibration_batches"]
         loader = self.trainer.train_dataloader
         finished = self.global_step >= self.block_schedule().total_steps

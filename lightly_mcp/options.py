@@ -37,6 +37,9 @@ INTEGER_OPTIONS = {
     "recalibration_batches": 0,
 }
 
+#: Options that are true or false.
+BOOLEAN_OPTIONS = ("compact_keys",)
+
 #: Options with a fixed set of values.
 CHOICE_OPTIONS = {
     "admm_interval_unit": ADMM_INTERVAL_UNITS,
@@ -55,7 +58,7 @@ def check_mcp_options(
         options: Option values by name (``frq``, ``dr``, ``admm_interval``,
             ``frozen_blocks``, ``recalibration_batches``, ``admm_interval_unit``,
             ``lr_schedule``, ``frozen_mask``, ``transition``, ``rho``,
-            ``rho_growth``, ``rho_response``).
+            ``rho_growth``, ``rho_response``, ``compact_keys``).
         qualify: How a message names an option (e.g. ``'mcp.frq'`` in a recipe).
 
     Raises:
@@ -68,6 +71,11 @@ def check_mcp_options(
                 raise InputError(
                     f"{qualify(name)} must be an integer >= {low}, got {value!r}."
                 )
+    for name in BOOLEAN_OPTIONS:
+        if name in options and not isinstance(options[name], bool):
+            raise InputError(
+                f"{qualify(name)} must be true or false, got {options[name]!r}."
+            )
     for name, allowed in CHOICE_OPTIONS.items():
         if name in options and options[name] not in allowed:
             raise InputError(

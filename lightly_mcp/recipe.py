@@ -122,6 +122,8 @@ class MCPSection(StageSchedule):
             until an update leaves the mask unchanged).
         recalibration_batches: Batches re-estimating the momentum subnet's
             BatchNorm statistics when training ends (0: off).
+        compact_keys: Compute the momentum subnet's keys with a physically pruned
+            copy (cheaper; the masked forward is the automatic fallback).
     """
 
     pruning_ratio: float | None = 0.73
@@ -139,6 +141,7 @@ class MCPSection(StageSchedule):
     dr: int = 1
     recalibration_batches: int = 20
     keep_output_dim: bool = True
+    compact_keys: bool = True
 
 
 @dataclass

@@ -223,6 +223,9 @@ CASES: dict[str, Case] = {
     "mcp.dr": Case(2, ("prune",)),
     "mcp.recalibration_batches": Case(0, ("prune",)),
     "mcp.keep_output_dim": Case(False, ("prune", "export"), check=_narrower_features),
+    "mcp.compact_keys": Case(
+        False, ("prune",), check=_hparam("prune", "compact_keys", False)
+    ),
     "mcp.epochs": Case(2, ("prune",), check=lambda out, r: _steps(out, "prune") == 4),
     "mcp.max_steps": Case(
         1, ("prune",), check=lambda out, r: _steps(out, "prune") == 1
