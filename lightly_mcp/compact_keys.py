@@ -94,12 +94,26 @@ class CompactKeys:
             CompactKeysError: If the surgery fails or its result cannot be mapped
                 back onto the encoder's tensors.
         """
+        # Built outside inference mode even when called from one (an evaluation
+        # under torch.inference_mode): the surgery traces autograd, and the copy's
+        # tensors are written to by later training steps.
+        with torch.inference_mode(False), torch.enable_grad():
+            self._build(encoder, groups, masks, buffer_names, example_inputs)
+
+    def _build(
+        self,
+        encoder: nn.Module,
+        groups: Sequence[ChannelGroup],
+        masks: Masks,
+        buffer_names: Sequence[str],
+        example_inputs: Tensor,
+    ) -> None:
         self.masks = [m.detach().cpu().clone() for m in GroupMasks.of(groups, masks)]
         params = dict(encoder.named_parameters())
         buffers = dict(encoder.named_buffers())
         try:
             tagged = _index_tagged_copy(encoder)
-            example = example_inputs[:1].detach().to("cpu", torch.float64)
+            example = example_inputs[:1].detach().to("cpu", torch.float64).clone()
             structure = compact(tagged, groups, self.masks, example)
         except Exception as error:
             raise CompactKeysError(

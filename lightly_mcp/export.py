@@ -58,6 +58,7 @@ from lightly_mcp.measure import (
     measure_latency,
 )
 from lightly_mcp.report import (
+    Alignment,
     DeployMeasurements,
     ExportFiles,
     ExportReport,
@@ -82,6 +83,10 @@ DEPLOY_RESOLUTION = 224
 CHECK_BATCH_SIZE = 4
 #: Relative tolerance of the equivalence check: ``err <= TOL * max(1, scale)``.
 CHECK_TOLERANCE = 1e-4
+#: Channel multiples the export times the compact model at, under ONNX Runtime.
+ALIGNMENT_MULTIPLES = (8, 16)
+#: How much faster a rounded model must be before the report advises it.
+ALIGNMENT_GAIN = 1.1
 #: What ``model.pt`` needs to be loaded, repeated in the report.
 PICKLE_NOTE = (
     "whole pickled nn.Module: torch.load(path, weights_only=False) runs pickle, "
@@ -515,8 +520,11 @@ def _build(
     architectures = {"dense": dense_unfolded, "compact": unfolded}
     sides = {name: _measure(net, example, size) for name, net in architectures.items()}
     speedup, not_timed = Speedup(), dict[str, str]()
+    alignment = None
     if latency:
         speedup, not_timed = _time(nets, sides, size, latency_repeats, latency_at_224)
+        if round_to is None and "compact/onnxruntime" in _timed_forms(sides):
+            alignment = _alignment(model, compact_model, size, latency_repeats)
 
     return ExportReport(
         backbone=model.hparams["backbone"],
@@ -542,7 +550,51 @@ def _build(
         checkpoint=checkpoint,
         bn_folded={"dense": dense_folded, "compact": compact_folded},
         forms_not_timed=not_timed,
+        alignment=alignment,
     )
+
+
+def _timed_forms(sides: Mapping[str, NetworkMeasurements]) -> set[str]:
+    return {
+        f"{name}/{form}" for name, s in sides.items() for form in s.latency_ms_by_form
+    }
+
+
+def _alignment(
+    model: MCP, compact_model: nn.Module, size: int, repeats: int
+) -> Alignment:
+    """The compact model and its widenings to :data:`ALIGNMENT_MULTIPLES` channels,
+    timed under ONNX Runtime at the training resolution, with the advice they give.
+
+    Thin layers whose channel counts are multiples of the vector width often run
+    faster than narrower unaligned ones (``benchmarks/RESULTS_inference.md``); what
+    it buys depends on the runtime, so it is measured, not assumed.
+    """
+    variants = {"none": compact_model}
+    for multiple in ALIGNMENT_MULTIPLES:
+        masks = export_masks(model, multiple)
+        variants[str(multiple)] = compact_and_check(model, masks, fold=True).model
+    runners = {}
+    for name, net in variants.items():
+        forms, _ = deployed_forms(net, size, forms=("onnxruntime",))
+        if "onnxruntime" in forms:
+            runners[name] = forms["onnxruntime"]
+    bs1 = measure_latency(runners, (1, 3, size, size), repeats)
+    bs64 = measure_latency(runners, (64, 3, size, size), repeats)
+    latency = {name: PerBatch(bs1[name], bs64[name]) for name in runners}
+    macs = {name: count_macs(net, size) for name, net in variants.items()}
+    _, best = fastest(latency)
+    advice = "the trained channel counts run fastest under ONNX Runtime at batch 64"
+    if best.bs64 not in (None, "none") and "none" in latency:
+        gain = (latency["none"].bs64 or 0.0) / (latency[best.bs64].bs64 or 1.0)
+        if gain >= ALIGNMENT_GAIN:
+            extra = macs[best.bs64] / macs["none"] - 1.0
+            advice = (
+                f"under ONNX Runtime, --round-to {best.bs64} runs batch 64 "
+                f"{gain:.2f}x faster than the trained channel counts ({extra:+.0%} "
+                f"MACs); re-export with it to deploy there"
+            )
+    return Alignment("onnxruntime", macs, latency, best, advice)
 
 
 def _deployed_dense(model: MCP) -> nn.Module:

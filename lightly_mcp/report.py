@@ -108,6 +108,26 @@ class NetworkMeasurements:
 
 
 @dataclass
+class Alignment:
+    """The compact model with its channel counts rounded up to multiples
+    (``round_to``), timed in one runtime at the training resolution.
+
+    Attributes:
+        runtime: Where it was timed (``onnxruntime``).
+        macs: Per multiple (``none`` for the trained masks), MACs of one image.
+        latency_ms: Per multiple, median latency at batch 1 and 64.
+        fastest: Per batch size, the multiple with the lowest latency.
+        advice: What to export for that runtime, in one sentence.
+    """
+
+    runtime: str
+    macs: dict[str, int]
+    latency_ms: dict[str, PerBatch]
+    fastest: FormPerBatch
+    advice: str
+
+
+@dataclass
 class KeptChannels:
     """Channels one group keeps: ``kept`` of ``total``; ``group`` is its root."""
 
@@ -158,6 +178,8 @@ class ExportReport:
         bn_folded: Per network (dense, compact), the BatchNorm layers folded into
             convolutions.
         forms_not_timed: Per ``network/form`` that could not be built, why.
+        alignment: The compact model with rounded channel counts timed under ONNX
+            Runtime (when timed, without ``round_to``, and ONNX Runtime runs).
         round_to: The channel multiple the masks were widened to, if any.
         checkpoint: The MCP checkpoint exported.
     """
@@ -182,6 +204,7 @@ class ExportReport:
     checkpoint: str
     bn_folded: dict[str, int] = field(default_factory=dict)
     forms_not_timed: dict[str, str] = field(default_factory=dict)
+    alignment: Alignment | None = None
 
     @property
     def macs_ratio(self) -> float:
@@ -218,6 +241,7 @@ class ExportReport:
             "checkpoint": self.checkpoint,
             "bn_folded": dict(self.bn_folded),
             "forms_not_timed": dict(self.forms_not_timed),
+            "alignment": asdict(self.alignment) if self.alignment else None,
         }
 
 

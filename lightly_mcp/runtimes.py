@@ -179,6 +179,10 @@ def onnx_runner(
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = threads or torch.get_num_threads()
     options.inter_op_num_threads = 1
+    # ONNX Runtime's worker threads spin after each run by default, taking the cores
+    # from whatever runs next (another model timed interleaved, the caller's own
+    # work); they wait without spinning here.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     session = onnxruntime.InferenceSession(
         str(path), options, providers=["CPUExecutionProvider"]
     )

@@ -136,6 +136,25 @@ def test_compact_keys_equal_masked_keys_in_train_and_eval_across_a_mask_change(
         assert (x.double() - y.double()).abs().max() <= 1e-5, key
 
 
+def test_compact_keys_under_inference_mode_as_in_an_evaluation() -> None:
+    """Evaluation runs the subnet under ``torch.inference_mode``: the copy is still
+    built (its surgery traces autograd) and then also trains afterwards."""
+    compact, masked, _, _ = _pair("mobilenet_v2")
+    compact.eval()
+    masked.eval()
+    x = torch.randn(4, 3, 16, 16, dtype=torch.float64)
+    with torch.inference_mode():
+        got = compact(x)
+        expected = masked(x)
+    assert compact.compact_failure is None and compact._compact is not None
+    assert torch.allclose(got, expected, atol=1e-5)
+    compact.train()
+    masked.train()
+    with torch.no_grad():  # a later training step writes into the same copy
+        assert torch.allclose(compact(x), masked(x), atol=1e-5)
+    assert compact.compact_failure is None
+
+
 def test_output_features_dropped_by_the_mask_are_zero() -> None:
     compact, masked, _, _ = _pair("mobilenet_v2_output_pruned")
     with torch.no_grad():

@@ -165,6 +165,7 @@ def test_compact_export_matches_subnet_and_formats(
         "bs64": None,
         "at_224": {"bs1": None, "bs64": None},
     }
+    assert report["alignment"] is None  # not timed
     kept = report["kept_channels"]
     assert [k["group"] for k in kept] == [g.root for g in mcp.groups]
     for entry, group in zip(kept, mcp.groups):
@@ -240,6 +241,19 @@ def test_latency_speedup_is_the_latency_ratio(
         assert speed["at_224"][key] == pytest.approx(
             dense["at_224"]["latency_ms"][key] / comp["at_224"]["latency_ms"][key]
         )
+        # Alignment: the compact model widened to 8 and 16 channels, under ONNX
+        # Runtime; the fastest is the lowest latency.
+        alignment = report["alignment"]
+        assert alignment["runtime"] == "onnxruntime"
+        assert set(alignment["latency_ms"]) == {"none", "8", "16"}
+        times = {m: value[key] for m, value in alignment["latency_ms"].items()}
+        assert alignment["fastest"][key] == min(times, key=times.__getitem__)
+        assert alignment["macs"]["none"] == comp["macs"]
+        assert alignment["macs"]["none"] <= alignment["macs"]["8"]
+        assert alignment["macs"]["8"] <= alignment["macs"]["16"]
+    assert alignment["advice"].startswith(
+        ("under ONNX Runtime, --round-to", "the trained")
+    )
 
 
 def test_interrupted_export_leaves_no_partial_folder(
