@@ -248,6 +248,9 @@ def test_cli_runs_end_to_end_on_grouped_and_concatenating_backbones(
     report = json.loads((out / "report.json").read_text())
     assert report["backbone"] == name
     assert report["compact"]["params"] < report["dense"]["params"]
-    assert report["equivalence_max_abs_err"] <= 1e-4
+    # The export's own criterion (float32 rounding of the folded weights).
+    assert report["equivalence_max_abs_err"] <= 1e-4 * max(
+        1.0, report["equivalence_output_scale"]
+    )
     models = json.loads((out / "eval" / "eval.json").read_text())["models"]
     assert models["subnet"]["knn_top1"] == pytest.approx(models["compact"]["knn_top1"])
