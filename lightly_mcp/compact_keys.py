@@ -338,13 +338,15 @@ def _first_difference(pairs: Sequence[tuple[str, Tensor, Tensor]]) -> str | None
 
 def _check_batch(encoder: nn.Module, x: Tensor) -> Tensor:
     """The first images of ``x`` for the check: at least :data:`CHECK_IMAGES`, a
-    multiple of every ``SplitBatchNorm``'s split count (all of ``x`` if fewer).
+    multiple of every ``SplitBatchNorm``'s split count with at least two images per
+    split (a split of one image has no batch variance on 1×1 maps), all of ``x`` if
+    fewer.
     """
     splits = 1
     for module in encoder.modules():
         if isinstance(module, SplitBatchNorm):
             splits = math.lcm(splits, module.num_splits)
-    n = splits * math.ceil(CHECK_IMAGES / splits)
+    n = splits * max(2 if splits > 1 else 1, math.ceil(CHECK_IMAGES / splits))
     return x[:n] if n <= len(x) else x
 
 

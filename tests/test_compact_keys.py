@@ -54,6 +54,15 @@ ENCODERS: dict[str, tuple[Callable[[], nn.Module], int, bool]] = {
         False,
     ),
     "resnet18_split_bn_output_pruned": (_backbone("torchvision/resnet18"), 4, False),
+    # MoCo's 8 splits and 1x1 maps at the end (ImageNet stem at 16 px): the check
+    # batch needs two images per split, as the training batch has.
+    "mobilenet_v2_8_splits_1x1_maps": (
+        lambda: build_backbone(
+            "torchvision/mobilenet_v2", small_input=False, width_multiplier=0.5
+        ),
+        8,
+        True,
+    ),
     "tiny_depthwise_residual": (TinyConvNet, 0, True),
     "grouped_conv": (GroupedConvNet, 2, True),
     "concatenation": (ConcatNet, 0, True),
