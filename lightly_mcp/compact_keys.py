@@ -186,11 +186,7 @@ class CompactKeys:
             params: The encoder's parameters by name (``named_parameters()``).
         """
         for name, tensor, index in self._weights:
-            source = params[name].detach()
-            if index is None:
-                tensor.copy_(source)
-            else:
-                torch.index_select(source.reshape(-1), 0, index, out=tensor.view(-1))
+            _gather_into(tensor, params[name].detach(), index)
 
     @torch.no_grad()
     def load_statistics(self, statistics: Sequence[Tensor]) -> None:
@@ -200,11 +196,7 @@ class CompactKeys:
             statistics: The subnet's buffers (``stat_{i}``), in buffer order.
         """
         for i, tensor, index in self._statistics:
-            source = statistics[i]
-            if index is None:
-                tensor.copy_(source)
-            else:
-                torch.index_select(source.reshape(-1), 0, index, out=tensor.view(-1))
+            _gather_into(tensor, statistics[i], index)
 
     @torch.no_grad()
     def store_statistics(self, statistics: Sequence[Tensor]) -> None:
@@ -357,6 +349,16 @@ def _as_float64(tensor: Tensor) -> Tensor:
         if tensor.is_floating_point()
         else tensor.clone()
     )
+
+
+def _gather_into(tensor: Tensor, source: Tensor, index: Tensor | None) -> None:
+    """Writes the flat elements ``index`` of ``source`` into ``tensor`` (all of
+    them if None), without allocating.
+    """
+    if index is None:
+        tensor.copy_(source)
+    else:
+        torch.index_select(source.reshape(-1), 0, index, out=tensor.view(-1))
 
 
 def _gather(source: Tensor, index: Tensor | None) -> Tensor:
