@@ -92,9 +92,10 @@ def test_dense_recipe_trains_on_tiny_data(tiny_run: Path) -> None:
 # epoch. On tiny data (scikit-learn's digits, or a few hundred images) the loss does
 # not fall in so few steps (benchmarks/pretraining/TINY_RUNS.md).
 FALLING_LOSS = [
-    "data.subset=8000",
+    "data.subset=4096",
     "pretrain.epochs=1",
-    "pretrain.memory_bank_size=1024",
+    "pretrain.batch_size=64",
+    "pretrain.memory_bank_size=512",
     "pretrain.warmup_epochs=60",
     "pretrain.keep_every_n_epochs=0",
     "trainer.accelerator=cpu",
@@ -113,7 +114,7 @@ def test_pretraining_recipe_loss_falls_on_a_fashion_mnist_subset(
     recipe = load_recipe(RESNET18_RECIPE, FALLING_LOSS)
     pretrain(recipe, tmp_path, progress=False)
     losses = [v for vs in _losses(tmp_path / "pretrain").values() for v in vs]
-    assert len(losses) == 8000 // 128
+    assert len(losses) == 4096 // 64
     assert all(math.isfinite(v) for v in losses)
     # Until the queue holds real keys (step 8) the loss is low by construction:
     # lightly starts the queue with random vectors. Compare from there on.
