@@ -25,9 +25,11 @@ def test_registry_names() -> None:
         "random_mask",
         "supervised_small",
         "transfer_pruning",
+        "scratch_small_budget_x2",
         "mcp_r0.31",
         "mcp_r0.52",
         "mcp_r0.76",
+        "mcp_r0.76_budget_x2",
         "mcp_r0.76_rho_x10",
         "mcp_r0.76_rho_x0.1",
         "mcp_r0.76_frq100_dr1",
@@ -59,6 +61,11 @@ def test_grid_runs_the_headline_question_first() -> None:
         (name, seed) for name in first for seed in (1, 2)
     }
     assert order[-1] == ("mcp_r0.76_frozen_hard", 0)
+    # The budget rows run after the paper's rows, before the ablations.
+    names = [name for name, _ in order]
+    for budget_row in ("scratch_small_budget_x2", "mcp_r0.76_budget_x2"):
+        assert names.index("transfer_pruning") < names.index(budget_row)
+        assert names.index(budget_row) < names.index("mcp_r0.76_rho_x10")
     assert main.grid_order(["mcp_r0.76"], 1) == [("mcp_r0.76", 0)]
 
 
@@ -96,6 +103,25 @@ def test_mcp_rows_use_the_recipes_converging_schedule() -> None:
     assert base["frozen_mask"] == "penalty"
     hard = main.METHODS["mcp_r0.76_frozen_hard"]["model"](ctx).hparams
     assert hard["frozen_mask"] == "hard" and hard["rho_response"] == 2.0
+
+
+def test_budget_rows_scale_the_pruning_phase_and_keep_the_schedules_shape() -> None:
+    recipe = load_recipe(main.RECIPE)
+    assert main.scaled_budget(recipe, 1) is recipe
+    doubled = main.scaled_budget(recipe, 2)
+    assert main.pruning_steps(doubled) == 2 * main.pruning_steps(recipe) == 2400
+    assert doubled.mcp.admm_interval == 2 * recipe.mcp.admm_interval == 600
+    assert doubled.data == recipe.data and doubled.pretrain == recipe.pretrain
+    # The same θ-response per block: ρ halves when the block's Σ lr doubles.
+    assert main.derived_rho(doubled) == pytest.approx(main.derived_rho(recipe) / 2)
+    assert [main.METHODS[n]["budget"] for n in main.METHODS if "budget" in n] == [2, 2]
+    assert all(e["budget"] == 1 for n, e in main.METHODS.items() if "budget" not in n)
+    # The small network's budget is its pretraining plus the doubled pruning phase.
+    steps = main.METHODS["scratch_small_budget_x2"]["steps"]
+    assert steps(doubled) == main.pretraining_steps(recipe) + 2400
+    epochs = load_recipe(main.RECIPE, ["mcp.admm_interval_unit=epochs"])
+    with pytest.raises(ValueError, match="admm_interval_unit: steps"):
+        main.scaled_budget(epochs, 2)
 
 
 def test_grid_starts_from_the_shipped_dense_model_with_its_settings(
@@ -136,7 +162,7 @@ def test_training_budgets_in_steps() -> None:
     for name, entry in main.METHODS.items():
         if name == "dense":
             assert entry["steps"] is None
-        elif name in ("scratch_small", "supervised_small"):
+        elif name in ("scratch_small", "supervised_small", "scratch_small_budget_x2"):
             # pretraining + pruning, on all images
             assert entry["data"] == "pretraining"
             assert entry["steps"](recipe) == 2 * 468 + 3 * 7

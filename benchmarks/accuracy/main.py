@@ -52,6 +52,10 @@ The grid (the paper's Tables 1-4, Figs. 3 and 4, DESIGN.md section 3):
 - the transition ablation at r = 0.76 (Table 4): the paper's (frq, dr) = (100, 1)
   scaled to the run, (1, 0) and (0, 0) (``mcp_r0.76_frq100_dr1``, ``..._frq1_dr0``,
   ``..._frq0_dr0``), against the recipe's ``stable_mask`` (``mcp_r0.76``);
+- the budget rows ``mcp_r0.76_budget_x2`` and ``scratch_small_budget_x2``: the
+  pruning phase twice as long (``scaled_budget``: MCP 4 blocks of 600 steps, the
+  small network its pretraining budget plus 2,400 steps), to measure what budget
+  the 92 % target needs;
 - ``mcp_r0.76_frozen_hard``: the frozen block with θ_q's dropped channels held at
   zero (``frozen_mask: hard``) instead of pulled there by a penalty.
 
@@ -197,6 +201,24 @@ def pretraining_steps(recipe: Recipe) -> int:
     if p.max_steps > 0:
         return p.max_steps
     return p.epochs * (FULL_TRAINING_SET // p.batch_size)
+
+
+def scaled_budget(recipe: Recipe, factor: int) -> Recipe:
+    """The recipe with its pruning phase ``factor`` times as long: ``mcp.max_steps``
+    and the ADMM block length scaled together, so that the schedule keeps its shape
+    (the same number of blocks, each ``factor`` times longer; ρ is derived per block
+    for the same θ-response). The budget rows (``*_budget_x2``) use it."""
+    if factor == 1:
+        return recipe
+    m = recipe.mcp
+    if m.admm_interval_unit != "steps":
+        raise ValueError("budget rows need mcp.admm_interval_unit: steps")
+    mcp = dataclasses.replace(
+        m,
+        max_steps=factor * pruning_steps(recipe),
+        admm_interval=factor * m.admm_interval,
+    )
+    return dataclasses.replace(recipe, mcp=mcp)
 
 
 def transition_length(frq: int, dr: int) -> int:
@@ -416,6 +438,7 @@ def _entry(model: Callable[[Context], LightningModule], **kwargs: Any) -> dict:
         "data": "pruning",
         "seeds": 1,
         "tier": 3,
+        "budget": 1,
     }
     entry.update(kwargs)
     return entry
@@ -440,12 +463,23 @@ METHODS: dict[str, dict[str, Any]] = {
     ),
     "transfer_pruning": _entry(build_transfer_pruning, transform=labelled_transform),
 }
+# The budget rows: MCP at 92 % and the small network from scratch with the pruning
+# phase twice as long (MCP: 4 blocks of 600 steps; the small network: its pretraining
+# budget plus 2,400 steps), for the question what budget meets the 92 % target.
+# They run after the paper's rows, before the ablations.
+METHODS["scratch_small_budget_x2"] = _entry(
+    build_scratch_small,
+    steps=METHODS["scratch_small"]["steps"],
+    data="pretraining",
+    budget=2,
+)
 for _ratio in RATIOS:
     METHODS[f"mcp_r{_ratio}"] = _entry(
         mcp_builder(_ratio),
         seeds=3 if _ratio == R92 else 1,
         tier=0 if _ratio == R92 else 1,
     )
+METHODS[f"mcp_r{R92}_budget_x2"] = _entry(mcp_builder(R92), budget=2)
 # The ρ ablation: the paper's {0.1, 0.01, 0.001} around its best, here ×{10, 0.1}
 # around the derived ρ (×1 is mcp_r0.76 itself).
 for _scale in (10.0, 0.1):
@@ -530,7 +564,7 @@ def run_config(
     entry = METHODS[name]
     start = time.perf_counter()
     # The data subset stays that of seed 0; the seed varies model and training.
-    recipe = load_recipe(RECIPE, overrides)
+    recipe = scaled_budget(load_recipe(RECIPE, overrides), entry["budget"])
     shared = recipe.pretrain.dense_checkpoint is not None
     dense_seed = seed if name == "dense" and not shared else 0
     dense = dense_checkpoint(out, overrides, dense_seed, progress)
@@ -621,6 +655,7 @@ def run_config(
             for k, v in dict(model.hparams).items()
             if isinstance(v, (int, float, str, bool, type(None)))
         },
+        "budget": entry["budget"],
         "train_steps": steps,
         "train_images": steps * recipe.mcp.batch_size,
         "dense_seed": dense_seed,
