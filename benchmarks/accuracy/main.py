@@ -467,12 +467,12 @@ METHODS: dict[str, dict[str, Any]] = {
 # phase twice as long (MCP: 4 blocks of 600 steps; the small network: its pretraining
 # budget plus 2,400 steps), for the question what budget meets the 92 % target.
 # They run after the paper's rows, before the ablations.
-METHODS["scratch_small_budget_x2"] = _entry(
-    build_scratch_small,
-    steps=METHODS["scratch_small"]["steps"],
-    data="pretraining",
-    budget=2,
-)
+METHODS["scratch_small_budget_x2"] = {
+    **METHODS["scratch_small"],
+    "seeds": 1,
+    "tier": 3,
+    "budget": 2,
+}
 for _ratio in RATIOS:
     METHODS[f"mcp_r{_ratio}"] = _entry(
         mcp_builder(_ratio),
