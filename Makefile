@@ -14,8 +14,9 @@ $(BIN)/lightly-mcp-installed: pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $@
 
+# One pytest-xdist worker per core, one thread per worker (tests/conftest.py).
 test: setup data
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto
 
 lint: setup
 	$(BIN)/ruff check lightly_mcp tests

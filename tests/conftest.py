@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist, one thread per worker (and per subprocess it starts).
+
+    The workers share the machine's cores; a worker's tiny models gain nothing from
+    a second thread, and two workers with two threads each would oversubscribe them.
+    """
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        os.environ["OMP_NUM_THREADS"] = "1"
+        torch.set_num_threads(1)
 
 
 def randomize_batchnorm(model: nn.Module, seed: int = 0) -> nn.Module:
