@@ -26,7 +26,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import ModelCheckpoint, RichProgressBar
-from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
+from pytorch_lightning.loggers import TensorBoardLogger
 from torch.utils.data import DataLoader
 
 from lightly_mcp.backbones import Backbone, build_backbone
@@ -39,6 +39,7 @@ from lightly_mcp.data import (
     fallback_note,
 )
 from lightly_mcp.errors import RecipeError
+from lightly_mcp.loggers import ResumableCSVLogger
 from lightly_mcp.mcp import MCP
 from lightly_mcp.recipe import Recipe
 from lightly_mcp.resumable_data import ResumableLoader
@@ -294,7 +295,7 @@ def trainer_for(
         >>> trainer.fit(MoCoV2(**moco_kwargs(recipe, "pretrain")), loader)
     """
     t = recipe.trainer
-    loggers: list[Any] = [CSVLogger(str(stage_dir), name="logs", version="")]
+    loggers: list[Any] = [ResumableCSVLogger(str(stage_dir), name="logs", version="")]
     loggers.append(TensorBoardLogger(str(stage_dir), name="tensorboard", version=""))
     callbacks: list[Any] = [
         # last.ckpt after every epoch (Lightning writes it atomically).

@@ -22,6 +22,7 @@ from lightly_mcp.assemble import (
 from lightly_mcp.backbones import build_backbone
 from lightly_mcp.callbacks import KeepEpochCheckpoints
 from lightly_mcp.errors import RecipeError
+from lightly_mcp.loggers import ResumableCSVLogger
 from lightly_mcp.mcp import MCP
 from lightly_mcp.prunable_groups import find_channel_groups
 from lightly_mcp.pruning_ratio import removed_fraction, solve_pruning_ratio
@@ -138,6 +139,9 @@ def test_trainer_for_writes_into_the_stage_folder(tmp_path: Path) -> None:
     (last,) = [c for c in trainer.callbacks if isinstance(c, ModelCheckpoint)]
     assert Path(last.dirpath) == tmp_path and last.filename == "last"
     assert trainer.max_epochs == 3
+    # metrics.csv survives a resume (tests/test_loggers.py)
+    assert isinstance(trainer.loggers[0], ResumableCSVLogger)
+    assert Path(trainer.loggers[0].log_dir) == tmp_path / "logs"
     assert not any(isinstance(c, KeepEpochCheckpoints) for c in trainer.callbacks)
     kept = trainer_for(recipe, tmp_path, 3, 10, False, keep_every_n_epochs=2)
     assert kept.max_steps == 10
