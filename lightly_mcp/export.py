@@ -33,7 +33,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -47,7 +47,7 @@ from lightly_mcp.batchnorm import merge_split_batchnorm, recalibrate_batchnorm
 from lightly_mcp.compaction import compact
 from lightly_mcp.errors import ExportError, InputError, describe_error
 from lightly_mcp.files import write_json_atomic
-from lightly_mcp.folding import fold_batchnorm
+from lightly_mcp.folding import ConvNorm, conv_norm_pairs, fold_batchnorm
 from lightly_mcp.loading import load_mcp_checkpoint
 from lightly_mcp.masks import output_feature_index, round_masks
 from lightly_mcp.mcp import MCP
@@ -126,7 +126,11 @@ class CheckedCompact:
 
 
 def compact_and_check(
-    model: MCP, masks: list[Tensor], *, fold: bool = True
+    model: MCP,
+    masks: list[Tensor],
+    *,
+    fold: bool = True,
+    pairs: Sequence[ConvNorm] | None = None,
 ) -> CheckedCompact:
     """The compact momentum subnet of ``model`` with ``masks``, checked.
 
@@ -146,6 +150,9 @@ def compact_and_check(
         masks: Per group, the channels to keep.
         fold: Fold BatchNorm into the convolutions (what is deployed); ``False``
             keeps the norms (to fine-tune or recalibrate the model).
+        pairs: The (convolution, BatchNorm) pairs to fold, found on the dense
+            network (:func:`~lightly_mcp.folding.conv_norm_pairs`); ``None`` traces
+            the compact one.
 
     Raises:
         ExportError: If the compact model does not match the masked subnet.
@@ -167,7 +174,7 @@ def compact_and_check(
     folded = 0
     reference64 = copy.deepcopy(unfolded).double()
     if fold:
-        reference64, folded = _folded_in_float64(unfolded, size)
+        reference64, folded = _folded_in_float64(unfolded, size, pairs)
         compact_model = copy.deepcopy(reference64).float()
 
     generator = torch.Generator().manual_seed(0)
@@ -207,8 +214,13 @@ def compact_and_check(
     return CheckedCompact(compact_model, err32, scale, folded, unfolded)
 
 
-def fold_and_check(model: nn.Module, size: int) -> tuple[nn.Module, int]:
+def fold_and_check(
+    model: nn.Module, size: int, pairs: Sequence[ConvNorm] | None = None
+) -> tuple[nn.Module, int]:
     """``model`` (eval mode) with its BatchNorm folded, checked against itself.
+
+    ``pairs``, if given, are the pairs to fold (found on a network with the same
+    graph); ``None`` traces ``model`` to find them.
 
     Returns:
         The folded copy and the number of norms folded.
@@ -222,7 +234,7 @@ def fold_and_check(model: nn.Module, size: int) -> tuple[nn.Module, int]:
     with torch.no_grad():
         expected = copy.deepcopy(model).double()(x.double())
         expected32 = model(x)
-    folded64, folded = _folded_in_float64(model, size)
+    folded64, folded = _folded_in_float64(model, size, pairs)
     folded_model = copy.deepcopy(folded64).float()
     _check_same(
         folded64, folded_model, x, expected, expected32, "the network before folding"
@@ -230,7 +242,9 @@ def fold_and_check(model: nn.Module, size: int) -> tuple[nn.Module, int]:
     return folded_model, folded
 
 
-def _folded_in_float64(model: nn.Module, size: int) -> tuple[nn.Module, int]:
+def _folded_in_float64(
+    model: nn.Module, size: int, pairs: Sequence[ConvNorm] | None = None
+) -> tuple[nn.Module, int]:
     """A float64 copy of ``model`` with its BatchNorm folded, and the count folded.
 
     Folding in float64 and rounding the result once to float32 gives the float32
@@ -238,7 +252,8 @@ def _folded_in_float64(model: nn.Module, size: int) -> tuple[nn.Module, int]:
     check compares (a structural check, free of float32 rounding).
     """
     folded = copy.deepcopy(model).double().eval()
-    count = fold_batchnorm(folded, torch.randn(2, 3, size, size, dtype=torch.float64))
+    example = torch.randn(2, 3, size, size, dtype=torch.float64)
+    count = fold_batchnorm(folded, example, pairs)
     return folded, count
 
 
@@ -492,8 +507,12 @@ def _build(
         f"folded compact vs masked momentum subnet, eval mode, random inputs "
         f"{CHECK_BATCH_SIZE}x3x{size}x{size}"
     )
+    # Pruning channels changes no connection: the pairs of BatchNorm to fold are
+    # the dense network's, found with one trace for both networks.
+    dense_unfolded = _deployed_dense(model)
+    pairs = conv_norm_pairs(dense_unfolded, example)
     if recalibrate is None:
-        checked = compact_and_check(model, masks, fold=True)
+        checked = compact_and_check(model, masks, fold=True, pairs=pairs)
         compact_model, compact_folded = checked.model, checked.folded
         unfolded = checked.unfolded
     else:
@@ -502,14 +521,13 @@ def _build(
         checked = compact_and_check(model, masks, fold=False)
         recalibrate_batchnorm(checked.model, recalibrate, recalibration_batches)
         unfolded = checked.model
-        compact_model, compact_folded = fold_and_check(unfolded, size)
+        compact_model, compact_folded = fold_and_check(unfolded, size, pairs)
         note = (
             f"compact vs masked momentum subnet, eval mode, random inputs "
             f"{CHECK_BATCH_SIZE}x3x{size}x{size}, checked before BatchNorm "
             "recalibration; the folded model checked against the recalibrated one"
         )
-    dense_unfolded = _deployed_dense(model)
-    dense, dense_folded = fold_and_check(dense_unfolded, size)
+    dense, dense_folded = fold_and_check(dense_unfolded, size, pairs)
     files = _save_models(
         compact_model, folder, size, onnx=onnx, torchscript=torchscript
     )

@@ -26,6 +26,7 @@ Examples:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -52,7 +53,9 @@ class ConvNorm:
     norm: str
 
 
-def fold_batchnorm(model: nn.Module, example: Tensor) -> int:
+def fold_batchnorm(
+    model: nn.Module, example: Tensor, pairs: Sequence[ConvNorm] | None = None
+) -> int:
     """Folds every BatchNorm that directly follows a convolution into it, in place.
 
     ``nn.BatchNorm2d`` layers become ``nn.Identity``; timm's ``BatchNormAct2d`` keeps
@@ -62,18 +65,36 @@ def fold_batchnorm(model: nn.Module, example: Tensor) -> int:
     Args:
         model: A network in eval mode (folding uses the running statistics).
         example: An input the network accepts, to trace it with ``torch.export``.
+        pairs: The pairs to fold, as :func:`conv_norm_pairs` found them on a network
+            with the same graph (e.g. the dense network a compact one was cut from:
+            pruning channels changes no connection), to save tracing this one.
+            ``None`` traces ``model``.
 
     Returns:
         The number of norms folded.
 
     Raises:
         InputError: If the model is in train mode.
-        ExportError: If the network cannot be traced with ``torch.export``.
+        ExportError: If the network cannot be traced with ``torch.export``, or a
+            given pair does not name a convolution and a BatchNorm of ``model``.
     """
-    pairs = conv_norm_pairs(model, example)
+    if pairs is None:
+        pairs = conv_norm_pairs(model, example)
+    modules = dict(model.named_modules())
     for pair in pairs:
-        conv = model.get_submodule(pair.conv)
-        norm = model.get_submodule(pair.norm)
+        conv, norm = modules.get(pair.conv), modules.get(pair.norm)
+        if not (
+            isinstance(conv, nn.Conv2d)
+            and isinstance(norm, nn.BatchNorm2d)
+            and conv.out_channels == norm.num_features
+        ):
+            raise ExportError(
+                f"Cannot fold '{pair.norm}' into '{pair.conv}': the network has no "
+                "such convolution and BatchNorm of equal width (pairs found on a "
+                "network with another graph); fold it without given pairs."
+            )
+    for pair in pairs:
+        conv, norm = modules[pair.conv], modules[pair.norm]
         assert isinstance(conv, nn.Conv2d) and isinstance(norm, nn.BatchNorm2d)
         _fold_into(conv, norm)
         parent_name, _, child = pair.norm.rpartition(".")

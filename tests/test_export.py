@@ -17,9 +17,12 @@ from lightly_mcp.compaction import compact
 from lightly_mcp.export import (
     CHECK_TOLERANCE,
     ExportError,
+    compact_and_check,
     compact_from_checkpoint,
     export,
+    export_masks,
 )
+from lightly_mcp.folding import conv_norm_pairs
 from lightly_mcp.loading import load_mcp_checkpoint
 from lightly_mcp.masks import output_feature_index, round_masks
 from lightly_mcp.mcp import MCP
@@ -546,3 +549,20 @@ def test_pruned_feature_dimension_self_check_still_catches_errors(
     with pytest.raises(ExportError, match="dropped output features are not zero"):
         export(narrow_checkpoint, tmp_path / "b", latency=False, console=_quiet())
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_dense_and_compact_networks_fold_the_same_pairs(
+    checkpoints: dict[str, Path], backbone: str
+) -> None:
+    """The export traces the dense network once to find the BatchNorm layers to
+    fold and folds the compact one with the same pairs: pruning channels must not
+    change which convolution feeds which norm."""
+    model = load_mcp_checkpoint(checkpoints[backbone])
+    masks = export_masks(model)
+    assert any(not bool(m.all()) for m in masks)  # something is pruned
+    example = torch.randn(2, 3, SIZE, SIZE)
+    compact_model = compact_and_check(model, masks, fold=False).model
+    dense_pairs = conv_norm_pairs(export_module._deployed_dense(model), example)
+    assert len(dense_pairs) > 0
+    assert conv_norm_pairs(compact_model, example) == dense_pairs

@@ -11,7 +11,7 @@ from timm.layers import BatchNormAct2d
 from torch import nn
 
 from lightly_mcp.errors import ExportError, InputError
-from lightly_mcp.folding import conv_norm_pairs, fold_batchnorm
+from lightly_mcp.folding import ConvNorm, conv_norm_pairs, fold_batchnorm
 
 SIZE = 16
 
@@ -115,3 +115,43 @@ def test_untraceable_network_is_an_export_error() -> None:
 
     with pytest.raises(ExportError, match="Cannot trace the network"):
         fold_batchnorm(DataDependent().eval(), torch.randn(2, 3, SIZE, SIZE))
+
+
+def test_given_pairs_fold_a_network_with_the_same_graph_without_tracing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Pairs found on a wide network fold a narrower one of the same graph (what the
+    export does with the dense and the compact network) exactly as tracing it would.
+    """
+    import torchvision
+
+    wide = torchvision.models.mobilenet_v2(width_mult=1.0, num_classes=10).eval()
+    narrow = _randomise_norms(torchvision.models.mobilenet_v2(width_mult=0.5))
+    pairs = conv_norm_pairs(wide, torch.randn(2, 3, SIZE, SIZE))
+    assert pairs == conv_norm_pairs(narrow, torch.randn(2, 3, SIZE, SIZE))
+    traced = copy.deepcopy(narrow)
+    count = fold_batchnorm(traced, torch.randn(2, 3, SIZE, SIZE))
+
+    def no_trace(*args: object, **kwargs: object) -> None:
+        raise AssertionError("traced although the pairs were given")
+
+    monkeypatch.setattr(torch.export, "export", no_trace)
+    given = copy.deepcopy(narrow)
+    assert fold_batchnorm(given, torch.randn(2, 3, SIZE, SIZE), pairs) == count == 52
+    for a, b in zip(traced.state_dict().items(), given.state_dict().items()):
+        assert a[0] == b[0] and torch.equal(a[1], b[1])
+    _same_function(narrow, given)
+
+
+def test_pairs_of_another_graph_are_refused_and_change_nothing() -> None:
+    net = _randomise_norms(
+        nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.Conv2d(8, 4, 1))
+    )
+    before = copy.deepcopy(net.state_dict())
+    good = ConvNorm("0", "1")
+    for bad in (ConvNorm("2", "1"), ConvNorm("0", "2"), ConvNorm("0", "9")):
+        with pytest.raises(ExportError, match=f"Cannot fold '{bad.norm}' into"):
+            fold_batchnorm(net, torch.randn(2, 3, SIZE, SIZE), [good, bad])
+    assert isinstance(net[1], nn.BatchNorm2d)  # nothing folded, not even the good one
+    for key, value in net.state_dict().items():
+        assert torch.equal(value, before[key]), key

@@ -192,8 +192,9 @@ def test_run_survives_sigterm_and_sigkill(tmp_path: Path, sig: signal.Signals) -
     path.write_text(yaml.safe_dump(recipe))
     out = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # The preflight is not what is tested here (tests/test_preflight.py).
     process = subprocess.Popen(
-        _cli("run", str(path), "--out", str(out), "--quiet"),
+        _cli("run", str(path), "--out", str(out), "--quiet", "--no-preflight"),
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -214,7 +215,16 @@ def test_run_survives_sigterm_and_sigkill(tmp_path: Path, sig: signal.Signals) -
     assert not (out / "prune" / "done.json").exists()
 
     finish = subprocess.run(
-        _cli("run", str(path), "--out", str(out), "--quiet", "--set", "mcp.epochs=20"),
+        _cli(
+            "run",
+            str(path),
+            "--out",
+            str(out),
+            "--quiet",
+            "--no-preflight",
+            "--set",
+            "mcp.epochs=20",
+        ),
         env=env,
         capture_output=True,
         text=True,
