@@ -80,7 +80,9 @@ def fold_batchnorm(
     """
     if pairs is None:
         pairs = conv_norm_pairs(model, example)
+    # Every pair is checked before anything is folded: a refused pair changes nothing.
     modules = dict(model.named_modules())
+    resolved: list[tuple[str, nn.Conv2d, nn.BatchNorm2d]] = []
     for pair in pairs:
         conv, norm = modules.get(pair.conv), modules.get(pair.norm)
         if not (
@@ -93,13 +95,12 @@ def fold_batchnorm(
                 "such convolution and BatchNorm of equal width (pairs found on a "
                 "network with another graph); fold it without given pairs."
             )
-    for pair in pairs:
-        conv, norm = modules[pair.conv], modules[pair.norm]
-        assert isinstance(conv, nn.Conv2d) and isinstance(norm, nn.BatchNorm2d)
+        resolved.append((pair.norm, conv, norm))
+    for norm_name, conv, norm in resolved:
         _fold_into(conv, norm)
-        parent_name, _, child = pair.norm.rpartition(".")
+        parent_name, _, child = norm_name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, _after_norm(norm))
-    return len(pairs)
+    return len(resolved)
 
 
 def conv_norm_pairs(model: nn.Module, example: Tensor) -> list[ConvNorm]:
