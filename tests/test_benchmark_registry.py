@@ -45,6 +45,7 @@ def test_registry_names() -> None:
         "typical_pruning": 3,
         "scratch_small": 3,
         "mcp_r0.76": 3,
+        "mcp_r0.76_frq1_dr0": 3,
     }
 
 
@@ -60,7 +61,12 @@ def test_grid_runs_the_headline_question_first() -> None:
     assert {pair for pair in order[6:14]} == {
         (name, seed) for name in first for seed in (1, 2)
     }
-    assert order[-1] == ("mcp_r0.76_frozen_hard", 0)
+    # An ablation's extra seeds run after every ablation's seed 0.
+    assert order[-3:] == [
+        ("mcp_r0.76_frozen_hard", 0),
+        ("mcp_r0.76_frq1_dr0", 1),
+        ("mcp_r0.76_frq1_dr0", 2),
+    ]
     # The budget rows run after the paper's rows, before the ablations.
     names = [name for name, _ in order]
     for budget_row in ("scratch_small_budget_x2", "mcp_r0.76_budget_x2"):
@@ -310,6 +316,9 @@ def test_report_checks_the_targets_and_flags_collapsed_seeds(tmp_path: Path) -> 
     write("mcp_r0.31", 0, 0.80, 0.865)
     write("dense", 0, 0.82, 0.88)  # linear −1.5: missed
     write("supervised_small", 0, 0.70, 0.75, classifier_top1=0.9)
+    for seed in range(3):  # a variant with 3 seeds is checked against the targets too
+        write("mcp_r0.76_frq1_dr0", seed, 0.80, 0.81)
+    write("mcp_r0.76_rho_x10", 0, 0.80, 0.81)  # one seed: not checked
     table = report.write_report(tmp_path)
     assert "| scratch_small (collapsed: seed 0) | 2 |" in table
     assert "| supervised_small (its classifier) | 1 | | | | – | 90.00 | | |" in table
@@ -320,6 +329,11 @@ def test_report_checks_the_targets_and_flags_collapsed_seeds(tmp_path: Path) -> 
     assert linear.endswith("| +2.00 | yes |")
     scratch = lines["| mcp_r0.76 ≥ scratch_small + 2 (knn_top1, 2 vs 2 seeds)"]
     assert scratch.endswith("| 76.00 | 43.00 | +33.00 | yes |")
+    variant = lines[
+        "| mcp_r0.76_frq1_dr0 ≥ scratch_small + 2 (linear_top1, 3 vs 2 seeds)"
+    ]
+    assert variant.endswith("| 81.00 | 44.50 | +36.50 | yes |")
+    assert not any(line.startswith("| mcp_r0.76_rho_x10 ≥") for line in lines)
     dense = lines["| mcp_r0.31 within 1 of dense (linear_top1)"]
     assert dense.endswith("| 86.50 | 88.00 | -1.50 | **no** |")
 
