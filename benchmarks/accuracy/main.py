@@ -507,13 +507,11 @@ def grid_order(names: list[str], max_seeds: int | None) -> list[tuple[str, int]]
     the registry's order within a tier."""
     pairs = []
     for index, name in enumerate(names):
-        seeds = METHODS[name]["seeds"]
+        seeds, tier = METHODS[name]["seeds"], METHODS[name]["tier"]
         if max_seeds is not None:
             seeds = min(seeds, max_seeds)
         for seed in range(seeds):
-            tier = METHODS[name]["tier"]
-            tier = tier if seed == 0 else max(2, tier)
-            pairs.append((tier, seed, index, name))
+            pairs.append((tier if seed == 0 else max(2, tier), seed, index, name))
     return [(name, seed) for _, seed, _, name in sorted(pairs)]
 
 
