@@ -29,6 +29,7 @@ Examples:
 from __future__ import annotations
 
 import copy
+import io
 import json
 import os
 import shutil
@@ -46,7 +47,7 @@ from torch.utils.data import DataLoader
 from lightly_mcp.batchnorm import merge_split_batchnorm, recalibrate_batchnorm
 from lightly_mcp.compaction import compact
 from lightly_mcp.errors import ExportError, InputError, describe_error
-from lightly_mcp.files import write_json_atomic
+from lightly_mcp.files import write_bytes_atomic, write_json_atomic
 from lightly_mcp.folding import ConvNorm, conv_norm_pairs, fold_batchnorm
 from lightly_mcp.loading import load_mcp_checkpoint
 from lightly_mcp.masks import output_feature_index, round_masks
@@ -775,17 +776,21 @@ def _save_torchscript(model: nn.Module, path: Path, size: int) -> str:
     """Traces ``model`` to ``path`` and checks the reloaded file; the report's note.
 
     A failed trace is noted and leaves no file; a reloaded model that computes
-    something else raises :class:`ExportError`.
+    something else raises :class:`ExportError`. The check reloads the bytes in
+    memory, then exactly those bytes are written (atomically): no file is read back
+    from disk, so none swapped in meanwhile is ever run.
     """
     try:
         with torch.no_grad():
             traced = torch.jit.trace(model, torch.randn(1, 3, size, size))
-        traced.save(str(path))
-        reloaded = torch.jit.load(str(path))
+        buffer = io.BytesIO()
+        torch.jit.save(traced, buffer)
+        scripted = buffer.getvalue()
+        reloaded = torch.jit.load(io.BytesIO(scripted))
     except Exception as error:  # noqa: BLE001 - recorded in the report
-        path.unlink(missing_ok=True)
         return f"failed: {describe_error(error)[:300]}"
     err = _check_reloaded(reloaded, model, size, "TorchScript model")
+    write_bytes_atomic(path, scripted)
     return f"ok (traced, eval mode; max abs err {err:.3g})"
 
 

@@ -34,21 +34,25 @@ from lightly_mcp.assemble import (
 )
 from lightly_mcp.checkpoints import (
     CheckpointError,
-    UnsafeCheckpointError,
     checkpoint_file,
     read_checkpoint,
 )
-from lightly_mcp.errors import StageInterrupted
+from lightly_mcp.errors import StageInterrupted, UnsafeCheckpointError
 from lightly_mcp.evaluation import evaluate_backbone, raw_pixel_baseline
 from lightly_mcp.export import compact_from_checkpoint, export
 from lightly_mcp.files import write_json_atomic
 from lightly_mcp.loading import module_from_checkpoint
 from lightly_mcp.mcp import MCP
 from lightly_mcp.moco_v2 import MoCoV2
+from lightly_mcp.model_files import (
+    TRUST_FLAG,
+    load_program,
+    load_trusted_module,
+    shown_path,
+)
 from lightly_mcp.recipe import Recipe, RecipeError, dump_recipe
 from lightly_mcp.report import write_plots
 from lightly_mcp.run_folder import OutputFolderError, check_recipe, is_rank_zero
-from lightly_mcp.runtimes import load_program
 
 DONE = "done.json"
 
@@ -86,8 +90,11 @@ def _fit(
     last = stage_dir / "last.ckpt"
     resume = None
     if last.is_file():
+        restart = f"delete it to restart stage {stage_dir.name} from scratch"
         try:
-            saved = read_checkpoint(last)
+            saved = read_checkpoint(last, fix=restart)
+        except UnsafeCheckpointError:
+            raise
         except CheckpointError as error:
             raise CheckpointError(
                 f"cannot resume {stage_dir.name}: {error} Delete '{last}' to restart "
@@ -263,15 +270,6 @@ def export_stage(
     )
 
 
-PICKLE_REFUSED = (
-    "'{path}' cannot be read safely (torch.load with weights_only=True): it is "
-    "corrupt or holds pickled Python objects (an exported model.pt is a whole "
-    "pickled nn.Module), and unpickling it runs code from the file. Evaluate the "
-    "exported model.pt2 (torch.export, no pickle) or a checkpoint instead, or pass "
-    "--trust-pickle if you trust this file."
-)
-
-
 def load_backbone_for_eval(
     path: Path, recipe: Recipe, trust_pickle: bool = False
 ) -> dict[str, nn.Module]:
@@ -279,12 +277,12 @@ def load_backbone_for_eval(
 
     A MoCo v2 checkpoint gives ``dense`` (its momentum encoder); an MCP checkpoint
     gives ``dense`` (the unmasked momentum encoder) and ``subnet`` (the masked one);
-    an exported ``model.pt2`` (a ``torch.export`` program, read without pickle), an
-    older export's ``model.ts`` (TorchScript), or an export folder (its
-    ``model.pt2``, else its ``model.ts``), gives ``compact``. Checkpoints, whatever
-    their suffix, are read with ``weights_only=True``. A whole pickled module (an
-    exported ``model.pt``) is unpickled only with ``trust_pickle=True``: that runs
-    code from the file.
+    an exported ``model.pt2`` (a ``torch.export`` program, read without running
+    anything from it), or an export folder (its ``model.pt2``), gives ``compact``.
+    Checkpoints, whatever their suffix, are read with ``weights_only=True``. A
+    TorchScript ``model.ts`` and a whole pickled module (an exported ``model.pt``)
+    are code: they are loaded only with ``trust_pickle=True``
+    (:mod:`lightly_mcp.model_files`).
 
     Raises:
         CheckpointError: For a file that cannot be read safely (without
@@ -293,49 +291,36 @@ def load_backbone_for_eval(
     """
     path = Path(path)
     if path.is_dir():
-        program, scripted, pickled = (
-            path / "model.pt2",
-            path / "model.ts",
-            path / "model.pt",
-        )
+        program = path / "model.pt2"
+        code = [path / name for name in ("model.ts", "model.pt")]
         if program.is_file():
             path = program
-        elif scripted.is_file():
-            path = scripted
-        elif trust_pickle and pickled.is_file():
-            path = pickled
+        elif trust_pickle and any(file.is_file() for file in code):
+            path = next(file for file in code if file.is_file())
         else:
             checkpoints = sorted(path.glob("*.ckpt")) + sorted(path.glob("*/*.ckpt"))
+            found = next((file for file in code if file.is_file()), None)
             hint = (
-                f"; its model.pt is a pickle: pass '{pickled}' with --trust-pickle "
-                "if you trust it"
-                if pickled.is_file()
-                else f"; to evaluate a checkpoint give its file, as '{checkpoints[0]}'"
+                f"; its {found.name} runs code: pass '{shown_path(found)}' with "
+                f"{TRUST_FLAG} if you trust it"
+                if found is not None
+                else f"; to evaluate a checkpoint give its file, as "
+                f"'{shown_path(checkpoints[0])}'"
                 if checkpoints
                 else ""
             )
             raise FileNotFoundError(
-                f"'{path}' has no model.pt2 (the torch.export program export writes) "
-                f"to evaluate{hint}."
+                f"'{shown_path(path)}' has no model.pt2 (the torch.export program "
+                f"export writes) to evaluate{hint}."
             )
     if path.suffix == ".pt2":
         return {"compact": load_program(path)}
     if path.suffix == ".ts":
-        if not path.is_file():
-            raise FileNotFoundError(f"TorchScript model '{path}' does not exist.")
-        return {"compact": torch.jit.load(str(path), map_location="cpu")}
+        return {"compact": load_trusted_module(path, trust_pickle)}
     try:
         data = read_checkpoint(path)  # weights_only=True: runs no code
     except UnsafeCheckpointError:
-        if not trust_pickle:
-            raise CheckpointError(PICKLE_REFUSED.format(path=path)) from None
-        module = torch.load(path, map_location="cpu", weights_only=False)
-        if not isinstance(module, nn.Module):
-            raise CheckpointError(
-                f"'{path}' does not hold a torch.nn.Module (it holds a "
-                f"{type(module).__name__})."
-            ) from None
-        return {"compact": module}
+        return {"compact": load_trusted_module(path, trust_pickle)}
     model = module_from_checkpoint(data, path)
     networks: dict[str, nn.Module] = {"dense": model.backbone_momentum}
     if isinstance(model, MCP):
@@ -346,18 +331,16 @@ def load_backbone_for_eval(
 def exported_compact(
     recipe: Recipe, checkpoint: Path, out: Path, report: dict[str, Any]
 ) -> nn.Module:
-    """The compact model of ``out/export``, without unpickling anything.
+    """The compact model of ``out/export``, without running anything from a file.
 
-    Its ``model.pt2`` (read without pickle, :func:`load_program`); for an older
-    export, its ``model.ts``; otherwise the same compact model rebuilt from the MCP
-    checkpoint, read with ``weights_only=True``. ``model.pt`` is never read.
+    Its ``model.pt2`` (checked, then read: :func:`load_program`); otherwise the same
+    compact model rebuilt from the MCP checkpoint, read with ``weights_only=True``.
+    ``model.pt`` and ``model.ts`` are code and never read here.
     """
     written = report.get("files", {}).get("written", [])
-    program, scripted = out / "export" / "model.pt2", out / "export" / "model.ts"
+    program = out / "export" / "model.pt2"
     if "model.pt2" in written and program.is_file():
         return load_program(program)
-    if "model.ts" in written and scripted.is_file():
-        return torch.jit.load(str(scripted), map_location="cpu")
     e = recipe.export
     recalibrate = export_recalibration_data(recipe)
     return compact_from_checkpoint(
