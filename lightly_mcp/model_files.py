@@ -44,26 +44,26 @@ from unittest import mock
 import torch
 from torch import nn
 
-from lightly_mcp.errors import CheckpointError, UnsafeCheckpointError
+from lightly_mcp.errors import CheckpointError, CodeFileError, UnsafeCheckpointError
 from lightly_mcp.files import write_bytes_atomic
 
 #: The longest refusal line.
 MAX_MESSAGE = 200
 #: The flag that lets code files (TorchScript, pickled modules) be loaded.
 TRUST_FLAG = "--trust-pickle"
-#: The longest path shown in full in a message (longer ones keep their end).
-_SHOWN_PATH = 80
+#: The longest path shown in a message (longer ones keep their end).
+_SHOWN_PATH = 60
 
 
 # --- messages --------------------------------------------------------------------
 def shown_path(path: str | os.PathLike[str]) -> str:
-    """``path`` as messages show it: in full up to 80 characters, else its end.
+    """``path`` as messages show it: in full up to 60 characters, else its end.
 
     Examples:
         >>> shown_path("/runs/a/export/model.pt2")
         '/runs/a/export/model.pt2'
         >>> len(shown_path("x" * 300))
-        80
+        60
     """
     text = str(path)
     return text if len(text) <= _SHOWN_PATH else "…" + text[-(_SHOWN_PATH - 1) :]
@@ -103,8 +103,8 @@ def read_tensors(
         fix: What the user should do instead, for the refusal.
 
     Raises:
-        UnsafeCheckpointError: If the file holds pickled Python objects (code), is
-            truncated or is not a PyTorch file.
+        CodeFileError: If the file holds pickled Python objects (code).
+        UnsafeCheckpointError: If it is truncated or not a PyTorch file.
     """
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
@@ -112,9 +112,9 @@ def read_tensors(
         if "Weights only load failed" in str(error):
             raise refusal(
                 path,
-                "cannot be read safely: it holds pickled Python objects, and "
-                "unpickling them runs code from the file",
+                "cannot be read safely: unpickling it runs code",
                 fix,
+                CodeFileError,
             ) from None
         raise refusal(path, _corrupt("a PyTorch file"), fix) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError):
@@ -122,7 +122,7 @@ def read_tensors(
 
 
 def _corrupt(kind: str) -> str:
-    return f"cannot be read safely: it is truncated, corrupt or not {kind}"
+    return f"cannot be read safely: truncated, corrupt or not {kind}"
 
 
 # --- code files: TorchScript and pickled modules -----------------------------------
@@ -132,8 +132,8 @@ def load_trusted_module(path: str | os.PathLike[str], trusted: bool) -> nn.Modul
 
     Raises:
         FileNotFoundError: If ``path`` is not a file.
-        UnsafeCheckpointError: Without ``trusted``; or if the file does not load as
-            a module.
+        CodeFileError: Without ``trusted``.
+        UnsafeCheckpointError: If the file does not load as a module.
     """
     path = Path(path)
     scripted = path.suffix == ".ts"
@@ -142,8 +142,8 @@ def load_trusted_module(path: str | os.PathLike[str], trusted: bool) -> nn.Modul
         raise FileNotFoundError(f"{kind} '{shown_path(path)}' does not exist.")
     fix = f"evaluate model.pt2 or a checkpoint, or pass {TRUST_FLAG} if you trust it"
     if not trusted:
-        what = "is TorchScript" if scripted else "holds pickled Python objects"
-        raise refusal(path, f"cannot be read safely: it {what}, which runs code", fix)
+        what = "it is TorchScript, which runs" if scripted else "unpickling it runs"
+        raise refusal(path, f"cannot be read safely: {what} code", fix, CodeFileError)
     try:
         if scripted:
             module = torch.jit.load(str(path), map_location="cpu")
@@ -196,7 +196,7 @@ def load_program(path: str | Path) -> nn.Module:
         raise refusal(path, _corrupt("a torch.export program"), fix) from None
     except ProgramRefused as why:
         raise refusal(
-            path, f"is not a program lightly-mcp writes ({why}), so it is not run", fix
+            path, f"is not a program lightly-mcp writes ({why})", fix
         ) from None
     try:
         with _no_pickled_code():
@@ -681,7 +681,7 @@ def _check_target(target: Any) -> bool:
         raise ProgramRefused(f"unknown operator {target[:60]}") from None
     takes_strings = any("str" in str(a.type) for a in schema.arguments)
     if takes_strings and name not in _STRING_ENUMS:
-        raise ProgramRefused(f"operator {target[:60]}, which takes a string")
+        raise ProgramRefused(f"operator {target[10:60]} takes a string")
     return takes_strings
 
 

@@ -37,7 +37,7 @@ from lightly_mcp.checkpoints import (
     checkpoint_file,
     read_checkpoint,
 )
-from lightly_mcp.errors import StageInterrupted, UnsafeCheckpointError
+from lightly_mcp.errors import CodeFileError, StageInterrupted, UnsafeCheckpointError
 from lightly_mcp.evaluation import evaluate_backbone, raw_pixel_baseline
 from lightly_mcp.export import compact_from_checkpoint, export
 from lightly_mcp.files import write_json_atomic
@@ -301,17 +301,16 @@ def load_backbone_for_eval(
             checkpoints = sorted(path.glob("*.ckpt")) + sorted(path.glob("*/*.ckpt"))
             found = next((file for file in code if file.is_file()), None)
             hint = (
-                f"; its {found.name} runs code: pass '{shown_path(found)}' with "
-                f"{TRUST_FLAG} if you trust it"
+                f"; its {found.name} is code: give that file with {TRUST_FLAG} if "
+                "you trust it"
                 if found is not None
-                else f"; to evaluate a checkpoint give its file, as "
-                f"'{shown_path(checkpoints[0])}'"
+                else "; to evaluate a checkpoint give its file, as "
+                f"'{checkpoints[0].relative_to(path)}' in it"
                 if checkpoints
-                else ""
+                else " (export writes it)"
             )
             raise FileNotFoundError(
-                f"'{shown_path(path)}' has no model.pt2 (the torch.export program "
-                f"export writes) to evaluate{hint}."
+                f"'{shown_path(path)}' has no model.pt2 to evaluate{hint}."
             )
     if path.suffix == ".pt2":
         return {"compact": load_program(path)}
@@ -319,7 +318,7 @@ def load_backbone_for_eval(
         return {"compact": load_trusted_module(path, trust_pickle)}
     try:
         data = read_checkpoint(path)  # weights_only=True: runs no code
-    except UnsafeCheckpointError:
+    except CodeFileError:
         return {"compact": load_trusted_module(path, trust_pickle)}
     model = module_from_checkpoint(data, path)
     networks: dict[str, nn.Module] = {"dense": model.backbone_momentum}
