@@ -138,15 +138,16 @@ def _parser() -> argparse.ArgumentParser:
         "model",
         type=Path,
         help="MoCoV2/MCP checkpoint (read with weights_only=True), exported model.pt2 "
-        "(torch.export, read without pickle), model.ts (TorchScript, older exports), "
-        "or an export folder (its model.pt2)",
+        "(torch.export, checked, nothing in it is run), or an export folder (its "
+        "model.pt2); model.ts (TorchScript) and model.pt only with --trust-pickle",
     )
     p.add_argument("recipe", type=Path, help="YAML recipe (data and eval sections)")
     p.add_argument(
         "--trust-pickle",
         action="store_true",
-        help="allow MODEL to be a whole pickled nn.Module (e.g. export's model.pt): "
-        "unpickling RUNS CODE FROM THE FILE, use only for files you trust",
+        help="allow MODEL to be a whole pickled nn.Module (export's model.pt) or "
+        "TorchScript (model.ts): loading them RUNS CODE FROM THE FILE, use only for "
+        "files you trust",
     )
     common(p)
 

@@ -10,13 +10,17 @@ the convolutions before them (:mod:`lightly_mcp.folding`); the equivalence check
 run on that folded network.
 
 - ``model.pt2``: a ``torch.export`` program with a dynamic batch axis, code-free;
-  :func:`lightly_mcp.runtimes.load_program` reads it without unpickling anything.
+  :func:`lightly_mcp.runtimes.load_program` checks it and reads it without running
+  anything from the file (:mod:`lightly_mcp.model_files`).
 - ``model.onnx``: ONNX with a dynamic batch axis, when the exporter supports the
   architecture (a failure is noted in the report, not raised).
 - ``model.pt``: the compact backbone as a whole pickled ``nn.Module``. Loading it runs
-  pickle (``torch.load(path, weights_only=False)``): load only files you trust.
+  pickle, i.e. code from the file: load only files you trust (``evaluate`` needs
+  ``--trust-pickle``).
 - ``model.ts``: TorchScript, only when asked for (``torchscript=True``), for LibTorch
   C++ deployments; PyTorch deprecates TorchScript in favour of ``torch.export``.
+  TorchScript is code too: ``evaluate`` loads it only with ``--trust-pickle`` and
+  ``run`` never does.
 - ``report.json``: sizes, MACs, per deployed form the latency of both networks, each
   network's fastest form, the best-against-best speedup, and the equivalence check
   (:class:`lightly_mcp.report.ExportReport`).
@@ -90,8 +94,8 @@ ALIGNMENT_MULTIPLES = (8, 16)
 ALIGNMENT_GAIN = 1.1
 #: What ``model.pt`` needs to be loaded, repeated in the report.
 PICKLE_NOTE = (
-    "whole pickled nn.Module: torch.load(path, weights_only=False) runs pickle, "
-    "load only files you trust; model.pt2 / model.onnx need no pickle"
+    "whole pickled nn.Module: loading it runs code from the file (evaluate needs "
+    "--trust-pickle), load only files you trust; model.pt2 / model.onnx need no pickle"
 )
 
 

@@ -42,7 +42,7 @@ from typing import Any
 from unittest import mock
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from lightly_mcp.errors import CheckpointError, CodeFileError, UnsafeCheckpointError
 from lightly_mcp.files import write_bytes_atomic
@@ -163,8 +163,30 @@ def load_trusted_module(path: str | os.PathLike[str], trusted: bool) -> nn.Modul
 
 
 # --- torch.export programs ---------------------------------------------------------
-class ProgramRefused(Exception):
+class _NotOurs(Exception):
     """A ``.pt2`` archive holds something :func:`load_program` does not accept."""
+
+
+class ExportedNetwork(nn.Module):
+    """A ``torch.export`` program's module, usable where an ``nn.Module`` is expected.
+
+    The program was traced in eval mode and holds no train-mode behaviour:
+    :meth:`train` only records the flag (the program's own module refuses it).
+    """
+
+    def __init__(self, program: torch.export.ExportedProgram) -> None:
+        super().__init__()
+        self.program = program.module()
+
+    def train(self, mode: bool = True) -> ExportedNetwork:
+        """Records ``mode``; the traced graph stays what it is (eval mode)."""
+        self.training = mode
+        return self
+
+    def forward(self, x: Tensor) -> Tensor:
+        """The program's output for the image batch ``x``."""
+        out: Tensor = self.program(x)
+        return out
 
 
 def save_program(program: torch.export.ExportedProgram, path: str | Path) -> None:
@@ -174,7 +196,7 @@ def save_program(program: torch.export.ExportedProgram, path: str | Path) -> Non
     write_bytes_atomic(Path(path), buffer.getvalue())
 
 
-def load_program(path: str | Path) -> nn.Module:
+def load_program(path: str | Path) -> ExportedNetwork:
     """The network :func:`save_program` wrote, as a callable module (CPU), read
     without running anything from the file (see the module docstring).
 
@@ -183,8 +205,6 @@ def load_program(path: str | Path) -> nn.Module:
         UnsafeCheckpointError: If the file is not a program of the form this
             project writes (truncated, another kind of file, or holding code).
     """
-    from lightly_mcp.runtimes import ExportedNetwork
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"No torch.export program at '{shown_path(path)}'.")
@@ -194,7 +214,7 @@ def load_program(path: str | Path) -> nn.Module:
         clean = _checked_archive(data)
     except (zipfile.BadZipFile, EOFError, ValueError, KeyError, OSError, RuntimeError):
         raise refusal(path, _corrupt("a torch.export program"), fix) from None
-    except ProgramRefused as why:
+    except _NotOurs as why:
         raise refusal(
             path, f"is not a program lightly-mcp writes ({why})", fix
         ) from None
@@ -314,7 +334,7 @@ def _checked_archive(data: bytes) -> bytes:
     """A fresh ``.pt2`` archive holding the checked content of ``data``.
 
     Raises:
-        ProgramRefused: For content that could run code or that this project
+        _NotOurs: For content that could run code or that this project
             never writes.
         zipfile.BadZipFile, ValueError, KeyError: For a damaged file.
     """
@@ -322,8 +342,11 @@ def _checked_archive(data: bytes) -> bytes:
 
     with zipfile.ZipFile(io.BytesIO(data)) as archive:
         names = archive.namelist()
+        if any(info.compress_type != zipfile.ZIP_STORED for info in archive.infolist()):
+            # torch.export.save stores entries as they are: nothing to inflate
+            raise _NotOurs("compressed entries")
         if len(set(names)) != len(names):
-            raise ProgramRefused("an archive entry appears twice")
+            raise _NotOurs("an archive entry appears twice")
         tops = {name.split("/", 1)[0] for name in names}
         if len(tops) != 1 or any("/" not in name for name in names):
             raise ValueError("not one top folder")
@@ -331,7 +354,7 @@ def _checked_archive(data: bytes) -> bytes:
         files = {name[len(top) + 1 :]: name for name in names}
         for name in files:
             if name not in _FIXED_FILES and not _PAYLOAD_FILE.fullmatch(name):
-                raise ProgramRefused(f"unknown entry '{name[:40]}'")
+                raise _NotOurs(f"unknown entry '{name[:40]}'")
         if files.get("archive_format") is None or "models/model.json" not in files:
             raise ValueError("not a torch.export archive")
 
@@ -339,7 +362,7 @@ def _checked_archive(data: bytes) -> bytes:
             return archive.read(files[name])
 
         if read("archive_format") != b"pt2" or read("byteorder") != b"little":
-            raise ProgramRefused("another archive format or byte order")
+            raise _NotOurs("another archive format or byte order")
         model = _json(read("models/model.json"))
         _check_program(model)
         weights = _json(read("data/weights/model_weights_config.json"))
@@ -376,14 +399,14 @@ def _check_tensors(data: bytes) -> None:
     try:
         torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
-        raise ProgramRefused("sample inputs that are pickled objects") from None
+        raise _NotOurs("sample inputs that are pickled objects") from None
 
 
 def _json(data: bytes) -> Any:
     def no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
         keys = [key for key, _ in pairs]
         if len(set(keys)) != len(keys):
-            raise ProgramRefused("a JSON key appears twice")
+            raise _NotOurs("a JSON key appears twice")
         return dict(pairs)
 
     return json.loads(data.decode("utf-8"), object_pairs_hook=no_duplicates)
@@ -394,10 +417,10 @@ def _fields(
 ) -> dict[str, Any]:
     """``value`` as a dict with the ``required`` keys and perhaps ``optional`` ones."""
     if not isinstance(value, dict):
-        raise ProgramRefused(f"{where} is not an object")
+        raise _NotOurs(f"{where} is not an object")
     unknown = set(value) - required - optional
     if unknown:
-        raise ProgramRefused(f"unknown field {where}.{sorted(unknown)[0][:40]}")
+        raise _NotOurs(f"unknown field {where}.{sorted(unknown)[0][:40]}")
     missing = required - set(value)
     if missing:
         raise ValueError(f"missing field {where}.{sorted(missing)[0]}")
@@ -410,13 +433,13 @@ def _one(value: Any, where: str, allowed: set[str]) -> tuple[str, Any]:
         raise ValueError(f"{where} is not a union")
     ((kind, content),) = value.items()
     if kind not in allowed:
-        raise ProgramRefused(f"{where} of kind '{str(kind)[:30]}'")
+        raise _NotOurs(f"{where} of kind '{str(kind)[:30]}'")
     return kind, content
 
 
 def _match(pattern: re.Pattern[str], value: Any, where: str) -> str:
     if not isinstance(value, str) or not pattern.fullmatch(value):
-        raise ProgramRefused(f"unexpected {where} '{str(value)[:40]}'")
+        raise _NotOurs(f"unexpected {where} '{str(value)[:40]}'")
     return value
 
 
@@ -424,11 +447,11 @@ def _ints(value: Any, where: str) -> None:
     if not isinstance(value, list) or not all(
         isinstance(v, (int, float)) and not isinstance(v, bool) for v in value
     ):
-        raise ProgramRefused(f"{where} is not a list of numbers")
+        raise _NotOurs(f"{where} is not a list of numbers")
 
 
 def _check_program(model: Any) -> None:
-    """Refuses (:class:`ProgramRefused`) anything in a program's ``model.json``
+    """Refuses (:class:`_NotOurs`) anything in a program's ``model.json``
     that PyTorch would turn into code or that :func:`save_program` never writes;
     drops the nodes' metadata (stack traces and module paths, text only).
     """
@@ -446,27 +469,27 @@ def _check_program(model: Any) -> None:
         },
     )
     if model["guards_code"] != []:
-        raise ProgramRefused("guards_code, Python that PyTorch would execute")
+        raise _NotOurs("guards_code, Python that PyTorch would execute")
     _match(_TOKEN, model["torch_version"], "torch_version")
     for name, version in _fields(model["opset_version"], "opset", {"aten"}).items():
         if not isinstance(version, int):
-            raise ProgramRefused(f"opset {name}")
+            raise _NotOurs(f"opset {name}")
     schema = _fields(model["schema_version"], "schema", {"major", "minor"})
     for field in schema.values():
         if not isinstance(field, int):
-            raise ProgramRefused("schema_version")
+            raise _NotOurs("schema_version")
     if not isinstance(model["verifiers"], list):
-        raise ProgramRefused("verifiers")
+        raise _NotOurs("verifiers")
     for verifier in model["verifiers"]:
         _match(_NAME, verifier, "verifier")
     ranges = model["range_constraints"]
     if not isinstance(ranges, dict):
-        raise ProgramRefused("range_constraints")
+        raise _NotOurs("range_constraints")
     for symbol, bounds in ranges.items():
         _match(_SYMBOL, symbol, "symbol")
         for bound in _fields(bounds, "range", {"min_val", "max_val"}).values():
             if bound is not None and (type(bound) is not int):
-                raise ProgramRefused("a range bound is not an integer")
+                raise _NotOurs("a range bound is not an integer")
     module = _fields(
         model["graph_module"],
         "graph_module",
@@ -474,7 +497,7 @@ def _check_program(model: Any) -> None:
         frozenset({"treespec_namedtuple_fields"}),
     )
     if module["metadata"] != {} or module.get("treespec_namedtuple_fields", {}) != {}:
-        raise ProgramRefused("graph_module metadata")
+        raise _NotOurs("graph_module metadata")
     _check_signature(module["signature"])
     _check_call_graph(module["module_call_graph"])
     _check_graph(module["graph"])
@@ -502,15 +525,15 @@ def _check_signature(signature: Any) -> None:
         _tensor_argument(content["arg"])
         _match(_DOTTED, content[name_field], f"{kind} name")
         if kind == "buffer" and not isinstance(content.get("persistent"), bool):
-            raise ProgramRefused("buffer persistent flag")
+            raise _NotOurs("buffer persistent flag")
     if users != 1 or not isinstance(signature["output_specs"], list):
-        raise ProgramRefused("a program of other inputs than one image batch")
+        raise _NotOurs("a program of other inputs than one image batch")
     for spec in signature["output_specs"]:
         _, content = _one(spec, "output", {"user_output"})
         _fields(content, "user_output", {"arg"})
         _tensor_argument(_one(content["arg"], "user output", {"as_tensor"})[1])
     if len(signature["output_specs"]) != 1:
-        raise ProgramRefused("a program of other outputs than one tensor")
+        raise _NotOurs("a program of other outputs than one tensor")
 
 
 def _tensor_argument(value: Any) -> None:
@@ -519,13 +542,13 @@ def _tensor_argument(value: Any) -> None:
 
 def _check_call_graph(entries: Any) -> None:
     if not isinstance(entries, list) or not entries:
-        raise ProgramRefused("module_call_graph")
+        raise _NotOurs("module_call_graph")
     for index, entry in enumerate(entries):
         _fields(entry, "module_call_graph", {"fqn", "signature"})
         fqn, signature = entry["fqn"], entry["signature"]
         if index == 0:
             if fqn != "":
-                raise ProgramRefused("module_call_graph root")
+                raise _NotOurs("module_call_graph root")
             _fields(
                 signature,
                 "call signature",
@@ -533,15 +556,15 @@ def _check_call_graph(entries: Any) -> None:
                 frozenset({"forward_arg_names"}),
             )
             if signature["in_spec"] != _IN_SPEC or signature["out_spec"] != _OUT_SPEC:
-                raise ProgramRefused("a tree spec other than one tensor in and out")
+                raise _NotOurs("a tree spec other than one tensor in and out")
             if signature["inputs"] != [] or signature["outputs"] != []:
-                raise ProgramRefused("module_call_graph arguments")
+                raise _NotOurs("module_call_graph arguments")
             for name in signature.get("forward_arg_names") or []:
                 _match(_NAME, name, "argument name")
         else:
             _match(_DOTTED, fqn, "module path")
             if signature is not None:
-                raise ProgramRefused("a submodule call signature")
+                raise _NotOurs("a submodule call signature")
 
 
 def _check_graph(graph: Any) -> None:
@@ -561,26 +584,26 @@ def _check_graph(graph: Any) -> None:
     )
     for field in ("sym_bool_values", "sym_float_values"):
         if graph.get(field, {}) != {}:
-            raise ProgramRefused(f"graph {field}")
+            raise _NotOurs(f"graph {field}")
     sym_ints = graph.get("sym_int_values", {})
     if not isinstance(sym_ints, dict):
-        raise ProgramRefused("graph sym_int_values")
+        raise _NotOurs("graph sym_int_values")
     for name, value in sym_ints.items():
         _match(_NAME, name, "size name")
         _check_sym_int(value)
     if graph.get("custom_obj_values", {}) != {}:
-        raise ProgramRefused("custom objects (TorchBind), which run code")
+        raise _NotOurs("custom objects (TorchBind), which run code")
     if graph.get("is_single_tensor_return", False) is not False:
-        raise ProgramRefused("graph is_single_tensor_return")
+        raise _NotOurs("graph is_single_tensor_return")
     for value in graph["inputs"] + graph["outputs"]:
         _tensor_argument(_one(value, "graph input", {"as_tensor"})[1])
     if not isinstance(graph["tensor_values"], dict):
-        raise ProgramRefused("tensor_values")
+        raise _NotOurs("tensor_values")
     for name, meta in graph["tensor_values"].items():
         _match(_NAME, name, "tensor name")
         _check_tensor_meta(meta)
     if not isinstance(graph["nodes"], list):
-        raise ProgramRefused("nodes")
+        raise _NotOurs("nodes")
     for node in graph["nodes"]:
         _check_node(node)
 
@@ -601,15 +624,15 @@ def _check_tensor_meta(meta: Any) -> None:
     )
     for field in ("dtype", "layout"):
         if type(meta[field]) is not int:
-            raise ProgramRefused(f"tensor {field}")
+            raise _NotOurs(f"tensor {field}")
     if not isinstance(meta["requires_grad"], bool):
-        raise ProgramRefused("tensor requires_grad")
+        raise _NotOurs("tensor requires_grad")
     device = _fields(meta["device"], "device", {"type", "index"})
     _match(_NAME, device["type"], "device")
     if device["index"] is not None and type(device["index"]) is not int:
-        raise ProgramRefused("device index")
+        raise _NotOurs("device index")
     if not isinstance(meta["sizes"], list) or not isinstance(meta["strides"], list):
-        raise ProgramRefused("tensor sizes")
+        raise _NotOurs("tensor sizes")
     for size in [*meta["sizes"], *meta["strides"], meta["storage_offset"]]:
         _check_sym_int(size)
 
@@ -618,11 +641,11 @@ def _check_sym_int(value: Any) -> None:
     kind, content = _one(value, "size", {"as_int", "as_expr"})
     if kind == "as_int":
         if type(content) is not int:
-            raise ProgramRefused("a size that is not an integer")
+            raise _NotOurs("a size that is not an integer")
         return
     _fields(content, "expression", {"expr_str"}, frozenset({"hint"}))
     if len(str(content["expr_str"])) > 200:
-        raise ProgramRefused("a shape expression over 200 characters")
+        raise _NotOurs("a shape expression over 200 characters")
     _match(_EXPR, content["expr_str"], "shape expression")
     hint = content.get("hint")
     if hint is not None and (
@@ -630,7 +653,7 @@ def _check_sym_int(value: Any) -> None:
         or set(hint) != {"as_int"}
         or type(hint["as_int"]) is not int
     ):
-        raise ProgramRefused("shape hint")
+        raise _NotOurs("shape hint")
 
 
 def _check_node(node: Any) -> None:
@@ -641,20 +664,20 @@ def _check_node(node: Any) -> None:
         frozenset({"is_hop_single_tensor_return", "name"}),
     )
     if node.get("is_hop_single_tensor_return") not in (None, False):
-        raise ProgramRefused("a higher-order operator")
+        raise _NotOurs("a higher-order operator")
     if node.get("name") is not None:
         _match(_NAME, node["name"], "node name")
     if not isinstance(node["metadata"], dict):
-        raise ProgramRefused("node metadata")
+        raise _NotOurs("node metadata")
     node["metadata"] = {}  # stack traces and module paths: text, not needed to run
     strings = _check_target(node["target"])
     if not isinstance(node["inputs"], list) or not isinstance(node["outputs"], list):
-        raise ProgramRefused("node arguments")
+        raise _NotOurs("node arguments")
     for named in node["inputs"]:
         _fields(named, "argument", {"name", "arg"}, frozenset({"kind"}))
         _match(_NAME, named["name"], "argument name")
         if named.get("kind") not in (None, 0, 1, 2):
-            raise ProgramRefused("argument kind")
+            raise _NotOurs("argument kind")
         _check_argument(named["arg"], strings)
     for output in node["outputs"]:
         _check_argument(output, False)
@@ -665,12 +688,12 @@ def _check_target(target: Any) -> bool:
     ``operator`` function on sizes); whether its string arguments are allowed.
     """
     if not isinstance(target, str):
-        raise ProgramRefused("node target")
+        raise _NotOurs("node target")
     parts = target.split(".")
     if len(parts) == 2 and parts[0] == "_operator" and parts[1] in _OPERATORS:
         return False
     if len(parts) != 5 or parts[:3] != ["torch", "ops", "aten"]:
-        raise ProgramRefused(f"operator {target[:60]}")
+        raise _NotOurs(f"operator {target[:60]}")
     name, overload = parts[3], parts[4]
     _match(_NAME, name, "operator")
     _match(_NAME, overload, "operator overload")
@@ -678,10 +701,10 @@ def _check_target(target: Any) -> bool:
         op = getattr(getattr(torch.ops.aten, name), overload)
         schema = op._schema
     except (AttributeError, RuntimeError):
-        raise ProgramRefused(f"unknown operator {target[:60]}") from None
+        raise _NotOurs(f"unknown operator {target[:60]}") from None
     takes_strings = any("str" in str(a.type) for a in schema.arguments)
     if takes_strings and name not in _STRING_ENUMS:
-        raise ProgramRefused(f"operator {target[10:60]} takes a string")
+        raise _NotOurs(f"operator {target[10:60]} takes a string")
     return takes_strings
 
 
@@ -699,7 +722,7 @@ def _check_argument(value: Any, strings: bool) -> None:
                 _tensor_argument(inner)
     elif kind == "as_string":
         if not strings:
-            raise ProgramRefused("a string argument")
+            raise _NotOurs("a string argument")
         _match(_NAME, content, "string argument")
     elif kind == "as_sym_int":
         _sym_int_argument(content)
@@ -715,19 +738,19 @@ def _check_argument(value: Any, strings: bool) -> None:
         if not isinstance(content, list) or not all(
             isinstance(v, bool) for v in content
         ):
-            raise ProgramRefused("as_bools")
+            raise _NotOurs("as_bools")
     elif kind == "as_device":
         device = _fields(content, "device", {"type", "index"})
         _match(_NAME, device["type"], "device")
     elif kind in ("as_int", "as_scalar_type", "as_memory_format", "as_layout"):
         if type(content) is not int:
-            raise ProgramRefused(kind)
+            raise _NotOurs(kind)
     elif kind == "as_float":
         if not isinstance(content, (int, float)) or isinstance(content, bool):
-            raise ProgramRefused(kind)
+            raise _NotOurs(kind)
     elif kind in ("as_bool", "as_none"):
         if not isinstance(content, bool):
-            raise ProgramRefused(kind)
+            raise _NotOurs(kind)
 
 
 _META = frozenset({"tensor_meta"})
@@ -739,7 +762,7 @@ def _sym_int_argument(value: Any) -> None:
     if kind == "as_name":
         _match(_NAME, content, "size name")
     elif type(content) is not int:
-        raise ProgramRefused("a size argument that is not an integer")
+        raise _NotOurs("a size argument that is not an integer")
 
 
 def _check_payloads(config: Any) -> list[str]:
@@ -748,15 +771,15 @@ def _check_payloads(config: Any) -> list[str]:
     """
     _fields(config, "payload config", {"config"})
     if not isinstance(config["config"], dict):
-        raise ProgramRefused("payload config")
+        raise _NotOurs("payload config")
     files = []
     for name, entry in config["config"].items():
         _match(_DOTTED, name, "tensor name")
         _fields(entry, "payload", {"path_name", "is_param", "use_pickle"}, _META)
         if entry["use_pickle"] is not False:
-            raise ProgramRefused("a pickled tensor or object, which runs code")
+            raise _NotOurs("a pickled tensor or object, which runs code")
         if not isinstance(entry["is_param"], bool):
-            raise ProgramRefused("payload is_param")
+            raise _NotOurs("payload is_param")
         files.append(_match(_PAYLOAD, entry["path_name"], "payload file"))
         if "tensor_meta" not in entry:
             raise ValueError("payload without tensor_meta")

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from lightly_mcp.errors import ExportError, describe_error
+from lightly_mcp.model_files import ExportedNetwork as ExportedNetwork  # re-exported
 from lightly_mcp.model_files import load_program as load_program  # re-exported
 from lightly_mcp.model_files import save_program as save_program  # re-exported
 
@@ -51,28 +52,6 @@ def export_program(model: nn.Module, size: int) -> torch.export.ExportedProgram:
         raise ExportError(
             f"torch.export cannot trace the network: {describe_error(error)[:300]}"
         ) from error
-
-
-class ExportedNetwork(nn.Module):
-    """A ``torch.export`` program's module, usable where an ``nn.Module`` is expected.
-
-    The program was traced in eval mode and holds no train-mode behaviour:
-    :meth:`train` only records the flag (the program's own module refuses it).
-    """
-
-    def __init__(self, program: torch.export.ExportedProgram) -> None:
-        super().__init__()
-        self.program = program.module()
-
-    def train(self, mode: bool = True) -> ExportedNetwork:
-        """Records ``mode``; the traced graph stays what it is (eval mode)."""
-        self.training = mode
-        return self
-
-    def forward(self, x: Tensor) -> Tensor:
-        """The program's output for the image batch ``x``."""
-        out: Tensor = self.program(x)
-        return out
 
 
 # --- ONNX ---------------------------------------------------------------------------
