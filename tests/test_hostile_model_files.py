@@ -272,6 +272,16 @@ def test_torchscript_is_refused_without_trust_pickle(
     assert not marker.exists()
 
 
+def test_torchscript_loads_with_trust_pickle(tmp_path: Path) -> None:
+    net = _net()
+    torch.jit.trace(net, torch.randn(1, 3, SIZE, SIZE)).save(str(tmp_path / "model.ts"))
+    x = torch.randn(2, 3, SIZE, SIZE)
+    for given in (tmp_path / "model.ts", tmp_path):  # the file, or its folder
+        networks = pipeline.load_backbone_for_eval(given, None, trust_pickle=True)  # type: ignore[arg-type]
+        with torch.no_grad():
+            assert torch.allclose(networks["compact"](x), net(x), atol=1e-6)
+
+
 def test_export_checks_the_torchscript_bytes_it_writes(tmp_path: Path) -> None:
     """The self-check reloads the traced bytes from memory: a file swapped in at
     the path between the write and the check is never loaded.
