@@ -4,6 +4,7 @@ checkpoints, and atomic checkpoint files.
 
 from __future__ import annotations
 
+import io
 import os
 import time
 from pathlib import Path
@@ -15,7 +16,7 @@ from lightning_fabric.plugins import TorchCheckpointIO
 from pytorch_lightning.callbacks import Callback
 
 from lightly_mcp.errors import InputError
-from lightly_mcp.files import atomic_write
+from lightly_mcp.files import write_bytes_atomic
 
 
 class TrainingClock(Callback):
@@ -107,4 +108,6 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         """Writes ``checkpoint`` to ``path`` atomically."""
         if storage_options is not None:
             raise TypeError("AtomicCheckpointIO does not take storage_options.")
-        atomic_write(path, lambda file: torch.save(checkpoint, file))
+        buffer = io.BytesIO()  # as Lightning does; a file object hides OSErrors
+        torch.save(checkpoint, buffer)
+        write_bytes_atomic(path, buffer.getbuffer())

@@ -336,8 +336,10 @@ def _train(
     """
     from lightly_mcp import pipeline
     from lightly_mcp.checkpoints import checkpoint_file
+    from lightly_mcp.manifest import refuse_foreign
     from lightly_mcp.report import print_run_summary
     from lightly_mcp.run_folder import (
+        STAGE_FILES,
         STAGES,
         check_no_links,
         check_recipe,
@@ -372,6 +374,8 @@ def _train(
         check_recipe(recipe, out, stages)
         if is_rank_zero():
             check_no_links(out, stages)
+            if args.command == "run":  # before the preflight, writing nothing
+                refuse_foreign(out, STAGE_FILES["evaluate"])
         if not args.no_preflight and is_rank_zero():
             _preflight(args, recipe, out, console)
         if args.command == "pretrain":
@@ -409,9 +413,9 @@ def _check_recipe_not_an_output(
             files = manifest.read_manifest(out) if files is None else files
             if not manifest.is_ours(out, relative, files):
                 raise OutputFolderError(
-                    f"the recipe '{recipe_file}' is the file this run writes its "
-                    f"record to in '{out}'; copy the recipe elsewhere or choose "
-                    "another --out folder."
+                    f"the recipe '{recipe_file}' is the file in which this run "
+                    "records its recipe; copy it elsewhere or choose another --out "
+                    "folder."
                 )
 
 

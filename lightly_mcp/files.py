@@ -114,7 +114,7 @@ def _fsync_folder(folder: Path) -> None:
         os.close(fd)
 
 
-def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> None:
+def write_bytes_atomic(path: str | os.PathLike[str], data: bytes | memoryview) -> None:
     """Writes ``data`` to ``path`` atomically (see :func:`atomic_write`)."""
     atomic_write(path, lambda file: file.write(data))
 

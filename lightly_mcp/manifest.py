@@ -108,9 +108,28 @@ def _describe(path: Path) -> str:
     return "not a regular file"
 
 
+def refuse_foreign(out: Path, relatives: Iterable[str]) -> None:
+    """Refuses (writing nothing) if any of ``relatives`` exists in ``out`` and is
+    not ours (see :func:`is_ours`): a run would overwrite a file of the user's.
+
+    Raises:
+        OutputFolderError: Naming the first such file and the ways out.
+    """
+    out = Path(out)
+    files = read_manifest(out)
+    for relative in relatives:
+        path = out / relative
+        if os.path.lexists(path) and not is_ours(out, relative, files):
+            raise OutputFolderError(
+                f"'{path}' was not written by a lightly-mcp run in '{out}' "
+                f"({_describe(path)}, or changed since) and this run would overwrite "
+                "it: move it out or choose another --out folder."
+            )
+
+
 def claim(out: Path, relatives: Iterable[str]) -> None:
     """Lists ``relatives`` as files this run writes, refusing any that exists and
-    is not ours (see :func:`is_ours`). Only rank 0 claims.
+    is not ours (:func:`refuse_foreign`). Only rank 0 claims.
 
     Raises:
         OutputFolderError: Naming the first such file and the ways out.
@@ -118,21 +137,12 @@ def claim(out: Path, relatives: Iterable[str]) -> None:
     if not _rank_zero():
         return
     out = Path(out)
+    relatives = list(relatives)
+    refuse_foreign(out, relatives)
     files = read_manifest(out)
-    added = False
-    for relative in relatives:
-        path = out / relative
-        if os.path.lexists(path) and not is_ours(out, relative, files):
-            what = _describe(path)
-            raise OutputFolderError(
-                f"'{path}' ({what}) was not written by a lightly-mcp run in '{out}' "
-                f"(or was changed since); this run would overwrite it: move it out "
-                "or choose another --out folder."
-            )
-        if relative not in files:
-            files[relative] = None
-            added = True
-    if added:
+    new = [relative for relative in relatives if relative not in files]
+    if new:
+        files.update(dict.fromkeys(new))
         _write(out, files)
 
 

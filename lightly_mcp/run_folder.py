@@ -319,10 +319,19 @@ def check_recipe(recipe: Any, out: Path, stages: Sequence[str]) -> None:
         if not started:
             continue
         if not record.is_file() or record.is_symlink():
+            what = (
+                "is a symbolic link"
+                if record.is_symlink()
+                else "is a folder"
+                if record.is_dir()
+                else "is not a regular file"
+                if os.path.lexists(record)
+                else "is missing"
+            )
             raise OutputFolderError(
                 f"output folder '{out}' holds a {stage} stage whose recorded recipe "
-                f"'{record}' is missing, so its outputs cannot be checked against "
-                "this recipe; pass --restart to start over or use a new --out folder."
+                f"'{record}' {what}, so its outputs cannot be checked against this "
+                "recipe; pass --restart to start over or use a new --out folder."
             )
         differences = recipe_differences(recipe, record, stage)
         if not differences:
