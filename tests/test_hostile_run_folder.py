@@ -144,8 +144,6 @@ USER_FILES = (
 
 
 def test_restart_deletes_only_the_files_runs_wrote(tmp_path: Path) -> None:
-    from lightly_mcp import manifest
-
     for out, with_manifest in ((tmp_path / "old", False), (tmp_path / "new", True)):
         for name in USER_FILES:
             (out / name).parent.mkdir(parents=True, exist_ok=True)
@@ -154,6 +152,8 @@ def test_restart_deletes_only_the_files_runs_wrote(tmp_path: Path) -> None:
         for name in ours:
             (out / name).parent.mkdir(parents=True, exist_ok=True)
             if with_manifest:
+                from lightly_mcp import manifest
+
                 manifest.write_file(out, name, b"ours")
             else:  # a folder of an older lightly-mcp: no manifest
                 (out / name).write_bytes(b"ours")
@@ -169,6 +169,8 @@ def test_restart_deletes_only_the_files_runs_wrote(tmp_path: Path) -> None:
             assert not (out / name).exists(), (out, name)
         assert events.exists() != with_manifest
     # A listed record the user has changed since is theirs now: kept.
+    from lightly_mcp import manifest
+
     out = tmp_path / "new"
     manifest.write_json(out, "report.json", {"ours": True})
     (out / "report.json").write_text("my notes")
@@ -187,7 +189,7 @@ def test_export_keeps_a_folder_created_while_it_ran(
     # folder of the user's with a similar name is not.
     stale = tmp_path / ".export-k1ll3d"
     stale.mkdir()
-    (stale / export_module.TEMPORARY_MARKER).write_text("")
+    (stale / ".lightly-mcp-export-in-progress").write_text("")  # the marker
     (stale / "model.pt").write_bytes(b"partial")
     (tmp_path / ".export-mine").mkdir()
     (tmp_path / ".export-mine" / "notes.txt").write_text("mine")
