@@ -33,6 +33,8 @@ Examples:
 from __future__ import annotations
 
 import copy
+import errno
+import fcntl
 import io
 import json
 import os
@@ -406,9 +408,13 @@ def export(
     masks = export_masks(model, round_to)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=".export-"))
+    for stale in stale_temporary_folders(out_dir.parent):
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=TEMPORARY_PREFIX))
+    marker = -1
     try:
         tmp.chmod(0o755)  # mkdtemp makes it private; the export is an ordinary folder
+        marker = _mark_temporary(tmp)
         report = _build(
             model,
             masks,
@@ -425,10 +431,16 @@ def export(
         )
         as_json = report.to_dict()
         write_json_atomic(tmp / "report.json", as_json)
-        _move_into_place(tmp, out_dir)
+        os.close(marker)
+        marker = -1
+        (tmp / TEMPORARY_MARKER).unlink()
+        _move_into_place(tmp, out_dir, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        if marker >= 0:
+            os.close(marker)
     console.print(export_summary_table(report, DEPLOY_RESOLUTION))
     return as_json
 
@@ -440,6 +452,11 @@ def _check_out_dir(checkpoint: Path, out_dir: Path, overwrite: bool) -> None:
     ``report.json`` and the files that report says it wrote. A folder holding the
     input checkpoint is refused whatever ``overwrite`` says.
     """
+    if out_dir.is_symlink():
+        raise ExportError(
+            f"Output path '{out_dir}' is a symbolic link; the export never writes "
+            "through links: give the folder itself or another folder."
+        )
     if out_dir.exists() and not out_dir.is_dir():
         raise ExportError(f"Output path '{out_dir}' exists and is not a folder.")
     if Path(os.path.realpath(checkpoint)).is_relative_to(os.path.realpath(out_dir)):
@@ -456,6 +473,13 @@ def _check_out_dir(checkpoint: Path, out_dir: Path, overwrite: bool) -> None:
             "folder or pass --overwrite (overwrite=True) to replace a previous "
             "export there."
         )
+    _refuse_foreign_files(out_dir)
+
+
+def _refuse_foreign_files(out_dir: Path) -> None:
+    """Refuses a folder holding files no export wrote (``--overwrite`` replaces
+    only a previous export).
+    """
     foreign = _not_from_an_export(out_dir)
     if foreign:
         shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
@@ -810,12 +834,78 @@ def _save_onnx(model: nn.Module, path: Path, size: int) -> str:
     return "ok (dynamic batch axis, BatchNorm folded)"
 
 
-def _move_into_place(tmp: Path, out_dir: Path) -> None:
-    """Renames the finished temporary folder to ``out_dir`` (replacing it if any)."""
-    old: Path | None = None
-    if out_dir.is_dir() and any(out_dir.iterdir()):
+def _move_into_place(tmp: Path, out_dir: Path, overwrite: bool) -> None:
+    """Renames the finished temporary folder to ``out_dir``.
+
+    Without ``overwrite`` the rename only takes a free name (or an empty folder):
+    ``rename(2)`` fails on a folder with entries, so a folder someone created there
+    while the export ran is never replaced. With ``overwrite`` the previous export
+    is checked again (only its own files) before it is replaced.
+
+    Raises:
+        ExportError: If ``out_dir`` now holds something the export must not replace.
+    """
+    if overwrite and out_dir.is_dir() and any(out_dir.iterdir()):
+        _refuse_foreign_files(out_dir)
         old = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=".export-old-"))
         os.replace(out_dir, old / "previous")
-    os.replace(tmp, out_dir)
-    if old is not None:
+        os.replace(tmp, out_dir)
         shutil.rmtree(old, ignore_errors=True)
+        return
+    try:
+        if os.path.lexists(out_dir) and not (
+            out_dir.is_dir() and not out_dir.is_symlink()
+        ):
+            raise FileExistsError(errno.EEXIST, "exists", str(out_dir))
+        os.rename(tmp, out_dir)
+    except OSError as error:
+        if error.errno not in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR):
+            raise
+        raise ExportError(
+            f"Output folder '{out_dir}' was created or filled while the export ran; "
+            "nothing was replaced. Choose another folder, or pass --overwrite to "
+            "replace a previous export there."
+        ) from None
+
+
+#: Name prefix of an export's temporary folder (a sibling of its output folder).
+TEMPORARY_PREFIX = ".export-"
+#: The file that marks a temporary folder as an export's; locked while it runs.
+TEMPORARY_MARKER = ".lightly-mcp-export-in-progress"
+
+
+def _mark_temporary(folder: Path) -> int:
+    """Creates the marker of a temporary export folder and locks it (the kernel
+    releases the lock when the process dies). Returns its descriptor.
+    """
+    fd = os.open(folder / TEMPORARY_MARKER, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    return fd
+
+
+def stale_temporary_folders(parent: Path) -> list[Path]:
+    """The temporary folders in ``parent`` of exports that died (SIGKILL, a crash):
+    those holding an export's marker that no live export holds locked. Folders
+    without the marker (the user's, whatever their name) are never listed.
+    """
+    stale: list[Path] = []
+    try:
+        entries = sorted(Path(parent).glob(f"{TEMPORARY_PREFIX}*"))
+    except OSError:
+        return stale
+    for folder in entries:
+        marker = folder / TEMPORARY_MARKER
+        if folder.is_symlink() or not folder.is_dir() or marker.is_symlink():
+            continue
+        try:
+            fd = os.open(marker, os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            continue  # a live export
+        finally:
+            os.close(fd)
+        stale.append(folder)
+    return stale

@@ -379,6 +379,13 @@ def validate(recipe: Recipe, source: str = "recipe") -> None:
             )
 
 
+def recipe_yaml(recipe: Recipe) -> str:
+    """The resolved recipe as YAML text (what a run records next to its outputs)."""
+    return yaml.safe_dump(recipe.to_dict(), sort_keys=False)
+
+
 def dump_recipe(recipe: Recipe, path: str | Path) -> None:
-    """Writes the resolved recipe as YAML (next to a run's outputs)."""
-    Path(path).write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+    """Writes the resolved recipe as YAML, atomically (next to a run's outputs)."""
+    from lightly_mcp.files import write_text_atomic
+
+    write_text_atomic(path, recipe_yaml(recipe))
