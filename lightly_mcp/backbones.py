@@ -245,6 +245,9 @@ def load_weights(backbone: Backbone, path: str | os.PathLike[str]) -> None:
             f"{describe_error(error)}"
         ) from error
     state_dict = _extract_state_dict(loaded, file)
+    from lightly_mcp.checkpoints import check_finite_weights
+
+    check_finite_weights(state_dict, file, "weights file")
 
     expected = backbone.net.state_dict()
     state_dict = {
