@@ -347,3 +347,36 @@ def test_backbone_weights_with_nan_are_refused(tmp_path: Path) -> None:
         build_backbone(
             "torchvision/mobilenet_v2", width_multiplier=0.25, weights=str(path)
         )
+
+
+class _Payload:
+    """Unpickling it would write a file: ``pathlib.Path(target).touch()``."""
+
+    def __init__(self, target: Path) -> None:
+        self.target = target
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (Path.touch, (self.target,))
+
+
+@pytest.mark.parametrize("file", ["data_batch_3", "batches.meta"])
+def test_cifar_file_with_code_is_refused_and_not_run(file: str, tmp_path: Path) -> None:
+    """Before: torchvision unpickled CIFAR's files with ``pickle.load``, running any
+    code they held.
+    """
+    import pickle
+
+    from lightly_mcp.data import build_dataset
+    from tests.data.writers import write_cifar10
+
+    write_cifar10(tmp_path)
+    marker = tmp_path / "ran"
+    path = tmp_path / "cifar-10-batches-py" / file
+    with open(path, "rb") as f:
+        content = pickle.load(f)
+    content["extra"] = _Payload(marker)
+    path.write_bytes(pickle.dumps(content))
+    with pytest.raises(DatasetError, match=r"names the global pathlib") as error:
+        build_dataset("cifar10", root=tmp_path)
+    assert not marker.exists()
+    assert "\n" not in str(error.value)
