@@ -64,6 +64,14 @@ class BoundedSafeLoader(yaml.SafeLoader):
         #: ``id(node) -> (values, height)`` of every finished node, aliases expanded.
         self._sizes: dict[int, tuple[int, int]] = {}
 
+    def fetch_flow_collection_start(self, token_class: Any) -> None:
+        """Refuses ``[`` or ``{`` nested past ``MAX_DEPTH`` as it is scanned (the
+        scanner's work per token grows with the nesting: 5,000 levels take seconds).
+        """
+        if self.flow_level >= MAX_DEPTH:
+            raise UnsafeYAMLError(problem=_too_deep(), problem_mark=self.get_mark())
+        super().fetch_flow_collection_start(token_class)
+
     def compose_node(self, parent: Node | None, index: Any) -> Node:
         """Composes one node, counting its expanded values and nesting."""
         if self.check_event(yaml.AliasEvent):
@@ -79,11 +87,7 @@ class BoundedSafeLoader(yaml.SafeLoader):
         mark = self.peek_event().start_mark
         self._depth += 1
         if self._depth > MAX_DEPTH:
-            raise UnsafeYAMLError(
-                problem=f"nested more than {MAX_DEPTH} levels deep; a recipe has "
-                "sections of keys and values",
-                problem_mark=mark,
-            )
+            raise UnsafeYAMLError(problem=_too_deep(), problem_mark=mark)
         try:
             node = super().compose_node(parent, index)
         finally:
@@ -139,6 +143,13 @@ class BoundedSafeLoader(yaml.SafeLoader):
                     problem_mark=key_node.start_mark,
                 )
         return super().construct_mapping(node, deep=deep)
+
+
+def _too_deep() -> str:
+    return (
+        f"nested more than {MAX_DEPTH} levels deep; a recipe has sections of keys "
+        "and values"
+    )
 
 
 def parse_yaml(text: str | bytes) -> Any:

@@ -88,14 +88,14 @@ YAML_CASES = {
         lambda base: _alias_bomb(6) + base.replace("data:\n", "data:\n  root: *l5\n"),
         ["r.yaml", "over 10000 values once its aliases are expanded"],
     ),
-    "list nested 1,200 deep": (
+    "list nested 5,000 deep": (
         lambda base: base.replace(
-            "data:\n", "data:\n  root: " + "[" * 1200 + "]" * 1200 + "\n"
+            "data:\n", "data:\n  root: " + "[" * 5000 + "]" * 5000 + "\n"
         ),
         ["r.yaml", "nested more than 50 levels deep"],
     ),
-    "mapping nested 1,200 deep": (
-        lambda base: base + "x: " + "{a: " * 1200 + "1" + "}" * 1200 + "\n",
+    "mapping nested 5,000 deep": (
+        lambda base: base + "x: " + "{a: " * 5000 + "1" + "}" * 5000 + "\n",
         ["r.yaml", "nested more than 50 levels deep"],
     ),
     "a Latin-1 byte": (
