@@ -5,6 +5,11 @@ A recipe has the top-level sections ``seed``, ``data``, ``backbone``, ``pretrain
 dataclasses below; unknown keys and wrong types are errors that name the key. Any
 value can be overridden from the command line with ``--set section.key=value`` (the
 value is parsed as YAML: ``--set mcp.pruning_ratio=0.5``, ``--set data.subset=null``).
+
+Files and ``--set`` values are read with the bounded safe loader of
+:mod:`lightly_mcp.safe_yaml` (a key written twice, an alias bomb, nesting deeper than
+``MAX_DEPTH`` and bytes that are not UTF-8 are refused), and :func:`validate` refuses
+every value a stage would refuse later, so a bad recipe stops before anything runs.
 """
 
 from __future__ import annotations
@@ -223,8 +228,9 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         overrides: ``section.key=value`` strings (values parsed as YAML).
 
     Raises:
-        RecipeError: On a missing or unreadable file, unknown keys, wrong types or
-            values out of range, with a message naming the key.
+        RecipeError: On a missing, unreadable or refused file (see
+            :func:`read_recipe_file`), unknown keys, wrong types or values out of
+            range, with a message naming the file and the key.
 
     Examples:
         >>> recipe = load_recipe("recipes/quickstart.yaml", ["mcp.pruning_ratio=0.5"])

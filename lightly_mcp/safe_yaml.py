@@ -137,7 +137,7 @@ class BoundedSafeLoader(yaml.SafeLoader):
                 continue
             if first is not key_node:
                 raise UnsafeYAMLError(
-                    problem=f"key {key!r} appears twice (line "
+                    problem=f"key {repr(key)[:40]} appears twice (line "
                     f"{first.start_mark.line + 1} and line "
                     f"{key_node.start_mark.line + 1}); keep one and merge the two",
                     problem_mark=key_node.start_mark,
