@@ -228,9 +228,10 @@ def load_weights(backbone: Backbone, path: str | os.PathLike[str]) -> None:
 
     Raises:
         FileNotFoundError: If the file does not exist.
-        ValueError: If the file cannot be read as a state dict, or its keys or shapes
-            do not match the network (one line naming the file, the counts of missing
-            and unexpected keys, shape mismatches and a few examples).
+        ValueError: If the file cannot be read as a state dict, holds NaN or
+            infinite weights, or its keys or shapes do not match the network (one
+            line naming the file, the counts of missing and unexpected keys, shape
+            mismatches and a few examples).
     """
     file = Path(path)
     if not file.is_file():
@@ -239,6 +240,9 @@ def load_weights(backbone: Backbone, path: str | os.PathLike[str]) -> None:
         )
     loaded = read_tensors(file, "give a state_dict or checkpoint of tensors")
     state_dict = _extract_state_dict(loaded, file)
+    from lightly_mcp.checkpoints import check_finite_weights
+
+    check_finite_weights(state_dict, file, "weights file")
 
     expected = backbone.net.state_dict()
     state_dict = {

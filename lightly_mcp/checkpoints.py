@@ -420,6 +420,34 @@ def check_checkpoint_fits(
     )
 
 
+def check_finite_weights(
+    state: Mapping[str, Any], path: str | Path, what: str = "Checkpoint"
+) -> None:
+    """Refuses weights holding NaN or infinite values.
+
+    Such a file (damaged, or written by a diverged run) would make the first
+    training step's loss NaN, which would then be blamed on the learning rate.
+
+    Args:
+        state: Tensors by name (a state dict); other values are ignored.
+        path: The file, for the message.
+        what: How the message names the file (``Checkpoint``, ``weights file``).
+
+    Raises:
+        CheckpointError: Naming the file and the first non-finite tensor.
+    """
+    for name, value in state.items():
+        if (
+            isinstance(value, Tensor)
+            and value.is_floating_point()
+            and not bool(torch.isfinite(value).all())
+        ):
+            raise CheckpointError(
+                f"{what} '{path}' holds NaN or infinite weights (first in '{name}'): "
+                "the file is damaged or from a diverged run; use another one."
+            )
+
+
 def load_dense_moco(model: MoCoV2, path: str | Path) -> list[str]:
     """Loads encoders, heads and queue of a dense MoCo checkpoint into ``model``.
 
@@ -438,6 +466,7 @@ def load_dense_moco(model: MoCoV2, path: str | Path) -> list[str]:
         fmt, state, bank, bank_ptr = canonical_moco_state(data, model)
     except CheckpointError as error:
         raise CheckpointError(f"Checkpoint '{path}': {error}") from None
+    check_finite_weights(state, path)
     wanted = model.hparams.get("backbone")
     saved = data.get("hyper_parameters", {}).get("backbone")
     if saved is not None and wanted is not None and saved != wanted:

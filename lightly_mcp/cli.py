@@ -176,13 +176,11 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _recipe(args: argparse.Namespace) -> Any:
-    import yaml
-
     from lightly_mcp.errors import RecipeError
-    from lightly_mcp.recipe import load_recipe
+    from lightly_mcp.recipe import load_recipe, read_recipe_file
 
     recipe = load_recipe(args.recipe, args.set)
-    if not yaml.safe_load(Path(args.recipe).read_text()):
+    if not read_recipe_file(args.recipe):
         raise RecipeError(
             f"recipe '{args.recipe}' is empty: every setting would take its default "
             "(MCP of a randomly initialised backbone on the default data); start "

@@ -27,9 +27,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from lightly_mcp.errors import OutputFolderError
+from lightly_mcp.errors import OutputFolderError, RecipeError
+from lightly_mcp.safe_yaml import load_yaml
 
 LOCK = ".lock"
 
@@ -283,8 +282,8 @@ def recipe_differences(
     from lightly_mcp.recipe import Recipe
 
     try:
-        recorded_raw = yaml.safe_load(recorded_file.read_text())
-    except (OSError, yaml.YAMLError):
+        recorded_raw = load_yaml(recorded_file.read_bytes(), str(recorded_file))
+    except (OSError, RecipeError):
         recorded_raw = None
     current = _flatten(recipe.to_dict())
     defaults = _flatten(Recipe().to_dict())
