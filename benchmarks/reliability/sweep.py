@@ -104,6 +104,43 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+CAUSES: tuple[tuple[str, str], ...] = (
+    ("changed outside", "code ran from a file or a write went outside the case folder"),
+    ("user files deleted", "the user's files were deleted"),
+    ("was overwritten", "the user's file was overwritten"),
+    ("exit 0", "not refused (exit 0)"),
+    ("exit 1", "exit 1 ('unexpected') for bad input"),
+    ("still running", "still running at the time limit (hangs or trains)"),
+    ("killed by signal", "killed by a signal instead of exiting"),
+    ("exit ", "another exit code"),
+    ("traceback", "a traceback printed"),
+    ("weights_only", "suggests weights_only=False"),
+    ("chars", "message over 200 characters"),
+    ("error lines", "not exactly one error line"),
+    ("does not name", "the message does not name the file or key"),
+    ("says /", "misleading wording (e.g. 'does not exist' for a FIFO)"),
+    ("refusal changed files", "a refusal changed the case's files"),
+    ("left", "temporary or partial files left behind"),
+    ("torn checkpoint", "a torn checkpoint left"),
+    ("report.json", "a report built from outputs it should not trust"),
+    ("", "other check"),
+)
+"""Failure reasons by cause (the first matching substring), for the summary."""
+
+
+def causes(outcomes: list[Outcome]) -> dict[str, list[str]]:
+    """Failing case ids by cause (a case may fail for several)."""
+    found: dict[str, list[str]] = {}
+    for o in outcomes:
+        for reason in o.reasons:
+            cause = next(c for key, c in CAUSES if key in reason)
+            ids = found.setdefault(cause, [])
+            if o.id not in ids:
+                ids.append(o.id)
+    order = [c for _, c in CAUSES]
+    return dict(sorted(found.items(), key=lambda item: order.index(item[0])))
+
+
 def _cell(text: str) -> str:
     return " ".join(str(text).split()).replace("|", "\\|")
 
@@ -139,6 +176,10 @@ def write_results(
             f"| {cls} | {len(items)} | {sum(o.verdict == 'handled' for o in items)} |"
             for cls, items in by_class.items()
         ),
+        "",
+        "Failing cases by cause (a case may be listed under several):",
+        "",
+        *(f"- {cause}: {', '.join(ids)}" for cause, ids in causes(outcomes).items()),
         "",
         "| id | class | case | expected | got | verdict |",
         "|---|---|---|---|---|---|",
