@@ -366,9 +366,14 @@ def issue_cases() -> list[Case]:
 
     tiny_text = yaml.safe_dump(TINY, sort_keys=False)
     deep = "[" * 5000 + "]" * 5000
-    bomb = "a: &a [x,x,x,x,x,x,x,x,x]\n" + "".join(
-        f"{n}: &{n} [*{p},*{p},*{p},*{p},*{p},*{p},*{p},*{p},*{p}]\n"
-        for p, n in zip("abcdefgh", "bcdefghi")
+    # data.root: [&a [x, ...], &b [*a, ...], ..., &i [*h, ...]]: 9^9 leaves.
+    bomb = (
+        "[&a [x,x,x,x,x,x,x,x,x], "
+        + ", ".join(
+            f"&{n} [*{p},*{p},*{p},*{p},*{p},*{p},*{p},*{p},*{p}]"
+            for p, n in zip("abcdefgh", "bcdefghi")
+        )
+        + "]"
     )
     return [
         Case(
@@ -701,8 +706,7 @@ def issue_cases() -> list[Case]:
             "YAML alias bomb (9^9 leaves) in data.root",
             RUN,
             recipe(
-                text=bomb
-                + tiny_text.replace("kind: digits", "kind: digits\n  root: *i")
+                text=tiny_text.replace("kind: digits", f"kind: digits\n  root: {bomb}")
             ),
             names=("alias|root",),
             timeout=120,

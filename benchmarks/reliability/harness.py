@@ -323,7 +323,7 @@ def judge(
         id=case.id,
         cls=case.cls,
         description=case.description,
-        argv=[ctx.fmt(a) for a in case.argv],
+        argv=[printable(ctx.fmt(a)) for a in case.argv],
         expected=case.expected,
         rc=rc,
         seconds=seconds,
@@ -332,8 +332,13 @@ def judge(
     )
 
 
+def printable(text: str) -> str:
+    """``text`` with undecodable bytes (surrogates) as ``\\xNN`` escapes."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def _short(line: str, width: int = 160) -> str:
-    line = line.replace(os.sep + "tmp" + os.sep, "/tmp/")
+    line = printable(line)
     return line if len(line) <= width else line[: width - 1] + "…"
 
 

@@ -46,7 +46,7 @@ COST = {
     "torchscript": 1,
     "path": 1,
     "data": 2,
-    "key-range": 3,
+    "key-range": 9,
     "valid": 2,
 }
 """Groups run first (cheap ones first, so an interrupted sweep has most cases)."""
@@ -159,7 +159,8 @@ def write_results(
         "Made by `benchmarks/reliability/sweep.py` (the checks: `harness.py`; the "
         "cases: `cases.py`). A case is *handled* when every check passes: the expected "
         "exit code "
-        "(2 for bad input, 130 for Ctrl-C, 0 for valid input), no traceback, nothing "
+        "(2 for bad input, 130 for Ctrl-C, 143 for SIGTERM, 0 for valid input), no "
+        "traceback, nothing "
         "suggesting `weights_only=False`, a refusal as exactly one `lightly-mcp` error "
         "line whose message is at most 200 characters and names the file or key, no "
         "change outside the case's folder (payload markers, symlink targets), no "
@@ -238,6 +239,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--list", action="store_true", help="print the cases and exit")
     parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="skip the cases in WORKDIR/progress.jsonl (an interrupted sweep)",
+    )
+    parser.add_argument(
         "--from-progress",
         type=Path,
         default=None,
@@ -259,20 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.only:
         cases = [c for c in cases if re.search(args.only, c.id)]
     if args.from_progress:
-        done = {}
-        for line in args.from_progress.read_text().splitlines():
-            d = json.loads(line)
-            done[d["id"]] = Outcome(
-                d["id"],
-                d["class"],
-                d["case"],
-                d["argv"],
-                d["expected"],
-                d["rc"],
-                d["seconds"],
-                d["error"],
-                d["reasons"],
-            )
+        done = _read_progress(args.from_progress)
         outcomes = [done[c.id] for c in cases if c.id in done]
         missing = [c.id for c in cases if c.id not in done]
         header = json.loads(args.header.read_text()) if args.header else {}
@@ -285,12 +278,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{len(outcomes)} outcomes, {len(missing)} not run; table: {args.out}")
         return 0
     cases.sort(key=lambda c: COST.get(c.cls, 5))
+    workdir = args.workdir or Path(f"/tmp/lmsw-{os.getpid()}")
+    progress = workdir / "progress.jsonl"
+    earlier: dict[str, Outcome] = {}
+    if args.resume and progress.is_file():
+        earlier = _read_progress(progress)
+        cases_all = cases
+        cases = [c for c in cases if c.id not in earlier]
     if args.list:
         for c in cases:
             print(f"{c.id}\t{c.cls}\t{c.description}")
         print(f"{len(cases)} cases")
         return 0
-    workdir = args.workdir or Path(f"/tmp/lmsw-{os.getpid()}")
     workdir.mkdir(parents=True, exist_ok=True)
     base = (args.fixtures or workdir / "base").resolve()
     started = time.time()
@@ -299,7 +298,6 @@ def main(argv: list[str] | None = None) -> int:
     runner = harness.Runner(args.runner, repo)
     root = workdir / "c"
     root.mkdir(exist_ok=True)
-    progress = workdir / "progress.jsonl"
 
     def report(o: Outcome) -> None:
         print(
@@ -308,12 +306,15 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
         with progress.open("a") as f:
-            f.write(json.dumps(o.to_dict(), ensure_ascii=False) + "\n")
+            f.write(json.dumps(o.to_dict()) + "\n")
 
     fixture_snapshot = harness.snapshot(base)
     header = run_header(repo, args, argv, started)
     (workdir / "header.json").write_text(json.dumps(header, indent=1))
     outcomes = harness.run_cases(cases, root, base, repo, runner, args.jobs, report)
+    if earlier:
+        fresh = {o.id: o for o in outcomes}
+        outcomes = [fresh.get(c.id) or earlier[c.id] for c in cases_all]
     changed = harness.differences(fixture_snapshot, harness.snapshot(base))
     if changed:
         print(f"WARNING: the shared fixtures changed: {changed[:5]}", flush=True)
@@ -327,6 +328,24 @@ def main(argv: list[str] | None = None) -> int:
         f"{dict(counts)}; table: {args.out}"
     )
     return 0
+
+
+def _read_progress(path: Path) -> dict[str, Outcome]:
+    done = {}
+    for line in path.read_text().splitlines():
+        d = json.loads(line)
+        done[d["id"]] = Outcome(
+            d["id"],
+            d["class"],
+            d["case"],
+            d["argv"],
+            d["expected"],
+            d["rc"],
+            d["seconds"],
+            d["error"],
+            d["reasons"],
+        )
+    return done
 
 
 def run_header(
