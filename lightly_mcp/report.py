@@ -343,7 +343,8 @@ def print_run_summary(report: dict[str, Any], console: Console | None = None) ->
         latency = (entry.get("latency_ms") or {}).get("bs64")
         label = {"subnet": "momentum subnet (masked)"}.get(name, name)
         if entry.get("same_as"):
-            label += f" = {entry['same_as']}, not re-evaluated"
+            # Not evaluated: the same network (the evaluation line says why).
+            label = f"momentum subnet = {entry['same_as']}"
         table.add_row(
             label,
             _fmt(entry.get("params"), ","),
