@@ -5,20 +5,27 @@ A *backbone* here is any module that maps images ``[B, 3, H, W]`` to features
 flattened). The same functions evaluate the dense encoder, the masked momentum
 subnet and the exported compact model, so their numbers are directly comparable.
 
-* :func:`embed` runs a frozen model over a loader once and caches the features.
+* :func:`embed_models` runs several frozen models over a loader in one pass (each
+  batch is loaded once and fed to every model) and caches their features;
+  :func:`embed` is the one-model case.
 * :func:`knn_top1` is weighted kNN with lightly's
   :func:`lightly.utils.benchmarking.knn_predict` (cosine similarity on
   L2-normalised features, votes weighted with ``exp(sim / t)``).
 * :func:`linear_probe_top1` trains a linear layer on the cached, standardised
   features. It is *not* lightly's ``LinearClassifier``, which re-embeds the images
   every epoch (with augmentations); the probe here is cheaper and deterministic.
-* :func:`evaluate_backbone` does both and returns a JSON-friendly dict.
-* :func:`raw_pixel_baseline` is kNN on flattened pixels, shown beside the models.
+* :func:`evaluate_features` does both on cached features and returns a JSON-friendly
+  dict; :func:`evaluate_backbones` embeds several models in one pass and evaluates
+  each, :func:`evaluate_backbone` one model.
+* :func:`raw_pixel_baseline` is kNN on flattened pixels, shown beside the models
+  (:func:`raw_pixel_scores` on pixels already flattened).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -58,40 +65,52 @@ def _num_batches(loader: DataLoader) -> int | None:
         return None
 
 
-def embed(
-    model: nn.Module,
+def embed_models(
+    models: Mapping[str, nn.Module],
     loader: DataLoader,
     device: str | torch.device = "cpu",
     progress: bool = False,
     description: str = "embedding",
-) -> tuple[Tensor, Tensor]:
-    """Embeds every image of a loader with a frozen model.
+    on_batch: Callable[[Tensor, Tensor], None] | None = None,
+    channels_last: bool = True,
+) -> tuple[dict[str, Tensor], Tensor]:
+    """Embeds every image of a loader with several frozen models, in one pass.
 
-    The model runs in eval mode under :func:`torch.inference_mode`; the train/eval
-    mode of the model and of each of its submodules is restored afterwards. Images
-    are moved to ``device``; the model must already live there.
+    Each batch is loaded (and transformed) once and fed to every model, so the data
+    pipeline runs once whatever the number of models. Image batches are handed to
+    the models in the ``channels_last`` memory format (the same values; convolutions
+    then run in their faster NHWC kernels: 1.6x for the quickstart's MobileNetV2 on
+    CPU, benchmarks/RESULTS_evaluation.md). The models run in eval mode
+    under :func:`torch.inference_mode`; the train/eval mode of each model and of
+    each of its submodules is restored afterwards. Images are moved to ``device``;
+    the models must already live there.
 
     Args:
-        model: Backbone mapping images ``[B, 3, H, W]`` to features ``[B, D]``
-            (trailing dimensions are flattened).
+        models: Backbones by name, each mapping images ``[B, 3, H, W]`` to features
+            ``[B, D]`` (trailing dimensions are flattened).
         loader: Yields batches ``(images, labels, ...)``; extra items (e.g.
             filenames) are ignored. If ``images`` is a list of views, the first
             view is used.
         device: Device the forward passes run on.
         progress: Whether to show a :class:`rich.progress.Progress` bar.
         description: Label of the progress bar.
+        on_batch: Called with every batch's CPU ``(images, labels)`` (e.g. to hash
+            the data), in loader order.
+        channels_last: Hand 4-D image batches over in ``torch.channels_last``
+            (False: as the loader yields them).
 
     Returns:
-        ``(features, labels)``: float32 CPU tensor ``[N, D]`` and long CPU tensor
-        ``[N]``, in loader order.
+        ``(features, labels)``: per name a float32 CPU tensor ``[N, D]``, and the
+        long CPU labels ``[N]``, in loader order.
 
     Raises:
-        ValueError: If the loader is empty, a batch has no labels, or the model's
+        ValueError: If the loader is empty, a batch has no labels, or a model's
             parameters live on a different device than ``device``.
     """
     device = torch.device(device)
-    _check_device(model, device)
-    feature_chunks: list[Tensor] = []
+    for model in models.values():
+        _check_device(model, device)
+    feature_chunks: dict[str, list[Tensor]] = {name: [] for name in models}
     label_chunks: list[Tensor] = []
 
     def run(advance: Any = None) -> None:
@@ -105,34 +124,69 @@ def embed(
                 images, labels = batch[0], batch[1]
                 if isinstance(images, (list, tuple)):
                     images = images[0]
-                features = model(images.to(device, non_blocking=True))
-                feature_chunks.append(features.flatten(1).float().cpu())
-                label_chunks.append(torch.as_tensor(labels).reshape(-1).long().cpu())
+                labels = torch.as_tensor(labels).reshape(-1).long().cpu()
+                if on_batch is not None:
+                    on_batch(images, labels)
+                images = images.to(device, non_blocking=True)
+                if channels_last and images.ndim == 4:
+                    images = images.contiguous(memory_format=torch.channels_last)
+                for name, model in models.items():
+                    features = model(images)
+                    feature_chunks[name].append(features.flatten(1).float().cpu())
+                label_chunks.append(labels)
                 if advance is not None:
                     advance()
 
-    with eval_mode(model):
+    with contextlib.ExitStack() as stack:
+        for model in models.values():
+            stack.enter_context(eval_mode(model))
         if progress:
             from rich.progress import Progress
 
-            with Progress(transient=True) as bar:
-                task = bar.add_task(description, total=_num_batches(loader))
-                run(lambda: bar.advance(task))
+            bar = stack.enter_context(Progress(transient=True))
+            task = bar.add_task(description, total=_num_batches(loader))
+            run(lambda: bar.advance(task))
         else:
             run()
 
-    if not feature_chunks:
+    if not label_chunks:
         raise InputError("The loader yielded no batches; nothing to embed.")
     # Concatenating outside inference mode gives ordinary tensors, which autograd
     # (e.g. the linear probe) may use.
-    features = torch.cat([chunk.clone() for chunk in feature_chunks])
     labels = torch.cat([chunk.clone() for chunk in label_chunks])
-    if len(features) != len(labels):
-        raise InputError(
-            f"Got {len(features)} feature rows but {len(labels)} labels; the model "
-            "must return one feature vector per image."
-        )
+    features: dict[str, Tensor] = {}
+    for name, chunks in feature_chunks.items():
+        features[name] = torch.cat([chunk.clone() for chunk in chunks])
+        if len(features[name]) != len(labels):
+            raise InputError(
+                f"Got {len(features[name])} feature rows but {len(labels)} labels; "
+                "the model must return one feature vector per image."
+            )
     return features, labels
+
+
+def embed(
+    model: nn.Module,
+    loader: DataLoader,
+    device: str | torch.device = "cpu",
+    progress: bool = False,
+    description: str = "embedding",
+) -> tuple[Tensor, Tensor]:
+    """Embeds every image of a loader with a frozen model (:func:`embed_models`
+    with one model).
+
+    Returns:
+        ``(features, labels)``: float32 CPU tensor ``[N, D]`` and long CPU tensor
+        ``[N]``, in loader order.
+
+    Raises:
+        ValueError: If the loader is empty, a batch has no labels, or the model's
+            parameters live on a different device than ``device``.
+    """
+    features, labels = embed_models(
+        {"model": model}, loader, device, progress, description
+    )
+    return features["model"], labels
 
 
 def _check_labelled(
@@ -335,6 +389,138 @@ def linear_probe_top1(
             return float((predictions == y_test).float().mean())
 
 
+def evaluate_features(
+    train_features: Tensor,
+    train_labels: Tensor,
+    test_features: Tensor,
+    test_labels: Tensor,
+    *,
+    k: int = 200,
+    temperature: float = 0.1,
+    linear_epochs: int = 30,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Top-1 of cached frozen features with kNN and a linear probe.
+
+    Args:
+        train_features: Training features ``[N, D]`` (the kNN bank).
+        train_labels: Training labels ``[N]``.
+        test_features: Test features ``[M, D]``.
+        test_labels: Test labels ``[M]``.
+        k: Number of kNN neighbours.
+        temperature: kNN temperature.
+        linear_epochs: Epochs of the linear probe.
+        seed: Seed of the linear probe.
+
+    Returns:
+        ``{"knn_top1", "linear_top1", "feature_dim", "num_train", "num_test",
+        "settings"}`` where ``settings`` holds ``k``, ``temperature``,
+        ``linear_epochs``, ``seed`` and one-line descriptions of the linear
+        probe and the kNN classifier.
+
+    Raises:
+        ValueError: If the data is unlabelled (all labels -1) or otherwise
+            unsuitable (see :func:`knn_top1`).
+    """
+    num_classes = _check_labelled(train_labels, test_labels, None)
+    return {
+        "knn_top1": knn_top1(
+            train_features,
+            train_labels,
+            test_features,
+            test_labels,
+            k=k,
+            temperature=temperature,
+            num_classes=num_classes,
+        ),
+        "linear_top1": linear_probe_top1(
+            train_features,
+            train_labels,
+            test_features,
+            test_labels,
+            num_classes=num_classes,
+            epochs=linear_epochs,
+            seed=seed,
+        ),
+        "feature_dim": int(train_features.shape[1]),
+        "num_train": len(train_features),
+        "num_test": len(test_features),
+        "settings": {
+            "k": k,
+            "temperature": temperature,
+            "linear_epochs": linear_epochs,
+            "seed": seed,
+            "linear_probe": LINEAR_PROBE,
+            "knn": KNN,
+        },
+    }
+
+
+def evaluate_backbones(
+    models: Mapping[str, nn.Module],
+    train_loader: DataLoader,
+    test_loader: DataLoader,
+    *,
+    device: str | torch.device = "cpu",
+    k: int = 200,
+    temperature: float = 0.1,
+    linear_epochs: int = 30,
+    seed: int = 0,
+    progress: bool = False,
+    on_batch: Callable[[Tensor, Tensor], None] | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Top-1 of several frozen backbones with kNN and a linear probe.
+
+    The training and test sets are embedded once, in one pass for all models
+    (:func:`embed_models`: every image is loaded once and goes through each model
+    once); each model's cached features feed both :func:`knn_top1` and
+    :func:`linear_probe_top1` (:func:`evaluate_features`). The models' train/eval
+    modes are left unchanged.
+
+    Args:
+        models: Backbones by name, each mapping images ``[B, 3, H, W]`` to features
+            ``[B, D]``, already on ``device``.
+        train_loader: Labelled training data ``(images, labels, ...)``, without
+            augmentations and ideally without shuffling.
+        test_loader: Labelled test data ``(images, labels, ...)``.
+        device: Device of the forward passes.
+        k: Number of kNN neighbours.
+        temperature: kNN temperature.
+        linear_epochs: Epochs of the linear probe.
+        seed: Seed of the linear probe.
+        progress: Whether to show rich progress bars while embedding.
+        on_batch: Called with every CPU ``(images, labels)`` batch, training set
+            first (see :func:`embed_models`).
+
+    Returns:
+        Per name, the dict of :func:`evaluate_features`.
+
+    Raises:
+        ValueError: If the data is unlabelled (all labels -1) or otherwise
+            unsuitable (see :func:`knn_top1`).
+    """
+    train_x, train_y = embed_models(
+        models, train_loader, device, progress, "embed train", on_batch
+    )
+    test_x, test_y = embed_models(
+        models, test_loader, device, progress, "embed test", on_batch
+    )
+    _check_labelled(train_y, test_y, None)
+    return {
+        name: evaluate_features(
+            train_x[name],
+            train_y,
+            test_x[name],
+            test_y,
+            k=k,
+            temperature=temperature,
+            linear_epochs=linear_epochs,
+            seed=seed,
+        )
+        for name in models
+    }
+
+
 def evaluate_backbone(
     model: nn.Module,
     train_loader: DataLoader,
@@ -347,61 +533,57 @@ def evaluate_backbone(
     seed: int = 0,
     progress: bool = False,
 ) -> dict[str, Any]:
-    """Top-1 of a frozen backbone with kNN and a linear probe.
+    """Top-1 of a frozen backbone with kNN and a linear probe
+    (:func:`evaluate_backbones` with one model).
 
-    The training and test sets are embedded once with :func:`embed`; the cached
-    features feed :func:`knn_top1` and :func:`linear_probe_top1`. The model's
-    train/eval mode is left unchanged. A randomly initialised backbone evaluated
-    the same way is the "random init" baseline.
-
-    Args:
-        model: Backbone mapping images ``[B, 3, H, W]`` to features ``[B, D]``,
-            already on ``device``.
-        train_loader: Labelled training data ``(images, labels, ...)``, without
-            augmentations and ideally without shuffling.
-        test_loader: Labelled test data ``(images, labels, ...)``.
-        device: Device of the forward passes.
-        k: Number of kNN neighbours.
-        temperature: kNN temperature.
-        linear_epochs: Epochs of the linear probe.
-        seed: Seed of the linear probe.
-        progress: Whether to show rich progress bars while embedding.
+    The training and test sets are embedded once; the cached features feed
+    :func:`knn_top1` and :func:`linear_probe_top1`. The model's train/eval mode is
+    left unchanged. A randomly initialised backbone evaluated the same way is the
+    "random init" baseline.
 
     Returns:
-        ``{"knn_top1", "linear_top1", "feature_dim", "num_train", "num_test",
-        "settings"}`` where ``settings`` holds ``k``, ``temperature``,
-        ``linear_epochs``, ``seed`` and one-line descriptions of the linear
-        probe and the kNN classifier.
+        The dict of :func:`evaluate_features`.
 
     Raises:
         ValueError: If the data is unlabelled (all labels -1) or otherwise
             unsuitable (see :func:`knn_top1`).
     """
-    train_x, train_y = embed(
-        model, train_loader, device, progress=progress, description="embed train"
-    )
-    test_x, test_y = embed(
-        model, test_loader, device, progress=progress, description="embed test"
-    )
-    num_classes = _check_labelled(train_y, test_y, None)
-    return {
+    return evaluate_backbones(
+        {"model": model},
+        train_loader,
+        test_loader,
+        device=device,
+        k=k,
+        temperature=temperature,
+        linear_epochs=linear_epochs,
+        seed=seed,
+        progress=progress,
+    )["model"]
+
+
+def raw_pixel_scores(
+    train_pixels: Tensor,
+    train_labels: Tensor,
+    test_pixels: Tensor,
+    test_labels: Tensor,
+    *,
+    k: int = 200,
+    temperature: float = 0.1,
+    center: bool = True,
+    linear_epochs: int | None = None,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """The raw-pixel baseline on flattened images ``[N, C*H*W]`` (see
+    :func:`raw_pixel_baseline`).
+    """
+    train_x, test_x = train_pixels, test_pixels
+    if center:
+        mean = train_x.mean(dim=0, keepdim=True)
+        train_x = train_x - mean
+        test_x = test_x - mean
+    result: dict[str, Any] = {
         "knn_top1": knn_top1(
-            train_x,
-            train_y,
-            test_x,
-            test_y,
-            k=k,
-            temperature=temperature,
-            num_classes=num_classes,
-        ),
-        "linear_top1": linear_probe_top1(
-            train_x,
-            train_y,
-            test_x,
-            test_y,
-            num_classes=num_classes,
-            epochs=linear_epochs,
-            seed=seed,
+            train_x, train_labels, test_x, test_labels, k=k, temperature=temperature
         ),
         "feature_dim": int(train_x.shape[1]),
         "num_train": len(train_x),
@@ -409,12 +591,17 @@ def evaluate_backbone(
         "settings": {
             "k": k,
             "temperature": temperature,
-            "linear_epochs": linear_epochs,
-            "seed": seed,
-            "linear_probe": LINEAR_PROBE,
-            "knn": KNN,
+            "center": center,
+            "knn": f"{KNN}, raw pixels"
+            + (", centred on the training mean image" if center else ""),
         },
     }
+    if linear_epochs is not None:
+        result["linear_top1"] = linear_probe_top1(
+            train_x, train_labels, test_x, test_labels, epochs=linear_epochs, seed=seed
+        )
+        result["settings"]["linear_epochs"] = linear_epochs
+    return result
 
 
 def raw_pixel_baseline(
@@ -454,28 +641,14 @@ def raw_pixel_baseline(
     flatten = nn.Flatten()
     train_x, train_y = embed(flatten, train_loader)
     test_x, test_y = embed(flatten, test_loader)
-    if center:
-        mean = train_x.mean(dim=0, keepdim=True)
-        train_x = train_x - mean
-        test_x = test_x - mean
-    result: dict[str, Any] = {
-        "knn_top1": knn_top1(
-            train_x, train_y, test_x, test_y, k=k, temperature=temperature
-        ),
-        "feature_dim": int(train_x.shape[1]),
-        "num_train": len(train_x),
-        "num_test": len(test_x),
-        "settings": {
-            "k": k,
-            "temperature": temperature,
-            "center": center,
-            "knn": f"{KNN}, raw pixels"
-            + (", centred on the training mean image" if center else ""),
-        },
-    }
-    if linear_epochs is not None:
-        result["linear_top1"] = linear_probe_top1(
-            train_x, train_y, test_x, test_y, epochs=linear_epochs, seed=seed
-        )
-        result["settings"]["linear_epochs"] = linear_epochs
-    return result
+    return raw_pixel_scores(
+        train_x,
+        train_y,
+        test_x,
+        test_y,
+        k=k,
+        temperature=temperature,
+        center=center,
+        linear_epochs=linear_epochs,
+        seed=seed,
+    )

@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader
 
 from lightly_mcp import manifest
 from lightly_mcp.assemble import (
+    backbone_kwargs,
     evaluation_data,
     export_recalibration_data,
     mcp_model,
@@ -33,16 +34,24 @@ from lightly_mcp.assemble import (
     trainer_for,
     training_data,
 )
+from lightly_mcp.baseline_cache import (
+    DataDigest,
+    baseline_key,
+    entry_path,
+    read_baselines,
+    write_baselines,
+)
 from lightly_mcp.checkpoints import (
     CheckpointError,
     checkpoint_file,
     read_checkpoint,
 )
 from lightly_mcp.errors import CodeFileError, StageInterrupted, UnsafeCheckpointError
-from lightly_mcp.evaluation import evaluate_backbone, raw_pixel_baseline
+from lightly_mcp.evaluation import embed_models, evaluate_features, raw_pixel_scores
 from lightly_mcp.export import compact_from_checkpoint, export
 from lightly_mcp.files import write_json_atomic
 from lightly_mcp.loading import module_from_checkpoint
+from lightly_mcp.masks import round_masks
 from lightly_mcp.mcp import MCP
 from lightly_mcp.moco_v2 import MoCoV2
 from lightly_mcp.model_files import (
@@ -51,6 +60,7 @@ from lightly_mcp.model_files import (
     load_trusted_module,
     shown_path,
 )
+from lightly_mcp.momentum_subnet import MomentumSubnet
 from lightly_mcp.recipe import Recipe, RecipeError, recipe_yaml
 from lightly_mcp.report import write_plots
 from lightly_mcp.run_folder import (
@@ -429,6 +439,65 @@ def exported_compact(
     )
 
 
+def subnet_same_as_compact(
+    subnet: nn.Module, export_report: dict[str, Any]
+) -> str | None:
+    """Why the masked momentum subnet and the exported compact model are the same
+    network, or None when they can differ (then both are evaluated).
+
+    They are the same when the export compacted the subnet's own masks (no
+    ``round_to`` widening, or one that changed no mask) and its own normalisation
+    statistics (no BatchNorm recalibration), and kept every output feature (with
+    ``keep_output_dim=False`` the subnet has zero features where the compact model
+    has none, which changes the linear probe's initialisation). The export then
+    checked that both compute the same features; the folded, compact network differs
+    from the masked one only by float32 rounding (its stated max abs error).
+    """
+    if not isinstance(subnet, MomentumSubnet):
+        return None
+    if export_report.get("bn_recalibrated", True):
+        return None
+    masks = subnet.masks
+    round_to = export_report.get("round_to")
+    if round_to is not None:
+        rounded = round_masks(subnet.encoder, subnet.groups, masks, int(round_to))
+        if not all(torch.equal(a.cpu(), b) for a, b in zip(masks, rounded)):
+            return None
+    for group, mask in zip(subnet.groups, masks):
+        if any(not bool(mask[channel]) for channel, _ in group.output_features):
+            return None
+    err = export_report.get("equivalence_max_abs_err")
+    return (
+        "subnet = compact (the same network: the export compacted the subnet's own "
+        "masks and statistics and checked the outputs, max abs err "
+        + (f"{err:.1e}" if isinstance(err, float) else "within tolerance")
+        + " from float32 rounding); not re-evaluated"
+    )
+
+
+def _baseline_identity(recipe: Recipe, description: str, device: str) -> dict[str, Any]:
+    """What the baselines depend on besides the images (the cache key)."""
+    e = recipe.eval
+    return {
+        "data": description,
+        "input_size": recipe.data.input_size,
+        "k": e.k,
+        "temperature": e.temperature,
+        "linear_epochs": e.linear_epochs,
+        "seed": recipe.seed,
+        "random_init": {"name": recipe.backbone.name, **backbone_kwargs(recipe)},
+        "center": True,
+        "device": torch.device(device).type,
+    }
+
+
+def _baseline_models(recipe: Recipe, device: str) -> dict[str, nn.Module]:
+    """The random-init backbone (seeded with the recipe's seed) and raw pixels."""
+    torch.manual_seed(recipe.seed)
+    random_init = recipe_backbone(recipe, weights=False).to(device)
+    return {"random_init": random_init, "raw_pixels": nn.Flatten()}
+
+
 def evaluate(
     networks: dict[str, nn.Module],
     recipe: Recipe,
@@ -437,9 +506,19 @@ def evaluate(
     progress: bool = True,
     baselines: bool = False,
     provenance: dict[str, Any] | None = None,
+    same_as: dict[str, tuple[str, str]] | None = None,
 ) -> dict[str, Any]:
     """KNN and linear-probe top-1 of each network → ``out_file`` (JSON), with
     ``provenance`` (:func:`evaluation_provenance`) when given.
+
+    The evaluation images are loaded once: each batch goes through every network
+    (and the random-init baseline) in one pass, and each network's features feed
+    both kNN and the linear probe. A network named in ``same_as`` (name → (other,
+    why)) is not evaluated: it gets the other's numbers, marked ``"evaluated":
+    false`` with the reason. With ``baselines``, the raw-pixel and random-init
+    baselines come from the per-user cache (:mod:`lightly_mcp.baseline_cache`) when
+    it holds them for these images and settings, else they are computed and stored
+    there. ``"evaluated"`` in the result says what was computed and what reused.
     """
     train_loader, test_loader, description, has_labels = evaluation_data(recipe)
     e = recipe.eval
@@ -455,35 +534,82 @@ def evaluate(
             Console().print(results["skipped"])
         write_json_atomic(out_file, results)
         return results
-    options: dict[str, Any] = {
-        "device": device,
-        "k": e.k,
-        "temperature": e.temperature,
-        "linear_epochs": e.linear_epochs,
-        "seed": recipe.seed,
-        "progress": progress,
+    same_as = {k: v for k, v in (same_as or {}).items() if v[0] in networks}
+    models = {
+        name: network.to(device)
+        for name, network in networks.items()
+        if name not in same_as
     }
-    for name, network in networks.items():
-        network = network.to(device)
-        results["models"][name] = evaluate_backbone(
-            network, train_loader, test_loader, **options
-        )
-    if baselines:
-        torch.manual_seed(recipe.seed)
-        random_init = recipe_backbone(recipe, weights=False)
-        results["baselines"] = {
-            "random_init": evaluate_backbone(
-                random_init.to(device), train_loader, test_loader, **options
-            ),
-            "raw_pixels": raw_pixel_baseline(
-                train_loader,
-                test_loader,
+    identity = _baseline_identity(recipe, description, device)
+    key = baseline_key(identity)
+    cached = read_baselines(key) if baselines else None
+    if baselines and cached is None:
+        models.update(_baseline_models(recipe, device))
+    digest = DataDigest()
+    embedded = [
+        embed_models(models, loader, device, progress, f"embed {split}", digest.update)
+        for split, loader in (("train", train_loader), ("test", test_loader))
+    ]
+    data_digest = digest.hexdigest()
+    if cached is not None and cached[1] != data_digest:
+        # Same description, other images (files changed): recompute.
+        cached = None
+        extra = _baseline_models(recipe, device)
+        for (features, _), loader in zip(embedded, (train_loader, test_loader)):
+            features.update(embed_models(extra, loader, device, progress)[0])
+    (train_x, train_y), (test_x, test_y) = embedded
+    scored: dict[str, dict[str, Any]] = {}
+    for name in train_x:
+        if name == "raw_pixels":
+            scored[name] = raw_pixel_scores(
+                train_x[name],
+                train_y,
+                test_x[name],
+                test_y,
                 k=e.k,
                 temperature=e.temperature,
                 linear_epochs=e.linear_epochs,
                 seed=recipe.seed,
-            ),
-        }
+            )
+        else:
+            scored[name] = evaluate_features(
+                train_x[name],
+                train_y,
+                test_x[name],
+                test_y,
+                k=e.k,
+                temperature=e.temperature,
+                linear_epochs=e.linear_epochs,
+                seed=recipe.seed,
+            )
+    for name in networks:
+        if name in same_as:
+            other, why = same_as[name]
+            scored[name] = {
+                **scored[other],
+                "evaluated": False,
+                "same_as": other,
+                "note": why,
+            }
+        results["models"][name] = scored[name]
+    evaluated = [name for name in networks if name not in same_as]
+    notes = [f"evaluated {', '.join(evaluated)}"]
+    notes += [why for _, why in same_as.values()]
+    if baselines:
+        if cached is not None:
+            results["baselines"] = cached[0]
+            notes.append(f"baselines from the cache {entry_path(key)}")
+        else:
+            results["baselines"] = {
+                name: scored[name] for name in ("random_init", "raw_pixels")
+            }
+            stored = write_baselines(key, identity, data_digest, results["baselines"])
+            notes.append(
+                "baselines computed"
+                + (f" (cached in {stored})" if stored else " (cache off)")
+            )
+    results["evaluated"] = "; ".join(notes)
+    results["data_digest"] = data_digest
     write_json_atomic(out_file, results)
     return results
 
@@ -611,6 +737,8 @@ def run(
             except (ValueError, CheckpointError):
                 pass
         networks["compact"] = exported_compact(recipe, pruned, out, report)
+        why = subnet_same_as_compact(networks.get("subnet", nn.Identity()), report)
+        same_as = {"subnet": ("compact", why)} if why else {}
         evaluation = timed(
             "evaluate",
             lambda: evaluate(
@@ -621,6 +749,7 @@ def run(
                 progress,
                 recipe.eval.baselines,
                 provenance,
+                same_as,
             ),
         )
         manifest.record(out, ["eval/eval.json"])
@@ -628,10 +757,14 @@ def run(
         entry = report.setdefault(name, {})
         entry["knn_top1"] = result["knn_top1"]
         entry["linear_top1"] = result["linear_top1"]
+        if result.get("same_as"):
+            entry["same_as"] = result["same_as"]
     if "dense" in report:
         report["dense"]["evaluated_checkpoint"] = str(dense) if dense else str(pruned)
     if "skipped" in evaluation:
         report["evaluation"] = evaluation["skipped"]
+    elif "evaluated" in evaluation:
+        report["evaluation"] = evaluation["evaluated"]
     report["baselines"] = evaluation.get("baselines", {})
     report["data"] = evaluation["data"]
     report["frq"], report["dr"] = recipe.mcp.frq, recipe.mcp.dr

@@ -176,7 +176,9 @@ class EvalSection:
     Attributes:
         train_subset: Training images used as kNN bank / probe training set.
         test_subset: Test images evaluated.
-        baselines: Also evaluate raw pixels and a randomly initialised backbone.
+        baselines: Also evaluate raw pixels and a randomly initialised backbone
+            (read from the per-user cache, ``lightly_mcp.baseline_cache``, when
+            it holds them for these images and settings).
     """
 
     k: int = 200

@@ -343,8 +343,12 @@ def print_run_summary(report: dict[str, Any], console: Console | None = None) ->
         if not isinstance(entry, dict):
             continue
         latency = (entry.get("latency_ms") or {}).get("bs64")
+        label = {"subnet": "momentum subnet (masked)"}.get(name, name)
+        if entry.get("same_as"):
+            # Not evaluated: the same network (the evaluation line says why).
+            label = f"momentum subnet = {entry['same_as']}"
         table.add_row(
-            {"subnet": "momentum subnet (masked)"}.get(name, name),
+            label,
             _fmt(entry.get("params"), ","),
             _fmt(entry.get("macs"), ","),
             _fmt(entry.get("knn_top1"), ".4f"),
@@ -355,6 +359,9 @@ def print_run_summary(report: dict[str, Any], console: Console | None = None) ->
     if report.get("data"):
         # Which data was used; a fallback (e.g. digits for Fashion-MNIST) says so.
         console.print(f"data: {report['data']}")
+    if report.get("evaluation"):
+        # What was evaluated, what reused (the subnet, cached baselines), or why not.
+        console.print(f"evaluation: {report['evaluation']}")
     stages = report.get("stages", {})
     if stages:
         console.print(

@@ -21,6 +21,14 @@ def pytest_configure(config: pytest.Config) -> None:
         torch.set_num_threads(1)
 
 
+@pytest.fixture(autouse=True)
+def _no_user_cache(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests never read or write the per-user baseline cache (a test that needs it
+    points ``LIGHTLY_MCP_CACHE`` at its own folder).
+    """
+    monkeypatch.setenv("LIGHTLY_MCP_CACHE", "off")
+
+
 def randomize_batchnorm(model: nn.Module, seed: int = 0) -> nn.Module:
     """Gives every norm layer random affine parameters and running statistics.
 

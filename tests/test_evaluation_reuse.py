@@ -1,0 +1,233 @@
+"""Tests of the cheaper evaluation: one data pass for all networks, the masked subnet
+reused when it is the compact model, the baselines cached per data set.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+from lightly_mcp import baseline_cache, pipeline
+from lightly_mcp.evaluation import (
+    embed,
+    embed_models,
+    evaluate_backbone,
+    evaluate_backbones,
+)
+from tests.tiny import tiny_recipe
+
+
+class Counting(Dataset):
+    """A dataset that counts how often each item is loaded."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.loads = 0
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def __getitem__(self, i: int) -> Any:
+        self.loads += 1
+        return self.inner[i]
+
+
+def count_images(model: nn.Module) -> list[int]:
+    """Registers a hook adding each forward's batch size to the returned list."""
+    seen = [0]
+
+    def hook(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        seen[0] += len(args[0])
+
+    model.register_forward_pre_hook(hook)
+    return seen
+
+
+def small_net(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.AdaptiveAvgPool2d(1), nn.Flatten()
+    )
+
+
+def labelled(n: int, seed: int = 0) -> Counting:
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randn(n, 3, 6, 6, generator=g)
+    return Counting(TensorDataset(images, torch.arange(n) % 3))
+
+
+def test_embed_models_loads_each_image_once_for_all_models() -> None:
+    data = labelled(10)
+    nets = {"a": small_net(0), "b": small_net(1)}
+    seen = {name: count_images(net) for name, net in nets.items()}
+    features, labels = embed_models(nets, DataLoader(data, batch_size=4))
+    assert data.loads == 10  # one pass, whatever the number of models
+    assert seen["a"] == [10] and seen["b"] == [10]
+    assert torch.equal(labels, torch.arange(10) % 3)
+    for name, net in nets.items():
+        alone, _ = embed(net, DataLoader(labelled(10), batch_size=4))
+        assert torch.equal(features[name], alone)
+
+
+def test_evaluate_backbones_equals_one_model_at_a_time() -> None:
+    nets = {"a": small_net(0), "b": small_net(1)}
+    train, test = labelled(30), labelled(12, seed=1)
+    together = evaluate_backbones(
+        nets, DataLoader(train, batch_size=8), DataLoader(test), k=5, linear_epochs=3
+    )
+    for name, net in nets.items():
+        assert together[name] == evaluate_backbone(
+            net, DataLoader(train, batch_size=8), DataLoader(test), k=5, linear_epochs=3
+        )
+
+
+# --- pipeline.evaluate on the tiny run ------------------------------------------------
+@pytest.fixture
+def counted_data(monkeypatch: pytest.MonkeyPatch) -> list[Counting]:
+    """Makes pipeline.evaluate's datasets count their loads."""
+    made: list[Counting] = []
+    original = pipeline.evaluation_data
+
+    def counting(recipe: Any) -> Any:
+        train, test, description, has_labels = original(recipe)
+        loaders = []
+        for loader in (train, test):
+            made.append(Counting(loader.dataset))
+            loaders.append(DataLoader(made[-1], batch_size=loader.batch_size))
+        return loaders[0], loaders[1], description, has_labels
+
+    monkeypatch.setattr(pipeline, "evaluation_data", counting)
+    return made
+
+
+def tiny_networks(tiny_pruned: Path, tiny_exported: Path) -> dict[str, nn.Module]:
+    recipe = tiny_recipe()
+    networks = pipeline.load_backbone_for_eval(tiny_pruned, recipe)
+    report = pipeline.read_json(tiny_exported / "export" / "report.json")
+    networks["compact"] = pipeline.exported_compact(
+        recipe, tiny_pruned, tiny_exported, report
+    )
+    return networks
+
+
+def test_evaluate_passes_once_and_reuses_the_subnet(
+    tiny_pruned: Path,
+    tiny_exported: Path,
+    counted_data: list[Counting],
+    tmp_path: Path,
+) -> None:
+    recipe = tiny_recipe({"eval.baselines": True})
+    networks = tiny_networks(tiny_pruned, tiny_exported)
+    report = pipeline.read_json(tiny_exported / "export" / "report.json")
+    why = pipeline.subnet_same_as_compact(networks["subnet"], report)
+    assert why is not None and why.startswith("subnet = compact")
+    seen = {name: count_images(net) for name, net in networks.items()}
+    results = pipeline.evaluate(
+        networks,
+        recipe,
+        tmp_path / "eval.json",
+        progress=False,
+        baselines=True,
+        same_as={"subnet": ("compact", why)},
+    )
+    train, test = counted_data
+    images = len(train) + len(test)
+    assert train.loads == len(train) and test.loads == len(test)
+    assert seen == {"dense": [images], "subnet": [0], "compact": [images]}
+    models = results["models"]
+    assert list(models) == ["dense", "subnet", "compact"]
+    assert models["subnet"] == {
+        **models["compact"],
+        "evaluated": False,
+        "same_as": "compact",
+        "note": why,
+    }
+    assert set(results["baselines"]) == {"random_init", "raw_pixels"}
+    assert results["evaluated"].startswith(f"evaluated dense, compact; {why}")
+    assert json.loads((tmp_path / "eval.json").read_text()) == results
+
+
+def test_the_subnet_is_evaluated_when_it_can_differ(
+    tiny_pruned: Path, tiny_exported: Path
+) -> None:
+    subnet = tiny_networks(tiny_pruned, tiny_exported)["subnet"]
+    report = pipeline.read_json(tiny_exported / "export" / "report.json")
+    assert pipeline.subnet_same_as_compact(subnet, report) is not None
+    # BatchNorm statistics re-estimated at export: the compact model differs.
+    recalibrated = {**report, "bn_recalibrated": True}
+    assert pipeline.subnet_same_as_compact(subnet, recalibrated) is None
+    # Masks widened at export (to all channels: round_to larger than any group).
+    widened = {**report, "round_to": 4096}
+    assert pipeline.subnet_same_as_compact(subnet, widened) is None
+    # keep_output_dim=False: a group reaching the output drops a feature (the
+    # subnet has a zero feature the compact model does not have).
+    first = subnet.groups[0]
+    dropped = int((~subnet.masks[0]).nonzero()[0])
+    subnet.groups[0] = replace(first, output_features=((dropped, 0),))
+    assert pipeline.subnet_same_as_compact(subnet, report) is None
+    kept = int(subnet.masks[0].nonzero()[0])
+    subnet.groups[0] = replace(first, output_features=((kept, 0),))
+    assert pipeline.subnet_same_as_compact(subnet, report) is not None
+    # Not a masked subnet at all.
+    assert pipeline.subnet_same_as_compact(nn.Identity(), report) is None
+
+
+def test_baselines_are_cached_per_data_set(
+    tiny_pruned: Path,
+    tiny_exported: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv(baseline_cache.CACHE_ENV, str(tmp_path / "cache"))
+    recipe = tiny_recipe({"eval.baselines": True, "eval.linear_epochs": 1})
+    built: list[int] = []
+    original = pipeline._baseline_models
+
+    def counting(*args: Any) -> dict[str, nn.Module]:
+        built.append(1)
+        return original(*args)
+
+    monkeypatch.setattr(pipeline, "_baseline_models", counting)
+    compact = {"compact": tiny_networks(tiny_pruned, tiny_exported)["compact"]}
+
+    def run() -> dict[str, Any]:
+        return pipeline.evaluate(
+            compact, recipe, tmp_path / "eval.json", progress=False, baselines=True
+        )
+
+    first = run()
+    entries = list((tmp_path / "cache" / "baselines").glob("*.json"))
+    assert len(built) == 1 and len(entries) == 1
+    assert "baselines computed (cached in" in first["evaluated"]
+    second = run()
+    assert len(built) == 1  # not recomputed
+    assert second["baselines"] == first["baselines"]
+    assert second["models"] == first["models"]
+    assert f"baselines from the cache {entries[0]}" in second["evaluated"]
+    # Other images under the same description: the digest differs, recomputed.
+    entry = json.loads(entries[0].read_text())
+    entry["data_digest"] = "0" * 64
+    entry["baselines"]["raw_pixels"]["knn_top1"] = 0.123
+    entries[0].write_text(json.dumps(entry))
+    third = run()
+    assert len(built) == 2 and third["baselines"] == first["baselines"]
+    assert json.loads(entries[0].read_text())["data_digest"] == first["data_digest"]
+    # An unreadable entry counts as missing.
+    entries[0].write_text("{not json")
+    assert run()["baselines"] == first["baselines"] and len(built) == 3
+    # Other settings: another entry.
+    other = tiny_recipe({"eval.baselines": True, "eval.k": 3})
+    pipeline.evaluate(
+        compact, other, tmp_path / "eval.json", progress=False, baselines=True
+    )
+    assert len(list((tmp_path / "cache" / "baselines").glob("*.json"))) == 2
+    # Cache turned off: nothing read or written.
+    monkeypatch.setenv(baseline_cache.CACHE_ENV, "off")
+    assert "(cache off)" in run()["evaluated"] and len(built) == 5
