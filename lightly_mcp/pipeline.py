@@ -43,7 +43,7 @@ from lightly_mcp.evaluation import evaluate_backbone, raw_pixel_baseline
 from lightly_mcp.export import compact_from_checkpoint, export
 from lightly_mcp.files import write_json_atomic
 from lightly_mcp.loading import module_from_checkpoint
-from lightly_mcp.mcp import MCP
+from lightly_mcp.mcp import LEGACY_HPARAMS, MCP
 from lightly_mcp.moco_v2 import MoCoV2
 from lightly_mcp.recipe import Recipe, RecipeError, dump_recipe
 from lightly_mcp.report import write_plots
@@ -150,6 +150,8 @@ def _check_resume_settings(
     if not isinstance(old, dict):
         return
     new = dict(model.hparams)
+    if isinstance(model, MCP):  # settings an older checkpoint was trained with
+        old = {**LEGACY_HPARAMS, **old}
     differing = [
         key
         for key in sorted(set(old) & set(new))

@@ -107,8 +107,10 @@ class MCPSection(StageSchedule):
 
     Attributes:
         pruning_ratio: Fraction of channels removed in every group.
+        round_to: Hardware-aligned pruning: every group keeps a multiple of this many
+            channels, chosen in the mask during training (1: exactly the ratio's).
         target_params: Instead of ``pruning_ratio``: fraction of parameters to remove
-            (the uniform ratio is solved by bisection).
+            (the uniform ratio is solved by bisection, with the aligned counts).
         rho_response: Derive ρ per block so that θ_q moves this far towards Z − U
             (``ρ·Σlr/(1 − momentum)``; ≥ 1 lets the mask settle); ``rho`` is then
             ignored. See ``lightly_mcp.schedule``.
@@ -127,6 +129,7 @@ class MCPSection(StageSchedule):
     """
 
     pruning_ratio: float | None = 0.73
+    round_to: int = 8
     target_params: float | None = None
     rho: float = 0.01
     rho_growth: float = 1.0
