@@ -203,10 +203,16 @@ class ChannelGroup:
         With tied channels, that count of units: ``unit_size * max(1, U - floor(r
         * U))``. With ``round_to``, that count aligned to a multiple of
         ``lcm(unit_size, round_to)`` by :func:`align_kept_channels` (hardware-aligned
-        pruning: whole units, channel counts the kernels of a runtime are fast on).
+        pruning: whole units, channel counts the kernels of a runtime are fast on);
+        where that multiple is the whole group or more, the unaligned count.
         """
         kept = self.unit_size * num_kept_channels(self.num_units, pruning_ratio)
         step = math.lcm(self.unit_size, validate_round_to(round_to))
+        if step > round_to and step >= self.num_channels:
+            # Whole units leave no aligned count below the group's size (a grouped
+            # convolution of 3 convolution groups: multiples of 24 in 24 channels):
+            # the requested count, unaligned, rather than no pruning at all.
+            return kept
         return align_kept_channels(self.num_channels, kept, step)
 
     def unit_of_channel(self) -> Tensor:

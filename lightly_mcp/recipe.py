@@ -149,7 +149,13 @@ class MCPSection(StageSchedule):
 
 @dataclass
 class ExportSection:
-    """Compact export (see ``lightly_mcp.export``)."""
+    """Compact export (see ``lightly_mcp.export``).
+
+    Attributes:
+        round_to: Widen the trained masks to multiples of this after training (adds
+            back channels MCP removed; ``mcp.round_to`` chooses aligned counts in
+            training instead, so this is rarely needed). None: as trained.
+    """
 
     round_to: int | None = None
     recalibrate_bn: bool = False
