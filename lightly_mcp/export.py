@@ -569,6 +569,7 @@ def _build(
         bn_folded={"dense": dense_folded, "compact": compact_folded},
         forms_not_timed=not_timed,
         alignment=alignment,
+        aligned_to=int(model.hparams.get("round_to", 1)),
     )
 
 

@@ -154,6 +154,7 @@ def test_compact_export_matches_subnet_and_formats(
     )
     assert report["bn_recalibrated"] is False
     assert report["round_to"] is None
+    assert report["aligned_to"] == 8  # MCP chose multiples of 8: no widening
     assert report["checkpoint"] == str(checkpoints[backbone])
     assert report["threads"] == torch.get_num_threads()
     assert report["torch_version"] == torch.__version__
