@@ -313,16 +313,19 @@ def test_aligned_projection_keeps_multiples_within_the_parameter_budget(
     removed = 1 - count_parameters(small) / count_parameters(net)
     assert abs(removed - requested) < 0.015, (removed, requested)
     assert removed == removed_fraction(net, groups, ratio, "params", 16, example, 8)
-    # The masked subnet is the compact network, in train and eval mode.
-    subnet = MomentumSubnet(net, groups, admm.group_masks)
-    x = torch.randn(4, 3, 16, 16)
+    # The masked subnet is the compact network, in train and eval mode (float64:
+    # train-mode BatchNorm over 4 small maps is ill-conditioned).
+    net64 = copy.deepcopy(net).double()
+    subnet = MomentumSubnet(net64, groups, admm.group_masks)
+    small = compact(net64, groups, admm.group_masks, example.double())
+    x = torch.randn(4, 3, 16, 16, dtype=torch.float64)
     for train in (False, True):
         subnet.train(train)
         small.train(train)
         with torch.no_grad():
             masked, pruned = subnet(x), small(x)
         scale = float(masked.abs().max())
-        assert float((masked - pruned).abs().max()) <= 1e-4 * scale, train
+        assert float((masked - pruned).abs().max()) <= 1e-9 * scale, train
 
 
 def test_aligned_ratio_solved_for_a_parameter_target_meets_it(
