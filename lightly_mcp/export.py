@@ -618,7 +618,8 @@ def _alignment(
             advice = (
                 f"under ONNX Runtime, --round-to {best.bs64} runs batch 64 "
                 f"{gain:.2f}x faster than the trained channel counts ({extra:+.0%} "
-                f"MACs); re-export with it to deploy there"
+                f"MACs); re-export with it to deploy there, or prune with "
+                f"mcp.round_to: {best.bs64} to choose such counts in training"
             )
     return Alignment("onnxruntime", macs, latency, best, advice)
 
