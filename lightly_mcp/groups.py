@@ -302,9 +302,12 @@ def align_kept_channels(num_channels: int, kept: int, multiple: int) -> int:
     multiple of ``multiple`` nearest to the requested count (ties: the larger), never
     fewer than ``multiple`` and never more than ``C``; the whole group (``C``) is
     also a candidate when ``C`` is not a multiple (it is the dense layer's width).
-    Rounding to the nearest count keeps the parameter and MAC budget of the
-    requested counts on average (an exact budget: ``solve_pruning_ratio``). A group
-    smaller than ``multiple`` cannot be aligned and keeps ``kept``.
+    Rounding to the nearest count keeps the parameters close to the requested
+    counts' (MobileNetV2 width 0.5: within 1.2 points of the fraction removed at
+    r = 0.2 to 0.92); MACs less so, since small groups at high resolution cannot go
+    below ``multiple``. A parameter target is met by ``solve_pruning_ratio(...,
+    round_to=...)``. A group smaller than ``multiple`` cannot be aligned and keeps
+    ``kept``.
 
     Args:
         num_channels: Channels ``C`` in the group.
