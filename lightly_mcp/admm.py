@@ -14,7 +14,11 @@ import torch
 from torch import Tensor, nn
 
 from lightly_mcp.errors import InputError
-from lightly_mcp.groups import ChannelGroup, validate_pruning_ratio
+from lightly_mcp.groups import (
+    ChannelGroup,
+    validate_pruning_ratio,
+    validate_round_to,
+)
 from lightly_mcp.masks import (
     GroupMasks,
     masked_tensors,
@@ -27,6 +31,7 @@ def project_onto_channel_budget(
     tensors: Mapping[str, Tensor],
     groups: Sequence[ChannelGroup],
     pruning_ratio: float,
+    round_to: int = 1,
 ) -> tuple[dict[str, Tensor], GroupMasks]:
     """Euclidean projection onto "at most ``n_g`` non-zero channels per group".
 
@@ -39,16 +44,22 @@ def project_onto_channel_budget(
     parameter carrying channels of several groups is zeroed where any of them drops
     a channel.
 
+    With ``round_to``, ``n_g`` is the aligned count of
+    ``ChannelGroup.num_kept(pruning_ratio, round_to)`` (a multiple of ``round_to``
+    where the group allows): the projection onto that set, so every mask of the run
+    keeps hardware-aligned counts.
+
     Args:
         tensors: Parameter-shaped tensors by name (e.g. ``θ_q + U``).
         groups: The channel groups.
         pruning_ratio: Fraction of channels removed in every group.
+        round_to: The channel multiple every group keeps (1: exactly ``n_g``).
 
     Returns:
         ``(projected, masks)``: the projected member tensors by name, and the masks
         of kept channels (:meth:`GroupMasks.top_k`).
     """
-    masks = GroupMasks.top_k(groups, pruning_ratio, tensors)
+    masks = GroupMasks.top_k(groups, pruning_ratio, tensors, round_to)
     return masked_tensors(tensors, groups, masks), masks
 
 
@@ -58,7 +69,8 @@ class ADMMRegularizer(nn.Module):
     The loss is ``(ρ/2) Σ_g ‖θ_g − Z_g + U_g‖²`` over the output-side parameters of
     every channel group. :meth:`update` performs the ADMM step
     ``Z ← Π(θ + U)``, ``U ← U + θ − Z``, ``mask ← support(Z)``, where ``Π`` keeps the
-    ``n_g = max(1, C_g − floor(r·C_g))`` channels of largest norm in every group.
+    ``n_g = max(1, C_g − floor(r·C_g))`` channels of largest norm in every group,
+    aligned to a multiple of ``round_to`` (``ChannelGroup.num_kept``).
     ``Z``, ``U``, the mask, ``ρ`` and the update count are buffers: they are saved in
     ``state_dict()`` and move with the module. The regularizer owns the mask
     (:attr:`group_masks`); the momentum subnet references it.
@@ -76,6 +88,7 @@ class ADMMRegularizer(nn.Module):
         groups: The channel groups (shared with the momentum subnet).
         group_masks: The mask, per group the kept channels (support of ``Z``).
         pruning_ratio: Fraction of channels removed in every group.
+        round_to: The channel multiple every group keeps.
         rho_growth: Factor applied to ρ after every update (1.0 keeps ρ constant).
 
     Examples:
@@ -95,6 +108,7 @@ class ADMMRegularizer(nn.Module):
         pruning_ratio: float,
         rho: float = 0.01,
         rho_growth: float = 1.0,
+        round_to: int = 1,
     ) -> None:
         """Initialises ``Z⁰ = Π(θ⁰)``, ``U⁰ = 0`` from the encoder's current weights.
 
@@ -104,6 +118,8 @@ class ADMMRegularizer(nn.Module):
             pruning_ratio: Fraction of channels removed in every group, in [0, 1).
             rho: ADMM penalty ρ ≥ 0 (0.01 in the paper).
             rho_growth: Factor ≥ 1 multiplying ρ after every update.
+            round_to: Every group keeps a multiple of this many channels where its
+                size allows (``ChannelGroup.num_kept``); 1: exactly ``n_g``.
         """
         super().__init__()
         self.pruning_ratio = validate_pruning_ratio(pruning_ratio)
@@ -115,6 +131,7 @@ class ADMMRegularizer(nn.Module):
             raise InputError("groups must not be empty.")
         self.groups = list(groups)
         self.rho_growth = float(rho_growth)
+        self.round_to = validate_round_to(round_to)
         # A parameter after a concatenation is a member of several groups.
         self.param_names = list(
             dict.fromkeys(name for g in self.groups for name in g.param_names)
@@ -123,7 +140,7 @@ class ADMMRegularizer(nn.Module):
         params = self._parameters_of(encoder)
         with torch.no_grad():
             z, masks = project_onto_channel_budget(
-                params, self.groups, self.pruning_ratio
+                params, self.groups, self.pruning_ratio, self.round_to
             )
         self.rho_value: Tensor
         self.num_updates: Tensor
@@ -285,7 +302,7 @@ class ADMMRegularizer(nn.Module):
         u = self.u()
         shifted = {n: params[n].detach() + u[n] for n in self.param_names}
         z_new, masks_new = project_onto_channel_budget(
-            shifted, self.groups, self.pruning_ratio
+            shifted, self.groups, self.pruning_ratio, self.round_to
         )
         for i, name in enumerate(self.param_names):
             getattr(self, f"z_{i}").copy_(z_new[name])
@@ -306,6 +323,7 @@ class ADMMRegularizer(nn.Module):
         """Summary shown by ``print(module)``."""
         return (
             f"groups={len(self.groups)}, pruning_ratio={self.pruning_ratio}, "
+            f"round_to={self.round_to}, "
             f"rho={self.rho:g}, rho_growth={self.rho_growth:g}"
         )
 

@@ -258,6 +258,7 @@ def mcp_model(recipe: Recipe, dense: Path | None = None) -> MCP:
         "recalibration_batches": m.recalibration_batches,
         "keep_output_dim": m.keep_output_dim,
         "compact_keys": m.compact_keys,
+        "round_to": m.round_to,
         "input_size": recipe.data.input_size,
         "dense_checkpoint": str(dense) if dense is not None else None,
     }

@@ -112,7 +112,8 @@ def _parser() -> argparse.ArgumentParser:
         "--round-to",
         type=int,
         default=None,
-        help="keep channel counts multiples of this (speed)",
+        help="widen the trained channel counts to multiples of this after training "
+        "(adds back pruned channels; MCP's mcp.round_to aligns them in training)",
     )
     p.add_argument("--no-latency", action="store_true", help="skip latency timing")
     p.add_argument(

@@ -598,6 +598,7 @@ def _build(
         bn_folded={"dense": dense_folded, "compact": compact_folded},
         forms_not_timed=not_timed,
         alignment=alignment,
+        aligned_to=int(model.hparams.get("round_to", 1)),
     )
 
 
@@ -609,18 +610,25 @@ def _timed_forms(sides: Mapping[str, NetworkMeasurements]) -> set[str]:
 
 def _alignment(
     model: MCP, compact_model: nn.Module, size: int, repeats: int
-) -> Alignment:
+) -> Alignment | None:
     """The compact model and its widenings to :data:`ALIGNMENT_MULTIPLES` channels,
     timed under ONNX Runtime at the training resolution, with the advice they give.
+    A widening that changes no mask (MCP chose counts aligned to it: its
+    ``round_to``) is not timed; None when none changes any.
 
     Thin layers whose channel counts are multiples of the vector width often run
     faster than narrower unaligned ones (``benchmarks/RESULTS_inference.md``); what
     it buys depends on the runtime, so it is measured, not assumed.
     """
     variants = {"none": compact_model}
+    trained = export_masks(model)
     for multiple in ALIGNMENT_MULTIPLES:
         masks = export_masks(model, multiple)
+        if all(torch.equal(a, b) for a, b in zip(masks, trained)):
+            continue  # the trained counts are multiples already
         variants[str(multiple)] = compact_and_check(model, masks, fold=True).model
+    if len(variants) == 1:
+        return None
     runners = {}
     for name, net in variants.items():
         forms, _ = deployed_forms(net, size, forms=("onnxruntime",))
@@ -639,7 +647,8 @@ def _alignment(
             advice = (
                 f"under ONNX Runtime, --round-to {best.bs64} runs batch 64 "
                 f"{gain:.2f}x faster than the trained channel counts ({extra:+.0%} "
-                f"MACs); re-export with it to deploy there"
+                f"MACs); re-export with it to deploy there, or prune with "
+                f"mcp.round_to: {best.bs64} to choose such counts in training"
             )
     return Alignment("onnxruntime", macs, latency, best, advice)
 

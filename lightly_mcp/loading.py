@@ -23,7 +23,7 @@ from lightly_mcp.checkpoints import (
     read_checkpoint,
 )
 from lightly_mcp.errors import CheckpointError, ExportError, describe_error
-from lightly_mcp.mcp import MCP
+from lightly_mcp.mcp import LEGACY_HPARAMS, MCP
 from lightly_mcp.moco_v2 import MoCoV2
 
 
@@ -111,6 +111,7 @@ def _rebuild(cls: type[MoCoV2], data: dict[str, Any], path: str | Path) -> MoCoV
     kwargs = dict(hparams)
     if cls is MCP:
         kwargs["dense_checkpoint"] = None
+        kwargs = {**LEGACY_HPARAMS, **kwargs}
     else:
         kwargs.pop("dense_checkpoint", None)
     check_finite_weights(data["state_dict"], path)

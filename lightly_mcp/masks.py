@@ -23,8 +23,12 @@ from typing import Any, TypeAlias
 import torch
 from torch import Tensor, nn
 
-from lightly_mcp.errors import InputError
-from lightly_mcp.groups import ChannelGroup, channel_scores, member_mask
+from lightly_mcp.groups import (
+    ChannelGroup,
+    channel_scores,
+    member_mask,
+    validate_round_to,
+)
 
 #: The attribute under which a module holds the masks it owns (:func:`register_masks`).
 MASKS_ATTRIBUTE = "group_masks"
@@ -105,19 +109,21 @@ class GroupMasks(nn.Module):
 
     @classmethod
     def leading(
-        cls, groups: Sequence[ChannelGroup], pruning_ratio: float
+        cls, groups: Sequence[ChannelGroup], pruning_ratio: float, round_to: int = 1
     ) -> GroupMasks:
         """Masks keeping the first ``n_g`` channels (units) of every group.
 
         Parameter and MAC counts depend only on how many channels each group keeps,
         so these masks give the compact architecture of any mask at
-        ``pruning_ratio``.
+        ``pruning_ratio`` and ``round_to`` (``ChannelGroup.num_kept``).
         """
         return cls(
             groups,
             [
                 group.mask_of_units(
-                    torch.arange(group.num_kept(pruning_ratio) // group.unit_size)
+                    torch.arange(
+                        group.num_kept(pruning_ratio, round_to) // group.unit_size
+                    )
                 )
                 for group in groups
             ],
@@ -125,18 +131,22 @@ class GroupMasks(nn.Module):
 
     @classmethod
     def random(
-        cls, groups: Sequence[ChannelGroup], pruning_ratio: float, seed: int = 0
+        cls,
+        groups: Sequence[ChannelGroup],
+        pruning_ratio: float,
+        seed: int = 0,
+        round_to: int = 1,
     ) -> GroupMasks:
         """Masks keeping ``n_g`` channels (units) of every group chosen at random.
 
         One ``torch.Generator`` seeded with ``seed`` draws a permutation per group,
-        in group order.
+        in group order. ``n_g`` is ``ChannelGroup.num_kept(pruning_ratio, round_to)``.
         """
         generator = torch.Generator().manual_seed(seed)
         masks = []
         for group in groups:
             order = torch.randperm(group.num_units, generator=generator)
-            kept = group.num_kept(pruning_ratio) // group.unit_size
+            kept = group.num_kept(pruning_ratio, round_to) // group.unit_size
             masks.append(group.mask_of_units(order[:kept]))
         return cls(groups, masks)
 
@@ -146,6 +156,7 @@ class GroupMasks(nn.Module):
         groups: Sequence[ChannelGroup],
         pruning_ratio: float,
         tensors: Mapping[str, Tensor],
+        round_to: int = 1,
     ) -> GroupMasks:
         """Masks keeping the ``n_g`` channels of largest L2 norm in every group.
 
@@ -158,12 +169,15 @@ class GroupMasks(nn.Module):
             groups: The channel groups.
             pruning_ratio: Fraction of channels removed in every group.
             tensors: Parameter-shaped tensors by name (e.g. ``named_parameters()``).
+            round_to: Keep a multiple of this many channels per group
+                (``ChannelGroup.num_kept``; 1: exactly ``n_g``).
         """
         return cls(
             groups,
             [
                 group.top_mask(
-                    channel_scores(tensors, group), group.num_kept(pruning_ratio)
+                    channel_scores(tensors, group),
+                    group.num_kept(pruning_ratio, round_to),
                 )
                 for group in groups
             ],
@@ -171,7 +185,8 @@ class GroupMasks(nn.Module):
 
     def rounded(self, encoder: nn.Module, round_to: int) -> GroupMasks:
         """These masks widened so that every group keeps a multiple of ``round_to``
-        channels (on the CPU; see :func:`round_masks`).
+        channels (on the CPU; see :func:`round_masks`). Masks chosen aligned
+        (``round_to`` of the constructors, MCP's ``round_to``) need no widening.
         """
         return GroupMasks(
             self.groups, round_masks(encoder, self.groups, self, round_to)
@@ -406,7 +421,9 @@ def round_masks(
 ) -> list[Tensor]:
     """Widens masks so that every group keeps a multiple of ``round_to`` channels.
 
-    Per group, the kept count is rounded up to the next multiple of ``round_to``
+    After training, this adds back channels the training removed; MCP chooses
+    aligned counts in the mask itself (its ``round_to``), which this leaves as they
+    are. Per group, the kept count is rounded up to the next multiple of ``round_to``
     (capped at the group's size); the extra channels are the dropped ones with the
     highest L2 norm over the group's members in ``encoder`` (as
     :func:`lightly_mcp.groups.channel_scores`). Kept channels stay kept.
@@ -421,8 +438,7 @@ def round_masks(
     Returns:
         New boolean masks on the CPU (the inputs are not modified).
     """
-    if isinstance(round_to, bool) or not (isinstance(round_to, int) and round_to >= 1):
-        raise InputError(f"round_to must be an integer >= 1, got {round_to!r}.")
+    validate_round_to(round_to)
     params = dict(encoder.named_parameters())
     widened = []
     for group, mask in zip(groups, masks):

@@ -49,6 +49,10 @@ from lightly_mcp.schedule import (
 from lightly_mcp.transforms import build_transform
 from lightly_mcp.transition import SmoothTransition
 
+#: MCP hyper-parameters added after the first checkpoints, and the value a checkpoint
+#: without them was trained with (rebuilding or resuming it keeps that value).
+LEGACY_HPARAMS: dict[str, Any] = {"round_to": 1}
+
 
 class MCP(MoCoV2):
     """Momentum Contrastive Pruning on top of :class:`MoCoV2`.
@@ -68,6 +72,12 @@ class MCP(MoCoV2):
 
     Args:
         pruning_ratio: Fraction of channels removed in every group, in [0, 1).
+        round_to: Hardware-aligned pruning: every group keeps a multiple of this many
+            channels (the count nearest to ``n_g``, at least ``round_to``, at most the
+            group; a group smaller than ``round_to`` keeps ``n_g``; tied channels stay
+            whole units: ``lightly_mcp.groups.align_kept_channels``). The ADMM
+            projection, hence every mask, the momentum subnet and the compact model
+            keep these counts: nothing is widened after training. 1: exactly ``n_g``.
         rho: ADMM penalty ρ (0.01 in the paper); ignored when ``rho_response`` is set.
         rho_growth: Factor applied to ρ after every ADMM update (U is rescaled).
         rho_response: Derive ρ for every block from the learning-rate schedule and
@@ -109,7 +119,8 @@ class MCP(MoCoV2):
             encoders, heads, and the queue when present); from scratch if None.
         target_params: Instead of ``pruning_ratio`` (which it replaces): the
             fraction of the backbone's parameters to remove. The uniform ratio is
-            solved on this model's backbone and channel groups
+            solved on this model's backbone and channel groups, with the aligned
+            counts of ``round_to``
             (``solve_pruning_ratio``) and recorded as the ``pruning_ratio``
             hyper-parameter, so that a checkpoint rebuilds without solving again.
         **moco_kwargs: Arguments of :class:`MoCoV2` (backbone, temperature, ...).
@@ -126,6 +137,7 @@ class MCP(MoCoV2):
     def __init__(
         self,
         pruning_ratio: float = 0.73,
+        round_to: int = 8,
         rho: float = 0.01,
         rho_growth: float = 1.0,
         rho_response: float | None = None,
@@ -161,6 +173,7 @@ class MCP(MoCoV2):
                 "rho_growth": rho_growth,
                 "rho_response": rho_response,
                 "compact_keys": compact_keys,
+                "round_to": round_to,
             }
         )
         if rho_response is not None:
@@ -183,10 +196,16 @@ class MCP(MoCoV2):
                 "params",
                 input_size,
                 example_inputs,
+                round_to=round_to,
             )
             self.hparams["pruning_ratio"] = pruning_ratio
         self.admm = ADMMRegularizer(
-            self.backbone, self.groups, pruning_ratio, rho=rho, rho_growth=rho_growth
+            self.backbone,
+            self.groups,
+            pruning_ratio,
+            rho=rho,
+            rho_growth=rho_growth,
+            round_to=round_to,
         )
         # The subnet references the regularizer's mask: one mask, saved once.
         self.subnet = MomentumSubnet(
@@ -196,8 +215,8 @@ class MCP(MoCoV2):
             compact_keys=compact_keys,
         )
         self.transition = SmoothTransition(frq, dr)
-        # Every mask keeps exactly n_g channels per group, so the compact size is
-        # fixed by the ratio: count it once.
+        # Every mask keeps exactly n_g channels per group (aligned to round_to), so
+        # the compact size is fixed by the ratio: count it once.
         self.kept_parameter_fraction = count_parameters(
             compact(
                 self.backbone_momentum,

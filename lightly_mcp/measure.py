@@ -91,6 +91,7 @@ def measure_latency(
     input_shape: Sequence[int],
     repeats: int = 20,
     warmup: int = WARMUP_RUNS,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> dict[str, float]:
     """Median latency in milliseconds of several models, timed interleaved.
 
@@ -105,6 +106,10 @@ def measure_latency(
         input_shape: Shape of the input batch, e.g. ``(1, 3, 224, 224)``.
         repeats: Timed runs per model, >= 1.
         warmup: Untimed runs per model before timing.
+        clock: Seconds now (wall time). ``time.thread_time`` measures the calling
+            thread's CPU time instead: with one thread (PyTorch's and ONNX
+            Runtime's), the work of a run without the time other processes take
+            the core, for comparisons on a shared machine.
 
     Returns:
         Per model name, the median latency in milliseconds.
@@ -121,7 +126,7 @@ def measure_latency(
                 model(x)
         for _ in range(repeats):
             for name, model in models.items():
-                start = time.perf_counter()
+                start = clock()
                 model(x)
-                times[name].append(1000.0 * (time.perf_counter() - start))
+                times[name].append(1000.0 * (clock() - start))
     return {name: statistics.median(values) for name, values in times.items()}

@@ -35,6 +35,7 @@ INTEGER_OPTIONS = {
     "admm_interval": 1,
     "frozen_blocks": 0,
     "recalibration_batches": 0,
+    "round_to": 1,
 }
 
 #: Options that are true or false.
@@ -58,7 +59,7 @@ def check_mcp_options(
         options: Option values by name (``frq``, ``dr``, ``admm_interval``,
             ``frozen_blocks``, ``recalibration_batches``, ``admm_interval_unit``,
             ``lr_schedule``, ``frozen_mask``, ``transition``, ``rho``,
-            ``rho_growth``, ``rho_response``, ``compact_keys``).
+            ``rho_growth``, ``rho_response``, ``compact_keys``, ``round_to``).
         qualify: How a message names an option (e.g. ``'mcp.frq'`` in a recipe).
 
     Raises:

@@ -52,7 +52,7 @@ from lightly_mcp.export import compact_from_checkpoint, export
 from lightly_mcp.files import write_json_atomic
 from lightly_mcp.loading import module_from_checkpoint
 from lightly_mcp.masks import round_masks
-from lightly_mcp.mcp import MCP
+from lightly_mcp.mcp import LEGACY_HPARAMS, MCP
 from lightly_mcp.moco_v2 import MoCoV2
 from lightly_mcp.model_files import (
     TRUST_FLAG,
@@ -201,6 +201,8 @@ def _check_resume_settings(
     if not isinstance(old, dict):
         return
     new = dict(model.hparams)
+    if isinstance(model, MCP):  # settings an older checkpoint was trained with
+        old = {**LEGACY_HPARAMS, **old}
     differing = [
         key
         for key in sorted(set(old) & set(new))

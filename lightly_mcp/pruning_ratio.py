@@ -22,14 +22,16 @@ def removed_fraction(
     metric: str = "params",
     input_size: int = 32,
     example_inputs: Tensor | None = None,
+    round_to: int = 1,
 ) -> float:
     """Fraction of parameters or MACs removed when every group drops ``r`` of its
-    channels (which channels does not matter for the count).
+    channels, its kept count aligned to ``round_to`` (``ChannelGroup.num_kept``;
+    which channels does not matter for the count).
     """
     if metric not in METRICS:
         raise InputError(f"metric must be one of {METRICS}, got {metric!r}.")
     small = compact(
-        encoder, groups, leading_masks(groups, pruning_ratio), example_inputs
+        encoder, groups, leading_masks(groups, pruning_ratio, round_to), example_inputs
     )
     if metric == "params":
         return 1.0 - count_parameters(small) / count_parameters(encoder)
@@ -44,10 +46,13 @@ def solve_pruning_ratio(
     input_size: int = 32,
     example_inputs: Tensor | None = None,
     tolerance: float = 1e-3,
+    round_to: int = 1,
 ) -> float:
     """Smallest uniform ratio ``r`` that removes at least ``target`` of the params/MACs.
 
-    Solved by bisection over ``r ∈ [0, 1)``; the removed fraction grows with ``r``.
+    Solved by bisection over ``r ∈ [0, 1)``; the removed fraction grows with ``r``
+    (also with aligned counts, a step function of ``r``: the solution removes at
+    least ``target``, possibly a step more).
 
     Args:
         encoder: The dense encoder.
@@ -57,6 +62,7 @@ def solve_pruning_ratio(
         input_size: Image size at which MACs are counted.
         example_inputs: Batch for tracing (see ``find_channel_groups``).
         tolerance: Width of the final bisection interval in ``r``.
+        round_to: The channel multiple every group keeps (``ChannelGroup.num_kept``).
 
     Raises:
         ValueError: If the target cannot be reached by pruning the groups (e.g. it
@@ -66,14 +72,17 @@ def solve_pruning_ratio(
         raise InputError(f"target must be in (0, 1), got {target}.")
 
     def removed(r: float) -> float:
-        return removed_fraction(encoder, groups, r, metric, input_size, example_inputs)
+        return removed_fraction(
+            encoder, groups, r, metric, input_size, example_inputs, round_to
+        )
 
     high = 1.0 - 1e-6
     reachable = removed(high)
     if reachable < target:
+        fewest = "one channel" if round_to == 1 else f"{round_to} channels (round_to)"
         raise InputError(
             f"Cannot remove {target:.1%} of the {metric}: pruning every group down to "
-            f"one channel removes only {reachable:.1%} (unprunable layers remain). "
+            f"{fewest} removes only {reachable:.1%} (unprunable layers remain). "
             "Choose a smaller target."
         )
     low = 0.0

@@ -120,8 +120,10 @@ class MCPSection(StageSchedule):
 
     Attributes:
         pruning_ratio: Fraction of channels removed in every group.
+        round_to: Hardware-aligned pruning: every group keeps a multiple of this many
+            channels, chosen in the mask during training (1: exactly the ratio's).
         target_params: Instead of ``pruning_ratio``: fraction of parameters to remove
-            (the uniform ratio is solved by bisection).
+            (the uniform ratio is solved by bisection, with the aligned counts).
         rho_response: Derive ρ per block so that θ_q moves this far towards Z − U
             (``ρ·Σlr/(1 − momentum)``; ≥ 1 lets the mask settle); ``rho`` is then
             ignored. See ``lightly_mcp.schedule``.
@@ -140,6 +142,7 @@ class MCPSection(StageSchedule):
     """
 
     pruning_ratio: float | None = 0.73
+    round_to: int = 8
     target_params: float | None = None
     rho: float = 0.01
     rho_growth: float = 1.0
@@ -159,7 +162,13 @@ class MCPSection(StageSchedule):
 
 @dataclass
 class ExportSection:
-    """Compact export (see ``lightly_mcp.export``)."""
+    """Compact export (see ``lightly_mcp.export``).
+
+    Attributes:
+        round_to: Widen the trained masks to multiples of this after training (adds
+            back channels MCP removed; ``mcp.round_to`` chooses aligned counts in
+            training instead, so this is rarely needed). None: as trained.
+    """
 
     round_to: int | None = None
     recalibrate_bn: bool = False

@@ -184,6 +184,8 @@ class ExportReport:
             Runtime (when timed, without ``round_to``, and ONNX Runtime runs).
         round_to: The channel multiple the masks were widened to, if any.
         checkpoint: The MCP checkpoint exported.
+        aligned_to: MCP's ``round_to``: the multiple the trained channel counts were
+            chosen as (1: exactly the ratio's counts).
     """
 
     backbone: str
@@ -207,6 +209,7 @@ class ExportReport:
     bn_folded: dict[str, int] = field(default_factory=dict)
     forms_not_timed: dict[str, str] = field(default_factory=dict)
     alignment: Alignment | None = None
+    aligned_to: int = 1
 
     @property
     def macs_ratio(self) -> float:
@@ -240,6 +243,7 @@ class ExportReport:
             "files": self.files.to_dict(),
             "bn_recalibrated": self.bn_recalibrated,
             "round_to": self.round_to,
+            "aligned_to": self.aligned_to,
             "checkpoint": self.checkpoint,
             "bn_folded": dict(self.bn_folded),
             "forms_not_timed": dict(self.forms_not_timed),
@@ -257,8 +261,12 @@ def export_summary_table(report: ExportReport, deploy_resolution: int) -> Table:
     """
     size = report.resolution
     dense, comp, speed = report.dense, report.compact, report.speedup
+    aligned = (
+        f", channels multiples of {report.aligned_to}" if report.aligned_to > 1 else ""
+    )
     table = Table(
-        title=f"MCP export: {report.backbone} (pruning ratio {report.pruning_ratio:g})"
+        title=f"MCP export: {report.backbone} (pruning ratio "
+        f"{report.pruning_ratio:g}{aligned})"
     )
     table.add_column("")
     table.add_column("dense", justify="right")

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import copy
 import itertools
 
 import pytest
@@ -7,12 +8,14 @@ import torch
 from torch import nn
 
 from lightly_mcp.admm import ADMMRegularizer, project_onto_channel_budget
+from lightly_mcp.backbones import build_backbone
 from lightly_mcp.compaction import compact
 from lightly_mcp.groups import ChannelGroup, channel_scores
-from lightly_mcp.masks import parameter_multipliers
+from lightly_mcp.masks import GroupMasks, parameter_multipliers
 from lightly_mcp.measure import count_parameters
 from lightly_mcp.momentum_subnet import MomentumSubnet
 from lightly_mcp.prunable_groups import find_channel_groups
+from lightly_mcp.pruning_ratio import removed_fraction, solve_pruning_ratio
 from tests.conftest import (
     ConcatNet,
     GroupedConvNet,
@@ -272,3 +275,67 @@ def test_projection_with_tied_channels_and_shared_parameters_is_exact(
         masked_out, compact_out = subnet(x), small(x)
     assert (masked_out - compact_out).abs().max() <= 1e-10 * masked_out.abs().max()
     assert count_parameters(small) < count_parameters(encoder)
+
+
+@pytest.fixture(scope="module")
+def mobilenet_v2() -> tuple[nn.Module, list[ChannelGroup]]:
+    """The quickstart's backbone (MobileNetV2 width 0.5, small-input stem), at 16 px."""
+    torch.manual_seed(0)
+    net = build_backbone(
+        "torchvision/mobilenet_v2", small_input=True, width_multiplier=0.5
+    )
+    return net, find_channel_groups(net, torch.randn(1, 3, 16, 16))
+
+
+@pytest.mark.parametrize("ratio", [0.2, 0.5, 0.76])
+def test_aligned_projection_keeps_multiples_within_the_parameter_budget(
+    mobilenet_v2: tuple[nn.Module, list[ChannelGroup]], ratio: float
+) -> None:
+    net, groups = mobilenet_v2
+    example = torch.randn(1, 3, 16, 16)
+    admm = ADMMRegularizer(net, groups, ratio, rho=1.0, round_to=8)
+    with torch.no_grad():  # a θ far from Z: the update projects anew
+        theta = {n: p + torch.randn_like(p) for n, p in net.named_parameters()}
+    moved = copy.deepcopy(net)
+    moved.load_state_dict(theta, strict=False)
+    admm.update(moved)
+    assert all(g.num_channels >= 8 for g in groups)
+    for masks in (admm.group_masks, GroupMasks.leading(groups, ratio, 8)):
+        kept = masks.kept_channels()
+        assert all(k % 8 == 0 for k in kept), kept
+        # The nearest multiple (at most half a step from n_g), or 8 at the least.
+        assert all(
+            abs(k - g.num_kept(ratio)) <= 4 or k == 8 for k, g in zip(kept, groups)
+        )
+    # The removed parameters stay within 1.5 points of the unaligned ratio's.
+    requested = removed_fraction(net, groups, ratio, "params", 16, example)
+    small = compact(net, groups, admm.group_masks, example)
+    removed = 1 - count_parameters(small) / count_parameters(net)
+    assert abs(removed - requested) < 0.015, (removed, requested)
+    assert removed == removed_fraction(net, groups, ratio, "params", 16, example, 8)
+    # The masked subnet is the compact network, in train and eval mode (float64:
+    # train-mode BatchNorm over 4 small maps is ill-conditioned).
+    net64 = copy.deepcopy(net).double()
+    subnet = MomentumSubnet(net64, groups, admm.group_masks)
+    small = compact(net64, groups, admm.group_masks, example.double())
+    x = torch.randn(4, 3, 16, 16, dtype=torch.float64)
+    for train in (False, True):
+        subnet.train(train)
+        small.train(train)
+        with torch.no_grad():
+            masked, pruned = subnet(x), small(x)
+        scale = float(masked.abs().max())
+        assert float((masked - pruned).abs().max()) <= 1e-9 * scale, train
+
+
+def test_aligned_ratio_solved_for_a_parameter_target_meets_it(
+    mobilenet_v2: tuple[nn.Module, list[ChannelGroup]],
+) -> None:
+    net, groups = mobilenet_v2
+    example = torch.randn(1, 3, 16, 16)
+    ratio = solve_pruning_ratio(
+        net, groups, 0.6, "params", 16, example, tolerance=0.01, round_to=8
+    )
+    removed = removed_fraction(net, groups, ratio, "params", 16, example, 8)
+    assert 0.6 <= removed < 0.63
+    assert all(g.num_kept(ratio, 8) % 8 == 0 for g in groups)

@@ -10,6 +10,7 @@ split, SE/attention-gated, re-parameterisable.
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 
@@ -184,7 +185,18 @@ def test_mcp_builds_on_a_grouped_backbone_with_whole_units() -> None:
     assert tied
     for group, mask in zip(model.groups, model.admm.masks):
         assert not group.splits_units(mask)
+        assert int(mask.sum()) == group.num_kept(0.5, 8)  # MCP's round_to
     assert model.kept_parameter_fraction < 0.6
+    # Where whole units leave no multiple of 8 below the group's size (units of 3:
+    # multiples of 24 in a group of 24), the group keeps n_g, unaligned, not all.
+    odd = [
+        (g, m)
+        for g, m in zip(model.groups, model.admm.masks)
+        if g.unit_size % 8 and math.lcm(g.unit_size, 8) >= g.num_channels
+    ]
+    assert odd
+    for group, mask in odd:
+        assert int(mask.sum()) == group.num_kept(0.5) < group.num_channels
 
 
 def test_refusals_name_backbones_the_zoo_checks() -> None:

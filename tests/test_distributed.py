@@ -42,6 +42,11 @@ def test_ddp_ranks_agree_and_match_one_process(tmp_path: Path) -> None:
         assert torch.equal(a, b)
     for a, b in zip(rank0["subnet_masks"], rank1["subnet_masks"], strict=True):
         assert torch.equal(a, b)
+    # Hardware-aligned counts (round_to 8 at r = 0.3, where n_g is not aligned).
+    kept = [int(m.sum()) for m in rank0["masks"]]
+    assert all(k % 8 == 0 for k in kept) and kept != [
+        int(m.numel()) - int(0.3 * m.numel()) for m in rank0["masks"]
+    ], kept
     for name in rank0["z"]:
         assert torch.equal(rank0["z"][name], rank1["z"][name]), name
         assert torch.equal(rank0["u"][name], rank1["u"][name]), name

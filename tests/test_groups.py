@@ -10,9 +10,11 @@ import torchvision
 from torch import nn
 
 from lightly_mcp.backbones import build_backbone
+from lightly_mcp.errors import InputError
 from lightly_mcp.groups import (
     NoPrunableGroupsError,
     UnsupportedBackboneError,
+    align_kept_channels,
     call_with_time_limit,
     num_kept_channels,
 )
@@ -147,6 +149,42 @@ def test_num_kept_channels(channels: int, ratio: float, expected: int) -> None:
 def test_invalid_ratio_names_argument_and_range(ratio: float) -> None:
     with pytest.raises(ValueError, match=r"pruning_ratio must be in \[0, 1\)"):
         num_kept_channels(10, ratio)
+
+
+@pytest.mark.parametrize(
+    "channels, kept, multiple, expected",
+    [
+        (192, 154, 8, 152),  # the nearest multiple
+        (192, 156, 8, 160),  # a tie: the larger
+        (16, 13, 8, 16),  # never above the group
+        (16, 3, 8, 8),  # never below the multiple
+        (8, 4, 8, 8),
+        (20, 18, 8, 20),  # the whole group when it is not a multiple
+        (20, 13, 8, 16),
+        (4, 2, 8, 2),  # smaller than the multiple: as requested
+        (10, 7, 1, 7),  # no alignment
+    ],
+)
+def test_align_kept_channels_rule(
+    channels: int, kept: int, multiple: int, expected: int
+) -> None:
+    assert align_kept_channels(channels, kept, multiple) == expected
+
+
+def test_num_kept_aligns_whole_units_and_checks_round_to() -> None:
+    groups = find_channel_groups(GroupedConvNet(), randn_8())
+    for group in groups:  # 8 channels, units of 2
+        assert group.num_kept(0.5, 1) == group.num_kept(0.5) == 4
+        assert group.num_kept(0.3, 4) == 8  # 6 requested: 4 and 8 tie
+        assert group.num_kept(0.5, 3) == 6  # multiples of lcm(2, 3) = 6
+        assert group.num_kept(0.7, 8) == 8  # never below round_to
+        # A group smaller than round_to cannot be aligned: the requested count.
+        assert group.num_kept(0.5, 16) == 4
+    for bad in (0, -8, 2.5, True):
+        with pytest.raises(
+            InputError, match=r"round_to must be an integer >= 1 \(1: no alignment\)"
+        ):
+            groups[0].num_kept(0.5, bad)  # type: ignore[arg-type]
 
 
 def test_masked_tensors_zero_exactly_dropped_channels(tiny_net: nn.Module) -> None:

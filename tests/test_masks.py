@@ -244,3 +244,33 @@ def test_mcp_saves_the_masks_once_and_loads_the_old_layout() -> None:
         assert torch.equal(a, b)
     with torch.no_grad():
         assert torch.equal(rebuilt.subnet(x), model.subnet(x))
+
+    # A checkpoint from before round_to rebuilds with the counts it was trained
+    # with (round_to 1), not MCP's default.
+    del data["hyper_parameters"]["round_to"]
+    legacy = module_from_checkpoint(data, "old.ckpt")
+    assert isinstance(legacy, MCP)
+    assert legacy.hparams["round_to"] == 1 and legacy.admm.round_to == 1
+
+
+@pytest.mark.parametrize("round_to", [3, 4])
+def test_aligned_masks_keep_whole_units_and_compact_exactly(round_to: int) -> None:
+    # Units of 2 tied channels in groups of 8: multiples of lcm(2, round_to).
+    torch.manual_seed(0)
+    net = GroupedConvNet().eval()
+    groups = _groups(net)
+    params = dict(net.named_parameters())
+    step = 6 if round_to == 3 else 4
+    for masks in (
+        GroupMasks.leading(groups, 0.5, round_to),
+        GroupMasks.random(groups, 0.5, seed=1, round_to=round_to),
+        GroupMasks.top_k(groups, 0.5, params, round_to),
+        project_onto_channel_budget(params, groups, 0.5, round_to)[1],
+    ):
+        assert masks.kept_channels() == [step] * len(groups)  # nearest to 4
+        masks.check_compactable()  # whole units
+        small = compact(net, groups, masks, EXAMPLE)
+        subnet = MomentumSubnet(net, groups, masks)
+        x = torch.randn(2, *EXAMPLE.shape[1:])
+        with torch.no_grad():
+            assert torch.allclose(small(x), subnet(x), atol=1e-5)

@@ -100,6 +100,18 @@ def test_measure_latency_times_every_model_interleaved() -> None:
     assert order == ["a", "b"] + ["a", "b"] * 3
 
 
+def test_measure_latency_reads_the_given_clock() -> None:
+    ticks = iter(range(100))  # one second per reading
+
+    def clock() -> float:
+        return float(next(ticks))
+
+    models = {"a": nn.Identity(), "b": nn.Identity()}
+    times = measure_latency(models, (1, 2), repeats=3, warmup=0, clock=clock)
+    assert times == {"a": 1000.0, "b": 1000.0}
+    assert next(ticks) == 12  # two readings per run, 3 repeats of 2 models
+
+
 def test_counting() -> None:
     conv = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, bias=False))
     assert count_parameters(conv) == 108

@@ -364,8 +364,12 @@ def mcp_builder(
     rho_scale: float | None = None,
     transition: tuple[int, int] | None = None,
     frozen_mask: str | None = None,
+    round_to: int = 1,
 ) -> Callable[[Context], LightningModule]:
     """An MCP row with the recipe's schedule (``mcp`` section).
+
+    ``round_to``: 1 (exactly ``n_g`` channels per group, as the baselines keep and
+    the recorded rows were trained; equal budgets), or MCP's aligned counts.
 
     ``rho_scale``: a fixed ρ of ``rho_scale`` × the derived ρ (the ρ ablation).
     ``transition``: the paper's (frq, dr) transition instead of the recipe's; (100, 1)
@@ -377,6 +381,7 @@ def mcp_builder(
             "pruning_ratio": ratio,
             "target_params": None,
             "keep_output_dim": False,
+            "round_to": round_to,
         }
         if frozen_mask is not None:
             options["frozen_mask"] = frozen_mask
