@@ -109,7 +109,7 @@ def read_tensors(
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        if "Weights only load failed" in str(error):
+        if "GLOBAL" in str(error) or "allowlisted" in str(error):  # code to call
             raise refusal(
                 path,
                 "cannot be read safely: unpickling it runs code",
