@@ -42,6 +42,7 @@ from lightly_mcp.errors import StageInterrupted
 from lightly_mcp.evaluation import evaluate_backbone, raw_pixel_baseline
 from lightly_mcp.export import compact_from_checkpoint, export
 from lightly_mcp.files import write_json_atomic
+from lightly_mcp.interrupts import SIGINT_EXIT
 from lightly_mcp.loading import module_from_checkpoint
 from lightly_mcp.mcp import MCP
 from lightly_mcp.moco_v2 import MoCoV2
@@ -59,7 +60,7 @@ def read_json(path: Path) -> Any:
 
 
 def _fit(
-    model: pl.LightningModule,
+    model: MoCoV2,
     recipe: Recipe,
     stage_dir: Path,
     loader: DataLoader,
@@ -68,14 +69,20 @@ def _fit(
     progress: bool,
     keep_every_n_epochs: int = 0,
 ) -> Path:
-    """Fits (resuming from ``last.ckpt``) and saves ``final.ckpt`` atomically.
+    """Fits (resuming from ``last.ckpt``), finishes and saves ``final.ckpt`` atomically.
 
-    Under DDP every rank calls this (Lightning's launcher re-runs the command); only
-    rank 0 writes files, and the ranks wait for its ``final.ckpt`` before going on.
+    The end-of-training work (``model.finish_training``: MCP's BatchNorm
+    recalibration) is done once, also when ``last.ckpt`` had taken every step and
+    Lightning trains no further, so a resumed run ends with the uninterrupted run's
+    model. Under DDP every rank calls this (Lightning's launcher re-runs the
+    command); only rank 0 writes files, and the ranks wait for its ``final.ckpt``
+    before going on.
 
     Raises:
         RecipeError: When the data cannot fill one batch on every device, or the
             stage ended without a training step.
+        StageInterrupted: After a SIGTERM (``last.ckpt`` saved) or Ctrl-C (the last
+            end-of-epoch ``last.ckpt`` kept), with the message saying so.
     """
     pl.seed_everything(recipe.seed, workers=True, verbose=False)
     trainer = trainer_for(
@@ -105,6 +112,14 @@ def _fit(
             f"{trainer.global_step}; saved '{last}'. Run the same command again to "
             "continue."
         ) from None
+    except SystemExit as error:
+        # Lightning turns Ctrl-C into sys.exit(1) after its own cleanup.
+        if not isinstance(error.__context__, KeyboardInterrupt):
+            raise
+        raise StageInterrupted(
+            _ctrl_c_message(stage_dir.name, trainer.global_step, last),
+            exit_code=SIGINT_EXIT,
+        ) from None
     if trainer.global_step == 0:
         raise RecipeError(
             f"stage '{stage_dir.name}' ended without a training step "
@@ -112,6 +127,16 @@ def _fit(
             f"{trainer.world_size} device(s), max_steps {max_steps}); the stage is "
             "not done. Use more data, a smaller batch or fewer devices."
         )
+    if trainer.received_sigterm:
+        # A SIGTERM after the last step (Lightning notes it and trains no further):
+        # last.ckpt holds the finished training.
+        raise StageInterrupted(
+            f"stage '{stage_dir.name}' stopped by SIGTERM at the end of training "
+            f"(step {trainer.global_step}); kept '{last}'. Run the same command again "
+            "to finish it."
+        )
+    # Done already unless Lightning resumed a checkpoint that had taken every step.
+    model.finish_training(loader)
     final = stage_dir / "final.ckpt"
     tmp = stage_dir / ".final.ckpt.tmp"
     trainer.save_checkpoint(str(tmp))  # collective; rank 0 writes the file
@@ -119,6 +144,18 @@ def _fit(
         os.replace(tmp, final)
     trainer.strategy.barrier("final.ckpt")  # the next stage reads it on every rank
     return final
+
+
+def _ctrl_c_message(stage: str, step: int, last: Path) -> str:
+    """What a Ctrl-C during training keeps, and how to continue."""
+    if last.is_file():
+        kept = f"kept its last end-of-epoch checkpoint '{last}'"
+    else:
+        kept = "no checkpoint yet (one is written at every epoch end)"
+    return (
+        f"stage '{stage}' interrupted by Ctrl-C at step {step}; {kept}. Run the same "
+        "command again to continue."
+    )
 
 
 def _check_one_step(
