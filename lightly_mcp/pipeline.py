@@ -139,9 +139,13 @@ def _fit(
     model.finish_training(loader)
     final = stage_dir / "final.ckpt"
     tmp = stage_dir / ".final.ckpt.tmp"
-    trainer.save_checkpoint(str(tmp))  # collective; rank 0 writes the file
-    if trainer.is_global_zero:
-        os.replace(tmp, final)
+    try:
+        trainer.save_checkpoint(str(tmp))  # collective; rank 0 writes the file
+        if trainer.is_global_zero:
+            os.replace(tmp, final)
+    except BaseException:  # e.g. a SIGTERM (Terminated): no half-written file stays
+        tmp.unlink(missing_ok=True)
+        raise
     trainer.strategy.barrier("final.ckpt")  # the next stage reads it on every rank
     return final
 

@@ -24,7 +24,7 @@ from lightly_mcp import pipeline
 from lightly_mcp.checkpoints import read_checkpoint
 from lightly_mcp.cli import main
 from lightly_mcp.errors import StageInterrupted
-from lightly_mcp.export import compact_from_checkpoint
+from lightly_mcp.loading import module_from_checkpoint
 from lightly_mcp.mcp import MCP
 from tests.tiny import tiny_recipe, write_tiny
 
@@ -33,34 +33,47 @@ OVERRIDES = {"mcp.epochs": 2, "mcp.admm_interval": 2}
 step 2 only (none at the end of training)."""
 
 
-class _KeepFirstEpochCheckpoint(Callback):
-    """Copies ``last.ckpt`` as it is after the first epoch (training is unchanged)."""
+class _KeepCheckpoints(Callback):
+    """Keeps ``last.ckpt`` as it is after the first epoch, and a checkpoint of the
+    last epoch's end taken before MCP's end-of-training work (what a version that
+    did the work in ``on_train_end`` wrote as ``last.ckpt``). Training is unchanged.
+    """
 
-    def __init__(self, stage_dir: Path, keep: Path) -> None:
-        self.stage_dir, self.keep = stage_dir, keep
+    def __init__(self, out: Path) -> None:
+        self.out = out
 
     def on_train_epoch_start(self, trainer: pl.Trainer, module: Any) -> None:
         if trainer.current_epoch == 1:
-            shutil.copy(self.stage_dir / "last.ckpt", self.keep)
+            shutil.copy(self.out / "prune" / "last.ckpt", self.out / "first_epoch.ckpt")
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, module: Any) -> None:
+        # Callbacks without a monitor run before the module's own hook.
+        if trainer.current_epoch == 1:
+            trainer.save_checkpoint(self.out / "unfinished.ckpt")
 
 
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """The uninterrupted prune stage's folder, and its ``last.ckpt`` after epoch 1."""
+    """The uninterrupted prune stage's folder and two checkpoints it went through."""
     out = tmp_path_factory.mktemp("straight")
-    first_epoch = out / "first_epoch.ckpt"
     trainer_for = pipeline.trainer_for
 
-    def with_copy(*args: Any, **kwargs: Any) -> pl.Trainer:
+    def keeping(*args: Any, **kwargs: Any) -> pl.Trainer:
         trainer = trainer_for(*args, **kwargs)
-        trainer.callbacks.append(_KeepFirstEpochCheckpoint(out / "prune", first_epoch))
+        trainer.callbacks.append(_KeepCheckpoints(out))
         return trainer
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(pipeline, "trainer_for", with_copy)
+        patch.setattr(pipeline, "trainer_for", keeping)
         final = pipeline.prune(tiny_recipe(OVERRIDES), None, out, progress=False)
-    assert read_checkpoint(first_epoch)["global_step"] == 2
-    return {"out": out, "final": final, "first_epoch": first_epoch}
+    paths = {
+        "out": out,
+        "final": final,
+        "first_epoch": out / "first_epoch.ckpt",
+        "unfinished": out / "unfinished.ckpt",
+    }
+    assert read_checkpoint(paths["first_epoch"])["global_step"] == 2
+    return paths
 
 
 def _interrupted_copy(straight: dict[str, Path], tmp_path: Path) -> Path:
@@ -116,9 +129,13 @@ def test_killed_between_last_and_final_checkpoint_resumes_to_the_same_model(
     assert recalibrations == []  # done before last.ckpt was written
     _assert_same_model(resumed, straight["final"])
     x = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        expected = compact_from_checkpoint(straight["final"])(x)
-        assert torch.allclose(compact_from_checkpoint(resumed)(x), expected, atol=1e-6)
+    outputs = []
+    for path in (straight["final"], resumed):
+        model = module_from_checkpoint(read_checkpoint(path), path)
+        assert isinstance(model, MCP)
+        with torch.no_grad():
+            outputs.append(model.compact_momentum_subnet().eval()(x))
+    assert torch.allclose(outputs[0], outputs[1], atol=1e-6)
 
 
 def test_a_last_step_checkpoint_without_the_end_of_training_work_gets_it_on_resume(
@@ -127,10 +144,10 @@ def test_a_last_step_checkpoint_without_the_end_of_training_work_gets_it_on_resu
     """A ``last.ckpt`` of the last step written before the end-of-training work
     (by a version that did it in ``on_train_end``): the resumed stage does it."""
     out = _interrupted_copy(straight, tmp_path)
-    checkpoint = read_checkpoint(out / "prune" / "last.ckpt")
-    assert checkpoint["mcp_schedule"]["finished"] is True
-    del checkpoint["mcp_schedule"]["finished"]
-    torch.save(checkpoint, out / "prune" / "last.ckpt")
+    unfinished = read_checkpoint(straight["unfinished"])
+    assert unfinished["global_step"] == 4
+    assert unfinished["mcp_schedule"]["finished"] is False
+    shutil.copy(straight["unfinished"], out / "prune" / "last.ckpt")
     recalibrations = _count_recalibrations(monkeypatch)
     resumed = _resume(out)
     assert recalibrations == [4]
