@@ -1,7 +1,7 @@
 """A resumed stage ends with the uninterrupted stage's model, and signals stop a
 command cleanly (issue 34: resume that reproduces the run).
 
-One uninterrupted MCP stage of the tiny recipe (2 epochs of 2 steps) is the
+One uninterrupted MCP stage of the tiny recipe (2 epochs of 1 step) is the
 reference; each test copies its folder, puts it back in the state an interruption
 leaves, runs the stage again and compares ``final.ckpt`` and the compact model.
 """
@@ -28,9 +28,9 @@ from lightly_mcp.loading import module_from_checkpoint
 from lightly_mcp.mcp import MCP
 from tests.tiny import tiny_recipe, write_tiny
 
-OVERRIDES = {"mcp.epochs": 2, "mcp.admm_interval": 2}
-"""16 images in batches of 8: ``last.ckpt`` after steps 2 and 4, ADMM updates after
-step 2 only (none at the end of training)."""
+OVERRIDES = {"data.subset": 8, "mcp.epochs": 2}
+"""8 images in one batch: ``last.ckpt`` after steps 1 and 2, an ADMM update after step
+1 only (none at the end of training)."""
 
 
 class _KeepCheckpoints(Callback):
@@ -72,7 +72,7 @@ def straight(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "first_epoch": out / "first_epoch.ckpt",
         "unfinished": out / "unfinished.ckpt",
     }
-    assert read_checkpoint(paths["first_epoch"])["global_step"] == 2
+    assert read_checkpoint(paths["first_epoch"])["global_step"] == 1
     return paths
 
 
@@ -93,7 +93,7 @@ def _assert_same_model(resumed: Path, straight: Path) -> None:
     """Every tensor and the MCP state of the two checkpoints are equal."""
     a = read_checkpoint(straight)
     b = read_checkpoint(resumed)
-    assert a["global_step"] == b["global_step"] == 4
+    assert a["global_step"] == b["global_step"] == 2
     assert set(a["state_dict"]) == set(b["state_dict"])
     differing = [
         name
@@ -145,12 +145,12 @@ def test_a_last_step_checkpoint_without_the_end_of_training_work_gets_it_on_resu
     (by a version that did it in ``on_train_end``): the resumed stage does it."""
     out = _interrupted_copy(straight, tmp_path)
     unfinished = read_checkpoint(straight["unfinished"])
-    assert unfinished["global_step"] == 4
+    assert unfinished["global_step"] == 2
     assert unfinished["mcp_schedule"]["finished"] is False
     shutil.copy(straight["unfinished"], out / "prune" / "last.ckpt")
     recalibrations = _count_recalibrations(monkeypatch)
     resumed = _resume(out)
-    assert recalibrations == [4]
+    assert recalibrations == [2]
     _assert_same_model(resumed, straight["final"])
 
 
@@ -181,7 +181,7 @@ def test_resume_from_mid_training_and_a_sigterm_at_its_end_reproduce_the_run(
         return recalibrate(self, *args)
 
     monkeypatch.setattr(MCP, "recalibrate_subnet", terminated)
-    with pytest.raises(StageInterrupted, match="stopped by SIGTERM at step 4") as stop:
+    with pytest.raises(StageInterrupted, match="stopped by SIGTERM at step 2") as stop:
         _resume(out)
     assert stop.value.exit_code == 143
     assert not (out / "prune" / "final.ckpt").exists()
@@ -210,11 +210,11 @@ def test_ctrl_c_during_training_exits_130_saying_what_is_kept(
     assert main(argv) == 130
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [
-        f"lightly-mcp: stage 'prune' interrupted by Ctrl-C at step 2; kept its last "
+        f"lightly-mcp: stage 'prune' interrupted by Ctrl-C at step 1; kept its last "
         f"end-of-epoch checkpoint '{out / 'prune' / 'last.ckpt'}'. Run the same "
         "command again to continue."
     ]
-    assert read_checkpoint(out / "prune" / "last.ckpt")["global_step"] == 2
+    assert read_checkpoint(out / "prune" / "last.ckpt")["global_step"] == 1
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     assert signal.getsignal(signal.SIGTERM) is sigterm
 
