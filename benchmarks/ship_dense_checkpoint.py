@@ -20,10 +20,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import yaml
-
 from lightly_mcp.checkpoints import read_checkpoint
 from lightly_mcp.loading import module_from_checkpoint
+from lightly_mcp.recipe import read_recipe_file
 from lightly_mcp.shipping import ship_checkpoint
 
 MAX_BYTES = 20 * 1024 * 1024
@@ -80,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
             "benchmarks/pretraining_curve.py with --epochs including it."
         )
     row = rows[epoch]
-    recipe = yaml.safe_load((stage_dir / "recipe.yaml").read_text())
+    recipe = read_recipe_file(stage_dir / "recipe.yaml")
     command = f"lightly-mcp pretrain {args.recipe} --out {args.run}"
     regenerate = command + (
         f" && python benchmarks/ship_dense_checkpoint.py {args.run} "

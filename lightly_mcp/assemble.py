@@ -30,7 +30,11 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from torch.utils.data import DataLoader
 
 from lightly_mcp.backbones import Backbone, build_backbone
-from lightly_mcp.callbacks import KeepEpochCheckpoints, TrainingClock
+from lightly_mcp.callbacks import (
+    AtomicCheckpointIO,
+    KeepEpochCheckpoints,
+    TrainingClock,
+)
 from lightly_mcp.data import (
     LabeledImages,
     build_dataset,
@@ -298,7 +302,7 @@ def trainer_for(
     loggers: list[Any] = [ResumableCSVLogger(str(stage_dir), name="logs", version="")]
     loggers.append(TensorBoardLogger(str(stage_dir), name="tensorboard", version=""))
     callbacks: list[Any] = [
-        # last.ckpt after every epoch (Lightning writes it atomically).
+        # last.ckpt after every epoch (written atomically, AtomicCheckpointIO).
         ModelCheckpoint(
             dirpath=str(stage_dir),
             filename="last",
@@ -326,6 +330,7 @@ def trainer_for(
         default_root_dir=str(stage_dir),
         logger=loggers,
         callbacks=callbacks,
+        plugins=[AtomicCheckpointIO()],
         enable_progress_bar=progress,
         enable_model_summary=progress,
     )

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import itertools
 import os
-import pickle
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -35,6 +34,7 @@ from torch import Tensor, nn
 
 from lightly_mcp.errors import InputError, describe_error
 from lightly_mcp.measure import count_parameters, eval_mode
+from lightly_mcp.model_files import read_tensors
 
 SUPPORTED_TORCHVISION: tuple[str, ...] = tuple(
     torchvision.models.list_models(module=torchvision.models)
@@ -210,8 +210,8 @@ def build_backbone(
 def load_weights(backbone: Backbone, path: str | os.PathLike[str]) -> None:
     """Loads a local weights file into a backbone, strictly.
 
-    The file is read with ``torch.load(path, map_location="cpu", weights_only=True)``
-    and may hold:
+    The file is read as tensors only (:func:`lightly_mcp.model_files.read_tensors`,
+    ``weights_only=True``) and may hold:
 
     - a state dict of the network (``features.0.0.weight``),
     - a state dict of a :class:`Backbone` (``net.features.0.0.weight``),
@@ -228,23 +228,21 @@ def load_weights(backbone: Backbone, path: str | os.PathLike[str]) -> None:
 
     Raises:
         FileNotFoundError: If the file does not exist.
-        ValueError: If the file cannot be read as a state dict, or its keys or shapes
-            do not match the network (one line naming the file, the counts of missing
-            and unexpected keys, shape mismatches and a few examples).
+        ValueError: If the file cannot be read as a state dict, holds NaN or
+            infinite weights, or its keys or shapes do not match the network (one
+            line naming the file, the counts of missing and unexpected keys, shape
+            mismatches and a few examples).
     """
     file = Path(path)
     if not file.is_file():
         raise FileNotFoundError(
             f"weights file '{file}' for {backbone.name} does not exist"
         )
-    try:
-        loaded = torch.load(file, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as error:
-        raise InputError(
-            f"weights file '{file}' could not be read as a state dict: "
-            f"{describe_error(error)}"
-        ) from error
+    loaded = read_tensors(file, "give a state_dict or checkpoint of tensors")
     state_dict = _extract_state_dict(loaded, file)
+    from lightly_mcp.checkpoints import check_finite_weights
+
+    check_finite_weights(state_dict, file, "weights file")
 
     expected = backbone.net.state_dict()
     state_dict = {

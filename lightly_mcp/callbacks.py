@@ -1,16 +1,22 @@
-"""Lightning callbacks of the pipeline: a training clock and epoch checkpoints."""
+"""Lightning callbacks and plug-ins of the pipeline: a training clock, epoch
+checkpoints, and atomic checkpoint files.
+"""
 
 from __future__ import annotations
 
+import io
 import os
 import time
 from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
+import torch
+from lightning_fabric.plugins import TorchCheckpointIO
 from pytorch_lightning.callbacks import Callback
 
 from lightly_mcp.errors import InputError
+from lightly_mcp.files import write_bytes_atomic
 
 
 class TrainingClock(Callback):
@@ -61,9 +67,9 @@ class TrainingClock(Callback):
 class KeepEpochCheckpoints(Callback):
     """Keeps the checkpoint of every n-th training epoch as ``epoch=NNN.ckpt``.
 
-    Files are written to a temporary name and renamed, so a kill never leaves a
-    truncated checkpoint. Epoch numbers start at 1 (``epoch=001.ckpt`` is the model
-    after one epoch).
+    Files are written atomically (:class:`AtomicCheckpointIO`), so a kill never
+    leaves a truncated checkpoint. Epoch numbers start at 1 (``epoch=001.ckpt`` is
+    the model after one epoch).
     """
 
     def __init__(
@@ -82,8 +88,26 @@ class KeepEpochCheckpoints(Callback):
         if epoch % self.every_n_epochs != 0 or trainer.sanity_checking:
             return
         self.dirpath.mkdir(parents=True, exist_ok=True)
-        target = self.dirpath / f"epoch={epoch:03d}.ckpt"
-        tmp = self.dirpath / f".{target.name}.tmp"
-        trainer.save_checkpoint(str(tmp))
-        if trainer.is_global_zero:
-            os.replace(tmp, target)
+        trainer.save_checkpoint(str(self.dirpath / f"epoch={epoch:03d}.ckpt"))
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's ``torch.save`` checkpoint writer, made atomic on a local disk.
+
+    Lightning's own writer opens the target and writes into it: a full disk leaves
+    a truncated file, and a symbolic link at the target has its target overwritten.
+    This one writes a temporary file in the same folder, flushes it to the disk and
+    renames it over the target (:func:`lightly_mcp.files.atomic_write`); a full
+    disk, a quota or a read-only file system is an ``OutputFolderError`` naming the
+    folder, and the previous checkpoint stays intact.
+    """
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None
+    ) -> None:
+        """Writes ``checkpoint`` to ``path`` atomically."""
+        if storage_options is not None:
+            raise TypeError("AtomicCheckpointIO does not take storage_options.")
+        buffer = io.BytesIO()  # as Lightning does; a file object hides OSErrors
+        torch.save(checkpoint, buffer)
+        write_bytes_atomic(path, buffer.getbuffer())

@@ -21,9 +21,7 @@ Every supported format is first mapped onto this project's key space
 
 from __future__ import annotations
 
-import pickle
 import re
-import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -31,7 +29,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from lightly_mcp.errors import CheckpointError, UnsafeCheckpointError, describe_error
+from lightly_mcp.errors import CheckpointError
+from lightly_mcp.model_files import read_tensors, shown_path
 from lightly_mcp.provenance import (
     ProvenanceError,
     missing_checkpoint_message,
@@ -67,28 +66,34 @@ def checkpoint_file(path: str | Path, what: str = "Checkpoint") -> Path:
     return path
 
 
-def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Reads a checkpoint file safely (``weights_only=True``) into a dict.
+def read_checkpoint(
+    path: str | Path,
+    fix: str = "give a checkpoint that lightly-mcp or lightly wrote",
+) -> dict[str, Any]:
+    """Reads a checkpoint file safely (``weights_only=True``, see
+    :func:`lightly_mcp.model_files.read_tensors`) into a dict.
 
     A file with a provenance sidecar (``NAME.provenance.json``, see
     :mod:`lightly_mcp.provenance`) must match the sha256 recorded there.
+
+    Args:
+        path: The checkpoint file.
+        fix: What the user should do instead, for the refusal of an unreadable file.
+
+    Raises:
+        UnsafeCheckpointError: If the file is truncated, corrupt or holds code.
+        CheckpointError: If it does not hold a dict or fails its provenance check.
     """
     path = checkpoint_file(path)
     try:
         verify_checkpoint(path)
     except ProvenanceError as error:
         raise CheckpointError(str(error)) from None
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError) as err:
-        raise UnsafeCheckpointError(
-            f"Checkpoint '{path}' cannot be read safely (truncated, corrupt, or it "
-            f"contains code rather than tensors): {describe_error(err)}"
-        ) from None
+    data = read_tensors(path, fix)
     if not isinstance(data, dict):
         raise CheckpointError(
-            f"Checkpoint '{path}' holds a {type(data).__name__}, expected a dict "
-            "(a Lightning checkpoint or a state_dict)."
+            f"Checkpoint '{shown_path(path)}' holds a {type(data).__name__}, expected "
+            "a dict (a Lightning checkpoint or a state_dict)."
         )
     return data
 
@@ -415,6 +420,34 @@ def check_checkpoint_fits(
     )
 
 
+def check_finite_weights(
+    state: Mapping[str, Any], path: str | Path, what: str = "Checkpoint"
+) -> None:
+    """Refuses weights holding NaN or infinite values.
+
+    Such a file (damaged, or written by a diverged run) would make the first
+    training step's loss NaN, which would then be blamed on the learning rate.
+
+    Args:
+        state: Tensors by name (a state dict); other values are ignored.
+        path: The file, for the message.
+        what: How the message names the file (``Checkpoint``, ``weights file``).
+
+    Raises:
+        CheckpointError: Naming the file and the first non-finite tensor.
+    """
+    for name, value in state.items():
+        if (
+            isinstance(value, Tensor)
+            and value.is_floating_point()
+            and not bool(torch.isfinite(value).all())
+        ):
+            raise CheckpointError(
+                f"{what} '{path}' holds NaN or infinite weights (first in '{name}'): "
+                "the file is damaged or from a diverged run; use another one."
+            )
+
+
 def load_dense_moco(model: MoCoV2, path: str | Path) -> list[str]:
     """Loads encoders, heads and queue of a dense MoCo checkpoint into ``model``.
 
@@ -433,6 +466,7 @@ def load_dense_moco(model: MoCoV2, path: str | Path) -> list[str]:
         fmt, state, bank, bank_ptr = canonical_moco_state(data, model)
     except CheckpointError as error:
         raise CheckpointError(f"Checkpoint '{path}': {error}") from None
+    check_finite_weights(state, path)
     wanted = model.hparams.get("backbone")
     saved = data.get("hyper_parameters", {}).get("backbone")
     if saved is not None and wanted is not None and saved != wanted:

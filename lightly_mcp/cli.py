@@ -139,15 +139,16 @@ def _parser() -> argparse.ArgumentParser:
         "model",
         type=Path,
         help="MoCoV2/MCP checkpoint (read with weights_only=True), exported model.pt2 "
-        "(torch.export, read without pickle), model.ts (TorchScript, older exports), "
-        "or an export folder (its model.pt2)",
+        "(torch.export, checked, nothing in it is run), or an export folder (its "
+        "model.pt2); model.ts (TorchScript) and model.pt only with --trust-pickle",
     )
     p.add_argument("recipe", type=Path, help="YAML recipe (data and eval sections)")
     p.add_argument(
         "--trust-pickle",
         action="store_true",
-        help="allow MODEL to be a whole pickled nn.Module (e.g. export's model.pt): "
-        "unpickling RUNS CODE FROM THE FILE, use only for files you trust",
+        help="allow MODEL to be a whole pickled nn.Module (export's model.pt) or "
+        "TorchScript (model.ts): loading them RUNS CODE FROM THE FILE, use only for "
+        "files you trust",
     )
     common(p)
 
@@ -176,13 +177,11 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _recipe(args: argparse.Namespace) -> Any:
-    import yaml
-
     from lightly_mcp.errors import RecipeError
-    from lightly_mcp.recipe import load_recipe
+    from lightly_mcp.recipe import load_recipe, read_recipe_file
 
     recipe = load_recipe(args.recipe, args.set)
-    if not yaml.safe_load(Path(args.recipe).read_text()):
+    if not read_recipe_file(args.recipe):
         raise RecipeError(
             f"recipe '{args.recipe}' is empty: every setting would take its default "
             "(MCP of a randomly initialised backbone on the default data); start "
@@ -283,12 +282,24 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command in ("pretrain", "prune", "run"):
         return _train(args, recipe, out, progress, console)
     if args.command == "evaluate":
+        from lightly_mcp import manifest
+
         networks = pipeline.load_backbone_for_eval(
             args.model, recipe, trust_pickle=args.trust_pickle
         )
-        results = pipeline.evaluate(
-            networks, recipe, out / "eval.json", _eval_device(recipe), progress
+        manifest.claim(out, ["eval.json"])
+        provenance = pipeline.evaluation_provenance(
+            recipe, dict.fromkeys(networks, Path(args.model))
         )
+        results = pipeline.evaluate(
+            networks,
+            recipe,
+            out / "eval.json",
+            _eval_device(recipe),
+            progress,
+            provenance=provenance,
+        )
+        manifest.record(out, ["eval.json"])
         for name, r in results["models"].items():
             console.print(
                 f"{name}: kNN top-1 {r['knn_top1']:.4f}, "
@@ -325,9 +336,12 @@ def _train(
     """
     from lightly_mcp import pipeline
     from lightly_mcp.checkpoints import checkpoint_file
+    from lightly_mcp.manifest import refuse_foreign
     from lightly_mcp.report import print_run_summary
     from lightly_mcp.run_folder import (
+        STAGE_FILES,
         STAGES,
+        check_no_links,
         check_recipe,
         clear_outputs,
         is_rank_zero,
@@ -353,9 +367,15 @@ def _train(
     if args.command == "run":
         stages = STAGES[1:] if recipe.pretrain.dense_checkpoint else STAGES
     with output_lock(out):
+        if is_rank_zero():
+            _check_recipe_not_an_output(args.recipe, out, stages)
         if args.restart:
             clear_outputs(out, first_stage)
         check_recipe(recipe, out, stages)
+        if is_rank_zero():
+            check_no_links(out, stages)
+            if args.command == "run":  # before the preflight, writing nothing
+                refuse_foreign(out, STAGE_FILES["evaluate"])
         if not args.no_preflight and is_rank_zero():
             _preflight(args, recipe, out, console)
         if args.command == "pretrain":
@@ -371,6 +391,32 @@ def _train(
             if is_rank_zero():
                 print_run_summary(report, console)
     return 0
+
+
+def _check_recipe_not_an_output(
+    recipe_file: Path, out: Path, stages: Sequence[str]
+) -> None:
+    """Refuses a recipe file that is one the command would write (or delete with
+    ``--restart``) in ``out`` and that no run wrote there: the user's own file,
+    e.g. ``run DIR/recipe.yaml --out DIR``.
+    """
+    from lightly_mcp import manifest
+    from lightly_mcp.errors import OutputFolderError
+    from lightly_mcp.run_folder import STAGE_FILES
+
+    target = os.path.realpath(recipe_file)
+    files: dict[str, str | None] | None = None
+    for stage in stages:
+        for relative in STAGE_FILES[stage]:
+            if os.path.realpath(out / relative) != target:
+                continue
+            files = manifest.read_manifest(out) if files is None else files
+            if not manifest.is_ours(out, relative, files):
+                raise OutputFolderError(
+                    f"the recipe '{recipe_file}' is the file in which this run "
+                    "records its recipe; copy it elsewhere or choose another --out "
+                    "folder."
+                )
 
 
 def _run(
@@ -519,6 +565,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         from lightly_mcp.errors import LateStageError
 
         cause = error.__cause__ if isinstance(error, LateStageError) else error
+        if isinstance(cause, OSError) and not isinstance(cause, FileNotFoundError):
+            from lightly_mcp.files import disk_error
+
+            where = cause.filename or getattr(args, "out", None) or "."
+            mapped = disk_error(cause, where)
+            if mapped is not None:
+                print(f"lightly-mcp: error: {mapped}", file=sys.stderr)
+                return EXIT_USAGE
         if isinstance(cause, _expected_errors()):
             print(f"lightly-mcp: error: {message}", file=sys.stderr)
             return EXIT_USAGE

@@ -59,9 +59,11 @@ def continue_commands(
         export = ["export", str(done["prune"]), "--out", str(out / "export")]
         commands.append(f"`{shlex.join(['lightly-mcp', *export, *export_options])}`")
     elif "export" in done and "evaluate" not in done:
+        # Not OUT/eval: the run's own evaluation (dense, subnet, compact) goes there.
+        evaluated = shlex.quote(str(out / "eval-compact"))
         commands.append(
             f"`lightly-mcp evaluate {shlex.quote(str(done['export']))} "
-            f"{shlex.quote(str(recipe))} --out {shlex.quote(str(out / 'eval'))}`"
+            f"{shlex.quote(str(recipe))} --out {evaluated}`"
         )
     elif "pretrain" in done and "prune" not in done:
         commands.append(

@@ -9,7 +9,7 @@ The hierarchy:
     names the problem and the fix. The command line prints it and exits 2.
 
     - ``RecipeError``, ``DatasetError``, ``CheckpointError``
-      (``UnsafeCheckpointError``),
+      (``UnsafeCheckpointError``, ``CodeFileError``),
       ``ProvenanceError``, ``OutputFolderError``, ``ExportError``, ``PreflightError``,
       ``UnsupportedBackboneError`` (``NoPrunableGroupsError``),
       ``TrainingDivergedError``.
@@ -60,6 +60,12 @@ class CheckpointError(InputError):
 class UnsafeCheckpointError(CheckpointError):
     """A file that ``torch.load(weights_only=True)`` refuses: truncated, corrupt, or
     holding pickled Python objects (e.g. a whole pickled ``nn.Module``).
+    """
+
+
+class CodeFileError(UnsafeCheckpointError):
+    """A model file that is code (pickled Python objects, TorchScript), refused
+    unless the user trusts it (``--trust-pickle``).
     """
 
 

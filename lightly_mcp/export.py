@@ -10,13 +10,17 @@ the convolutions before them (:mod:`lightly_mcp.folding`); the equivalence check
 run on that folded network.
 
 - ``model.pt2``: a ``torch.export`` program with a dynamic batch axis, code-free;
-  :func:`lightly_mcp.runtimes.load_program` reads it without unpickling anything.
+  :func:`lightly_mcp.runtimes.load_program` checks it and reads it without running
+  anything from the file (:mod:`lightly_mcp.model_files`).
 - ``model.onnx``: ONNX with a dynamic batch axis, when the exporter supports the
   architecture (a failure is noted in the report, not raised).
 - ``model.pt``: the compact backbone as a whole pickled ``nn.Module``. Loading it runs
-  pickle (``torch.load(path, weights_only=False)``): load only files you trust.
+  pickle, i.e. code from the file: load only files you trust (``evaluate`` needs
+  ``--trust-pickle``).
 - ``model.ts``: TorchScript, only when asked for (``torchscript=True``), for LibTorch
   C++ deployments; PyTorch deprecates TorchScript in favour of ``torch.export``.
+  TorchScript is code too: ``evaluate`` loads it only with ``--trust-pickle`` and
+  ``run`` never does.
 - ``report.json``: sizes, MACs, per deployed form the latency of both networks, each
   network's fastest form, the best-against-best speedup, and the equivalence check
   (:class:`lightly_mcp.report.ExportReport`).
@@ -29,6 +33,9 @@ Examples:
 from __future__ import annotations
 
 import copy
+import errno
+import fcntl
+import io
 import json
 import os
 import shutil
@@ -46,7 +53,7 @@ from torch.utils.data import DataLoader
 from lightly_mcp.batchnorm import merge_split_batchnorm, recalibrate_batchnorm
 from lightly_mcp.compaction import compact
 from lightly_mcp.errors import ExportError, InputError, describe_error
-from lightly_mcp.files import write_json_atomic
+from lightly_mcp.files import write_bytes_atomic, write_json_atomic
 from lightly_mcp.folding import ConvNorm, conv_norm_pairs, fold_batchnorm
 from lightly_mcp.loading import load_mcp_checkpoint
 from lightly_mcp.masks import output_feature_index, round_masks
@@ -89,8 +96,8 @@ ALIGNMENT_MULTIPLES = (8, 16)
 ALIGNMENT_GAIN = 1.1
 #: What ``model.pt`` needs to be loaded, repeated in the report.
 PICKLE_NOTE = (
-    "whole pickled nn.Module: torch.load(path, weights_only=False) runs pickle, "
-    "load only files you trust; model.pt2 / model.onnx need no pickle"
+    "whole pickled nn.Module: loading it runs code from the file (evaluate needs "
+    "--trust-pickle), load only files you trust; model.pt2 / model.onnx need no pickle"
 )
 
 
@@ -401,9 +408,13 @@ def export(
     masks = export_masks(model, round_to)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=".export-"))
+    for stale in stale_temporary_folders(out_dir.parent):
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=TEMPORARY_PREFIX))
+    marker = -1
     try:
         tmp.chmod(0o755)  # mkdtemp makes it private; the export is an ordinary folder
+        marker = _mark_temporary(tmp)
         report = _build(
             model,
             masks,
@@ -420,10 +431,16 @@ def export(
         )
         as_json = report.to_dict()
         write_json_atomic(tmp / "report.json", as_json)
-        _move_into_place(tmp, out_dir)
+        os.close(marker)
+        marker = -1
+        (tmp / TEMPORARY_MARKER).unlink()
+        _move_into_place(tmp, out_dir, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        if marker >= 0:
+            os.close(marker)
     console.print(export_summary_table(report, DEPLOY_RESOLUTION))
     return as_json
 
@@ -435,6 +452,11 @@ def _check_out_dir(checkpoint: Path, out_dir: Path, overwrite: bool) -> None:
     ``report.json`` and the files that report says it wrote. A folder holding the
     input checkpoint is refused whatever ``overwrite`` says.
     """
+    if out_dir.is_symlink():
+        raise ExportError(
+            f"Output path '{out_dir}' is a symbolic link; the export never writes "
+            "through links: give the folder itself or another folder."
+        )
     if out_dir.exists() and not out_dir.is_dir():
         raise ExportError(f"Output path '{out_dir}' exists and is not a folder.")
     if Path(os.path.realpath(checkpoint)).is_relative_to(os.path.realpath(out_dir)):
@@ -451,6 +473,13 @@ def _check_out_dir(checkpoint: Path, out_dir: Path, overwrite: bool) -> None:
             "folder or pass --overwrite (overwrite=True) to replace a previous "
             "export there."
         )
+    _refuse_foreign_files(out_dir)
+
+
+def _refuse_foreign_files(out_dir: Path) -> None:
+    """Refuses a folder holding files no export wrote (``--overwrite`` replaces
+    only a previous export).
+    """
     foreign = _not_from_an_export(out_dir)
     if foreign:
         shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
@@ -775,17 +804,21 @@ def _save_torchscript(model: nn.Module, path: Path, size: int) -> str:
     """Traces ``model`` to ``path`` and checks the reloaded file; the report's note.
 
     A failed trace is noted and leaves no file; a reloaded model that computes
-    something else raises :class:`ExportError`.
+    something else raises :class:`ExportError`. The check reloads the bytes in
+    memory, then exactly those bytes are written (atomically): no file is read back
+    from disk, so none swapped in meanwhile is ever run.
     """
     try:
         with torch.no_grad():
             traced = torch.jit.trace(model, torch.randn(1, 3, size, size))
-        traced.save(str(path))
-        reloaded = torch.jit.load(str(path))
+        buffer = io.BytesIO()
+        torch.jit.save(traced, buffer)
+        scripted = buffer.getvalue()
+        reloaded = torch.jit.load(io.BytesIO(scripted))
     except Exception as error:  # noqa: BLE001 - recorded in the report
-        path.unlink(missing_ok=True)
         return f"failed: {describe_error(error)[:300]}"
     err = _check_reloaded(reloaded, model, size, "TorchScript model")
+    write_bytes_atomic(path, scripted)
     return f"ok (traced, eval mode; max abs err {err:.3g})"
 
 
@@ -801,12 +834,78 @@ def _save_onnx(model: nn.Module, path: Path, size: int) -> str:
     return "ok (dynamic batch axis, BatchNorm folded)"
 
 
-def _move_into_place(tmp: Path, out_dir: Path) -> None:
-    """Renames the finished temporary folder to ``out_dir`` (replacing it if any)."""
-    old: Path | None = None
-    if out_dir.is_dir() and any(out_dir.iterdir()):
+def _move_into_place(tmp: Path, out_dir: Path, overwrite: bool) -> None:
+    """Renames the finished temporary folder to ``out_dir``.
+
+    Without ``overwrite`` the rename only takes a free name (or an empty folder):
+    ``rename(2)`` fails on a folder with entries, so a folder someone created there
+    while the export ran is never replaced. With ``overwrite`` the previous export
+    is checked again (only its own files) before it is replaced.
+
+    Raises:
+        ExportError: If ``out_dir`` now holds something the export must not replace.
+    """
+    if overwrite and out_dir.is_dir() and any(out_dir.iterdir()):
+        _refuse_foreign_files(out_dir)
         old = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=".export-old-"))
         os.replace(out_dir, old / "previous")
-    os.replace(tmp, out_dir)
-    if old is not None:
+        os.replace(tmp, out_dir)
         shutil.rmtree(old, ignore_errors=True)
+        return
+    try:
+        if os.path.lexists(out_dir) and not (
+            out_dir.is_dir() and not out_dir.is_symlink()
+        ):
+            raise FileExistsError(errno.EEXIST, "exists", str(out_dir))
+        os.rename(tmp, out_dir)
+    except OSError as error:
+        if error.errno not in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR):
+            raise
+        raise ExportError(
+            f"Output folder '{out_dir}' was created or filled while the export ran; "
+            "nothing was replaced. Choose another folder, or pass --overwrite to "
+            "replace a previous export there."
+        ) from None
+
+
+#: Name prefix of an export's temporary folder (a sibling of its output folder).
+TEMPORARY_PREFIX = ".export-"
+#: The file that marks a temporary folder as an export's; locked while it runs.
+TEMPORARY_MARKER = ".lightly-mcp-export-in-progress"
+
+
+def _mark_temporary(folder: Path) -> int:
+    """Creates the marker of a temporary export folder and locks it (the kernel
+    releases the lock when the process dies). Returns its descriptor.
+    """
+    fd = os.open(folder / TEMPORARY_MARKER, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    return fd
+
+
+def stale_temporary_folders(parent: Path) -> list[Path]:
+    """The temporary folders in ``parent`` of exports that died (SIGKILL, a crash):
+    those holding an export's marker that no live export holds locked. Folders
+    without the marker (the user's, whatever their name) are never listed.
+    """
+    stale: list[Path] = []
+    try:
+        entries = sorted(Path(parent).glob(f"{TEMPORARY_PREFIX}*"))
+    except OSError:
+        return stale
+    for folder in entries:
+        marker = folder / TEMPORARY_MARKER
+        if folder.is_symlink() or not folder.is_dir() or marker.is_symlink():
+            continue
+        try:
+            fd = os.open(marker, os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            continue  # a live export
+        finally:
+            os.close(fd)
+        stale.append(folder)
+    return stale

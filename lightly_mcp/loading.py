@@ -17,7 +17,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from lightly_mcp.checkpoints import checkpoint_kind, read_checkpoint
+from lightly_mcp.checkpoints import (
+    check_finite_weights,
+    checkpoint_kind,
+    read_checkpoint,
+)
 from lightly_mcp.errors import CheckpointError, ExportError, describe_error
 from lightly_mcp.mcp import MCP
 from lightly_mcp.moco_v2 import MoCoV2
@@ -109,6 +113,7 @@ def _rebuild(cls: type[MoCoV2], data: dict[str, Any], path: str | Path) -> MoCoV
         kwargs["dense_checkpoint"] = None
     else:
         kwargs.pop("dense_checkpoint", None)
+    check_finite_weights(data["state_dict"], path)
     try:
         model = cls(**kwargs)
         model.load_state_dict(data["state_dict"])
@@ -117,5 +122,13 @@ def _rebuild(cls: type[MoCoV2], data: dict[str, Any], path: str | Path) -> MoCoV
             f"Checkpoint '{path}' does not rebuild as a {cls.__name__} model of "
             f"backbone '{hparams.get('backbone')}': {describe_error(error)}"
         ) from None
+    if isinstance(model, MCP):
+        try:
+            model.admm.group_masks.check_compactable()
+        except ValueError as error:
+            raise CheckpointError(
+                f"Checkpoint '{path}' holds unusable masks: {error} Use the "
+                "checkpoint an MCP run wrote, unchanged."
+            ) from None
     model.on_load_checkpoint({k: v for k, v in data.items() if k != "rng_states"})
     return model

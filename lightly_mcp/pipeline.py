@@ -23,6 +23,7 @@ from rich.console import Console
 from torch import nn
 from torch.utils.data import DataLoader
 
+from lightly_mcp import manifest
 from lightly_mcp.assemble import (
     evaluation_data,
     export_recalibration_data,
@@ -34,11 +35,10 @@ from lightly_mcp.assemble import (
 )
 from lightly_mcp.checkpoints import (
     CheckpointError,
-    UnsafeCheckpointError,
     checkpoint_file,
     read_checkpoint,
 )
-from lightly_mcp.errors import StageInterrupted
+from lightly_mcp.errors import CodeFileError, StageInterrupted, UnsafeCheckpointError
 from lightly_mcp.evaluation import evaluate_backbone, raw_pixel_baseline
 from lightly_mcp.export import compact_from_checkpoint, export
 from lightly_mcp.files import write_json_atomic
@@ -46,17 +46,57 @@ from lightly_mcp.interrupts import SIGINT_EXIT
 from lightly_mcp.loading import module_from_checkpoint
 from lightly_mcp.mcp import MCP
 from lightly_mcp.moco_v2 import MoCoV2
-from lightly_mcp.recipe import Recipe, RecipeError, dump_recipe
+from lightly_mcp.model_files import (
+    TRUST_FLAG,
+    load_program,
+    load_trusted_module,
+    shown_path,
+)
+from lightly_mcp.recipe import Recipe, RecipeError, recipe_yaml
 from lightly_mcp.report import write_plots
-from lightly_mcp.run_folder import OutputFolderError, check_recipe, is_rank_zero
-from lightly_mcp.runtimes import load_program
+from lightly_mcp.run_folder import (
+    IGNORED_KEYS,
+    STAGE_FILES,
+    OutputFolderError,
+    check_no_links,
+    check_recipe,
+    is_rank_zero,
+)
 
 DONE = "done.json"
 
 
 def read_json(path: Path) -> Any:
-    """Reads a JSON file."""
-    return json.loads(path.read_text())
+    """Reads a JSON file of a run folder.
+
+    Raises:
+        OutputFolderError: For a file that is not JSON (named, with the fix).
+    """
+    try:
+        return json.loads(path.read_bytes())
+    except (ValueError, OSError) as error:
+        why = "not JSON" if isinstance(error, ValueError) else error.strerror
+        raise OutputFolderError(
+            f"'{path}' cannot be read ({why}); delete it to let the run write it "
+            "again, or pass --restart."
+        ) from None
+
+
+def _relative(out: Path, path: Path) -> str:
+    return os.path.relpath(path, out)
+
+
+def _recorded_fit(out: Path, stage_dir: Path, fit: Callable[[], Path]) -> Path:
+    """Runs ``fit`` and lists in the manifest the files it created under
+    ``stage_dir`` (TensorBoard events, epoch checkpoints), however it ends.
+    """
+    before = manifest.files_under(out, stage_dir.name)
+    try:
+        return fit()
+    finally:
+        if is_rank_zero():
+            new = manifest.files_under(out, stage_dir.name) - before
+            manifest.record(out, sorted(new))
 
 
 def _fit(
@@ -93,8 +133,11 @@ def _fit(
     last = stage_dir / "last.ckpt"
     resume = None
     if last.is_file():
+        restart = f"delete it to restart stage {stage_dir.name} from scratch"
         try:
-            saved = read_checkpoint(last)
+            saved = read_checkpoint(last, fix=restart)
+        except UnsafeCheckpointError:
+            raise
         except CheckpointError as error:
             raise CheckpointError(
                 f"cannot resume {stage_dir.name}: {error} Delete '{last}' to restart "
@@ -138,14 +181,8 @@ def _fit(
     # Done already unless Lightning resumed a checkpoint that had taken every step.
     model.finish_training(loader)
     final = stage_dir / "final.ckpt"
-    tmp = stage_dir / ".final.ckpt.tmp"
-    try:
-        trainer.save_checkpoint(str(tmp))  # collective; rank 0 writes the file
-        if trainer.is_global_zero:
-            os.replace(tmp, final)
-    except BaseException:  # e.g. a SIGTERM (Terminated): no half-written file stays
-        tmp.unlink(missing_ok=True)
-        raise
+    # Collective; rank 0 writes the file, atomically (AtomicCheckpointIO).
+    trainer.save_checkpoint(str(final))
     trainer.strategy.barrier("final.ckpt")  # the next stage reads it on every rank
     return final
 
@@ -206,34 +243,50 @@ def _check_resume_settings(
 
 
 # --- stages ------------------------------------------------------------------------
+def _start_stage(recipe: Recipe, out: Path, stage: str) -> None:
+    """Before a training stage writes: refuses links and files of others at its
+    paths, lists its files in the manifest and records its recipe (rank 0).
+    """
+    if not is_rank_zero():
+        (out / stage).mkdir(parents=True, exist_ok=True)
+        return
+    check_no_links(out, (stage,))
+    (out / stage).mkdir(parents=True, exist_ok=True)
+    manifest.claim(out, STAGE_FILES[stage])
+    manifest.write_file(out, f"{stage}/recipe.yaml", recipe_yaml(recipe).encode())
+
+
 def pretrain(recipe: Recipe, out: Path, progress: bool = True) -> Path:
     """Dense MoCo v2 → ``out/pretrain/final.ckpt``."""
     stage_dir = out / "pretrain"
     check_recipe(recipe, out, ("pretrain",))
     if (stage_dir / DONE).is_file():
         return stage_dir / "final.ckpt"
-    stage_dir.mkdir(parents=True, exist_ok=True)
-    if is_rank_zero():
-        dump_recipe(recipe, stage_dir / "recipe.yaml")
+    _start_stage(recipe, out, "pretrain")
     start = time.perf_counter()
     dataset, loader = training_data(recipe, recipe.pretrain.batch_size)
     pl.seed_everything(recipe.seed, verbose=False)
     model = MoCoV2(**moco_kwargs(recipe, "pretrain"))
     p = recipe.pretrain
-    final = _fit(
-        model,
-        recipe,
+    final = _recorded_fit(
+        out,
         stage_dir,
-        loader,
-        p.epochs,
-        p.max_steps,
-        progress,
-        keep_every_n_epochs=p.keep_every_n_epochs,
+        lambda: _fit(
+            model,
+            recipe,
+            stage_dir,
+            loader,
+            p.epochs,
+            p.max_steps,
+            progress,
+            keep_every_n_epochs=p.keep_every_n_epochs,
+        ),
     )
     if not is_rank_zero():
         return final
-    write_json_atomic(
-        stage_dir / DONE,
+    manifest.write_json(
+        out,
+        f"pretrain/{DONE}",
         {
             "checkpoint": str(final),
             "seconds": time.perf_counter() - start,
@@ -251,9 +304,7 @@ def prune(recipe: Recipe, dense: Path | None, out: Path, progress: bool = True) 
         return stage_dir / "final.ckpt"
     if dense is not None:
         checkpoint_file(dense, "dense checkpoint")
-    stage_dir.mkdir(parents=True, exist_ok=True)
-    if is_rank_zero():
-        dump_recipe(recipe, stage_dir / "recipe.yaml")
+    _start_stage(recipe, out, "prune")
     start = time.perf_counter()
     dataset, loader = training_data(recipe, recipe.mcp.batch_size)
     m = recipe.mcp
@@ -261,11 +312,16 @@ def prune(recipe: Recipe, dense: Path | None, out: Path, progress: bool = True) 
     model = mcp_model(recipe, dense)
     if model.dense_load_report and progress:
         Console().print(f"loaded {dense}: " + "; ".join(model.dense_load_report))
-    final = _fit(model, recipe, stage_dir, loader, m.epochs, m.max_steps, progress)
+    final = _recorded_fit(
+        out,
+        stage_dir,
+        lambda: _fit(model, recipe, stage_dir, loader, m.epochs, m.max_steps, progress),
+    )
     if not is_rank_zero():
         return final
-    write_json_atomic(
-        stage_dir / DONE,
+    manifest.write_json(
+        out,
+        f"prune/{DONE}",
         {
             "checkpoint": str(final),
             "dense_checkpoint": str(dense) if dense is not None else None,
@@ -282,14 +338,38 @@ def prune(recipe: Recipe, dense: Path | None, out: Path, progress: bool = True) 
 def export_stage(
     recipe: Recipe, checkpoint: Path, out: Path, console: Console | None = None
 ) -> dict[str, Any]:
-    """Compact export → ``out/export/`` (skipped when its report exists)."""
+    """Compact export → ``out/export/`` (skipped when its report exists).
+
+    An existing report is reused when the folder's manifest lists it or (an export
+    run by hand, as a failed run's message suggests) it names ``checkpoint``; the
+    files of a new export are listed in the manifest.
+
+    Raises:
+        OutputFolderError: For a report that is not JSON, or the export of another
+            checkpoint.
+    """
     export_dir = out / "export"
     if (export_dir / "report.json").is_file():
         report: dict[str, Any] = read_json(export_dir / "report.json")
+        source = report.get("checkpoint") if isinstance(report, dict) else None
+        ours = manifest.is_ours(out, "export/report.json", manifest.read_manifest(out))
+        if not isinstance(report, dict) or not (
+            ours
+            or (
+                isinstance(source, str)
+                and os.path.realpath(source) == os.path.realpath(checkpoint)
+            )
+        ):
+            raise OutputFolderError(
+                f"'{export_dir / 'report.json'}' is not this run's export (it "
+                f"exports {source!r}, this run {str(checkpoint)!r}); move "
+                f"'{export_dir}' out of the folder to export again."
+            )
         return report
+    check_no_links(out, ("export",))
     e = recipe.export
     recalibrate = export_recalibration_data(recipe)
-    return export(
+    written = export(
         checkpoint,
         export_dir,
         recalibrate=recalibrate,
@@ -302,15 +382,8 @@ def export_stage(
         expected_backbone=recipe.backbone.name,
         overwrite=True,
     )
-
-
-PICKLE_REFUSED = (
-    "'{path}' cannot be read safely (torch.load with weights_only=True): it is "
-    "corrupt or holds pickled Python objects (an exported model.pt is a whole "
-    "pickled nn.Module), and unpickling it runs code from the file. Evaluate the "
-    "exported model.pt2 (torch.export, no pickle) or a checkpoint instead, or pass "
-    "--trust-pickle if you trust this file."
-)
+    manifest.record(out, sorted(manifest.files_under(out, "export")))
+    return written
 
 
 def load_backbone_for_eval(
@@ -320,12 +393,12 @@ def load_backbone_for_eval(
 
     A MoCo v2 checkpoint gives ``dense`` (its momentum encoder); an MCP checkpoint
     gives ``dense`` (the unmasked momentum encoder) and ``subnet`` (the masked one);
-    an exported ``model.pt2`` (a ``torch.export`` program, read without pickle), an
-    older export's ``model.ts`` (TorchScript), or an export folder (its
-    ``model.pt2``, else its ``model.ts``), gives ``compact``. Checkpoints, whatever
-    their suffix, are read with ``weights_only=True``. A whole pickled module (an
-    exported ``model.pt``) is unpickled only with ``trust_pickle=True``: that runs
-    code from the file.
+    an exported ``model.pt2`` (a ``torch.export`` program, read without running
+    anything from it), or an export folder (its ``model.pt2``), gives ``compact``.
+    Checkpoints, whatever their suffix, are read with ``weights_only=True``. A
+    TorchScript ``model.ts`` and a whole pickled module (an exported ``model.pt``)
+    are code: they are loaded only with ``trust_pickle=True``
+    (:mod:`lightly_mcp.model_files`).
 
     Raises:
         CheckpointError: For a file that cannot be read safely (without
@@ -334,49 +407,35 @@ def load_backbone_for_eval(
     """
     path = Path(path)
     if path.is_dir():
-        program, scripted, pickled = (
-            path / "model.pt2",
-            path / "model.ts",
-            path / "model.pt",
-        )
+        program = path / "model.pt2"
+        code = [path / name for name in ("model.ts", "model.pt")]
         if program.is_file():
             path = program
-        elif scripted.is_file():
-            path = scripted
-        elif trust_pickle and pickled.is_file():
-            path = pickled
+        elif trust_pickle and any(file.is_file() for file in code):
+            path = next(file for file in code if file.is_file())
         else:
             checkpoints = sorted(path.glob("*.ckpt")) + sorted(path.glob("*/*.ckpt"))
+            found = next((file for file in code if file.is_file()), None)
             hint = (
-                f"; its model.pt is a pickle: pass '{pickled}' with --trust-pickle "
-                "if you trust it"
-                if pickled.is_file()
-                else f"; to evaluate a checkpoint give its file, as '{checkpoints[0]}'"
+                f"; its {found.name} is code: give that file with {TRUST_FLAG} if "
+                "you trust it"
+                if found is not None
+                else "; to evaluate a checkpoint give its file, as "
+                f"'{checkpoints[0].relative_to(path)}' in it"
                 if checkpoints
-                else ""
+                else " (export writes it)"
             )
             raise FileNotFoundError(
-                f"'{path}' has no model.pt2 (the torch.export program export writes) "
-                f"to evaluate{hint}."
+                f"'{shown_path(path)}' has no model.pt2 to evaluate{hint}."
             )
     if path.suffix == ".pt2":
         return {"compact": load_program(path)}
     if path.suffix == ".ts":
-        if not path.is_file():
-            raise FileNotFoundError(f"TorchScript model '{path}' does not exist.")
-        return {"compact": torch.jit.load(str(path), map_location="cpu")}
+        return {"compact": load_trusted_module(path, trust_pickle)}
     try:
         data = read_checkpoint(path)  # weights_only=True: runs no code
-    except UnsafeCheckpointError:
-        if not trust_pickle:
-            raise CheckpointError(PICKLE_REFUSED.format(path=path)) from None
-        module = torch.load(path, map_location="cpu", weights_only=False)
-        if not isinstance(module, nn.Module):
-            raise CheckpointError(
-                f"'{path}' does not hold a torch.nn.Module (it holds a "
-                f"{type(module).__name__})."
-            ) from None
-        return {"compact": module}
+    except CodeFileError:
+        return {"compact": load_trusted_module(path, trust_pickle)}
     model = module_from_checkpoint(data, path)
     networks: dict[str, nn.Module] = {"dense": model.backbone_momentum}
     if isinstance(model, MCP):
@@ -387,18 +446,16 @@ def load_backbone_for_eval(
 def exported_compact(
     recipe: Recipe, checkpoint: Path, out: Path, report: dict[str, Any]
 ) -> nn.Module:
-    """The compact model of ``out/export``, without unpickling anything.
+    """The compact model of ``out/export``, without running anything from a file.
 
-    Its ``model.pt2`` (read without pickle, :func:`load_program`); for an older
-    export, its ``model.ts``; otherwise the same compact model rebuilt from the MCP
-    checkpoint, read with ``weights_only=True``. ``model.pt`` is never read.
+    Its ``model.pt2`` (checked, then read: :func:`load_program`); otherwise the same
+    compact model rebuilt from the MCP checkpoint, read with ``weights_only=True``.
+    ``model.pt`` and ``model.ts`` are code and never read here.
     """
     written = report.get("files", {}).get("written", [])
-    program, scripted = out / "export" / "model.pt2", out / "export" / "model.ts"
+    program = out / "export" / "model.pt2"
     if "model.pt2" in written and program.is_file():
         return load_program(program)
-    if "model.ts" in written and scripted.is_file():
-        return torch.jit.load(str(scripted), map_location="cpu")
     e = recipe.export
     recalibrate = export_recalibration_data(recipe)
     return compact_from_checkpoint(
@@ -416,11 +473,16 @@ def evaluate(
     device: str = "cpu",
     progress: bool = True,
     baselines: bool = False,
+    provenance: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """KNN and linear-probe top-1 of each network → ``out_file`` (JSON)."""
+    """KNN and linear-probe top-1 of each network → ``out_file`` (JSON), with
+    ``provenance`` (:func:`evaluation_provenance`) when given.
+    """
     train_loader, test_loader, description, has_labels = evaluation_data(recipe)
     e = recipe.eval
     results: dict[str, Any] = {"data": description, "models": {}}
+    if provenance is not None:
+        results["provenance"] = provenance
     if not has_labels:
         results["skipped"] = (
             "evaluation skipped: the images have no labels (put them in class "
@@ -463,6 +525,68 @@ def evaluate(
     return results
 
 
+def _file_identity(path: Path) -> dict[str, Any]:
+    """A file (or an export folder, by its report) as path, size and mtime."""
+    path = Path(path)
+    target = path / "report.json" if path.is_dir() else path
+    try:
+        stat = target.stat()
+    except OSError:
+        return {"path": str(path)}
+    return {"path": str(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def evaluation_provenance(recipe: Recipe, sources: dict[str, Path]) -> dict[str, Any]:
+    """What an evaluation depends on: each network's file (path, size, mtime) and
+    the recipe's seed, data and eval settings. ``run`` reuses an ``eval.json`` only
+    when its provenance is this one.
+    """
+    settings = recipe.to_dict()
+    data = {
+        key: value
+        for key, value in settings["data"].items()
+        if f"data.{key}" not in IGNORED_KEYS
+    }
+    record = {
+        "sources": {
+            name: _file_identity(path) for name, path in sorted(sources.items())
+        },
+        "seed": recipe.seed,
+        "data": data,
+        "eval": settings["eval"],
+    }
+    return cast(dict[str, Any], json.loads(json.dumps(record, default=str)))
+
+
+def _reusable_evaluation(
+    out: Path, eval_file: Path, provenance: dict[str, Any]
+) -> dict[str, Any] | None:
+    """The run folder's ``eval.json`` when this run wrote it from the same networks
+    and settings; None when it must be computed (again).
+
+    Raises:
+        OutputFolderError: For an ``eval.json`` this run did not write (e.g. by
+            ``lightly-mcp evaluate``), or one that is not JSON.
+    """
+    if not os.path.lexists(eval_file):
+        return None
+    if not manifest.is_ours(out, "eval/eval.json", manifest.read_manifest(out)):
+        raise OutputFolderError(
+            f"'{eval_file}' was not written by this run (another evaluation, or "
+            "changed since); move it out of the folder and run again to evaluate "
+            "dense, subnet and compact."
+        )
+    old = read_json(eval_file)
+    if (
+        isinstance(old, dict)
+        and old.get("provenance") == provenance
+        and isinstance(old.get("models"), dict)
+        and "data" in old
+    ):
+        return old
+    return None
+
+
 def run(
     recipe: Recipe,
     out: Path,
@@ -476,13 +600,16 @@ def run(
     recipe (see ``lightly_mcp.run_folder.check_recipe``).
     """
     skip_pretrain = recipe.pretrain.dense_checkpoint is not None
-    stage_names = ("prune", "export", "evaluate")
-    check_recipe(
-        recipe, out, stage_names if skip_pretrain else ("pretrain", *stage_names)
-    )
+    stage_names: tuple[str, ...] = ("prune", "export", "evaluate")
+    if not skip_pretrain:
+        stage_names = ("pretrain", *stage_names)
+    check_recipe(recipe, out, stage_names)
+    if is_rank_zero():
+        check_no_links(out, stage_names)
     out.mkdir(parents=True, exist_ok=True)
     if is_rank_zero():
-        dump_recipe(recipe, out / "recipe.yaml")
+        manifest.claim(out, STAGE_FILES["evaluate"])
+        manifest.write_file(out, "recipe.yaml", recipe_yaml(recipe).encode())
     stages: dict[str, float] = {}
 
     def timed(name: str, fn: Callable[[], Any]) -> Any:
@@ -504,8 +631,12 @@ def run(
         timed("export", lambda: export_stage(recipe, pruned, out, console))
     )
     eval_file = out / "eval" / "eval.json"
-    if eval_file.is_file():
-        evaluation = read_json(eval_file)
+    provenance = evaluation_provenance(
+        recipe,
+        {"dense": dense or pruned, "subnet": pruned, "compact": out / "export"},
+    )
+    evaluation = _reusable_evaluation(out, eval_file, provenance)
+    if evaluation is not None:
         stages["evaluate"] = 0.0
     else:
         networks = load_backbone_for_eval(pruned, recipe)
@@ -520,9 +651,16 @@ def run(
         evaluation = timed(
             "evaluate",
             lambda: evaluate(
-                networks, recipe, eval_file, device, progress, recipe.eval.baselines
+                networks,
+                recipe,
+                eval_file,
+                device,
+                progress,
+                recipe.eval.baselines,
+                provenance,
             ),
         )
+        manifest.record(out, ["eval/eval.json"])
     for name, result in evaluation["models"].items():
         entry = report.setdefault(name, {})
         entry["knn_top1"] = result["knn_top1"]
@@ -535,6 +673,8 @@ def run(
     report["data"] = evaluation["data"]
     report["frq"], report["dr"] = recipe.mcp.frq, recipe.mcp.dr
     report["stages"] = stages
-    report["plots"] = [str(p) for p in write_plots(out, report)]
-    write_json_atomic(out / "report.json", report)
+    plots = write_plots(out, report)
+    manifest.record(out, [_relative(out, path) for path in plots])
+    report["plots"] = [str(p) for p in plots]
+    manifest.write_json(out, "report.json", report)
     return report

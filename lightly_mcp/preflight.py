@@ -45,7 +45,13 @@ from rich.console import Console
 from torch.utils.data import Subset
 
 from lightly_mcp.checkpoints import CheckpointError
-from lightly_mcp.errors import InputError, MCPWarning, PreflightError, first_line
+from lightly_mcp.errors import (
+    InputError,
+    MCPWarning,
+    PreflightError,
+    UnsafeCheckpointError,
+    first_line,
+)
 from lightly_mcp.export import export
 from lightly_mcp.mcp import MCP
 from lightly_mcp.moco_v2 import MoCoV2
@@ -85,10 +91,13 @@ class PreflightResult:
 
 @contextmanager
 def _stage(name: str) -> Iterator[None]:
-    """Turns any failure inside into a one-line :class:`PreflightError`."""
+    """Turns any failure inside into a one-line :class:`PreflightError`; a refused
+    model file (:class:`UnsafeCheckpointError`, a full line naming the file and the
+    fix) is raised as it is.
+    """
     try:
         yield
-    except PreflightError:
+    except (PreflightError, UnsafeCheckpointError):
         raise
     except Exception as error:
         message = first_line(error) or type(error).__name__

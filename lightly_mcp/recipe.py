@@ -5,12 +5,19 @@ A recipe has the top-level sections ``seed``, ``data``, ``backbone``, ``pretrain
 dataclasses below; unknown keys and wrong types are errors that name the key. Any
 value can be overridden from the command line with ``--set section.key=value`` (the
 value is parsed as YAML: ``--set mcp.pruning_ratio=0.5``, ``--set data.subset=null``).
+
+Files and ``--set`` values are read with the bounded safe loader of
+:mod:`lightly_mcp.safe_yaml` (a key written twice, an alias bomb, nesting deeper than
+``MAX_DEPTH`` and bytes that are not UTF-8 are refused), and :func:`validate` refuses
+every value a stage would refuse later, so a bad recipe stops before anything runs.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
+import reprlib
 import types
 import typing
 from dataclasses import asdict, dataclass, field, fields
@@ -21,6 +28,12 @@ import yaml
 
 from lightly_mcp.errors import InputError, RecipeError
 from lightly_mcp.options import check_mcp_options
+from lightly_mcp.safe_yaml import (
+    UnsafeYAMLError,
+    describe_yaml_error,
+    load_yaml,
+    parse_yaml,
+)
 
 
 @dataclass
@@ -215,8 +228,9 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         overrides: ``section.key=value`` strings (values parsed as YAML).
 
     Raises:
-        RecipeError: On a missing or unreadable file, unknown keys, wrong types or
-            values out of range, with a message naming the key.
+        RecipeError: On a missing, unreadable or refused file (see
+            :func:`read_recipe_file`), unknown keys, wrong types or values out of
+            range, with a message naming the file and the key.
 
     Examples:
         >>> recipe = load_recipe("recipes/quickstart.yaml", ["mcp.pruning_ratio=0.5"])
@@ -224,19 +238,37 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         (0.5, 'torchvision/mobilenet_v2')
     """
     path = Path(path)
-    if not path.is_file():
-        raise RecipeError(f"recipe '{path}' does not exist; see recipes/ for examples.")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark is not None else ""
-        raise RecipeError(f"recipe '{path}' is not valid YAML{where}.") from None
+    raw = read_recipe_file(path) or {}
     if not isinstance(raw, dict):
         raise RecipeError(f"recipe '{path}' must be a mapping of sections.")
     for override in overrides or []:
         apply_override(raw, override)
     return recipe_from_dict(raw, source=str(path))
+
+
+def read_recipe_file(path: str | Path) -> Any:
+    """A recipe file's YAML document, read with the bounded safe loader
+    (``lightly_mcp.safe_yaml``); None for an empty file.
+
+    Raises:
+        RecipeError: A missing or unreadable file, not UTF-8, invalid YAML, a key
+            written twice, an alias bomb or nesting too deep; the message names the
+            file and the line.
+    """
+    path = Path(path)
+    if not path.is_file():
+        what = "is a folder" if path.is_dir() else "does not exist"
+        if path.exists() and not path.is_dir():
+            what = "is not a regular file"
+        raise RecipeError(f"recipe '{path}' {what}; see recipes/ for examples.")
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise RecipeError(
+            f"recipe '{path}' cannot be read ({error.strerror or error}); check its "
+            "permissions."
+        ) from None
+    return load_yaml(data, f"recipe '{path}'")
 
 
 def apply_override(raw: dict[str, Any], override: str) -> None:
@@ -249,7 +281,9 @@ def apply_override(raw: dict[str, Any], override: str) -> None:
     dotted, value_text = override.split("=", 1)
     keys = dotted.strip().split(".")
     try:
-        value = yaml.safe_load(value_text) if value_text.strip() else None
+        value = parse_yaml(value_text) if value_text.strip() else None
+    except UnsafeYAMLError as error:
+        raise RecipeError(f"--set '{dotted}': {describe_yaml_error(error)}.") from None
     except yaml.YAMLError:
         value = value_text
     node = raw
@@ -273,7 +307,7 @@ def _build(cls: type, raw: Any, prefix: str, source: str) -> Any:
     if not isinstance(raw, dict):
         raise RecipeError(f"{source}: '{prefix.rstrip('.')}' must be a mapping.")
     known = {f.name: f for f in fields(cls)}
-    unknown = sorted(set(raw) - set(known))
+    unknown = sorted(set(raw) - set(known), key=str)
     if unknown:
         raise RecipeError(
             f"{source}: unknown key '{prefix}{unknown[0]}'; allowed keys"
@@ -309,9 +343,17 @@ def _check_type(value: Any, hint: Any, key: str, source: str) -> Any:
     if not ok:
         names = " or ".join("null" if t is type(None) else t.__name__ for t in allowed)
         raise RecipeError(
-            f"{source}: '{key}' must be {names}, got {type(value).__name__} {value!r}."
+            f"{source}: '{key}' must be {names}, got {type(value).__name__} "
+            f"{_shown(value)}."
         )
     return value
+
+
+def _shown(value: Any) -> str:
+    """``repr(value)``, cut to 60 characters (a message stays one short line)."""
+    shortener = reprlib.Repr()
+    shortener.maxlevel, shortener.maxstring, shortener.maxother = 2, 40, 40
+    return shortener.repr(value)[:60]
 
 
 def _allowed_types(hint: Any) -> tuple[type, ...]:
@@ -326,9 +368,25 @@ def _require(condition: bool, message: str, source: str) -> None:
         raise RecipeError(f"{source}: {message}")
 
 
+#: Largest ``data.input_size``: a side of 1024 px already needs gigabytes per batch.
+MAX_INPUT_SIZE = 1024
+#: ``seed`` is given to numpy, which takes 32-bit unsigned seeds.
+MAX_SEED = 2**32 - 1
+
+
 def validate(recipe: Recipe, source: str = "recipe") -> None:
-    """Checks ranges and combinations that types alone do not catch."""
+    """Checks ranges and combinations that types alone do not catch.
+
+    Every value that a stage would refuse (or fail on) later is refused here, so a
+    bad recipe stops before any model is built, with the key named.
+    """
+    _check_finite(recipe, source)
     m, p, d, e = recipe.mcp, recipe.pretrain, recipe.data, recipe.eval
+    _require(
+        0 <= recipe.seed <= MAX_SEED,
+        f"'seed' must be in [0, {MAX_SEED}], got {recipe.seed}.",
+        source,
+    )
     _require(
         (m.pruning_ratio is None) != (m.target_params is None),
         "set exactly one of 'mcp.pruning_ratio' and 'mcp.target_params'.",
@@ -354,6 +412,17 @@ def validate(recipe: Recipe, source: str = "recipe") -> None:
         _require(section.batch_size >= 1, f"'{name}.batch_size' must be >= 1.", source)
         _require(section.lr > 0, f"'{name}.lr' must be > 0.", source)
         _require(section.epochs >= 1, f"'{name}.epochs' must be >= 1.", source)
+        _require(
+            section.max_steps == -1 or section.max_steps >= 1,
+            f"'{name}.max_steps' must be -1 (all epochs) or >= 1, got "
+            f"{section.max_steps}.",
+            source,
+        )
+        _require(
+            section.weight_decay >= 0,
+            f"'{name}.weight_decay' must be >= 0, got {section.weight_decay}.",
+            source,
+        )
     _require(p.temperature > 0, "'pretrain.temperature' must be > 0.", source)
     _require(
         p.keep_every_n_epochs >= 0,
@@ -364,11 +433,58 @@ def validate(recipe: Recipe, source: str = "recipe") -> None:
     _require(
         p.memory_bank_size >= 0, "'pretrain.memory_bank_size' must be >= 0.", source
     )
-    _require(d.input_size >= 8, "'data.input_size' must be >= 8.", source)
+    for key in ("projection_hidden_dim", "projection_dim"):
+        value = getattr(p, key)
+        _require(value >= 1, f"'pretrain.{key}' must be >= 1, got {value}.", source)
+    _require(
+        p.split_batch_norm >= 0,
+        "'pretrain.split_batch_norm' must be >= 0 (0 or 1: plain BatchNorm).",
+        source,
+    )
+    _require(p.warmup_epochs >= 0, "'pretrain.warmup_epochs' must be >= 0.", source)
+    _require(
+        8 <= d.input_size <= MAX_INPUT_SIZE,
+        f"'data.input_size' must be in [8, {MAX_INPUT_SIZE}], got {d.input_size}.",
+        source,
+    )
     _require(d.subset is None or d.subset >= 1, "'data.subset' must be >= 1.", source)
     _require(0 < d.min_scale <= 1, "'data.min_scale' must be in (0, 1].", source)
+    _require(d.num_workers >= 0, "'data.num_workers' must be >= 0.", source)
+    _check_data_kind(d.kind, source)
+    width = recipe.backbone.width_multiplier
+    _require(
+        width is None or width > 0,
+        f"'backbone.width_multiplier' must be > 0, got {width}.",
+        source,
+    )
+    x = recipe.export
+    _require(
+        x.round_to is None or x.round_to >= 1,
+        f"'export.round_to' must be >= 1 or null, got {x.round_to}.",
+        source,
+    )
+    _require(
+        x.latency_repeats >= 1,
+        f"'export.latency_repeats' must be >= 1 (or set 'export.latency: false'), "
+        f"got {x.latency_repeats}.",
+        source,
+    )
     _require(e.k >= 1, "'eval.k' must be >= 1.", source)
     _require(e.temperature > 0, "'eval.temperature' must be > 0.", source)
+    _require(
+        e.linear_epochs >= 1,
+        f"'eval.linear_epochs' must be >= 1, got {e.linear_epochs}.",
+        source,
+    )
+    _require(e.batch_size >= 1, "'eval.batch_size' must be >= 1.", source)
+    for key in ("train_subset", "test_subset"):
+        value = getattr(e, key)
+        _require(
+            value is None or value >= 1,
+            f"'eval.{key}' must be >= 1 or null (all images), got {value}.",
+            source,
+        )
+    _check_trainer(recipe.trainer, source)
     if p.split_batch_norm > 1:
         for name, section in (("pretrain", p), ("mcp", m)):
             _require(
@@ -379,6 +495,84 @@ def validate(recipe: Recipe, source: str = "recipe") -> None:
             )
 
 
+def recipe_yaml(recipe: Recipe) -> str:
+    """The resolved recipe as YAML text (what a run records next to its outputs)."""
+    return yaml.safe_dump(recipe.to_dict(), sort_keys=False)
+
+
+def _check_finite(recipe: Recipe, source: str) -> None:
+    """Refuses NaN and infinite values (YAML's ``.nan``, ``.inf``) in any key."""
+    for section in fields(recipe):
+        value = getattr(recipe, section.name)
+        items = [(section.name, value)]
+        if dataclasses.is_dataclass(value):
+            items = [
+                (f"{section.name}.{f.name}", getattr(value, f.name))
+                for f in fields(value)
+            ]
+        for key, item in items:
+            _require(
+                not isinstance(item, float) or math.isfinite(item),
+                f"'{key}' must be a finite number, got {item}.",
+                source,
+            )
+
+
+def _check_data_kind(kind: str, source: str) -> None:
+    from lightly_mcp.data.registry import SUPPORTED_KINDS
+
+    allowed = ("auto", *SUPPORTED_KINDS)
+    _require(
+        kind.strip().lower().replace("-", "_") in allowed,
+        f"'data.kind' must be one of {', '.join(allowed)}; got {_shown(kind)}.",
+        source,
+    )
+
+
+def _check_trainer(t: TrainerSection, source: str) -> None:
+    """Refuses Lightning flags the ``Trainer`` would reject (with a traceback) at
+    the start of a stage: names from Lightning's own registries.
+    """
+    from lightning_fabric.connector import (
+        _PRECISION_INPUT_STR,
+        _PRECISION_INPUT_STR_ALIAS,
+    )
+    from pytorch_lightning.accelerators import AcceleratorRegistry
+    from pytorch_lightning.strategies import StrategyRegistry
+
+    registered = sorted(AcceleratorRegistry.available_accelerators())
+    accelerators = ("auto", "gpu", *registered)
+    _require(
+        t.accelerator in accelerators,
+        f"'trainer.accelerator' must be one of {', '.join(accelerators)}; "
+        f"got {_shown(t.accelerator)}.",
+        source,
+    )
+    strategies = StrategyRegistry.available_strategies()
+    _require(
+        t.strategy.lower() in ("auto", *strategies),
+        f"'trainer.strategy' must be auto or a Lightning strategy such as ddp, "
+        f"ddp_spawn, fsdp, deepspeed; got {_shown(t.strategy)}.",
+        source,
+    )
+    precisions = typing.get_args(_PRECISION_INPUT_STR) + typing.get_args(
+        _PRECISION_INPUT_STR_ALIAS
+    )
+    _require(
+        t.precision in precisions,
+        "'trainer.precision' must be a Lightning precision such as 32-true, "
+        f"16-mixed, bf16-mixed, 64-true; got {_shown(t.precision)}.",
+        source,
+    )
+    _require(
+        t.log_every_n_steps >= 0,
+        "'trainer.log_every_n_steps' must be >= 0 (0: no step metrics).",
+        source,
+    )
+
+
 def dump_recipe(recipe: Recipe, path: str | Path) -> None:
-    """Writes the resolved recipe as YAML (next to a run's outputs)."""
-    Path(path).write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+    """Writes the resolved recipe as YAML, atomically (next to a run's outputs)."""
+    from lightly_mcp.files import write_text_atomic
+
+    write_text_atomic(path, recipe_yaml(recipe))

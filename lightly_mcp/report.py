@@ -8,6 +8,7 @@ plots (matplotlib) are written next to a pipeline run's report.
 from __future__ import annotations
 
 import csv
+import io
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from lightly_mcp.files import write_bytes_atomic
 from lightly_mcp.transition import SmoothTransition
 
 
@@ -374,6 +376,13 @@ def _read_metrics(path: Path) -> dict[str, list[tuple[int, float]]]:
     return series
 
 
+def _save_figure(fig: Any, path: Path) -> None:
+    """Saves a figure as PNG, atomically (never through a link at ``path``)."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    write_bytes_atomic(path, buffer.getvalue())
+
+
 def write_plots(run_dir: Path, report: dict[str, Any]) -> list[Path]:
     """Loss curves, transition schedule and kept channels → ``run_dir/plots/``."""
     import matplotlib
@@ -401,7 +410,7 @@ def write_plots(run_dir: Path, report: dict[str, Any]) -> list[Path]:
             ax.legend()
     fig.tight_layout()
     written.append(out / "losses.png")
-    fig.savefig(written[-1], dpi=100)
+    _save_figure(fig, written[-1])
     plt.close(fig)
 
     prune_series = _read_metrics(run_dir / "prune" / "logs" / "metrics.csv")
@@ -419,7 +428,7 @@ def write_plots(run_dir: Path, report: dict[str, Any]) -> list[Path]:
         )
         fig.tight_layout()
         written.append(out / "transition.png")
-        fig.savefig(written[-1], dpi=100)
+        _save_figure(fig, written[-1])
         plt.close(fig)
 
     kept = report.get("kept_channels") or []
@@ -432,6 +441,6 @@ def write_plots(run_dir: Path, report: dict[str, Any]) -> list[Path]:
         ax.legend()
         fig.tight_layout()
         written.append(out / "kept_channels.png")
-        fig.savefig(written[-1], dpi=100)
+        _save_figure(fig, written[-1])
         plt.close(fig)
     return written

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import glob
 import os
 import shutil
 from collections.abc import Iterator, Sequence
@@ -28,9 +27,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from lightly_mcp.errors import OutputFolderError
+from lightly_mcp.errors import OutputFolderError, RecipeError
+from lightly_mcp.safe_yaml import load_yaml
 
 LOCK = ".lock"
 
@@ -65,20 +63,15 @@ IGNORED_KEYS: frozenset[str] = frozenset(
 PATH_KEYS: frozenset[str] = frozenset({"data.root", "pretrain.dense_checkpoint"})
 """Keys compared as paths (after resolving links and ``~``)."""
 
-# Files a stage writes, relative to the output folder (glob patterns).
+# Files a stage writes, relative to the output folder (exact names, no patterns).
 _TRAINING_FILES = (
     "final.ckpt",
-    ".final.ckpt.tmp",
     "last.ckpt",
     "done.json",
-    ".done.json.*",
     "recipe.yaml",
     "logs/metrics.csv",
     "logs/hparams.yaml",
-    "tensorboard/events.out.tfevents.*",
     "tensorboard/hparams.yaml",
-    "epochs/epoch=*.ckpt",
-    "epochs/.epoch=*.ckpt.tmp",
 )
 STAGE_FILES: dict[str, tuple[str, ...]] = {
     "pretrain": tuple(f"pretrain/{name}" for name in _TRAINING_FILES),
@@ -87,36 +80,33 @@ STAGE_FILES: dict[str, tuple[str, ...]] = {
         "export/model.pt2",
         "export/model.pt",
         "export/model.ts",
-        "export/model.onnx*",
+        "export/model.onnx",
         "export/report.json",
-        ".export-*",
     ),
     "evaluate": (
         "eval/eval.json",
-        "eval/.eval.json.*",
         "report.json",
-        ".report.json.*",
         "recipe.yaml",
         "plots/losses.png",
         "plots/transition.png",
         "plots/kept_channels.png",
     ),
 }
-"""What ``clear_outputs`` may delete for each stage (nothing else is touched)."""
+"""The files each stage writes under these names (it also writes files named at
+run time: TensorBoard events, epoch checkpoints, which the manifest lists)."""
 
-_FOLDERS = (
-    "pretrain/logs",
-    "pretrain/tensorboard",
-    "pretrain/epochs",
-    "pretrain",
-    "prune/logs",
-    "prune/tensorboard",
-    "prune/epochs",
-    "prune",
-    "export",
-    "eval",
-    "plots",
-)
+STAGE_FOLDERS: dict[str, tuple[str, ...]] = {
+    "pretrain": (
+        "pretrain/logs",
+        "pretrain/tensorboard",
+        "pretrain/epochs",
+        "pretrain",
+    ),
+    "prune": ("prune/logs", "prune/tensorboard", "prune/epochs", "prune"),
+    "export": ("export",),
+    "evaluate": ("eval", "plots"),
+}
+"""The folders each stage writes into (deepest first)."""
 
 
 # --- ranks ---------------------------------------------------------------------------
@@ -151,11 +141,20 @@ def check_output_path(out: Path) -> None:
     Creates nothing.
     """
     out = Path(out)
+    longest = max((len(os.fsencode(part)) for part in out.parts), default=0)
+    if longest > 255 or len(os.fsencode(str(out.absolute()))) > 4095:
+        raise OutputFolderError(
+            f"--out '{str(out)[:60]}...' is too long for the file system (a name "
+            "is at most 255 bytes, a path 4095); choose a shorter folder name."
+        )
     existing = out
-    while not existing.exists() and existing != existing.parent:
+    while not os.path.lexists(existing) and existing != existing.parent:
         existing = existing.parent
-    if existing.exists() and not existing.is_dir():
-        what = "is a file" if existing == out else f"lies under the file '{existing}'"
+    if not existing.is_dir():
+        kind = "file" if existing.is_file() else "dangling link or special file"
+        what = (
+            f"is a {kind}" if existing == out else f"lies under the {kind} '{existing}'"
+        )
         raise OutputFolderError(
             f"--out '{out}' {what}; give a folder (it is created if missing)."
         )
@@ -196,8 +195,13 @@ def output_lock(out: Path) -> Iterator[None]:
     created = not out.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
     except OSError as error:
+        if error.errno == errno.ELOOP:
+            raise OutputFolderError(
+                f"'{path}' is a symbolic link; lightly-mcp never writes through "
+                "links: delete it or use another --out folder."
+            ) from None
         raise OutputFolderError(
             f"cannot write to output folder '{out}' ({error.strerror or error}); "
             "choose a folder you can write to."
@@ -278,8 +282,8 @@ def recipe_differences(
     from lightly_mcp.recipe import Recipe
 
     try:
-        recorded_raw = yaml.safe_load(recorded_file.read_text())
-    except (OSError, yaml.YAMLError):
+        recorded_raw = load_yaml(recorded_file.read_bytes(), str(recorded_file))
+    except (OSError, RecipeError):
         recorded_raw = None
     current = _flatten(recipe.to_dict())
     defaults = _flatten(Recipe().to_dict())
@@ -311,8 +315,23 @@ def check_recipe(recipe: Any, out: Path, stages: Sequence[str]) -> None:
     out = Path(out)
     for stage in stages:
         record, started = _stage_record(out, stage)
-        if not started or not record.is_file():
+        if not started:
             continue
+        if not record.is_file() or record.is_symlink():
+            what = (
+                "is a symbolic link"
+                if record.is_symlink()
+                else "is a folder"
+                if record.is_dir()
+                else "is not a regular file"
+                if os.path.lexists(record)
+                else "is missing"
+            )
+            raise OutputFolderError(
+                f"output folder '{out}' holds a {stage} stage whose recorded recipe "
+                f"'{record}' {what}, so its outputs cannot be checked against this "
+                "recipe; pass --restart to start over or use a new --out folder."
+            )
         differences = recipe_differences(recipe, record, stage)
         if not differences:
             continue
@@ -330,30 +349,85 @@ def check_recipe(recipe: Any, out: Path, stages: Sequence[str]) -> None:
 def clear_outputs(out: Path, first_stage: str) -> list[Path]:
     """Deletes what runs wrote in ``out`` for ``first_stage`` and every later stage.
 
-    Only files a run writes (``STAGE_FILES``) are deleted, and folders left empty;
-    anything else in ``out`` stays. Only rank 0 deletes.
+    Only files the folder's manifest lists (``lightly_mcp.manifest``) are deleted,
+    and a listed record the user has since changed is kept; in a folder without a
+    manifest (an older lightly-mcp's), the files of ``STAGE_FILES`` under the stage
+    folders. Then the project's own stale temporary folders and the stage folders
+    left empty. Anything else in ``out`` stays. Only rank 0 deletes.
 
     Returns:
         The deleted paths.
     """
+    from lightly_mcp import manifest
+
     if not is_rank_zero():
         return []
     out = Path(out)
+    stages = STAGES[STAGES.index(first_stage) :]
+    files = manifest.read_manifest(out)
+    has_manifest = os.path.lexists(out / manifest.MANIFEST)
     deleted: list[Path] = []
-    for stage in STAGES[STAGES.index(first_stage) :]:
-        for pattern in STAGE_FILES[stage]:
-            for name in sorted(glob.glob(glob.escape(str(out)) + "/" + pattern)):
-                path = Path(name)
-                if path.is_dir() and not path.is_symlink():
-                    shutil.rmtree(path)
-                elif path.exists() or path.is_symlink():
+    for stage in stages:
+        if has_manifest:
+            prefixes = tuple(f"{folder}/" for folder in STAGE_FOLDERS[stage])
+            names = set(STAGE_FILES[stage])
+            listed = sorted(
+                rel for rel in files if rel in names or rel.startswith(prefixes)
+            )
+            for relative in listed:
+                path = out / relative
+                if os.path.lexists(path) and manifest.is_ours(out, relative, files):
+                    if path.is_dir() and not path.is_symlink():
+                        continue  # never a folder: only the files runs wrote
                     path.unlink()
-                else:
-                    continue
-                deleted.append(path)
-    for folder in _FOLDERS:
-        try:
-            (out / folder).rmdir()  # only when empty
-        except OSError:
-            pass
+                    deleted.append(path)
+            manifest.forget(out, listed)
+        else:
+            for relative in STAGE_FILES[stage]:
+                path = out / relative
+                if "/" not in relative:
+                    continue  # OUT/recipe.yaml, OUT/report.json: maybe the user's
+                if path.is_file() or path.is_symlink():
+                    path.unlink()
+                    deleted.append(path)
+    for stale in stale_export_folders(out):
+        shutil.rmtree(stale, ignore_errors=True)
+        deleted.append(stale)
+    for stage in stages:
+        for folder in STAGE_FOLDERS[stage]:
+            try:
+                (out / folder).rmdir()  # only when empty
+            except OSError:
+                pass
     return deleted
+
+
+def stale_export_folders(parent: Path) -> list[Path]:
+    """The temporary folders of exports into ``parent`` that died (SIGKILL):
+    those holding the export's marker file, not locked by a live export.
+    """
+    from lightly_mcp.export import stale_temporary_folders
+
+    return stale_temporary_folders(Path(parent))
+
+
+def check_no_links(out: Path, stages: Sequence[str]) -> None:
+    """Refuses symbolic links where ``stages`` write in ``out`` (their folders and
+    files): lightly-mcp never writes through a link. Only rank 0 checks.
+
+    Raises:
+        OutputFolderError: Naming the first link.
+    """
+    if not is_rank_zero():
+        return
+    out = Path(out)
+    paths = [out / "recipe.yaml", out / "report.json"]
+    for stage in stages:
+        paths += [out / folder for folder in STAGE_FOLDERS[stage]]
+        paths += [out / name for name in STAGE_FILES[stage]]
+    for path in paths:
+        if path.is_symlink():
+            raise OutputFolderError(
+                f"'{path}' is a symbolic link; lightly-mcp never writes through "
+                "links: delete it (or move it out) or use another --out folder."
+            )

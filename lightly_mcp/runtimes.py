@@ -2,11 +2,11 @@
 ONNX Runtime, and the code-free files that hold the last two.
 
 - ``model.pt2``: a ``torch.export`` program with a dynamic batch axis
-  (:func:`save_program`). :func:`load_program` reads it without running pickled
-  code: ``torch.export.load`` falls back to unpickling arbitrary objects for some
-  entries, and that fallback is refused here.
+  (:func:`save_program`). :func:`load_program` reads it without running anything
+  from the file (it checks the archive first, see :mod:`lightly_mcp.model_files`).
 - ``model.onnx``: ONNX with a dynamic batch axis (:func:`save_onnx`), run with ONNX
-  Runtime's CPU provider (:func:`onnx_runner`).
+  Runtime's CPU provider (:func:`onnx_runner`), only for the file export has just
+  written (ONNX files from users are never read).
 
 :func:`deployed_forms` gives one network in every form this machine can run, as
 callables taking an image batch, for timing them side by side.
@@ -14,18 +14,18 @@ callables taking an image batch, for timing them side by side.
 
 from __future__ import annotations
 
-import contextlib
-import pickle
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-from unittest import mock
 
 import torch
 from torch import Tensor, nn
 
-from lightly_mcp.errors import ExportError, UnsafeCheckpointError, describe_error
+from lightly_mcp.errors import ExportError, describe_error
+from lightly_mcp.model_files import ExportedNetwork as ExportedNetwork  # re-exported
+from lightly_mcp.model_files import load_program as load_program  # re-exported
+from lightly_mcp.model_files import save_program as save_program  # re-exported
 
 #: The forms :func:`deployed_forms` can give, fastest first on typical CPUs.
 FORMS = ("onnxruntime", "torch.export", "eager")
@@ -52,87 +52,6 @@ def export_program(model: nn.Module, size: int) -> torch.export.ExportedProgram:
         raise ExportError(
             f"torch.export cannot trace the network: {describe_error(error)[:300]}"
         ) from error
-
-
-def save_program(program: torch.export.ExportedProgram, path: str | Path) -> None:
-    """Writes ``program`` to ``path`` (``.pt2``)."""
-    torch.export.save(program, str(path))
-
-
-class _Refused:
-    """Stands in for the unpickling functions while a program is loaded."""
-
-    @staticmethod
-    def loads(*args: Any, **kwargs: Any) -> Any:
-        raise pickle.UnpicklingError("pickled objects are not loaded")
-
-
-@contextlib.contextmanager
-def _no_pickled_code() -> Iterator[None]:
-    """``torch.load`` only with ``weights_only=True``, no other unpickling."""
-    from torch.export.pt2_archive import _package
-
-    weights_only = torch.load
-
-    def load(*args: Any, **kwargs: Any) -> Any:
-        kwargs["weights_only"] = True
-        return weights_only(*args, **kwargs)
-
-    with (
-        mock.patch.object(torch, "load", load),
-        mock.patch.object(_package, "pickle", _Refused),
-        mock.patch.object(torch._C, "_pickle_load_obj", _Refused.loads),
-    ):
-        yield
-
-
-class ExportedNetwork(nn.Module):
-    """A ``torch.export`` program's module, usable where an ``nn.Module`` is expected.
-
-    The program was traced in eval mode and holds no train-mode behaviour:
-    :meth:`train` only records the flag (the program's own module refuses it).
-    """
-
-    def __init__(self, program: torch.export.ExportedProgram) -> None:
-        super().__init__()
-        self.program = program.module()
-
-    def train(self, mode: bool = True) -> ExportedNetwork:
-        """Records ``mode``; the traced graph stays what it is (eval mode)."""
-        self.training = mode
-        return self
-
-    def forward(self, x: Tensor) -> Tensor:
-        """The program's output for the image batch ``x``."""
-        out: Tensor = self.program(x)
-        return out
-
-
-def load_program(path: str | Path) -> ExportedNetwork:
-    """The network saved by :func:`save_program`, as a callable module (CPU).
-
-    Tensors are read with ``weights_only=True``; an entry that would need pickled
-    Python objects is refused rather than unpickled.
-
-    Raises:
-        FileNotFoundError: If ``path`` does not exist.
-        UnsafeCheckpointError: If the file is not a readable program or would need
-            unpickling.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"No torch.export program at '{path}'.")
-    try:
-        with _no_pickled_code():
-            program = torch.export.load(str(path))
-        module = ExportedNetwork(program)
-    except Exception as error:  # noqa: BLE001 - anything unreadable is refused
-        raise UnsafeCheckpointError(
-            f"'{path}' cannot be read as a torch.export program without running "
-            f"pickled code ({describe_error(error)[:200]}); export it again with "
-            "lightly-mcp export."
-        ) from error
-    return module
 
 
 # --- ONNX ---------------------------------------------------------------------------

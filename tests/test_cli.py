@@ -365,11 +365,11 @@ def test_resuming_a_checkpoint_of_another_pruning_ratio_is_refused(
     message = _error(capsys, argv)
     assert "prune stage made with another recipe" in message
     assert "mcp.pruning_ratio 0.5 there, 0.3 now" in message
-    # Without the recorded recipe the checkpoint's own settings still refuse it.
+    # Without the recorded recipe its outputs cannot be checked: refused too.
     (out / "prune" / "recipe.yaml").unlink()
     message = _error(capsys, argv)
-    assert "cannot resume prune" in message
-    assert "pruning_ratio 0.5 there, 0.3 now" in message and "--restart" in message
+    assert "holds a prune stage whose recorded recipe" in message
+    assert "is missing" in message and "--restart" in message
     assert not (out / "prune" / "done.json").exists()
 
 

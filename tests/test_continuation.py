@@ -84,7 +84,7 @@ def test_the_command_that_continues_follows_the_last_finished_stage(
     _finish(out, "prune", "export")
     assert set(finished_stages(out)) == {"pretrain", "prune", "export"}
     assert continue_commands(out, rerun, recipe)[1] == (
-        f"`lightly-mcp evaluate {out}/export {recipe} --out {out}/eval`"
+        f"`lightly-mcp evaluate {out}/export {recipe} --out {out}/eval-compact`"
     )
 
 

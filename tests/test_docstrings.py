@@ -21,6 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
         "lightly_mcp.folding",  # fold_batchnorm
         "lightly_mcp.options",  # check_mcp_options
         "lightly_mcp.recipe",  # load_recipe
+        "lightly_mcp.safe_yaml",  # load_yaml
         "lightly_mcp.schedule",
         "lightly_mcp.transition",  # SmoothTransition
     ],

@@ -57,6 +57,7 @@ def test_user_errors_are_input_errors_and_value_errors() -> None:
         "DatasetError",
         "CheckpointError",
         "UnsafeCheckpointError",
+        "CodeFileError",
         "ProvenanceError",
         "OutputFolderError",
         "ExportError",

@@ -85,7 +85,7 @@ def test_a_program_with_pickled_code_is_refused_unrun(
             "data/weights/model_weights_config.json": json.dumps(config).encode(),
         }
     _rewrite(tmp_path / "good.pt2", tmp_path / "evil.pt2", replace)
-    with pytest.raises(UnsafeCheckpointError, match="without running pickled code"):
+    with pytest.raises(UnsafeCheckpointError, match="is not a program lightly-mcp"):
         load_program(tmp_path / "evil.pt2")
     assert not marker.exists()
     assert issubclass(UnsafeCheckpointError, InputError)  # exit code 2

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import math
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -43,12 +44,20 @@ IDX_IMAGES_MAGIC = 2051
 IDX_LABELS_MAGIC = 2049
 
 
+#: Largest data an idx file may declare (1 GiB: about 20 times Fashion-MNIST's
+#: training images); more is refused before anything is decompressed.
+MAX_IDX_BYTES = 2**30
+
+
 def read_idx(path: str | Path, expected_magic: int) -> np.ndarray:
     """Reads an idx file (``.gz`` or plain) of unsigned bytes into a numpy array.
 
     The idx format: a big-endian 32-bit magic number ``0x0000 08 nd`` (``0x08`` for
     unsigned bytes, ``nd`` the number of dimensions: 2051 for images ``(N, H, W)``,
     2049 for labels ``(N,)``), ``nd`` big-endian 32-bit sizes, then the data.
+
+    The header is read first and only the data it declares (at most
+    ``MAX_IDX_BYTES``) is read after it, so a gzip bomb is never decompressed whole.
 
     Args:
         path: The file; gzip-compressed when its name ends in ``.gz``.
@@ -58,47 +67,54 @@ def read_idx(path: str | Path, expected_magic: int) -> np.ndarray:
         A read-only uint8 array of the shape given in the header.
 
     Raises:
-        DatasetError: The file cannot be read, has another magic number, or its size
-            does not match its header. The message names the file.
+        DatasetError: The file cannot be read, has another magic number, declares
+            more than ``MAX_IDX_BYTES``, or its size does not match its header. The
+            message names the file.
     """
     path = Path(path)
-    try:
-        if path.name.endswith(".gz"):
-            with gzip.open(path, "rb") as gz_file:
-                data = gz_file.read()
-        else:
-            data = path.read_bytes()
-    except (OSError, EOFError) as error:
-        raise DatasetError(
-            f"corrupt idx file {path}: cannot read it ({describe_flat(error)})"
-        ) from error
     what = {IDX_IMAGES_MAGIC: "images", IDX_LABELS_MAGIC: "labels"}.get(
         expected_magic, "idx"
     )
-    if len(data) < 4:
+    try:
+        gz = path.name.endswith(".gz")
+        with gzip.open(path, "rb") if gz else open(path, "rb") as stream:
+            head = stream.read(4)
+            if len(head) < 4:
+                raise DatasetError(
+                    f"corrupt idx file {path}: {len(head)} bytes, too short for a "
+                    "header"
+                )
+            magic = int.from_bytes(head, "big")
+            if magic != expected_magic:
+                raise DatasetError(
+                    f"corrupt idx file {path}: magic number {magic}, expected "
+                    f"{expected_magic} ({what})"
+                )
+            ndim = magic & 0xFF
+            sizes = stream.read(4 * ndim)
+            if len(sizes) < 4 * ndim:
+                raise DatasetError(f"corrupt idx file {path}: truncated header")
+            shape = tuple(int(d) for d in np.frombuffer(sizes, dtype=">u4"))
+            size = math.prod(shape)
+            if size > MAX_IDX_BYTES:
+                raise DatasetError(
+                    f"idx file {path}: the header gives shape {shape} ({size} "
+                    f"bytes), more than the {MAX_IDX_BYTES} allowed; is it the right "
+                    "file?"
+                )
+            data = stream.read(size)
+            extra = len(stream.read(1))
+    except (OSError, EOFError, zlib.error) as error:
         raise DatasetError(
-            f"corrupt idx file {path}: {len(data)} bytes, too short for a header"
-        )
-    magic = int.from_bytes(data[:4], "big")
-    if magic != expected_magic:
-        raise DatasetError(
-            f"corrupt idx file {path}: magic number {magic}, expected "
-            f"{expected_magic} ({what})"
-        )
-    ndim = magic & 0xFF
-    header = 4 + 4 * ndim
-    if len(data) < header:
-        raise DatasetError(f"corrupt idx file {path}: truncated header")
-    shape = tuple(
-        int(d) for d in np.frombuffer(data, dtype=">u4", count=ndim, offset=4)
-    )
-    size = math.prod(shape)
-    if len(data) - header != size:
+            f"corrupt idx file {path}: cannot read it ({describe_flat(error)})"
+        ) from error
+    if len(data) != size or extra:
+        held = "more data" if extra else f"{len(data)} bytes of data"
         raise DatasetError(
             f"corrupt idx file {path}: the header gives shape {shape} ({size} bytes) "
-            f"but the file holds {len(data) - header} bytes of data"
+            f"but the file holds {held}"
         )
-    return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(shape)
+    return np.frombuffer(data, dtype=np.uint8).reshape(shape)
 
 
 def _find_idx(folders: Sequence[Path], stem: str) -> Path | None:

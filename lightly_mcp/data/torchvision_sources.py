@@ -2,18 +2,22 @@
 
 Files are downloaded only with ``download=True`` (``download: true`` in a recipe). A
 user-supplied copy is trusted: its files are checked for existence, not against
-torchvision's md5 sums, so corrupt files fail with a clear error when parsed.
+torchvision's md5 sums, so corrupt files fail with a clear error when parsed. CIFAR's
+pickled files are read with :func:`load_array_pickle`, which runs no code from them.
 """
 
 from __future__ import annotations
 
 import pickle
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 from torchvision import datasets as tv_datasets
+from torchvision.datasets import cifar as tv_cifar
 
 from lightly_mcp.data.labeled_images import LabeledImages
 from lightly_mcp.errors import DatasetError, describe_flat
@@ -43,13 +47,64 @@ def _missing(folder: Path, names: Sequence[str]) -> list[str]:
     return [name for name in names if not (folder / name).is_file()]
 
 
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickles plain data and numpy arrays only: what CIFAR's python files hold.
+
+    Any other global a pickle names (a function it would call: code) is refused, so
+    a dataset file never runs code.
+    """
+
+    ALLOWED = frozenset(
+        (module, name)
+        for package in ("numpy.core", "numpy._core")
+        for module, name in (
+            (f"{package}.multiarray", "_reconstruct"),
+            (f"{package}.numeric", "_frombuffer"),
+        )
+    ) | {("numpy", "ndarray"), ("numpy", "dtype")}
+
+    def find_class(self, module: str, name: str) -> Any:
+        """The allowed numpy globals; anything else raises ``UnpicklingError``."""
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(
+                f"it names the global {module}.{name}: a CIFAR file holds only "
+                "arrays and lists, and code is never run from a data file"
+            )
+        return super().find_class(module, name)
+
+
+def load_array_pickle(file: Any, encoding: str = "ASCII", **kwargs: Any) -> Any:
+    """``pickle.load`` restricted to plain data and numpy arrays (the one reader of
+    CIFAR's files; torchvision's ``CIFAR10`` calls it through :func:`_arrays_only`).
+    """
+    return _ArrayUnpickler(file, encoding=encoding, **kwargs).load()
+
+
+@contextmanager
+def _arrays_only() -> Iterator[None]:
+    """Restricts torchvision's CIFAR reader (its ``pickle.load``) to arrays."""
+    original = tv_cifar.pickle
+    tv_cifar.pickle = SimpleNamespace(load=load_array_pickle)
+    try:
+        yield
+    finally:
+        tv_cifar.pickle = original
+
+
 class TrustedCIFAR10(tv_datasets.CIFAR10):
-    """torchvision's CIFAR-10 with an existence check instead of md5 sums.
+    """torchvision's CIFAR-10 with an existence check instead of md5 sums, and no
+    code run from its files.
 
     torchvision compares every file with the md5 sum of the official archive; here a
     user-supplied copy is trusted (only the files of the requested split and the
-    meta file must exist), and corrupt files fail when they are unpickled.
+    meta file must exist), and corrupt files fail when they are unpickled. They are
+    unpickled with :func:`load_array_pickle`: a file naming any global other than
+    numpy's array constructors is refused.
     """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        with _arrays_only():
+            super().__init__(*args, **kwargs)
 
     def _check_integrity(self) -> bool:
         folder = Path(self.root) / self.base_folder
@@ -58,7 +113,7 @@ class TrustedCIFAR10(tv_datasets.CIFAR10):
     def _load_meta(self) -> None:
         path = Path(self.root) / self.base_folder / self.meta["filename"]
         with open(path, "rb") as meta_file:
-            data = pickle.load(meta_file, encoding="latin1")
+            data = load_array_pickle(meta_file, encoding="latin1")
         self.classes = data[self.meta["key"]]
         self.class_to_idx = {name: i for i, name in enumerate(self.classes)}
 
