@@ -95,8 +95,10 @@ def _recorded_fit(out: Path, stage_dir: Path, fit: Callable[[], Path]) -> Path:
         return fit()
     finally:
         if is_rank_zero():
-            new = manifest.files_under(out, stage_dir.name) - before
-            manifest.record(out, sorted(new))
+            present = manifest.files_under(out, stage_dir.name)
+            # New files, and ours that a resumed fit wrote to (metrics.csv rows).
+            ours = present & set(manifest.read_manifest(out))
+            manifest.record(out, sorted((present - before) | ours))
 
 
 def _fit(
