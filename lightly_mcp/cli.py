@@ -8,7 +8,8 @@ import os
 import re
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -473,6 +474,44 @@ def _stage_interrupted() -> type[BaseException]:
     return StageInterrupted
 
 
+@contextmanager
+def _progress_log(show: bool) -> Iterator[None]:
+    """Shows lightly-mcp's own progress lines (the ``lightly_mcp`` logger at level
+    INFO, e.g. which backbone is being traced) on stdout inside the block.
+    """
+    if not show:
+        yield
+        return
+    from rich.console import Console
+
+    console = Console()
+
+    class ConsoleHandler(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            console.print(self.format(record), markup=False, highlight=False)
+
+    logger = logging.getLogger("lightly_mcp")
+    handler = ConsoleHandler(logging.INFO)
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
+def _is_sigterm_exit(error: SystemExit) -> bool:
+    """Whether Lightning raised ``error`` for a SIGTERM (in a ``Trainer.fit`` that
+    ``lightly_mcp.pipeline`` does not wrap, e.g. the preflight's); Lightning turns
+    Ctrl-C into ``sys.exit(1)`` after its own cleanup, with the ``KeyboardInterrupt``
+    as context.
+    """
+    lightning = sys.modules.get("pytorch_lightning.utilities.exceptions")
+    return lightning is not None and isinstance(error, lightning.SIGTERMException)
+
+
 def quiet_third_party_warnings() -> None:
     """Silences library warnings and Lightning's info logs; MCP's own warnings stay."""
     from lightly_mcp.errors import MCPWarning
@@ -493,19 +532,33 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     if not args.debug:
         quiet_third_party_warnings()
-    from lightly_mcp.errors import first_line
+    from lightly_mcp.errors import Terminated, first_line
+    from lightly_mcp.interrupts import (
+        SIGINT_EXIT,
+        SIGTERM_EXIT,
+        interrupted_message,
+        sigterm_raises,
+    )
 
+    training = args.command in ("pretrain", "prune", "run")
+    out = getattr(args, "out", None) if training else None
     try:
-        return _dispatch(args)
+        with sigterm_raises(), _progress_log(not getattr(args, "quiet", False)):
+            return _dispatch(args)
     except _stage_interrupted() as error:
         print(f"lightly-mcp: {error}", file=sys.stderr)
-        return 143
-    except KeyboardInterrupt:
-        print(
-            "lightly-mcp: interrupted; run the same command again to continue.",
-            file=sys.stderr,
+        return int(getattr(error, "exit_code", SIGTERM_EXIT))
+    except (KeyboardInterrupt, Terminated, SystemExit) as error:
+        ctrl_c = isinstance(error, KeyboardInterrupt) or (
+            isinstance(error, SystemExit)
+            and isinstance(error.__context__, KeyboardInterrupt)
         )
-        return 130
+        if isinstance(error, SystemExit) and not ctrl_c:
+            if not _is_sigterm_exit(error):
+                raise
+        name = "Ctrl-C" if ctrl_c else "SIGTERM"
+        print(f"lightly-mcp: {interrupted_message(name, out)}", file=sys.stderr)
+        return SIGINT_EXIT if ctrl_c else SIGTERM_EXIT
     except Exception as error:  # noqa: BLE001 (one clear line, --debug for more)
         if args.debug:
             raise

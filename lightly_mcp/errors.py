@@ -16,7 +16,11 @@ The hierarchy:
 
   - ``LateStageError``: a stage failed after earlier stages finished; the message says
     what is kept and how to continue, the original error is its ``__cause__``.
-  - ``StageInterrupted``: a training stage was stopped by SIGTERM after saving.
+  - ``StageInterrupted``: a training stage was stopped by SIGTERM or Ctrl-C; the
+    message says what is kept, ``exit_code`` is the command's exit status.
+
+- ``Terminated`` (a ``BaseException``, like ``KeyboardInterrupt``): a SIGTERM outside
+  a training loop (``lightly_mcp.interrupts``).
 
 - ``MCPWarning``: a warning about the method itself; the command line keeps these
   when it silences third-party warnings.
@@ -108,7 +112,19 @@ class LateStageError(MCPError):
 
 
 class StageInterrupted(MCPError, RuntimeError):
-    """A training stage was stopped by SIGTERM after saving its checkpoint."""
+    """A training stage was stopped by SIGTERM (exit status 143) or Ctrl-C (130); the
+    message says what is kept and how to continue.
+    """
+
+    def __init__(self, message: str, exit_code: int = 143) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class Terminated(BaseException):
+    """A SIGTERM outside a training loop, raised where it lands (as Ctrl-C raises
+    ``KeyboardInterrupt``) so that cleanup code runs; see ``lightly_mcp.interrupts``.
+    """
 
 
 class CompactKeysError(MCPError, RuntimeError):

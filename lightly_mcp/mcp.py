@@ -234,6 +234,8 @@ class MCP(MoCoV2):
         self._last_seen_step = -1
         self._mask_stable = False
         self._warned = False
+        #: Whether the end-of-training work is done (:meth:`finish_training`).
+        self.training_finished = False
         #: One record per ADMM update (step, response, churn, distances, ρ).
         self.block_history: list[dict[str, float]] = []
 
@@ -392,19 +394,47 @@ class MCP(MoCoV2):
         if self.hparams["frozen_mask"] == "hard" and schedule.is_frozen(done):
             self.admm.zero_dropped(self.backbone)  # the next step is a frozen one
 
+    def on_train_epoch_end(self) -> None:
+        """Finishes training (:meth:`finish_training`) at the end of its last epoch.
+
+        Lightning calls this before its checkpoint callbacks, so the ``last.ckpt`` of
+        a run that has taken all its steps holds the finished model: a run killed
+        after writing it and resumed (Lightning then trains no further and calls no
+        ``on_train_end``) ends with the same model as the uninterrupted one.
+        """
+        if self._took_all_steps():
+            self.finish_training(self.trainer.train_dataloader)
+
     def on_train_end(self) -> None:
-        """Re-estimates the momentum subnet's BatchNorm statistics (see
-        ``recalibration_batches``) so that what is saved describes the subnet, when
-        the run has taken all its steps.
+        """Writes the compact copy's statistics back, and finishes training if the
+        epoch end did not.
         """
         self.subnet.sync_statistics()
+        if self._took_all_steps():
+            self.finish_training(self.trainer.train_dataloader)
+
+    def _took_all_steps(self) -> bool:
+        return self.global_step >= self.block_schedule().total_steps
+
+    def finish_training(self, loader: Any) -> None:
+        """The end-of-training work, done once per run: re-estimates the momentum
+        subnet's BatchNorm statistics on ``loader``'s images (see
+        ``recalibration_batches``) so that what is saved describes the subnet.
+
+        A run stopped early (to be resumed) keeps the statistics it trained with, so
+        that resuming equals an uninterrupted run. Whether the work is done is kept in
+        the checkpoint (``mcp_schedule``); calling this again does nothing.
+
+        Args:
+            loader: The training DataLoader (anything else: no recalibration).
+        """
+        if self.training_finished:
+            return
+        self.subnet.sync_statistics()
         batches = self.hparams["recalibration_batches"]
-        loader = self.trainer.train_dataloader
-        finished = self.global_step >= self.block_schedule().total_steps
-        # An interrupted run (stopped early, to be resumed) keeps the statistics it
-        # trained with, so that resuming equals an uninterrupted run.
-        if batches > 0 and finished and isinstance(loader, DataLoader):
+        if batches > 0 and isinstance(loader, DataLoader):
             self.recalibrate_subnet(loader, batches)
+        self.training_finished = True
 
     @torch.no_grad()
     def recalibrate_subnet(self, loader: DataLoader, num_batches: int) -> int:
@@ -543,6 +573,7 @@ class MCP(MoCoV2):
             "last_seen_step": self._last_seen_step,
             "mask_stable": self._mask_stable,
             "warned": self._warned,
+            "finished": self.training_finished,
             "history": list(self.block_history),
         }
 
@@ -557,6 +588,7 @@ class MCP(MoCoV2):
             self._last_seen_step = int(saved["last_seen_step"])
             self._mask_stable = bool(saved["mask_stable"])
             self._warned = bool(saved["warned"])
+            self.training_finished = bool(saved.get("finished", False))
             self.block_history = [dict(r) for r in saved.get("history", [])]
 
 

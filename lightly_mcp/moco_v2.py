@@ -241,6 +241,14 @@ class MoCoV2(LightningModule):
         """
         restore_loader_positions(self.trainer)
 
+    def finish_training(self, loader: Any) -> None:
+        """The end-of-training work after the last step (none for MoCo v2).
+
+        ``lightly_mcp.pipeline`` calls it after every fit that took all its steps, also
+        when Lightning resumed a checkpoint that had already taken them all (then no
+        training hook runs): models with such work (``MCP``) do it here, once.
+        """
+
     # --- checkpoint state that lightly keeps outside state_dict() ---------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Saves the memory bank (a non-persistent buffer in lightly) and the RNGs."""

@@ -50,6 +50,7 @@ from lightly_mcp.errors import CodeFileError, StageInterrupted, UnsafeCheckpoint
 from lightly_mcp.evaluation import embed_models, evaluate_features, raw_pixel_scores
 from lightly_mcp.export import compact_from_checkpoint, export
 from lightly_mcp.files import write_json_atomic
+from lightly_mcp.interrupts import SIGINT_EXIT
 from lightly_mcp.loading import module_from_checkpoint
 from lightly_mcp.masks import round_masks
 from lightly_mcp.mcp import LEGACY_HPARAMS, MCP
@@ -104,12 +105,14 @@ def _recorded_fit(out: Path, stage_dir: Path, fit: Callable[[], Path]) -> Path:
         return fit()
     finally:
         if is_rank_zero():
-            new = manifest.files_under(out, stage_dir.name) - before
-            manifest.record(out, sorted(new))
+            present = manifest.files_under(out, stage_dir.name)
+            # New files, and ours that a resumed fit wrote to (metrics.csv rows).
+            ours = present & set(manifest.read_manifest(out))
+            manifest.record(out, sorted((present - before) | ours))
 
 
 def _fit(
-    model: pl.LightningModule,
+    model: MoCoV2,
     recipe: Recipe,
     stage_dir: Path,
     loader: DataLoader,
@@ -118,14 +121,20 @@ def _fit(
     progress: bool,
     keep_every_n_epochs: int = 0,
 ) -> Path:
-    """Fits (resuming from ``last.ckpt``) and saves ``final.ckpt`` atomically.
+    """Fits (resuming from ``last.ckpt``), finishes and saves ``final.ckpt`` atomically.
 
-    Under DDP every rank calls this (Lightning's launcher re-runs the command); only
-    rank 0 writes files, and the ranks wait for its ``final.ckpt`` before going on.
+    The end-of-training work (``model.finish_training``: MCP's BatchNorm
+    recalibration) is done once, also when ``last.ckpt`` had taken every step and
+    Lightning trains no further, so a resumed run ends with the uninterrupted run's
+    model. Under DDP every rank calls this (Lightning's launcher re-runs the
+    command); only rank 0 writes files, and the ranks wait for its ``final.ckpt``
+    before going on.
 
     Raises:
         RecipeError: When the data cannot fill one batch on every device, or the
             stage ended without a training step.
+        StageInterrupted: After a SIGTERM (``last.ckpt`` saved) or Ctrl-C (the last
+            end-of-epoch ``last.ckpt`` kept), with the message saying so.
     """
     pl.seed_everything(recipe.seed, workers=True, verbose=False)
     trainer = trainer_for(
@@ -158,6 +167,14 @@ def _fit(
             f"{trainer.global_step}; saved '{last}'. Run the same command again to "
             "continue."
         ) from None
+    except SystemExit as error:
+        # Lightning turns Ctrl-C into sys.exit(1) after its own cleanup.
+        if not isinstance(error.__context__, KeyboardInterrupt):
+            raise
+        raise StageInterrupted(
+            _ctrl_c_message(stage_dir.name, trainer.global_step, last),
+            exit_code=SIGINT_EXIT,
+        ) from None
     if trainer.global_step == 0:
         raise RecipeError(
             f"stage '{stage_dir.name}' ended without a training step "
@@ -165,11 +182,33 @@ def _fit(
             f"{trainer.world_size} device(s), max_steps {max_steps}); the stage is "
             "not done. Use more data, a smaller batch or fewer devices."
         )
+    if trainer.received_sigterm:
+        # A SIGTERM after the last step (Lightning notes it and trains no further):
+        # last.ckpt holds the finished training.
+        raise StageInterrupted(
+            f"stage '{stage_dir.name}' stopped by SIGTERM at the end of training "
+            f"(step {trainer.global_step}); kept '{last}'. Run the same command again "
+            "to finish it."
+        )
+    # Done already unless Lightning resumed a checkpoint that had taken every step.
+    model.finish_training(loader)
     final = stage_dir / "final.ckpt"
     # Collective; rank 0 writes the file, atomically (AtomicCheckpointIO).
     trainer.save_checkpoint(str(final))
     trainer.strategy.barrier("final.ckpt")  # the next stage reads it on every rank
     return final
+
+
+def _ctrl_c_message(stage: str, step: int, last: Path) -> str:
+    """What a Ctrl-C during training keeps, and how to continue."""
+    if last.is_file():
+        kept = f"kept its last end-of-epoch checkpoint '{last}'"
+    else:
+        kept = "no checkpoint yet (one is written at every epoch end)"
+    return (
+        f"stage '{stage}' interrupted by Ctrl-C at step {step}; {kept}. Run the same "
+        "command again to continue."
+    )
 
 
 def _check_one_step(

@@ -5,13 +5,21 @@
 random weights and random masks, that the masked network equals the physically pruned
 one (:func:`check_exact`, built on :func:`lightly_mcp.compaction.compact`). A
 backbone that fails is refused before any training, with the group that breaks it.
+
+Tracing a large graph takes a while (minutes for some timm models on a slow CPU), and
+a run builds the same backbone several times (its preflight, MCP, export,
+evaluation): the groups found are kept in memory per architecture
+(:func:`architecture_key`) and reused, and every tracing says what it traces (the
+``lightly_mcp`` logger, which the command line shows).
 """
 
 from __future__ import annotations
 
 import copy
+import logging
 import math
-from collections.abc import Sequence
+import time
+from collections.abc import Hashable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -22,6 +30,7 @@ from lightly_mcp.errors import describe_error
 from lightly_mcp.groups import (
     DEFAULT_TIME_LIMIT,
     ChannelGroup,
+    backbone_label,
     default_example_inputs,
     route_of,
     trace_channel_groups,
@@ -36,6 +45,13 @@ gives differences of order 1."""
 
 CHECK_FLOAT64_MAX_PARAMETERS = 50_000_000
 """Larger backbones are checked in float32 (two float64 copies would need > 800 MB)."""
+
+log = logging.getLogger(__name__)
+
+_traced: dict[Hashable, tuple[ChannelGroup, ...]] = {}
+"""The groups found so far in this process, by :func:`architecture_key`."""
+
+_PLAIN = (bool, int, float, str, type(None))
 
 
 @torch.no_grad()
@@ -218,6 +234,9 @@ def find_channel_groups(
         check: Prune a float64 copy with random masks at r = 0.5 and check that it
             equals the masked network (:func:`check_exact`).
 
+    The groups of an architecture traced before in this process (same
+    :func:`architecture_key`, settings and input shape) are reused without tracing.
+
     Returns:
         The prunable groups, in a deterministic order (by root module name).
 
@@ -235,7 +254,75 @@ def find_channel_groups(
     """
     if example_inputs is None:
         example_inputs = default_example_inputs()
+    key = architecture_key(model, example_inputs, keep_output_dim, check)
+    if key is not None and key in _traced:
+        return list(_traced[key])
+    size = "x".join(str(n) for n in example_inputs.shape[2:])
+    label = backbone_label(model)
+    log.info(f"tracing the channel groups of {label} at {size} px (once per backbone)")
+    start = time.perf_counter()
     groups = trace_channel_groups(model, example_inputs, keep_output_dim, time_limit)
     if check:
         check_exact(model, groups, example_inputs)
+    seconds = time.perf_counter() - start
+    log.info(f"traced {len(groups)} channel groups of {label} in {seconds:.1f} s")
+    if key is not None:
+        _traced[key] = tuple(groups)
     return groups
+
+
+def architecture_key(
+    model: nn.Module, example_inputs: Tensor, *settings: Hashable
+) -> Hashable | None:
+    """What the channel groups of ``model`` depend on, or None when unknown.
+
+    The class of every module (its module path and qualified name), its plain
+    attributes (strides, kernel sizes, flags such as ``small_input``), the name,
+    shape and dtype of every parameter and buffer, the shape of
+    ``example_inputs`` and ``settings``: two backbones with the same key trace to the
+    same groups, whatever their weights. The groups name parameters and modules, so
+    they apply to any model with that key. Functions set on a module instance (a
+    replaced ``forward``) count by where they are defined; a model with forward
+    hooks has no key (None): its groups are traced every time.
+    """
+    modules = []
+    for name, module in model.named_modules():
+        if module._forward_hooks or module._forward_pre_hooks:
+            return None
+        attributes = []
+        for attribute, value in sorted(vars(module).items()):
+            if attribute.startswith("_") or attribute == "training":
+                continue
+            if isinstance(value, list):
+                value = tuple(value)
+            if isinstance(value, _PLAIN) or (
+                isinstance(value, tuple) and all(isinstance(v, _PLAIN) for v in value)
+            ):
+                attributes.append((attribute, value))
+            elif callable(value):  # a function or class set on the instance
+                attributes.append((attribute, _callable_name(value)))
+        kind = type(module)
+        modules.append(
+            (name, f"{kind.__module__}.{kind.__qualname__}", tuple(attributes))
+        )
+    tensors = tuple(
+        (name, tuple(t.shape), str(t.dtype))
+        for name, t in [*model.named_parameters(), *model.named_buffers()]
+    )
+    return (tuple(modules), tensors, tuple(example_inputs.shape), settings)
+
+
+def _callable_name(value: object) -> str:
+    """Where a function or class is defined: its module, qualified name and line."""
+    function = getattr(value, "__func__", value)  # a bound method's function
+    code = getattr(function, "__code__", None)
+    line = f":{code.co_filename}:{code.co_firstlineno}" if code is not None else ""
+    name = getattr(function, "__qualname__", None) or repr(function)
+    return f"{getattr(function, '__module__', '')}.{name}{line}"
+
+
+def clear_traced_groups() -> None:
+    """Forgets the groups found so far (the next call of
+    :func:`find_channel_groups` traces again).
+    """
+    _traced.clear()
