@@ -220,6 +220,7 @@ def moco_kwargs(recipe: Recipe, stage: str) -> dict[str, Any]:
         "weight_decay": schedule.weight_decay,
         "symmetric_loss": p.symmetric_loss,
         "warmup_epochs": p.warmup_epochs if stage == "pretrain" else 0,
+        "channels_last": recipe.trainer.channels_last,
     }
 
 

@@ -177,13 +177,20 @@ class EvalSection:
 
 @dataclass
 class TrainerSection:
-    """Lightning ``Trainer`` flags."""
+    """Lightning ``Trainer`` flags, and the memory layout of the training steps.
+
+    Attributes:
+        channels_last: Run MoCo v2 and MCP steps on ``channels_last`` batches (faster
+            convolutions on CPU; results equal up to float rounding, see
+            ``lightly_mcp.batchnorm.ShuffleBatchNorm``).
+    """
 
     accelerator: str = "auto"
     devices: int | str = 1
     strategy: str = "auto"
     precision: str = "32-true"
     log_every_n_steps: int = 10
+    channels_last: bool = True
 
 
 @dataclass

@@ -273,6 +273,9 @@ CASES: dict[str, Case] = {
     "trainer.devices": Case("auto", ("prune",)),
     "trainer.strategy": Case("single_device", ("prune",)),
     "trainer.precision": Case("bf16-mixed", ("prune",)),
+    "trainer.channels_last": Case(
+        False, ("prune",), check=_hparam("prune", "channels_last", False)
+    ),
     "trainer.log_every_n_steps": Case(
         1,
         ("prune",),
