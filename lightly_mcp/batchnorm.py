@@ -45,7 +45,7 @@ class _ChannelsLastSplitNorm(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: Any,
         x: Tensor,
         weight: Tensor,
@@ -86,7 +86,7 @@ class _ChannelsLastSplitNorm(torch.autograd.Function):
         return out
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         grouped, mean, rstd, weight = ctx.saved_tensors
         count = grouped.shape[0] * grouped.shape[2]
         grad_grouped = grad.permute(0, 2, 3, 1).reshape(grouped.shape)

@@ -37,6 +37,10 @@ class DataSection:
         download: Let torchvision download CIFAR/STL (never done implicitly).
         num_workers: DataLoader workers.
         min_scale: Smallest random-resized-crop scale of the MoCo views.
+        batched_augment: Augment the MoCo views on the batch
+            (``lightly_mcp.batched_views``: lightly's parameters per image, applied
+            in the DataLoader's collate) instead of per image with PIL; views with
+            Gaussian blur (``input_size`` above 64) keep the per-image transform.
     """
 
     kind: str = "auto"
@@ -46,6 +50,7 @@ class DataSection:
     download: bool = False
     num_workers: int = 0
     min_scale: float = 0.2
+    batched_augment: bool = True
 
 
 @dataclass

@@ -149,6 +149,7 @@ CASES: dict[str, Case] = {
     ),
     "data.num_workers": Case(1, ("prune",)),
     "data.min_scale": Case(0.5, ("prune",)),
+    "data.batched_augment": Case(False, ("prune",)),
     # backbone (MCP from scratch)
     "backbone.name": Case(
         "torchvision/resnet18",
