@@ -115,6 +115,9 @@ def main() -> None:
     )
     parser.add_argument("--methods", nargs="+", default=["MoCoV2", "MCP"])
     parser.add_argument(
+        "--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS)
+    )
+    parser.add_argument(
         "--out",
         type=Path,
         default=ROOT / "benchmarks/results/training_step_levers.json",
@@ -123,7 +126,7 @@ def main() -> None:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    variants = dict(VARIANTS)
+    variants = {name: VARIANTS[name] for name in args.variants}
     for n in args.workers:
         variants[f"after+{n}w"] = (True, True, n)
     steps: dict[str, Callable[[], float]] = {}
@@ -160,6 +163,7 @@ def main() -> None:
         "over_before": {
             name: median[name] / median[f"{name.split('/')[0]}/before"]
             for name in median
+            if "before" in variants
         },
     }
     if "MoCoV2" in args.methods and "MCP" in args.methods:
