@@ -5,6 +5,7 @@ what they train and evaluate through these functions, so that a recipe means the
 model, data and schedule wherever it is used:
 
 - data: :func:`dataset_kind`, :func:`recipe_dataset`, :func:`training_data`,
+  :func:`training_transform`,
   :func:`evaluation_data`, :func:`export_recalibration_data`;
 - models: :func:`backbone_kwargs`, :func:`moco_kwargs` (``MoCoV2``), :func:`mcp_model`
   (``MCP``);
@@ -30,6 +31,7 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from torch.utils.data import DataLoader
 
 from lightly_mcp.backbones import Backbone, build_backbone
+from lightly_mcp.batched_views import BatchedViews, collate_for
 from lightly_mcp.callbacks import (
     AtomicCheckpointIO,
     KeepEpochCheckpoints,
@@ -47,7 +49,7 @@ from lightly_mcp.loggers import ResumableCSVLogger
 from lightly_mcp.mcp import MCP
 from lightly_mcp.recipe import Recipe
 from lightly_mcp.resumable_data import ResumableLoader
-from lightly_mcp.transforms import build_transform
+from lightly_mcp.transforms import MCPTransform, build_transform
 
 
 # --- data ---------------------------------------------------------------------------
@@ -95,7 +97,8 @@ def training_data(
     Args:
         recipe: The recipe (``data`` section and ``seed``).
         batch_size: Images per batch.
-        transform: Defaults to the recipe's MoCo v2 two-view transform.
+        transform: Defaults to the recipe's MoCo v2 views
+            (:func:`training_transform`).
         loader_seed: Seeds the order and augmentations, not the subset (default
             ``recipe.seed``).
 
@@ -110,14 +113,9 @@ def training_data(
         >>> (query_view, key_view), labels, *_ = next(iter(loader))
     """
     d = recipe.data
-    dataset = recipe_dataset(
-        recipe,
-        train=True,
-        transform=build_transform(input_size=d.input_size, min_scale=d.min_scale)
-        if transform is None
-        else transform,
-        subset=d.subset,
-    )
+    if transform is None:
+        transform = training_transform(recipe)
+    dataset = recipe_dataset(recipe, train=True, transform=transform, subset=d.subset)
     if batch_size > len(dataset):
         raise RecipeError(
             f"batch size {batch_size} is larger than the training set "
@@ -128,8 +126,20 @@ def training_data(
         batch_size=batch_size,
         seed=recipe.seed if loader_seed is None else loader_seed,
         num_workers=d.num_workers,
+        collate_fn=collate_for(dataset),
     )
     return dataset, loader
+
+
+def training_transform(recipe: Recipe) -> MCPTransform | BatchedViews:
+    """The MoCo v2 views of the recipe: :class:`BatchedViews` with
+    ``data.batched_augment`` where the views have no blur (``input_size`` ≤ 64),
+    else lightly's per-image transform.
+    """
+    d = recipe.data
+    if d.batched_augment and d.input_size <= 64:
+        return BatchedViews(input_size=d.input_size, min_scale=d.min_scale)
+    return build_transform(input_size=d.input_size, min_scale=d.min_scale)
 
 
 def evaluation_data(recipe: Recipe) -> tuple[DataLoader, DataLoader, str, bool]:
@@ -224,6 +234,7 @@ def moco_kwargs(recipe: Recipe, stage: str) -> dict[str, Any]:
         "weight_decay": schedule.weight_decay,
         "symmetric_loss": p.symmetric_loss,
         "warmup_epochs": p.warmup_epochs if stage == "pretrain" else 0,
+        "channels_last": recipe.trainer.channels_last,
     }
 
 

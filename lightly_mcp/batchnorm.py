@@ -2,9 +2,11 @@
 
 On one device lightly's ``batch_shuffle`` only permutes the batch, which does nothing
 for BatchNorm. ``SplitBatchNorm`` normalises sub-batches separately instead, which is
-what MoCo's shuffle-BN achieves on several devices. For deployment the layers are
-turned back into plain ``BatchNorm2d`` (identical in eval mode), whose running
-statistics :func:`recalibrate_batchnorm` can re-estimate on a few batches.
+what MoCo's shuffle-BN achieves on several devices. :class:`ShuffleBatchNorm` is
+lightly's layer that also takes ``channels_last`` inputs (lightly's reshapes them with
+``view``, which fails on that layout). For deployment the layers are turned back into
+plain ``BatchNorm2d`` (identical in eval mode), whose running statistics
+:func:`recalibrate_batchnorm` can re-estimate on a few batches.
 """
 
 from __future__ import annotations
@@ -19,19 +21,128 @@ from torch import Tensor, nn
 from lightly_mcp.errors import ExportError, InputError
 
 
-def _replace_modules(module: nn.Module, convert: type, make: object) -> int:
+def _replace_modules(
+    module: nn.Module, convert: type, make: object, subclasses: bool = False
+) -> int:
     replaced = 0
     for name, child in list(module.named_children()):
-        if type(child) is convert:
+        if type(child) is convert or (subclasses and isinstance(child, convert)):
             setattr(module, name, make(child))  # type: ignore[operator]
             replaced += 1
         else:
-            replaced += _replace_modules(child, convert, make)
+            replaced += _replace_modules(child, convert, make, subclasses)
     return replaced
 
 
+class _ChannelsLastSplitNorm(torch.autograd.Function):
+    """Training-mode ``SplitBatchNorm`` of a ``channels_last`` batch, in its layout.
+
+    Split ``j`` holds images ``j, j + s, j + 2s, ...`` as in lightly's layer (whose
+    ``view`` to ``(N / s, s·C, H, W)`` groups them so). In ``channels_last`` memory the
+    batch is ``(N / s, s, H·W, C)`` contiguous: statistics reduce over dimensions 0
+    and 2, and the output and the gradient keep the layout, without the transposing
+    copies that going through lightly's contiguous path takes.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x: Tensor,
+        weight: Tensor,
+        bias: Tensor,
+        running_mean: Tensor | None,
+        running_var: Tensor | None,
+        num_splits: int,
+        momentum: float,
+        eps: float,
+    ) -> Tensor:
+        n_images, c, h, w = x.shape
+        grouped = x.permute(0, 2, 3, 1).reshape(
+            n_images // num_splits, num_splits, -1, c
+        )
+        count = grouped.shape[0] * grouped.shape[2]
+        if count < 2:
+            raise ValueError(
+                f"Expected more than 1 value per channel when training, got input "
+                f"size {list(x.shape)} with {num_splits} splits"
+            )
+        mean = grouped.sum(0).sum(1) / count  # (num_splits, C)
+        centered = grouped - mean[:, None, :]
+        var = (centered * centered).sum(0).sum(1) / count
+        if running_mean is not None and running_var is not None:
+            running_mean.view(num_splits, c).lerp_(mean, momentum)
+            unbiased = var * (count / (count - 1))
+            running_var.view(num_splits, c).lerp_(unbiased, momentum)
+        rstd = (var + eps).rsqrt()
+        scale = rstd * weight
+        out = torch.empty_like(x, memory_format=torch.channels_last)
+        torch.addcmul(
+            bias,
+            centered,
+            scale[:, None, :],
+            out=out.permute(0, 2, 3, 1).view(grouped.shape),
+        )
+        ctx.save_for_backward(grouped, mean, rstd, weight)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        grouped, mean, rstd, weight = ctx.saved_tensors
+        count = grouped.shape[0] * grouped.shape[2]
+        grad_grouped = grad.permute(0, 2, 3, 1).reshape(grouped.shape)
+        sum_grad = grad_grouped.sum(0).sum(1)
+        sum_grad_x = (grad_grouped * grouped).sum(0).sum(1)
+        sum_grad_xhat = rstd * (sum_grad_x - mean * sum_grad)
+        scale = rstd * weight
+        # dx = scale * (g - mean(g) - xhat * mean(g * xhat)) = a * g + b * x + c
+        b = -scale * rstd * sum_grad_xhat / count
+        c = -scale * sum_grad / count - b * mean
+        grad_x = torch.empty_like(grad, memory_format=torch.channels_last)
+        grad_x_grouped = grad_x.permute(0, 2, 3, 1).view(grouped.shape)
+        torch.addcmul(
+            c[:, None, :], grad_grouped, scale[:, None, :], out=grad_x_grouped
+        )
+        grad_x_grouped.addcmul_(grouped, b[:, None, :])
+        return (grad_x, sum_grad_xhat.sum(0), sum_grad.sum(0), *(None,) * 5)
+
+
+class ShuffleBatchNorm(SplitBatchNorm):
+    """lightly's ``SplitBatchNorm`` that also takes ``channels_last`` batches.
+
+    Contiguous inputs and eval mode run lightly's code unchanged; a ``channels_last``
+    batch in train mode is normalised in its own layout (same splits, same running
+    statistics, equal outputs and gradients up to float rounding), so a backbone can
+    run ``channels_last`` end to end (faster convolutions on CPU).
+    """
+
+    def forward(self, input: Tensor) -> Tensor:
+        """``SplitBatchNorm``'s forward, in the input's memory layout."""
+        if not (self.training or not self.track_running_stats):
+            return super().forward(input)  # no view: any layout
+        channels_last = (
+            input.dim() == 4
+            and not input.is_contiguous()
+            and input.is_contiguous(memory_format=torch.channels_last)
+        )
+        if not channels_last:
+            return super().forward(input.contiguous())
+        momentum = 0.0 if self.momentum is None else self.momentum
+        out: Tensor = _ChannelsLastSplitNorm.apply(
+            input,
+            self.weight,
+            self.bias,
+            self.running_mean,
+            self.running_var,
+            self.num_splits,
+            momentum,
+            self.eps,
+        )
+        return out
+
+
 def use_split_batchnorm(module: nn.Module, num_splits: int) -> int:
-    """Replaces every ``nn.BatchNorm2d`` in ``module`` by ``SplitBatchNorm``, in place.
+    """Replaces every ``nn.BatchNorm2d`` in ``module`` by a
+    :class:`ShuffleBatchNorm` (lightly's ``SplitBatchNorm``), in place.
 
     Affine parameters and running statistics are copied. Returns the count replaced.
     """
@@ -39,7 +150,7 @@ def use_split_batchnorm(module: nn.Module, num_splits: int) -> int:
         raise InputError(f"num_splits must be >= 2, got {num_splits}.")
 
     def make(bn: nn.BatchNorm2d) -> SplitBatchNorm:
-        split = SplitBatchNorm(
+        split = ShuffleBatchNorm(
             bn.num_features, num_splits, eps=bn.eps, momentum=bn.momentum
         )
         with torch.no_grad():
@@ -77,7 +188,7 @@ def merge_split_batchnorm(module: nn.Module) -> int:
         bn.train(split.training)
         return bn
 
-    return _replace_modules(module, SplitBatchNorm, make)
+    return _replace_modules(module, SplitBatchNorm, make, subclasses=True)
 
 
 def _images(batch: Any) -> Tensor:

@@ -49,7 +49,7 @@ def _restore_splits(model: nn.Module, splits: dict[str, SplitBatchNorm]) -> None
         c, s = split.num_features, split.num_splits
         if not (kept.numel() == norm.num_features and bool((kept.diff() > 0).all())):
             raise RuntimeError(f"Lost track of the kept channels of '{name}'.")
-        restored = SplitBatchNorm(
+        restored = type(split)(  # lightly's class or lightly_mcp's ShuffleBatchNorm
             len(kept),
             s,
             eps=split.eps,

@@ -451,6 +451,7 @@ class MCP(MoCoV2):
             shuffle=False,
             num_workers=0,
             drop_last=True,  # full batches only (SplitBatchNorm needs them)
+            collate_fn=loader.collate_fn,  # batched views are made there
         )
         seen = self.subnet.recalibrate(self._key_images(ordered), num_batches)
         if self._trainer is not None and self.trainer.world_size > 1:

@@ -69,6 +69,9 @@ class MoCoV2(LightningModule):
         warmup_epochs: Linear warm-up length (in steps of the cosine schedule: the
             scheduler is stepped every optimizer step).
         symmetric_loss: Use both views as query and key (lightly's CIFAR-10 setting).
+        channels_last: Feed both encoders ``channels_last`` batches (faster
+            convolutions on CPU; the weights keep their layout, shuffle-BN runs in
+            that layout: ``lightly_mcp.batchnorm.ShuffleBatchNorm``).
     """
 
     def __init__(
@@ -88,6 +91,7 @@ class MoCoV2(LightningModule):
         sgd_momentum: float = 0.9,
         warmup_epochs: int = 0,
         symmetric_loss: bool = False,
+        channels_last: bool = False,
     ) -> None:
         super().__init__()
         _check_positive("batch_size_per_device", batch_size_per_device)
@@ -120,14 +124,20 @@ class MoCoV2(LightningModule):
         )
 
     # --- forward -------------------------------------------------------------------
+    def _layout(self, x: Tensor) -> Tensor:
+        """``x`` in the memory layout the encoders run in (``channels_last``)."""
+        if self.hparams.get("channels_last") and x.dim() == 4:
+            return x.contiguous(memory_format=torch.channels_last)
+        return x
+
     def forward(self, x: Tensor) -> Tensor:
         """Features of the query encoder's backbone."""
-        features: Tensor = self.backbone(x)
+        features: Tensor = self.backbone(self._layout(x))
         return features
 
     def forward_query_encoder(self, x: Tensor) -> Tensor:
         """Projections of the query encoder."""
-        projections: Tensor = self.projection_head(self.backbone(x))
+        projections: Tensor = self.projection_head(self.backbone(self._layout(x)))
         return projections
 
     def key_backbone(self) -> nn.Module:
@@ -139,7 +149,9 @@ class MoCoV2(LightningModule):
         """Projections of the key encoder, with batch shuffling (shuffle-BN)."""
         distributed = self.trainer.world_size > 1 if self._trainer else False
         x, shuffle = batch_shuffle(batch=x, distributed=distributed)
-        projections = self.projection_head_momentum(self.key_backbone()(x))
+        projections = self.projection_head_momentum(
+            self.key_backbone()(self._layout(x))
+        )
         projections = batch_unshuffle(
             batch=projections, shuffle=shuffle, distributed=distributed
         )

@@ -44,6 +44,7 @@ import torch
 from rich.console import Console
 from torch.utils.data import Subset
 
+from lightly_mcp.batched_views import collate_for
 from lightly_mcp.checkpoints import CheckpointError
 from lightly_mcp.errors import (
     InputError,
@@ -343,6 +344,7 @@ def _steps(
         batch_size=batch,
         seed=recipe.seed,
         num_workers=min(recipe.data.num_workers, 1),
+        collate_fn=collate_for(dataset),
     )
     t = recipe.trainer
     trainer = pl.Trainer(

@@ -50,6 +50,10 @@ class DataSection:
         download: Let torchvision download CIFAR/STL (never done implicitly).
         num_workers: DataLoader workers.
         min_scale: Smallest random-resized-crop scale of the MoCo views.
+        batched_augment: Augment the MoCo views on the batch
+            (``lightly_mcp.batched_views``: lightly's parameters per image, applied
+            in the DataLoader's collate) instead of per image with PIL; views with
+            Gaussian blur (``input_size`` above 64) keep the per-image transform.
     """
 
     kind: str = "auto"
@@ -59,6 +63,7 @@ class DataSection:
     download: bool = False
     num_workers: int = 0
     min_scale: float = 0.2
+    batched_augment: bool = True
 
 
 @dataclass
@@ -201,13 +206,20 @@ class EvalSection:
 
 @dataclass
 class TrainerSection:
-    """Lightning ``Trainer`` flags."""
+    """Lightning ``Trainer`` flags, and the memory layout of the training steps.
+
+    Attributes:
+        channels_last: Run MoCo v2 and MCP steps on ``channels_last`` batches (faster
+            convolutions on CPU; results equal up to float rounding, see
+            ``lightly_mcp.batchnorm.ShuffleBatchNorm``).
+    """
 
     accelerator: str = "auto"
     devices: int | str = 1
     strategy: str = "auto"
     precision: str = "32-true"
     log_every_n_steps: int = 10
+    channels_last: bool = True
 
 
 @dataclass

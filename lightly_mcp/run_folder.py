@@ -51,6 +51,7 @@ IGNORED_KEYS: frozenset[str] = frozenset(
         "trainer.devices",
         "trainer.strategy",
         "trainer.log_every_n_steps",
+        "trainer.channels_last",  # the memory layout: equal up to float rounding
         "data.num_workers",
         "data.download",
         # Which extra checkpoints are kept, and how often latency is timed.

@@ -2,11 +2,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 from lightly.models.batchnorm import SplitBatchNorm
 from torch import nn
 
-from lightly_mcp.batchnorm import merge_split_batchnorm, use_split_batchnorm
+from lightly_mcp.batchnorm import (
+    ShuffleBatchNorm,
+    merge_split_batchnorm,
+    use_split_batchnorm,
+)
 from lightly_mcp.compaction import compact
 from lightly_mcp.export import compact_and_check
 from lightly_mcp.mcp import MCP
@@ -100,3 +105,94 @@ def test_mcp_with_split_batchnorm_trains_and_compacts(tmp_path: Path) -> None:
     model.subnet.eval()
     with torch.no_grad():
         assert torch.allclose(deployed(x[:2]), model.subnet(x[:2]), atol=1e-5)
+
+
+def _split_pair(splits: int, channels: int) -> tuple[SplitBatchNorm, ShuffleBatchNorm]:
+    torch.manual_seed(0)
+    reference = SplitBatchNorm(channels, splits)
+    with torch.no_grad():
+        reference.weight.uniform_(0.5, 1.5)
+        reference.bias.normal_()
+        reference.running_mean.normal_()
+    layout_aware = ShuffleBatchNorm(channels, splits)
+    layout_aware.load_state_dict(reference.state_dict())
+    return reference, layout_aware
+
+
+def test_shuffle_batchnorm_channels_last_equals_lightly_in_train_mode() -> None:
+    reference, layout_aware = _split_pair(splits=4, channels=6)
+    x = torch.randn(16, 6, 5, 3) * 3 + 2
+    grad = torch.randn_like(x)
+    contiguous = x.clone().requires_grad_(True)
+    channels_last = x.contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    expected = reference(contiguous)
+    (expected * grad).sum().backward()
+    out = layout_aware(channels_last)
+    (out * grad).sum().backward()
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert channels_last.grad is not None and contiguous.grad is not None
+    assert channels_last.grad.is_contiguous(memory_format=torch.channels_last)
+    close = dict(rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(out, expected, **close)  # type: ignore[arg-type]
+    torch.testing.assert_close(channels_last.grad, contiguous.grad, **close)  # type: ignore[arg-type]
+    for name in ("weight", "bias"):
+        ours, theirs = getattr(layout_aware, name).grad, getattr(reference, name).grad
+        torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-5)
+    # Running statistics: per split, after the same update.
+    torch.testing.assert_close(
+        layout_aware.running_mean,
+        reference.running_mean,
+        **close,  # type: ignore[arg-type]
+    )
+    torch.testing.assert_close(
+        layout_aware.running_var,
+        reference.running_var,
+        **close,  # type: ignore[arg-type]
+    )
+    # lightly's own layer cannot take the layout (its view fails).
+    with pytest.raises(RuntimeError, match="view"):
+        reference(x.contiguous(memory_format=torch.channels_last))
+
+
+def test_mcp_step_in_channels_last_equals_contiguous() -> None:
+    """Loss and gradients of an MCP step (compact subnet keys) do not depend on the
+    layout; float64 so that the comparison is tight.
+    """
+    results = []
+    for channels_last in (False, True):
+        torch.manual_seed(0)
+        model = MCP(
+            backbone="torchvision/mobilenet_v2",
+            backbone_kwargs={"small_input": True, "width_multiplier": 0.25},
+            batch_size_per_device=16,
+            memory_bank_size=32,
+            projection_hidden_dim=16,
+            projection_dim=8,
+            projection_batch_norm=True,
+            split_batch_norm=4,
+            pruning_ratio=0.5,
+            frq=0,
+            dr=0,
+            input_size=16,
+            channels_last=channels_last,
+        ).double()
+        assert all(
+            type(m) is ShuffleBatchNorm
+            for m in model.backbone.modules()
+            if isinstance(m, nn.BatchNorm2d)
+        )
+        generator = torch.Generator().manual_seed(1)
+        views = [
+            torch.randn(16, 3, 16, 16, dtype=torch.float64, generator=generator)
+            for _ in range(2)
+        ]
+        with pytest.warns(UserWarning, match="self.log"):
+            loss = model.training_step((views, None), 0)
+        loss.backward()
+        assert model.subnet.uses_compact_keys(), model.subnet.compact_failure
+        grads = [p.grad for p in model.backbone.parameters()]
+        results.append((loss.detach(), grads))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    torch.testing.assert_close(loss_a, loss_b, rtol=1e-12, atol=1e-12)
+    for a, b in zip(grads_a, grads_b):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)

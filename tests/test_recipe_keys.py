@@ -156,6 +156,7 @@ CASES: dict[str, Case] = {
     ),
     "data.num_workers": Case(1, ("prune",)),
     "data.min_scale": Case(0.5, ("prune",)),
+    "data.batched_augment": Case(False, ("prune",)),
     # backbone (MCP from scratch)
     "backbone.name": Case(
         "torchvision/resnet18",
@@ -282,6 +283,9 @@ CASES: dict[str, Case] = {
     "trainer.devices": Case("auto", ("prune",)),
     "trainer.strategy": Case("single_device", ("prune",)),
     "trainer.precision": Case("bf16-mixed", ("prune",)),
+    "trainer.channels_last": Case(
+        False, ("prune",), check=_hparam("prune", "channels_last", False)
+    ),
     "trainer.log_every_n_steps": Case(
         1,
         ("prune",),

@@ -11,6 +11,7 @@ import torch
 from torch.utils.data import Dataset
 
 from lightly_mcp.assemble import training_data
+from lightly_mcp.batched_views import BatchedViews
 from lightly_mcp.data import build_dataset
 from lightly_mcp.recipe import recipe_from_dict
 from lightly_mcp.resumable_data import ResumableLoader, ResumableSampler, SeededItems
@@ -148,16 +149,25 @@ def test_seeded_items_depend_on_seed_epoch_and_index_only() -> None:
     assert items[3][1] == label
 
 
-def test_pipeline_loader_is_the_same_with_workers_and_after_resume() -> None:
+@pytest.mark.parametrize("batched", [True, False])
+def test_pipeline_loader_is_the_same_with_workers_and_after_resume(
+    batched: bool,
+) -> None:
     recipe = recipe_from_dict(
         {
             "seed": 1,
-            "data": {"kind": "digits", "input_size": 16, "subset": 24},
+            "data": {
+                "kind": "digits",
+                "input_size": 16,
+                "subset": 24,
+                "batched_augment": batched,
+            },
             "mcp": {"batch_size": 4},
         }
     )
-    _, loader = training_data(recipe, 4)
+    dataset, loader = training_data(recipe, 4)
     assert isinstance(loader, ResumableLoader)
+    assert isinstance(dataset.transform, BatchedViews) is batched
     loader.sampler.set_epoch(1)
     reference = _batches(loader)
 
