@@ -240,7 +240,7 @@ def load_weights(backbone: Backbone, path: str | os.PathLike[str]) -> None:
         )
     loaded = read_tensors(file, "give a state_dict or checkpoint of tensors")
     state_dict = _extract_state_dict(loaded, file)
-    from lightly_mcp.checkpoints import check_finite_weights
+    from lightly_mcp.model_files import check_finite_weights
 
     check_finite_weights(state_dict, file, "weights file")
 

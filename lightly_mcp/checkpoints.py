@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from lightly_mcp.errors import CheckpointError
-from lightly_mcp.model_files import read_tensors, shown_path
+from lightly_mcp.model_files import check_finite_weights, read_tensors, shown_path
 from lightly_mcp.provenance import (
     ProvenanceError,
     missing_checkpoint_message,
@@ -418,34 +418,6 @@ def check_checkpoint_fits(
         f"{settings} (the checkpoint has {evidence}); `lightly-mcp inspect {path}` "
         "prints the recipe sections it needs."
     )
-
-
-def check_finite_weights(
-    state: Mapping[str, Any], path: str | Path, what: str = "Checkpoint"
-) -> None:
-    """Refuses weights holding NaN or infinite values.
-
-    Such a file (damaged, or written by a diverged run) would make the first
-    training step's loss NaN, which would then be blamed on the learning rate.
-
-    Args:
-        state: Tensors by name (a state dict); other values are ignored.
-        path: The file, for the message.
-        what: How the message names the file (``Checkpoint``, ``weights file``).
-
-    Raises:
-        CheckpointError: Naming the file and the first non-finite tensor.
-    """
-    for name, value in state.items():
-        if (
-            isinstance(value, Tensor)
-            and value.is_floating_point()
-            and not bool(torch.isfinite(value).all())
-        ):
-            raise CheckpointError(
-                f"{what} '{path}' holds NaN or infinite weights (first in '{name}'): "
-                "the file is damaged or from a diverged run; use another one."
-            )
 
 
 def load_dense_moco(model: MoCoV2, path: str | Path) -> list[str]:

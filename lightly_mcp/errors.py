@@ -36,6 +36,8 @@ Examples:
 
 from __future__ import annotations
 
+import yaml
+
 
 class MCPError(Exception):
     """The base of every error lightly-mcp raises on purpose."""
@@ -130,6 +132,12 @@ class Terminated(BaseException):
 class CompactKeysError(MCPError, RuntimeError):
     """The momentum subnet's compact copy could not be built or does not reproduce
     the masked forward; the subnet falls back to its masked forward.
+    """
+
+
+class UnsafeYAMLError(yaml.MarkedYAMLError):
+    """Well-formed YAML that ``safe_yaml.BoundedSafeLoader`` refuses (a duplicate
+    key, an alias bomb, a recursive alias, nesting too deep); ``problem`` says which.
     """
 
 

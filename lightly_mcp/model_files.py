@@ -36,7 +36,7 @@ import os
 import pickle
 import re
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 from unittest import mock
@@ -785,3 +785,31 @@ def _check_payloads(config: Any) -> list[str]:
             raise ValueError("payload without tensor_meta")
         _check_tensor_meta(entry["tensor_meta"])
     return files
+
+
+def check_finite_weights(
+    state: Mapping[str, Any], path: str | Path, what: str = "Checkpoint"
+) -> None:
+    """Refuses weights holding NaN or infinite values.
+
+    Such a file (damaged, or written by a diverged run) would make the first
+    training step's loss NaN, which would then be blamed on the learning rate.
+
+    Args:
+        state: Tensors by name (a state dict); other values are ignored.
+        path: The file, for the message.
+        what: How the message names the file (``Checkpoint``, ``weights file``).
+
+    Raises:
+        CheckpointError: Naming the file and the first non-finite tensor.
+    """
+    for name, value in state.items():
+        if (
+            isinstance(value, Tensor)
+            and value.is_floating_point()
+            and not bool(torch.isfinite(value).all())
+        ):
+            raise CheckpointError(
+                f"{what} '{path}' holds NaN or infinite weights (first in '{name}'): "
+                "the file is damaged or from a diverged run; use another one."
+            )

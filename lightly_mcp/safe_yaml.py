@@ -34,7 +34,7 @@ from typing import Any
 import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode
 
-from lightly_mcp.errors import RecipeError
+from lightly_mcp.errors import RecipeError, UnsafeYAMLError
 
 #: Most values (scalars, lists, mappings) in one document, aliases expanded. The
 #: recipes in ``recipes/`` have about 100.
@@ -45,12 +45,6 @@ MAX_DEPTH = 50
 MAX_BYTES = 1_000_000
 
 _MERGE_TAG = "tag:yaml.org,2002:merge"
-
-
-class UnsafeYAMLError(yaml.MarkedYAMLError):
-    """Well-formed YAML that :class:`BoundedSafeLoader` refuses (a duplicate key,
-    an alias bomb, a recursive alias, nesting too deep); ``problem`` says which.
-    """
 
 
 class BoundedSafeLoader(yaml.SafeLoader):

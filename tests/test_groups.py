@@ -479,60 +479,6 @@ def test_a_split_into_equal_chunks_ties_the_same_position_of_every_chunk() -> No
 
 
 # --- the traced groups are reused per architecture ----------------------------------
-def test_a_traced_architecture_is_reused_on_a_new_instance_without_tracing(
-    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:
-    from lightly_mcp import prunable_groups
-    from lightly_mcp.compaction import compact
-    from lightly_mcp.masks import GroupMasks
-
-    traced = []
-    trace = prunable_groups.trace_channel_groups
-
-    def counted(*args: object, **kwargs: object) -> object:
-        traced.append(args[0])
-        return trace(*args, **kwargs)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(prunable_groups, "trace_channel_groups", counted)
-    prunable_groups.clear_traced_groups()
-    x = torch.randn(1, 3, 8, 8)
-    torch.manual_seed(0)
-    first = randomize_batchnorm(TinyConvNet())
-    torch.manual_seed(1)
-    second = randomize_batchnorm(TinyConvNet(), seed=1)  # other weights, same graph
-    with caplog.at_level("INFO", logger="lightly_mcp"):
-        fresh = find_channel_groups(first, x)
-        cached = find_channel_groups(second, x)
-    assert traced == [first]  # the second build did not trace
-    assert [r.getMessage() for r in caplog.records][0] == (
-        "tracing the channel groups of TinyConvNet at 8x8 px (once per backbone)"
-    )
-    assert len(caplog.records) == 2  # the line before and the one after, once
-    # The cached groups apply to the new instance as a fresh trace of it does.
-    prunable_groups.clear_traced_groups()
-    retraced = find_channel_groups(second, x)
-    assert traced == [first, second]
-    assert cached == retraced == fresh
-    tensors = dict(second.named_parameters())
-    masks = GroupMasks.top_k(cached, 0.5, tensors)
-    fresh_masks = GroupMasks.top_k(retraced, 0.5, tensors)
-    assert all(torch.equal(a, b) for a, b in zip(masks, fresh_masks, strict=True))
-    second.eval()
-    with torch.no_grad():
-        expected = compact(second, retraced, fresh_masks, x)(x)
-        assert torch.equal(compact(second, cached, masks, x)(x), expected)
-    # Another input size, another setting or another architecture traces again.
-    find_channel_groups(second, torch.randn(1, 3, 16, 16))
-    find_channel_groups(second, x, keep_output_dim=False)
-    wider = TinyConvNet()
-    wider.expand, wider.expand_bn = nn.Conv2d(8, 16, 1), nn.BatchNorm2d(16)
-    wider.head = nn.Linear(16, 6)
-    find_channel_groups(wider, x)
-    assert len(traced) == 5
-    find_channel_groups(TinyConvNet(), x, keep_output_dim=False)
-    assert len(traced) == 5
-
-
 def test_a_replaced_forward_or_a_hook_is_traced_again(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
