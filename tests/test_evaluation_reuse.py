@@ -168,12 +168,14 @@ def test_the_subnet_is_evaluated_when_it_can_differ(
     assert pipeline.subnet_same_as_compact(subnet, widened) is None
     # keep_output_dim=False: a group reaching the output drops a feature (the
     # subnet has a zero feature the compact model does not have).
-    first = subnet.groups[0]
-    dropped = int((~subnet.masks[0]).nonzero()[0])
-    subnet.groups[0] = replace(first, output_features=((dropped, 0),))
+    # (a group that drops a channel: aligned counts may keep a small group whole)
+    g = next(i for i, mask in enumerate(subnet.masks) if not bool(mask.all()))
+    first = subnet.groups[g]
+    dropped = int((~subnet.masks[g]).nonzero()[0])
+    subnet.groups[g] = replace(first, output_features=((dropped, 0),))
     assert pipeline.subnet_same_as_compact(subnet, report) is None
-    kept = int(subnet.masks[0].nonzero()[0])
-    subnet.groups[0] = replace(first, output_features=((kept, 0),))
+    kept = int(subnet.masks[g].nonzero()[0])
+    subnet.groups[g] = replace(first, output_features=((kept, 0),))
     assert pipeline.subnet_same_as_compact(subnet, report) is not None
     # Not a masked subnet at all.
     assert pipeline.subnet_same_as_compact(nn.Identity(), report) is None

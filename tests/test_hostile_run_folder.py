@@ -278,7 +278,7 @@ def test_eval_json_is_reused_only_when_this_run_made_it(
         evaluated.append(recipe.eval.k)
         result = {"knn_top1": recipe.eval.k / 100, "linear_top1": 0.0}
         results = {"data": {}, "models": dict.fromkeys(networks, result)}
-        results["provenance"] = a[-1]
+        results["provenance"] = a[3]  # (device, progress, baselines, provenance, ...)
         from lightly_mcp.files import write_json_atomic
 
         write_json_atomic(out_file, results)
