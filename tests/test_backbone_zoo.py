@@ -177,6 +177,7 @@ def test_mcp_builds_on_a_grouped_backbone_with_whole_units() -> None:
     model = MCP(
         backbone="timm/regnetx_002",
         pruning_ratio=0.5,
+        round_to=8,
         input_size=SIZE,
         batch_size_per_device=4,
         memory_bank_size=16,
@@ -185,7 +186,7 @@ def test_mcp_builds_on_a_grouped_backbone_with_whole_units() -> None:
     assert tied
     for group, mask in zip(model.groups, model.admm.masks):
         assert not group.splits_units(mask)
-        assert int(mask.sum()) == group.num_kept(0.5, 8)  # MCP's round_to
+        assert int(mask.sum()) == group.num_kept(0.5, 8)  # aligned counts
     assert model.kept_parameter_fraction < 0.6
     # Where whole units leave no multiple of 8 below the group's size (units of 3:
     # multiples of 24 in a group of 24), the group keeps n_g, unaligned, not all.

@@ -58,6 +58,7 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         model = MCP(
             **_tiny(backbone),
             pruning_ratio=0.5,
+            round_to=8,
             frq=0,
             dr=0,
             admm_interval=1,
@@ -172,7 +173,7 @@ def test_compact_export_matches_subnet_and_formats(
     assert report["alignment"] is None  # not timed
     kept = report["kept_channels"]
     assert [k["group"] for k in kept] == [g.root for g in mcp.groups]
-    assert mcp.hparams["round_to"] == 8  # MCP's default: aligned counts
+    assert mcp.hparams["round_to"] == 8  # aligned counts
     for entry, group in zip(kept, mcp.groups):
         assert entry["kept"] == group.num_kept(0.5, 8)
         aligned = entry["kept"] % 8 == 0 or entry["kept"] == group.num_channels
@@ -489,6 +490,7 @@ def narrow_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     model = MCP(
         **{**_tiny(SMALLEST), "backbone_kwargs": small},
         pruning_ratio=0.5,
+        round_to=8,
         keep_output_dim=False,
         frq=0,
         dr=0,
