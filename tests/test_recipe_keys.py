@@ -103,11 +103,14 @@ def _kept_multiple_of(n: int) -> Callable[[Path, Results], None]:
     return check
 
 
-def _unaligned(out: Path, results: Results) -> None:
-    """``mcp.round_to: 1``: exactly n_g channels, 4 of the groups of 8 at r = 0.5."""
-    _hparam("prune", "round_to", 1)(out, results)
-    kept = [g["kept"] for g in results["export"]["kept_channels"]]
-    assert any(k % 8 for k in kept), kept
+def _aligned(out: Path, results: Results) -> None:
+    """``mcp.round_to: 8``: every group keeps a multiple of 8 (or all its channels,
+    or n_g when it is smaller than 8).
+    """
+    _hparam("prune", "round_to", 8)(out, results)
+    for group in results["export"]["kept_channels"]:
+        kept, total = group["kept"], group["total"]
+        assert kept % 8 == 0 or kept == total or total < 8, group
 
 
 def _narrower_features(out: Path, results: Results) -> None:
@@ -201,7 +204,7 @@ CASES: dict[str, Case] = {
         ("prune",),
         check=lambda out, r: _done(out, "prune")["pruning_ratio"] == 0.3,
     ),
-    "mcp.round_to": Case(1, ("prune", "export"), check=_unaligned),
+    "mcp.round_to": Case(8, ("prune", "export"), check=_aligned),
     "mcp.target_params": Case(
         0.6,
         ("prune",),
