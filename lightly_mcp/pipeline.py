@@ -601,28 +601,17 @@ def evaluate(
     (train_x, train_y), (test_x, test_y) = embedded
     scored: dict[str, dict[str, Any]] = {}
     for name in train_x:
-        if name == "raw_pixels":
-            scored[name] = raw_pixel_scores(
-                train_x[name],
-                train_y,
-                test_x[name],
-                test_y,
-                k=e.k,
-                temperature=e.temperature,
-                linear_epochs=e.linear_epochs,
-                seed=recipe.seed,
-            )
-        else:
-            scored[name] = evaluate_features(
-                train_x[name],
-                train_y,
-                test_x[name],
-                test_y,
-                k=e.k,
-                temperature=e.temperature,
-                linear_epochs=e.linear_epochs,
-                seed=recipe.seed,
-            )
+        score = raw_pixel_scores if name == "raw_pixels" else evaluate_features
+        scored[name] = score(
+            train_x[name],
+            train_y,
+            test_x[name],
+            test_y,
+            k=e.k,
+            temperature=e.temperature,
+            linear_epochs=e.linear_epochs,
+            seed=recipe.seed,
+        )
     for name in networks:
         if name in same_as:
             other, why = same_as[name]

@@ -40,38 +40,7 @@ from benchmarks.reliability import payloads as pl
 from benchmarks.reliability.harness import Case, Ctx
 
 # The tiny recipe of tests/tiny.py: 16 images in batches of 8, 2 steps per stage.
-TINY: dict[str, Any] = {
-    "seed": 0,
-    "data": {"kind": "digits", "input_size": 16, "subset": 16},
-    "backbone": {
-        "name": "torchvision/mobilenet_v2",
-        "small_input": False,
-        "width_multiplier": 0.25,
-    },
-    "pretrain": {
-        "epochs": 1,
-        "batch_size": 8,
-        "memory_bank_size": 32,
-        "projection_hidden_dim": 16,
-        "projection_dim": 8,
-    },
-    "mcp": {
-        "pruning_ratio": 0.5,
-        "frq": 2,
-        "admm_interval": 1,
-        "admm_interval_unit": "steps",
-        "epochs": 1,
-        "batch_size": 8,
-    },
-    "export": {"latency": False},
-    "eval": {
-        "train_subset": 48,
-        "test_subset": 24,
-        "linear_epochs": 1,
-        "baselines": False,
-    },
-    "trainer": {"accelerator": "cpu", "log_every_n_steps": 1},
-}
+from tests.tiny import TINY  # noqa: E402
 
 DELETE = object()
 
