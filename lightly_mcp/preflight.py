@@ -20,7 +20,12 @@ recipe, on a few images:
   handful of images.
 
 It writes nothing to the output folder (everything goes to a temporary folder that
-is removed) and does not change the run: the stages seed their RNGs themselves. A
+is removed) and does not change the run: it draws from RNGs seeded with the
+recipe's seed inside a fork of the global ones (the same recipe gives the same
+preflight, and the caller's random state is left as it was), and the stages seed
+their RNGs themselves. Its few steps on a handful of images check that each stage
+runs, not that it converges: their gradients are clipped (:data:`CLIP_NORM`), since
+BatchNorm over four images at 1×1 resolution can blow up an unclipped step. A
 failure raises :class:`PreflightError` with the message the stage would have given.
 """
 
@@ -29,6 +34,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import io
+import random
 import tempfile
 import time
 import warnings
@@ -39,6 +45,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, TypeVar
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
 from rich.console import Console
@@ -67,6 +74,8 @@ EVAL_IMAGES = (16, 8)
 #: Images per training batch of the preflight steps (at least two per split BN split,
 #: at most the stage's batch).
 STEP_BATCH = 4
+#: Gradient-norm clip of the preflight steps (their updates only need to be finite).
+CLIP_NORM = 1.0
 
 T = TypeVar("T")
 
@@ -150,7 +159,10 @@ def preflight(
     start = time.perf_counter()
     result = PreflightResult()
     quiet = Console(file=io.StringIO())
-    with tempfile.TemporaryDirectory(prefix="lightly-mcp-preflight-") as folder:
+    with (
+        _seeded_rng(recipe.seed),
+        tempfile.TemporaryDirectory(prefix="lightly-mcp-preflight-") as folder,
+    ):
         tmp = Path(folder)
         with _stage("prune"):
             # Refuse a backbone MCP cannot prune exactly before anything trains.
@@ -258,6 +270,23 @@ def preflight(
     return result
 
 
+@contextmanager
+def _seeded_rng(seed: int) -> Iterator[None]:
+    """Python's, NumPy's and torch's global RNGs seeded with ``seed`` inside, and
+    restored to their states on the way out (an error included).
+    """
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        try:
+            random.seed(seed)
+            np.random.seed(seed % 2**32)
+            torch.manual_seed(seed)
+            yield
+        finally:
+            random.setstate(python_state)
+            np.random.set_state(numpy_state)
+
+
 # --- the real schedule ---------------------------------------------------------------
 def _check_schedule(model: MCP, recipe: Recipe, dataset: Any) -> str:
     """Builds the real run's ADMM blocks and every block's ρ with MCP's own code.
@@ -359,6 +388,8 @@ def _steps(
         enable_model_summary=False,
         num_sanity_val_steps=0,
         default_root_dir=str(root),
+        gradient_clip_val=CLIP_NORM,
+        gradient_clip_algorithm="norm",
     )
     with warnings.catch_warnings():
         # The oscillation warning is about the real run's blocks, not these.

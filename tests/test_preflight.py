@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from lightly_mcp import export as export_module
+from lightly_mcp import preflight as preflight_module
 from lightly_mcp.checkpoints import read_checkpoint
 from lightly_mcp.cli import main
 from lightly_mcp.export import ExportError
@@ -107,6 +108,56 @@ def test_preflight_leaves_the_run_unchanged(
     assert states[0].keys() == states[1].keys()
     for key, value in states[0].items():
         assert torch.equal(value, states[1][key]), key
+
+
+def test_preflight_is_seeded_and_leaves_the_callers_random_state(
+    tmp_path: Path,
+) -> None:
+    """The same recipe gives the same preflight (its own RNGs are seeded with the
+    recipe's seed), and the caller's random state is restored, a failure included.
+    Before, the preflight drew from whatever state the process had, so the same
+    command passed or failed from one call to the next."""
+    import random
+
+    import numpy as np
+
+    recipe = tiny_recipe()
+    torch.manual_seed(123)
+    random.seed(123)
+    np.random.seed(123)
+    states = (torch.get_rng_state(), random.getstate(), np.random.get_state()[1])
+    saved: list[dict] = []
+    export_stage = preflight_module._export
+
+    def keep(recipe: object, checkpoint: Path, *args: object) -> dict:
+        saved.append(read_checkpoint(checkpoint)["state_dict"])
+        return export_stage(recipe, checkpoint, *args)  # type: ignore[arg-type]
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(preflight_module, "_export", keep)
+        preflight(recipe, "prune", None)
+        torch.rand(7)  # a caller's draws between two preflights change nothing
+        preflight(recipe, "prune", None)
+    assert len(saved) == 2
+    for key, value in saved[0].items():
+        assert torch.equal(value, saved[1][key]), key
+    with pytest.raises(PreflightError):
+        preflight(tiny_recipe({"mcp.frozen_blocks": 2}), "prune", None)
+    torch.manual_seed(123)
+    random.seed(123)
+    np.random.seed(123)
+    assert torch.equal(torch.get_rng_state(), states[0])
+    assert random.getstate() == states[1]
+    assert (np.random.get_state()[1] == states[2]).all()
+
+
+@pytest.mark.parametrize("seed", [11])
+def test_a_few_images_do_not_make_the_preflight_diverge(seed: int) -> None:
+    """With the tiny recipe (BatchNorm over 4 images at 1x1 resolution), this seed's
+    unclipped preflight steps blew the weights up to NaN and the preflight refused a
+    recipe whose real run trains; its steps now clip their gradients."""
+    result = preflight(tiny_recipe({"seed": seed}), "pretrain", None)
+    assert any("MCP steps with an ADMM update" in line for line in result.checked)
 
 
 def test_preflight_only_before_training(tmp_path: Path, tiny_dense: Path) -> None:
