@@ -63,7 +63,7 @@ from lightly_mcp.model_files import (
 )
 from lightly_mcp.momentum_subnet import MomentumSubnet
 from lightly_mcp.recipe import Recipe, RecipeError, recipe_yaml
-from lightly_mcp.report import write_plots
+from lightly_mcp.report import headline, write_plots
 from lightly_mcp.run_folder import (
     IGNORED_KEYS,
     STAGE_FILES,
@@ -799,6 +799,7 @@ def run(
     report["data"] = evaluation["data"]
     report["frq"], report["dr"] = recipe.mcp.frq, recipe.mcp.dr
     report["stages"] = stages
+    report["headline"] = headline(report)
     plots = write_plots(out, report)
     manifest.record(out, [_relative(out, path) for path in plots])
     report["plots"] = [str(p) for p in plots]

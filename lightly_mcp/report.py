@@ -318,9 +318,46 @@ def export_summary_table(report: ExportReport, deploy_resolution: int) -> Table:
 # --- the run summary ----------------------------------------------------------------
 
 
+def headline(report: dict[str, Any]) -> str | None:
+    """The run's result in one plain line, or None without a dense and a compact
+    model: ``compact: X % fewer parameters, Y× faster (form), kNN −a / linear −b
+    points against dense``.
+
+    The speedup is at batch 64 (batch 1 when 64 was not timed), best form against
+    best form, with the compact model's form named; accuracies are the report's
+    evaluation (missing parts are left out rather than guessed).
+    """
+    dense, compact = report.get("dense"), report.get("compact")
+    if not isinstance(dense, dict) or not isinstance(compact, dict):
+        return None
+    parts: list[str] = []
+    if dense.get("params") and compact.get("params") is not None:
+        removed = 100.0 * (1.0 - compact["params"] / dense["params"])
+        parts.append(f"{removed:.1f} % fewer parameters")
+    speedup = report.get("speedup") or {}
+    forms = compact.get("fastest_form") or {}
+    for key, batch in (("bs64", 64), ("bs1", 1)):
+        if speedup.get(key):
+            form = forms.get(key)
+            where = f"bs{batch}" + (f", {form}" if form else "")
+            parts.append(f"{speedup[key]:.2f}× faster ({where})")
+            break
+    differences = []
+    for key, label in (("knn_top1", "kNN"), ("linear_top1", "linear")):
+        if dense.get(key) is not None and compact.get(key) is not None:
+            points = 100.0 * (compact[key] - dense[key])
+            differences.append(f"{label} {points:+.1f}")
+    if differences:
+        parts.append(" / ".join(differences) + " points against dense")
+    return "compact: " + ", ".join(parts) if parts else None
+
+
 def print_run_summary(report: dict[str, Any], console: Console | None = None) -> None:
     """Prints baselines, dense, subnet and compact side by side."""
     console = console or Console()
+    line = headline(report)
+    if line is not None:
+        console.print(line, markup=False, highlight=False)
     table = Table(
         title=f"lightly-mcp: {report.get('backbone')} at r = "
         f"{_fmt(report.get('pruning_ratio'), '.3f')}"

@@ -86,6 +86,11 @@ def test_run_writes_every_output(finished_run: Path) -> None:
         assert 0.0 <= report[name]["knn_top1"] <= 1.0
         assert 0.0 <= report[name]["linear_top1"] <= 1.0
     assert report["compact"]["params"] < report["dense"]["params"]
+    # The first line of the summary says the result plainly, from these numbers.
+    removed = 100 * (1 - report["compact"]["params"] / report["dense"]["params"])
+    knn = 100 * (report["compact"]["knn_top1"] - report["dense"]["knn_top1"])
+    assert report["headline"].startswith(f"compact: {removed:.1f} % fewer parameters")
+    assert f"kNN {knn:+.1f} / linear " in report["headline"]
     assert set(report["stages"]) == {"pretrain", "prune", "export", "evaluate"}
     assert "digits" in report["data"]
     # The masked momentum subnet and the exported compact model agree.
