@@ -234,8 +234,8 @@ def find_channel_groups(
         check: Prune a float64 copy with random masks at r = 0.5 and check that it
             equals the masked network (:func:`check_exact`).
 
-    Every call traces (reuse by :func:`architecture_key` is disabled until a
-    preflight that ended with NaN weights with it is understood).
+    The groups of an architecture traced before in this process (same
+    :func:`architecture_key`, settings and input shape) are reused without tracing.
 
     Returns:
         The prunable groups, in a deterministic order (by root module name).
@@ -254,13 +254,12 @@ def find_channel_groups(
     """
     if example_inputs is None:
         example_inputs = default_example_inputs()
-    # Reusing traced groups across builds (architecture_key) is disabled: with it,
-    # the preflight's MCP ended with NaN weights in some processes (not understood
-    # yet, see the notes of issue 34); every build traces again.
-    key = None
+    key = architecture_key(model, example_inputs, keep_output_dim, check)
+    if key is not None and key in _traced:
+        return list(_traced[key])
     size = "x".join(str(n) for n in example_inputs.shape[2:])
     label = backbone_label(model)
-    log.info(f"tracing the channel groups of {label} at {size} px")
+    log.info(f"tracing the channel groups of {label} at {size} px (once per backbone)")
     start = time.perf_counter()
     groups = trace_channel_groups(model, example_inputs, keep_output_dim, time_limit)
     if check:

@@ -504,6 +504,32 @@ def test_a_replaced_forward_or_a_hook_is_traced_again(
     assert key(TinyConvNet(), torch.randn(2, 3, 8, 8)) != plain
 
 
+def test_an_architecture_is_traced_once_per_process(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A run builds its backbone several times (preflight, MCP, export, evaluation):
+    the second build of the same architecture reuses the groups, whatever the
+    weights; another input size traces again."""
+    from lightly_mcp import prunable_groups
+
+    prunable_groups.clear_traced_groups()
+    calls: list[tuple[int, ...]] = []
+    trace = prunable_groups.trace_channel_groups
+
+    def counting(model: nn.Module, inputs: torch.Tensor, *args: object) -> list:
+        calls.append(tuple(inputs.shape))
+        return trace(model, inputs, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(prunable_groups, "trace_channel_groups", counting)
+    first = find_channel_groups(TinyConvNet(), torch.randn(1, 3, 8, 8))
+    torch.manual_seed(5)
+    again = find_channel_groups(TinyConvNet(), torch.randn(1, 3, 8, 8))
+    assert calls == [(1, 3, 8, 8)] and again == first and again is not first
+    find_channel_groups(TinyConvNet(), torch.randn(1, 3, 12, 12))
+    assert calls == [(1, 3, 8, 8), (1, 3, 12, 12)]
+    prunable_groups.clear_traced_groups()
+
+
 def test_the_command_line_shows_the_progress_lines(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
