@@ -137,7 +137,7 @@ class MCP(MoCoV2):
     def __init__(
         self,
         pruning_ratio: float = 0.73,
-        round_to: int = 1,
+        round_to: int = 8,
         rho: float = 0.01,
         rho_growth: float = 1.0,
         rho_response: float | None = None,

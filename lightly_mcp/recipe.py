@@ -147,7 +147,7 @@ class MCPSection(StageSchedule):
     """
 
     pruning_ratio: float | None = 0.73
-    round_to: int = 1
+    round_to: int = 8
     target_params: float | None = None
     rho: float = 0.01
     rho_growth: float = 1.0
