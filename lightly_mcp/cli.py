@@ -518,6 +518,12 @@ def quiet_third_party_warnings() -> None:
 
     warnings.filterwarnings("ignore")
     warnings.filterwarnings("default", category=MCPWarning)
+    # Lightning sets its loggers to INFO when imported: import it first, so that its
+    # info lines ("GPU available", tips) stay hidden.
+    import lightning_fabric  # noqa: F401
+    import pytorch_lightning  # noqa: F401
+
+    logging.getLogger("lightning_fabric").setLevel(logging.ERROR)
     logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     os.environ.setdefault("PYTHONWARNINGS", "ignore")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -326,6 +327,25 @@ def test_cli_silences_library_warnings_but_not_mcp_warnings(
         warnings.warn("library noise", UserWarning, stacklevel=1)
         warnings.warn("the ADMM mask is oscillating", MCPWarning, stacklevel=1)
     assert [str(w.message) for w in caught] == ["the ADMM mask is oscillating"]
+
+
+def test_cli_hides_lightnings_info_lines_in_a_fresh_process() -> None:
+    """Lightning sets its loggers to INFO when it is imported, which undid the
+    silencing done before its import ("GPU available: False", "Tip: ...")."""
+    import sys
+
+    code = (
+        "import logging\n"
+        "from lightly_mcp.cli import quiet_third_party_warnings\n"
+        "quiet_third_party_warnings()\n"
+        "import pytorch_lightning\n"
+        "print(logging.getLogger('pytorch_lightning').getEffectiveLevel(),"
+        " logging.getLogger('lightning_fabric').getEffectiveLevel())\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
+    assert done.stdout.split() == [str(logging.ERROR)] * 2
 
 
 # --- one recipe per output folder (issue 17, item 2) --------------------------------
