@@ -235,8 +235,10 @@ def load_weights(backbone: Backbone, path: str | os.PathLike[str]) -> None:
     """
     file = Path(path)
     if not file.is_file():
+        from lightly_mcp.files import not_a_file
+
         raise FileNotFoundError(
-            f"weights file '{file}' for {backbone.name} does not exist"
+            f"weights file '{file}' for {backbone.name} {not_a_file(file)}"
         )
     loaded = read_tensors(file, "give a state_dict or checkpoint of tensors")
     state_dict = _extract_state_dict(loaded, file)

@@ -54,7 +54,7 @@ def checkpoint_file(path: str | Path, what: str = "Checkpoint") -> Path:
     if path.is_dir():
         found = sorted(path.glob("*.ckpt")) + sorted(path.glob("*/*.ckpt"))
         hint = (
-            f"give a checkpoint file such as '{found[0]}'"
+            f"give a checkpoint file such as '{shown_path(found[0])}'"
             if found
             else "give the checkpoint file itself"
         )

@@ -67,7 +67,14 @@ def regenerate_hint(record: dict[str, Any] | None) -> str:
 def missing_checkpoint_message(
     checkpoint: str | os.PathLike[str], what: str = "Checkpoint"
 ) -> str:
-    """The error for a checkpoint file that does not exist (``what`` names it)."""
+    """The error for a checkpoint path that is not a file (``what`` names it):
+    missing, a folder, or a FIFO or device.
+    """
+    from lightly_mcp.files import not_a_file
+
+    problem = not_a_file(checkpoint)
+    if problem != "does not exist":
+        return f"{what} '{checkpoint}' {problem}; give a checkpoint file."
     try:
         record = read_provenance(checkpoint)
     except ProvenanceError:
