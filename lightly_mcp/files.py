@@ -65,8 +65,8 @@ def disk_error(
     if why is None:
         return None
     return OutputFolderError(
-        f"cannot write '{path}': {why}; nothing was half-written. Free space there "
-        "or use another --out folder, then run again."
+        f"cannot write '{path}': {why} (nothing half-written); free space or use "
+        "another --out, then run again."
     )
 
 

@@ -130,7 +130,7 @@ def test_bad_recipes_name_the_key(
         (
             ["mcp.pruning_ration=0.5"],
             r"unknown key 'mcp.pruning_ration'; did you mean "
-            r"'mcp.pruning_ratio'\? the keys are documented in lightly_mcp/recipe.py",
+            r"'mcp.pruning_ratio'\? all keys: lightly_mcp/recipe.py",
         ),
         (["mcp.=1"], r"unknown key 'mcp.'; all keys: lightly_mcp/recipe.py"),
         (["data.root=''"], r"'data.root' is an empty string"),
