@@ -27,7 +27,7 @@ DISK_ERRORS: dict[int, str] = {
     errno.ENOSPC: "the disk is full",
     errno.EDQUOT: "the disk quota is exceeded",
     errno.EROFS: "the file system is read-only",
-    errno.EFBIG: "the file is larger than the file system allows",
+    errno.EFBIG: "the file is too large for the file system",
 }
 
 
@@ -66,7 +66,7 @@ def disk_error(
         return None
     return OutputFolderError(
         f"cannot write '{path}': {why} (nothing half-written); free space or use "
-        "another --out, then run again."
+        "another --out."
     )
 
 
