@@ -183,12 +183,9 @@ def build_torchvision(
     folder = root / cls.base_folder
     missing = _missing(folder, required)
     if missing and not download:
-        which = "all" if len(missing) == len(required) else ", ".join(missing)
         raise DatasetError(
-            f"{kind} {split} not found: expected {', '.join(required)} in "
-            f"{folder.absolute()} "
-            f"(missing: {which}); set `download: true` in the recipe "
-            "(download=True) to fetch them"
+            f"{kind} {split}: {_few(missing)} missing in {folder.absolute()}; set "
+            "data.root or data.download: true"
         )
     try:
         if kind == "stl10":
@@ -203,9 +200,11 @@ def build_torchvision(
         raise
     except Exception as error:
         action = "download or read" if download else "read"
+        why = describe_flat(error)
+        why = why if len(why) <= 50 else why[:49] + "…"
         raise DatasetError(
-            f"{kind} {split}: cannot {action} the files {', '.join(required)} in "
-            f"{folder} ({describe_flat(error)})"
+            f"{kind} {split}: cannot {action} {_few(required)} in {folder} ({why}); "
+            "replace them"
         ) from error
     if len(labels) and (labels.min() < -1 or labels.max() >= num_classes):
         raise DatasetError(
@@ -221,3 +220,13 @@ def build_torchvision(
         num_classes=num_classes,
         classes=classes if classes else None,
     )
+
+
+def _few(names: Sequence[str]) -> str:
+    """The first two names, then ``…`` (messages stay one short line).
+
+    Examples:
+        >>> _few(["data_batch_1", "data_batch_2", "test_batch"])
+        'data_batch_1, data_batch_2, …'
+    """
+    return ", ".join([*names[:2], "…"] if len(names) > 2 else names)
