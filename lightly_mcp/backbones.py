@@ -694,9 +694,9 @@ def _unknown_name_message(name: str) -> str:
     library, _, arch = name.partition("/")
     reason = ""
     if library == "timm" and arch:
-        reason = " (timm has no such model)"
+        reason = " (no such timm model)"
     elif library == "torchvision" and arch:
-        reason = " (torchvision.models has no such model)"
+        reason = " (no such torchvision model)"
     shown = name if len(name) <= 30 else name[:29] + "…"
     return (
         f"unknown backbone.name '{shown}'{reason}; use torchvision/NAME or "
