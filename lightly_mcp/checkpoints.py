@@ -501,9 +501,10 @@ def _load_part(
             ("with another shape", mismatched),
         ):
             if keys:
-                problems.append(f"{len(keys)} {label} ({', '.join(keys[:3])})")
+                more = ", …" if len(keys) > 1 else ""
+                problems.append(f"{len(keys)} {label} ({keys[0][-40:]}{more})")
         raise CheckpointError(
-            f"Checkpoint '{path}' does not match {part} of '{backbone}': "
-            f"{'; '.join(problems)} keys. Check the backbone name and its options."
+            f"Checkpoint '{shown_path(path)}' does not match {part} of '{backbone}': "
+            f"{'; '.join(problems[:2])} keys; check backbone.name and its options."
         )
     module.load_state_dict(state)

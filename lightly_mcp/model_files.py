@@ -835,6 +835,6 @@ def check_finite_weights(
             and not bool(torch.isfinite(value).all())
         ):
             raise CheckpointError(
-                f"{what} '{path}' holds NaN or infinite weights (first in '{name}'): "
-                "the file is damaged or from a diverged run; use another one."
+                f"{what} '{shown_path(path)}' holds NaN or infinite weights (in "
+                f"'{name[-40:]}'): damaged or diverged, use another."
             )

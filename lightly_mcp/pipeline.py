@@ -92,6 +92,12 @@ def read_json(path: Path) -> Any:
         ) from None
 
 
+def _short(value: Any) -> str:
+    """``repr(value)``, its end only beyond 50 characters (messages stay short)."""
+    text = repr(value)
+    return text if len(text) <= 50 else "…" + text[-49:]
+
+
 def _relative(out: Path, path: Path) -> str:
     return os.path.relpath(path, out)
 
@@ -375,9 +381,9 @@ def export_stage(
             )
         ):
             raise OutputFolderError(
-                f"'{export_dir / 'report.json'}' is not this run's export (it "
-                f"exports {source!r}, this run {str(checkpoint)!r}); move "
-                f"'{export_dir}' out of the folder to export again."
+                f"'{export_dir / 'report.json'}' is not this run's export (of "
+                f"{_short(source)}, not {_short(str(checkpoint))}); move "
+                "export/ out of the folder to export again."
             )
         return report
     check_no_links(out, ("export",))

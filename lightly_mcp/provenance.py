@@ -99,10 +99,14 @@ def verify_checkpoint(checkpoint: str | os.PathLike[str]) -> dict[str, Any] | No
         return None
     actual = sha256_of(checkpoint)
     if actual != record["sha256"]:
-        hint = regenerate_hint(record).replace("FILE", str(checkpoint))
-        raise ProvenanceError(
-            f"Checkpoint '{checkpoint}' has sha256 {actual[:12]}… but its provenance "
-            f"file '{provenance_path(checkpoint)}' records {record['sha256'][:12]}… "
-            f"(altered or incomplete); {hint}."
+        from lightly_mcp.model_files import shown_path
+
+        head = (
+            f"Checkpoint '{shown_path(checkpoint)}' is altered or incomplete (sha256 "
+            "differs from its .provenance.json); "
         )
+        message = head + regenerate_hint(record).replace(" -- FILE", "")
+        if len(message) > 199:  # a long command: where to find it instead
+            message = head + "restore it or run the 'regenerate' command there"
+        raise ProvenanceError(message + ".")
     return record
