@@ -498,13 +498,14 @@ def _load_part(
         for label, keys in (
             ("missing", missing),
             ("unexpected", unexpected),
-            ("with another shape", mismatched),
+            ("of another shape", mismatched),
         ):
             if keys:
                 more = ", …" if len(keys) > 1 else ""
-                problems.append(f"{len(keys)} {label} ({keys[0][-40:]}{more})")
+                noun = "key" if len(keys) == 1 else "keys"
+                problems.append(f"{len(keys)} {noun} {label} ({keys[0][-30:]}{more})")
         raise CheckpointError(
-            f"Checkpoint '{shown_path(path)}' does not match {part} of '{backbone}': "
-            f"{'; '.join(problems[:2])} keys; check backbone.name and its options."
+            f"Checkpoint '{shown_path(path)}' does not fit the {part}: "
+            f"{'; '.join(problems[:2])}; check backbone.name and its options."
         )
     module.load_state_dict(state)

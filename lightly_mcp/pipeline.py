@@ -381,9 +381,9 @@ def export_stage(
             )
         ):
             raise OutputFolderError(
-                f"'{export_dir / 'report.json'}' is not this run's export (of "
-                f"{_short(source)}, not {_short(str(checkpoint))}); move "
-                "export/ out of the folder to export again."
+                f"'{export_dir / 'report.json'}' is not this run's export (it "
+                f"exports {_short(source)}); move export/ out of the folder to export "
+                "again."
             )
         return report
     check_no_links(out, ("export",))

@@ -114,7 +114,7 @@ def _stage(name: str) -> Iterator[None]:
         if not isinstance(error, (ValueError, FileNotFoundError)):
             message = f"{type(error).__name__}: {message}"
         raise PreflightError(
-            f"{name} stage would fail (preflight; nothing written): {message}"
+            f"{name} stage (preflight; nothing written): {message}"
         ) from error
 
 

@@ -103,10 +103,10 @@ def verify_checkpoint(checkpoint: str | os.PathLike[str]) -> dict[str, Any] | No
 
         head = (
             f"Checkpoint '{shown_path(checkpoint)}' is altered or incomplete (sha256 "
-            "differs from its .provenance.json); "
+            "not the one in its .provenance.json); "
         )
         message = head + regenerate_hint(record).replace(" -- FILE", "")
         if len(message) > 199:  # a long command: where to find it instead
-            message = head + "restore it or run the 'regenerate' command there"
+            message = head + "restore it or rerun its 'regenerate' command"
         raise ProvenanceError(message + ".")
     return record

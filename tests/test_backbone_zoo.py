@@ -235,7 +235,7 @@ def test_cli_refuses_an_unprunable_backbone_before_training(
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1, lines
     assert lines[0].startswith(
-        "lightly-mcp: error: prune stage would fail (preflight; nothing written): "
+        "lightly-mcp: error: prune stage (preflight; nothing written): "
         "timm/nf_resnet26 cannot be "
         "pruned exactly by MCP: weight-standardised convolution in net.stem.conv"
     )

@@ -335,7 +335,7 @@ def test_unknown_name(name: str) -> None:
         build_backbone(name + "x" * 200)
     assert (
         "backbone.name" in str(refused.value) and len(str(refused.value)) <= 148
-    )  # the preflight adds 52
+    )  # the preflight adds 43
 
 
 def test_backbone_names() -> None:

@@ -343,7 +343,7 @@ def test_dense_checkpoint_with_nan_names_the_file(
     bad = _changed_checkpoint(tiny_dense, tmp_path / "nan.ckpt", poison)
     with pytest.raises(CheckpointError, match=r"holds NaN or infinite weights") as e:
         load_dense_moco(model, bad)
-    assert f"'{bad}'" in str(e.value)
+    assert "/nan.ckpt' holds" in str(e.value) and len(str(e.value)) <= 200
     assert "lr" not in str(e.value)
 
 
@@ -356,7 +356,7 @@ def test_mcp_checkpoint_with_inf_names_the_file(
         state[_first_float(state)].view(-1)[-1] = float("inf")
 
     bad = _changed_checkpoint(tiny_pruned, tmp_path / "inf.ckpt", poison)
-    with pytest.raises(CheckpointError, match=r"NaN or infinite weights \(first in"):
+    with pytest.raises(CheckpointError, match=r"NaN or infinite weights \(in '"):
         load_mcp_checkpoint(bad)
 
 

@@ -63,7 +63,7 @@ def test_a_broken_late_stage_is_caught_before_training(
     out = tmp_path / "run"
     message = _error(capsys, ["run", str(recipe), "--out", str(out), "--quiet"])
     assert message.startswith(
-        "lightly-mcp: error: export stage would fail (preflight; nothing written): "
+        "lightly-mcp: error: export stage (preflight; nothing written): "
     )
     assert "Compact output shape (4, 346)" in message
     assert len(message) <= 200 + len("lightly-mcp: error: ")

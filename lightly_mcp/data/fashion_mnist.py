@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import math
+import os
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
@@ -125,6 +126,11 @@ def _find_idx(folders: Sequence[Path], stem: str) -> Path | None:
         for name in (f"{stem}.gz", stem):
             if (folder / name).is_file():
                 return folder / name
+            if os.path.lexists(folder / name) and not (folder / name).is_dir():
+                raise DatasetError(
+                    f"{folder / name} is not a regular file (a FIFO, device, socket "
+                    "or broken link); replace it"
+                )
     return None
 
 

@@ -20,7 +20,7 @@ from torchvision import datasets as tv_datasets
 from torchvision.datasets import cifar as tv_cifar
 
 from lightly_mcp.data.labeled_images import LabeledImages
-from lightly_mcp.errors import DatasetError, describe_flat
+from lightly_mcp.errors import DatasetError
 
 DEFAULT_ROOT = Path("data")
 """Root of ``cifar10``, ``cifar100`` and ``stl10`` when none is given."""
@@ -200,11 +200,11 @@ def build_torchvision(
         raise
     except Exception as error:
         action = "download or read" if download else "read"
-        why = describe_flat(error)
-        why = why if len(why) <= 50 else why[:49] + "…"
+        why = " ".join(str(error).split()) or type(error).__name__
+        why = why if len(why) <= 45 else why[:44] + "…"
         raise DatasetError(
-            f"{kind} {split}: cannot {action} {_few(required)} in {folder} ({why}); "
-            "replace them"
+            f"{kind} {split}: cannot {action} {_few(required[:1] + ['…'])} in "
+            f"{folder} ({why}); replace them"
         ) from error
     if len(labels) and (labels.min() < -1 or labels.max() >= num_classes):
         raise DatasetError(
