@@ -506,6 +506,6 @@ def _load_part(
                 problems.append(f"{len(keys)} {noun} {label} ({keys[0][-30:]}{more})")
         raise CheckpointError(
             f"Checkpoint '{shown_path(path)}' does not fit the {part}: "
-            f"{'; '.join(problems[:2])}; check backbone.name and its options."
+            f"{'; '.join(problems[:2])}; check the backbone section."
         )
     module.load_state_dict(state)

@@ -101,12 +101,10 @@ def verify_checkpoint(checkpoint: str | os.PathLike[str]) -> dict[str, Any] | No
     if actual != record["sha256"]:
         from lightly_mcp.model_files import shown_path
 
-        head = (
-            f"Checkpoint '{shown_path(checkpoint)}' is altered or incomplete (sha256 "
-            "not the one in its .provenance.json); "
-        )
+        head = f"Checkpoint '{shown_path(checkpoint)}' is altered (sha256 mismatch); "
         message = head + regenerate_hint(record).replace(" -- FILE", "")
         if len(message) > 199:  # a long command: where to find it instead
-            message = head + "restore it or rerun its 'regenerate' command"
+            where = "the 'regenerate' command in its .provenance.json"
+            message = f"{head}restore it or rerun {where}"
         raise ProvenanceError(message + ".")
     return record
