@@ -235,8 +235,10 @@ def load_weights(backbone: Backbone, path: str | os.PathLike[str]) -> None:
     """
     file = Path(path)
     if not file.is_file():
+        from lightly_mcp.files import not_a_file
+
         raise FileNotFoundError(
-            f"weights file '{file}' for {backbone.name} does not exist"
+            f"weights file '{file}' for {backbone.name} {not_a_file(file)}"
         )
     loaded = read_tensors(file, "give a state_dict or checkpoint of tensors")
     state_dict = _extract_state_dict(loaded, file)
@@ -687,19 +689,18 @@ def _unknown_name_message(name: str) -> str:
         name: The unknown name.
 
     Returns:
-        One line naming the supported prefixes and a few valid names.
+        One line naming the supported prefixes and an example.
     """
     library, _, arch = name.partition("/")
+    reason = ""
     if library == "timm" and arch:
-        reason = f"timm has no model named '{arch}'"
+        reason = " (no such timm model)"
     elif library == "torchvision" and arch:
-        reason = f"torchvision.models has no classification model named '{arch}'"
-    else:
-        reason = "the name must start with a supported prefix"
+        reason = " (no such torchvision model)"
+    shown = name if len(name) <= 30 else name[:29] + "…"
     return (
-        f"unknown backbone '{name}' ({reason}); supported prefixes: "
-        "torchvision/ (any classification model of torchvision.models), "
-        f"timm/ (any timm model); valid names include {', '.join(_EXAMPLE_NAMES)}"
+        f"unknown backbone.name '{shown}'{reason}; use torchvision/NAME or "
+        f"timm/NAME, e.g. {_EXAMPLE_NAMES[0]}"
     )
 
 

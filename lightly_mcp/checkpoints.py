@@ -54,7 +54,7 @@ def checkpoint_file(path: str | Path, what: str = "Checkpoint") -> Path:
     if path.is_dir():
         found = sorted(path.glob("*.ckpt")) + sorted(path.glob("*/*.ckpt"))
         hint = (
-            f"give a checkpoint file such as '{found[0]}'"
+            f"give a checkpoint file such as '{shown_path(found[0])}'"
             if found
             else "give the checkpoint file itself"
         )
@@ -498,12 +498,14 @@ def _load_part(
         for label, keys in (
             ("missing", missing),
             ("unexpected", unexpected),
-            ("with another shape", mismatched),
+            ("of another shape", mismatched),
         ):
             if keys:
-                problems.append(f"{len(keys)} {label} ({', '.join(keys[:3])})")
+                more = ", …" if len(keys) > 1 else ""
+                noun = "key" if len(keys) == 1 else "keys"
+                problems.append(f"{len(keys)} {noun} {label} ({keys[0][-30:]}{more})")
         raise CheckpointError(
-            f"Checkpoint '{path}' does not match {part} of '{backbone}': "
-            f"{'; '.join(problems)} keys. Check the backbone name and its options."
+            f"Checkpoint '{shown_path(path)}' does not fit the {part}: "
+            f"{'; '.join(problems[:2])}; check the backbone section."
         )
     module.load_state_dict(state)

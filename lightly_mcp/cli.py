@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import re
@@ -184,9 +185,8 @@ def _recipe(args: argparse.Namespace) -> Any:
     recipe = load_recipe(args.recipe, args.set)
     if not read_recipe_file(args.recipe):
         raise RecipeError(
-            f"recipe '{args.recipe}' is empty: every setting would take its default "
-            "(MCP of a randomly initialised backbone on the default data); start "
-            "from a recipe in recipes/ (e.g. recipes/quickstart.yaml)."
+            f"recipe '{args.recipe}' is empty (every key would take its default); "
+            "start from a recipe in recipes/, e.g. recipes/quickstart.yaml."
         )
     if args.device is not None:
         recipe.trainer.accelerator = args.device
@@ -229,6 +229,19 @@ def _check_devices(recipe: Any, args: argparse.Namespace) -> None:
             f"{source} is '{t.accelerator}' but torch sees no CUDA GPU "
             "(torch.cuda.is_available() is False); use --device cpu or --device auto."
         )
+    if t.accelerator not in ("auto", "cpu", "cuda", "gpu"):
+        from pytorch_lightning.accelerators import AcceleratorRegistry
+
+        try:
+            available = AcceleratorRegistry[t.accelerator]["accelerator"].is_available()
+        except Exception:  # noqa: BLE001 (a registry entry that cannot say: refuse)
+            available = False
+        if not available:
+            source = "--device" if args.device is not None else "trainer.accelerator"
+            raise RecipeError(
+                f"{source} is '{t.accelerator}' but no such device is available "
+                "here; use --device cpu, cuda or auto."
+            )
 
 
 def _eval_device(recipe: Any) -> str:
@@ -572,6 +585,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         from lightly_mcp.errors import LateStageError
 
         cause = error.__cause__ if isinstance(error, LateStageError) else error
+        if isinstance(cause, OSError) and cause.errno == errno.ENAMETOOLONG:
+            from lightly_mcp.model_files import shown_path
+
+            name = shown_path(cause.filename or "")
+            print(
+                f"lightly-mcp: error: the path '{name}' is too long for the file "
+                "system (a name over 255 bytes?); use a shorter name.",
+                file=sys.stderr,
+            )
+            return EXIT_USAGE
         if isinstance(cause, OSError) and not isinstance(cause, FileNotFoundError):
             from lightly_mcp.files import disk_error
 

@@ -16,7 +16,12 @@ import shlex
 from collections.abc import Sequence
 from pathlib import Path
 
-from lightly_mcp.errors import LateStageError, first_line
+from lightly_mcp.errors import (
+    CheckpointError,
+    LateStageError,
+    OutputFolderError,
+    first_line,
+)
 
 
 def finished_stages(out: Path) -> dict[str, Path]:
@@ -96,8 +101,11 @@ def late_stage_failure(
     export_options: Sequence[str] = (),
 ) -> LateStageError | None:
     """The error of a failed run with what is kept and how to continue; None when
-    no stage finished (the error alone says everything).
+    no stage finished or a file in the output folder or a checkpoint is refused
+    (the error alone says everything, in one short line).
     """
+    if isinstance(error, (OutputFolderError, CheckpointError)):
+        return None  # a file in the way: its message says what to do with it
     done = finished_stages(out)
     commands = continue_commands(out, rerun, recipe, export_options)
     if not commands:

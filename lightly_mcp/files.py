@@ -27,8 +27,23 @@ DISK_ERRORS: dict[int, str] = {
     errno.ENOSPC: "the disk is full",
     errno.EDQUOT: "the disk quota is exceeded",
     errno.EROFS: "the file system is read-only",
-    errno.EFBIG: "the file is larger than the file system allows",
+    errno.EFBIG: "the file is too large for the file system",
 }
+
+
+def not_a_file(path: str | os.PathLike[str]) -> str:
+    """Why ``path`` is not a regular file, for messages: ``"does not exist"``,
+    ``"is a folder"`` or ``"is not a regular file (a FIFO, device or socket)"``.
+
+    Examples:
+        >>> not_a_file("/dev/null")
+        'is not a regular file (a FIFO, device or socket)'
+    """
+    if os.path.isdir(path):
+        return "is a folder"
+    if os.path.exists(path):
+        return "is not a regular file (a FIFO, device or socket)"
+    return "does not exist"
 
 
 def default_file_mode() -> int:
@@ -49,10 +64,9 @@ def disk_error(
     why = DISK_ERRORS.get(error.errno or 0)
     if why is None:
         return None
-    folder = os.path.dirname(os.path.abspath(path))
     return OutputFolderError(
-        f"cannot write '{path}': {why} (folder '{folder}'); nothing was half-written, "
-        "free space there or choose another --out folder, then run again."
+        f"cannot write '{path}': {why} (nothing half-written); free space or use "
+        "another --out."
     )
 
 

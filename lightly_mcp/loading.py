@@ -85,9 +85,9 @@ def load_mcp_checkpoint(
         )
     if kind == "MoCoV2":
         raise ExportError(
-            f"Checkpoint '{checkpoint}' is a MoCo v2 checkpoint (no ADMM state), "
-            "not an MCP checkpoint: there is no pruning mask to export. Prune it "
-            "first with MCP(dense_checkpoint=...) and export that run's checkpoint."
+            f"Checkpoint '{checkpoint}' is a dense MoCo v2 checkpoint, with no "
+            "pruning mask to export; prune it first (lightly-mcp prune --from) and "
+            "export that."
         )
     if kind != "MCP":
         raise ExportError(

@@ -121,9 +121,9 @@ def refuse_foreign(out: Path, relatives: Iterable[str]) -> None:
         path = out / relative
         if os.path.lexists(path) and not is_ours(out, relative, files):
             raise OutputFolderError(
-                f"'{path}' was not written by a lightly-mcp run in '{out}' "
-                f"({_describe(path)}, or changed since) and this run would overwrite "
-                "it: move it out or choose another --out folder."
+                f"'{path}' was not written by a lightly-mcp run here "
+                f"({_describe(path)}, or changed since) and would be overwritten: "
+                "move it out or use another --out."
             )
 
 

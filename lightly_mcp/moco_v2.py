@@ -206,9 +206,9 @@ class MoCoV2(LightningModule):
         """Stops training on a NaN/Inf loss, before it reaches the weights."""
         if not bool(torch.isfinite(loss)):
             raise TrainingDivergedError(
-                f"the loss became {float(loss)} at step {self.global_step}; the "
-                f"learning rate (lr={self.hparams['lr']}) or, for MCP, rho is probably "
-                "too large. The weights of the last checkpoint are unaffected."
+                f"the loss became {float(loss)} at step {self.global_step}: lower the "
+                f"learning rate (lr={self.hparams['lr']}) or, for MCP, mcp.rho; the "
+                "last checkpoint is unaffected."
             )
 
     def configure_optimizers(self) -> Any:

@@ -32,9 +32,11 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
 import os
 import pickle
 import re
+import struct
 import zipfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -66,6 +68,8 @@ def shown_path(path: str | os.PathLike[str]) -> str:
         60
     """
     text = str(path)
+    if not text.isprintable():  # a newline would break the one-line message
+        text = repr(text)[1:-1]
     return text if len(text) <= _SHOWN_PATH else "…" + text[-(_SHOWN_PATH - 1) :]
 
 
@@ -117,7 +121,17 @@ def read_tensors(
                 CodeFileError,
             ) from None
         raise refusal(path, _corrupt("a PyTorch file"), fix) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError):
+    except (
+        RuntimeError,
+        EOFError,
+        zipfile.BadZipFile,
+        ValueError,
+        OSError,
+        struct.error,  # the unpickler reading past the end of a short file
+        IndexError,
+        KeyError,
+        TypeError,
+    ):
         raise refusal(path, _corrupt("a PyTorch file"), fix) from None
 
 
@@ -138,8 +152,10 @@ def load_trusted_module(path: str | os.PathLike[str], trusted: bool) -> nn.Modul
     path = Path(path)
     scripted = path.suffix == ".ts"
     if not path.is_file():
+        from lightly_mcp.files import not_a_file
+
         kind = "TorchScript model" if scripted else "Model"
-        raise FileNotFoundError(f"{kind} '{shown_path(path)}' does not exist.")
+        raise FileNotFoundError(f"{kind} '{shown_path(path)}' {not_a_file(path)}.")
     fix = f"evaluate model.pt2 or a checkpoint, or pass {TRUST_FLAG} if you trust it"
     if not trusted:
         what = "it is TorchScript, which runs" if scripted else "unpickling it runs"
@@ -237,7 +253,8 @@ class _Refused:
 @contextlib.contextmanager
 def _no_pickled_code() -> Iterator[None]:
     """``torch.load`` only with ``weights_only=True``, no other unpickling (a second
-    line of defence: the checked archive has nothing pickled).
+    line of defence: the checked archive has nothing pickled); torch.export's log of
+    a failed load (a traceback) is silenced.
     """
     from torch.export.pt2_archive import _package
 
@@ -247,12 +264,20 @@ def _no_pickled_code() -> Iterator[None]:
         kwargs["weights_only"] = True
         return weights_only(*args, **kwargs)
 
-    with (
-        mock.patch.object(torch, "load", load),
-        mock.patch.object(_package, "pickle", _Refused),
-        mock.patch.object(torch._C, "_pickle_load_obj", _Refused.loads),
-    ):
-        yield
+    # torch.export.load logs a failure with its traceback before raising it; the
+    # caller refuses the file in one line instead.
+    export_log = logging.getLogger("torch.export")
+    level = export_log.level
+    export_log.setLevel(logging.CRITICAL)
+    try:
+        with (
+            mock.patch.object(torch, "load", load),
+            mock.patch.object(_package, "pickle", _Refused),
+            mock.patch.object(torch._C, "_pickle_load_obj", _Refused.loads),
+        ):
+            yield
+    finally:
+        export_log.setLevel(level)
 
 
 # The files of an archive torch.export.save writes, under its one top folder.
@@ -810,6 +835,6 @@ def check_finite_weights(
             and not bool(torch.isfinite(value).all())
         ):
             raise CheckpointError(
-                f"{what} '{path}' holds NaN or infinite weights (first in '{name}'): "
-                "the file is damaged or from a diverged run; use another one."
+                f"{what} '{shown_path(path)}' holds NaN or infinite weights (in "
+                f"'{name[-40:]}'): damaged or diverged, use another."
             )

@@ -92,6 +92,12 @@ def read_json(path: Path) -> Any:
         ) from None
 
 
+def _short(value: Any) -> str:
+    """``repr(value)``, its end only beyond 50 characters (messages stay short)."""
+    text = repr(value)
+    return text if len(text) <= 50 else "…" + text[-49:]
+
+
 def _relative(out: Path, path: Path) -> str:
     return os.path.relpath(path, out)
 
@@ -376,8 +382,8 @@ def export_stage(
         ):
             raise OutputFolderError(
                 f"'{export_dir / 'report.json'}' is not this run's export (it "
-                f"exports {source!r}, this run {str(checkpoint)!r}); move "
-                f"'{export_dir}' out of the folder to export again."
+                f"exports {_short(source)}); move export/ out of the folder to export "
+                "again."
             )
         return report
     check_no_links(out, ("export",))

@@ -114,8 +114,7 @@ def _stage(name: str) -> Iterator[None]:
         if not isinstance(error, (ValueError, FileNotFoundError)):
             message = f"{type(error).__name__}: {message}"
         raise PreflightError(
-            f"the {name} stage would fail: {message} (found by the preflight before "
-            "any training; nothing was written)"
+            f"{name} stage (preflight; nothing written): {message}"
         ) from error
 
 

@@ -67,7 +67,14 @@ def regenerate_hint(record: dict[str, Any] | None) -> str:
 def missing_checkpoint_message(
     checkpoint: str | os.PathLike[str], what: str = "Checkpoint"
 ) -> str:
-    """The error for a checkpoint file that does not exist (``what`` names it)."""
+    """The error for a checkpoint path that is not a file (``what`` names it):
+    missing, a folder, or a FIFO or device.
+    """
+    from lightly_mcp.files import not_a_file
+
+    problem = not_a_file(checkpoint)
+    if problem != "does not exist":
+        return f"{what} '{checkpoint}' {problem}; give a checkpoint file."
     try:
         record = read_provenance(checkpoint)
     except ProvenanceError:
@@ -92,10 +99,12 @@ def verify_checkpoint(checkpoint: str | os.PathLike[str]) -> dict[str, Any] | No
         return None
     actual = sha256_of(checkpoint)
     if actual != record["sha256"]:
-        hint = regenerate_hint(record).replace("FILE", str(checkpoint))
-        raise ProvenanceError(
-            f"Checkpoint '{checkpoint}' has sha256 {actual[:12]}… but its provenance "
-            f"file '{provenance_path(checkpoint)}' records {record['sha256'][:12]}… "
-            f"(altered or incomplete); {hint}."
-        )
+        from lightly_mcp.model_files import shown_path
+
+        head = f"Checkpoint '{shown_path(checkpoint)}' is altered (sha256 mismatch); "
+        message = head + regenerate_hint(record).replace(" -- FILE", "")
+        if len(message) > 199:  # a long command: where to find it instead
+            where = "the 'regenerate' command in its .provenance.json"
+            message = f"{head}restore it or rerun {where}"
+        raise ProvenanceError(message + ".")
     return record

@@ -15,7 +15,9 @@ every value a stage would refuse later, so a bad recipe stops before anything ru
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
+import os
 import re
 import reprlib
 import types
@@ -332,10 +334,7 @@ def _build(cls: type, raw: Any, prefix: str, source: str) -> Any:
     known = {f.name: f for f in fields(cls)}
     unknown = sorted(set(raw) - set(known), key=str)
     if unknown:
-        raise RecipeError(
-            f"{source}: unknown key '{prefix}{unknown[0]}'; allowed keys"
-            f"{' in ' + prefix.rstrip('.') if prefix else ''}: {', '.join(known)}."
-        )
+        raise RecipeError(f"{source}: {_unknown_key(str(unknown[0]), known, prefix)}")
     hints = typing.get_type_hints(cls)
     values = {}
     for name, value in raw.items():
@@ -345,6 +344,15 @@ def _build(cls: type, raw: Any, prefix: str, source: str) -> Any:
         else:
             values[name] = _check_type(value, hint, f"{prefix}{name}", source)
     return cls(**values)
+
+
+def _unknown_key(key: str, known: typing.Iterable[str], prefix: str) -> str:
+    """``unknown key 'mcp.x'`` with the closest known key, if one is close, and
+    where the keys are documented.
+    """
+    close = difflib.get_close_matches(key, list(known), n=1)
+    hint = f"did you mean '{prefix}{close[0]}'? " if close else ""
+    return f"unknown key {_shown(prefix + key)}; {hint}all keys: lightly_mcp/recipe.py."
 
 
 _EXPONENT_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
@@ -395,6 +403,24 @@ def _require(condition: bool, message: str, source: str) -> None:
 MAX_INPUT_SIZE = 1024
 #: ``seed`` is given to numpy, which takes 32-bit unsigned seeds.
 MAX_SEED = 2**32 - 1
+#: Largest ``backbone.width_multiplier``: parameters grow with its square (8 already
+#: makes MobileNetV2 about 60 times larger).
+MAX_WIDTH_MULTIPLIER = 8.0
+#: Largest ``pretrain.memory_bank_size`` (MoCo uses 65,536 negatives).
+MAX_MEMORY_BANK_SIZE = 2**20
+#: Largest ``pretrain.projection_dim`` and ``pretrain.projection_hidden_dim``.
+MAX_PROJECTION_DIM = 2**16
+#: Largest memory bank in float32 values (``memory_bank_size * projection_dim``): 4 GiB.
+MAX_MEMORY_BANK_VALUES = 2**30
+#: Keys holding a path; an empty string is refused (null means the default).
+PATH_KEYS = ("data.root", "backbone.weights", "pretrain.dense_checkpoint")
+
+
+def max_num_workers() -> int:
+    """Largest ``data.num_workers``: 4 per CPU core, at least 64 (more only adds
+    processes that wait, each with a copy of the dataset).
+    """
+    return max(64, 4 * (os.cpu_count() or 1))
 
 
 def validate(recipe: Recipe, source: str = "recipe") -> None:
@@ -404,6 +430,7 @@ def validate(recipe: Recipe, source: str = "recipe") -> None:
     bad recipe stops before any model is built, with the key named.
     """
     _check_finite(recipe, source)
+    _check_paths(recipe, source)
     m, p, d, e = recipe.mcp, recipe.pretrain, recipe.data, recipe.eval
     _require(
         0 <= recipe.seed <= MAX_SEED,
@@ -454,11 +481,24 @@ def validate(recipe: Recipe, source: str = "recipe") -> None:
     )
     _require(0 <= p.momentum <= 1, "'pretrain.momentum' must be in [0, 1].", source)
     _require(
-        p.memory_bank_size >= 0, "'pretrain.memory_bank_size' must be >= 0.", source
+        0 <= p.memory_bank_size <= MAX_MEMORY_BANK_SIZE,
+        f"'pretrain.memory_bank_size' must be in [0, {MAX_MEMORY_BANK_SIZE}], got "
+        f"{p.memory_bank_size}.",
+        source,
     )
     for key in ("projection_hidden_dim", "projection_dim"):
         value = getattr(p, key)
-        _require(value >= 1, f"'pretrain.{key}' must be >= 1, got {value}.", source)
+        _require(
+            1 <= value <= MAX_PROJECTION_DIM,
+            f"'pretrain.{key}' must be in [1, {MAX_PROJECTION_DIM}], got {value}.",
+            source,
+        )
+    _require(
+        p.memory_bank_size * p.projection_dim <= MAX_MEMORY_BANK_VALUES,
+        f"'pretrain.memory_bank_size' x 'pretrain.projection_dim' must be at most "
+        f"{MAX_MEMORY_BANK_VALUES} (a 4 GiB memory bank); lower one of them.",
+        source,
+    )
     _require(
         p.split_batch_norm >= 0,
         "'pretrain.split_batch_norm' must be >= 0 (0 or 1: plain BatchNorm).",
@@ -472,12 +512,19 @@ def validate(recipe: Recipe, source: str = "recipe") -> None:
     )
     _require(d.subset is None or d.subset >= 1, "'data.subset' must be >= 1.", source)
     _require(0 < d.min_scale <= 1, "'data.min_scale' must be in (0, 1].", source)
-    _require(d.num_workers >= 0, "'data.num_workers' must be >= 0.", source)
+    workers = max_num_workers()
+    _require(
+        0 <= d.num_workers <= workers,
+        f"'data.num_workers' must be in [0, {workers}] (4 per CPU core, at least 64),"
+        f" got {d.num_workers}.",
+        source,
+    )
     _check_data_kind(d.kind, source)
     width = recipe.backbone.width_multiplier
     _require(
-        width is None or width > 0,
-        f"'backbone.width_multiplier' must be > 0, got {width}.",
+        width is None or 0 < width <= MAX_WIDTH_MULTIPLIER,
+        f"'backbone.width_multiplier' must be in (0, {MAX_WIDTH_MULTIPLIER:g}] or "
+        f"null, got {width}.",
         source,
     )
     x = recipe.export
@@ -539,6 +586,28 @@ def _check_finite(recipe: Recipe, source: str) -> None:
                 f"'{key}' must be a finite number, got {item}.",
                 source,
             )
+
+
+def _check_paths(recipe: Recipe, source: str) -> None:
+    """Refuses an empty path (null means the default) and a ``~user`` whose home
+    folder cannot be found, naming the key.
+    """
+    for key in PATH_KEYS:
+        section, name = key.split(".")
+        value = getattr(getattr(recipe, section), name)
+        if value is None:
+            continue
+        _require(
+            value.strip() != "",
+            f"'{key}' is an empty string; give a path, or null for the default.",
+            source,
+        )
+        _require(
+            not value.startswith("~") or not os.path.expanduser(value).startswith("~"),
+            f"'{key}' is {_shown(value)}, but that user's home folder is unknown; "
+            "give the full path.",
+            source,
+        )
 
 
 def _check_data_kind(kind: str, source: str) -> None:

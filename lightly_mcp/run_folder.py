@@ -262,18 +262,19 @@ def stage_keys(stage: str, flat: dict[str, Any]) -> list[str]:
     ]
 
 
-def _stage_record(out: Path, stage: str) -> tuple[Path, bool]:
-    """The recipe a stage's outputs were made with, and whether it has outputs."""
+def _stage_record(out: Path, stage: str) -> tuple[Path, str | None]:
+    """The recipe a stage's outputs were made with, and the first of its outputs
+    found (relative to ``out``; None when it has none).
+    """
     if stage in ("pretrain", "prune"):
-        folder = out / stage
-        started = any(
-            (folder / name).is_file()
-            for name in ("done.json", "last.ckpt", "final.ckpt")
-        )
-        return folder / "recipe.yaml", started
-    if stage == "export":
-        return out / "recipe.yaml", (out / "export" / "report.json").is_file()
-    return out / "recipe.yaml", (out / "eval" / "eval.json").is_file()
+        found = [
+            f"{stage}/{name}"
+            for name in ("last.ckpt", "final.ckpt", "done.json")
+            if (out / stage / name).is_file()
+        ]
+        return out / stage / "recipe.yaml", found[0] if found else None
+    report = "export/report.json" if stage == "export" else "eval/eval.json"
+    return out / "recipe.yaml", report if (out / report).is_file() else None
 
 
 def recipe_differences(
@@ -282,10 +283,7 @@ def recipe_differences(
     """``(key, recorded, current)`` of every result-changing key that differs."""
     from lightly_mcp.recipe import Recipe
 
-    try:
-        recorded_raw = load_yaml(recorded_file.read_bytes(), str(recorded_file))
-    except (OSError, RecipeError):
-        recorded_raw = None
+    recorded_raw = _read_record(recorded_file)
     current = _flatten(recipe.to_dict())
     defaults = _flatten(Recipe().to_dict())
     recorded = _flatten(recorded_raw) if isinstance(recorded_raw, dict) else {}
@@ -315,9 +313,10 @@ def check_recipe(recipe: Any, out: Path, stages: Sequence[str]) -> None:
         return
     out = Path(out)
     for stage in stages:
-        record, started = _stage_record(out, stage)
-        if not started:
+        record, found = _stage_record(out, stage)
+        if found is None:
             continue
+        relative = record.relative_to(out)
         if not record.is_file() or record.is_symlink():
             what = (
                 "is a symbolic link"
@@ -329,22 +328,44 @@ def check_recipe(recipe: Any, out: Path, stages: Sequence[str]) -> None:
                 else "is missing"
             )
             raise OutputFolderError(
-                f"output folder '{out}' holds a {stage} stage whose recorded recipe "
-                f"'{record}' {what}, so its outputs cannot be checked against this "
-                "recipe; pass --restart to start over or use a new --out folder."
+                f"'{out}' holds {found} but its recorded recipe {relative} {what}; "
+                "pass --restart or use a new --out folder."
+            )
+        if not isinstance(_read_record(record), dict):
+            raise OutputFolderError(
+                f"'{out}' holds {found} but its recorded recipe {relative} cannot "
+                "be read; pass --restart or use a new --out folder."
             )
         differences = recipe_differences(recipe, record, stage)
         if not differences:
             continue
-        shown = ", ".join(
-            f"{key} {old!r} there, {new!r} now" for key, old, new in differences[:6]
-        )
-        more = f" and {len(differences) - 6} more" if len(differences) > 6 else ""
-        raise OutputFolderError(
-            f"output folder '{out}' holds a {stage} stage made with another recipe "
-            f"({record}): {shown}{more}; use a new --out folder or pass --restart "
-            "to delete its previous outputs and start over."
-        )
+        head = f"'{out}' holds a {stage} stage of another recipe ({relative}): "
+        tail = "; use a new --out or pass --restart."
+        shown: list[str] = []
+        for key, old, new in differences:
+            item = f"{key} {_shown(old)} there, {_shown(new)} now"
+            rest = len(differences) - len(shown) - 1
+            more = f" and {rest} more" if rest else ""
+            if shown and len(head + ", ".join([*shown, item]) + more + tail) > 200:
+                break
+            shown.append(item)
+        rest = len(differences) - len(shown)
+        more = f" and {rest} more" if rest else ""
+        raise OutputFolderError(f"{head}{', '.join(shown)}{more}{tail}")
+
+
+def _read_record(record: Path) -> Any:
+    """A recorded recipe's YAML document; None when it cannot be read."""
+    try:
+        return load_yaml(record.read_bytes(), str(record))
+    except (OSError, RecipeError):
+        return None
+
+
+def _shown(value: Any) -> str:
+    """``repr(value)``, cut to 40 characters (a message stays one short line)."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:39] + "…"
 
 
 def clear_outputs(out: Path, first_stage: str) -> list[Path]:

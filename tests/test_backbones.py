@@ -329,8 +329,13 @@ def test_load_weights_missing_file(tmp_path: Path) -> None:
     ["foo/bar", "timm/not_a_model", "torchvision/not_a_model", "resnet18", "timm/"],
 )
 def test_unknown_name(name: str) -> None:
-    with pytest.raises(ValueError, match=r"supported prefixes: torchvision/ .*timm/"):
+    with pytest.raises(ValueError, match=r"use torchvision/NAME or timm/NAME"):
         build_backbone(name)
+    with pytest.raises(ValueError) as refused:
+        build_backbone(name + "x" * 200)
+    assert (
+        "backbone.name" in str(refused.value) and len(str(refused.value)) <= 148
+    )  # the preflight adds 43
 
 
 def test_backbone_names() -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import shutil
 import zipfile
 from collections.abc import Callable
@@ -228,6 +229,47 @@ def test_a_truncated_program_is_one_line_and_exit_2(
             f"'{shown_path(broken)}' cannot be read safely: truncated, corrupt or not "
             "a torch.export program; export it again with lightly-mcp export."
         )
+
+
+def test_a_program_with_a_cut_weight_file_is_one_line_without_a_traceback(
+    program: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    broken = tmp_path / "model.pt2"
+    with zipfile.ZipFile(program) as zin, zipfile.ZipFile(broken, "w") as zout:
+        for info in zin.infolist():
+            data = zin.read(info.filename)
+            cut = info.filename.endswith("/weights/weight_0")
+            zout.writestr(info, data[:4] if cut else data)
+    recipe = write_tiny(tmp_path)
+    argv = ["evaluate", str(broken), str(recipe), "--out", str(tmp_path / "o")]
+    assert "not a torch.export program" in _refusal(capsys, argv)
+
+
+def test_paths_that_are_not_files_say_what_they_are(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fifo = tmp_path / "x.ckpt"
+    os.mkfifo(fifo)
+    for path in (fifo, Path("/dev/null")):
+        for argv in (["inspect", str(path)], ["export", str(path), "--out", "e"]):
+            message = _refusal(capsys, argv)
+            assert f"'{path}' is not a regular file" in message
+            assert "does not exist" not in message
+    folder = tmp_path / "weights"
+    folder.mkdir()
+    recipe = write_tiny(tmp_path / "w", {"backbone.weights": str(folder)})
+    out = str(tmp_path / "out")
+    message = _refusal(capsys, ["run", str(recipe), "--out", out, "--dry-run"])
+    assert f"weights file '{folder}'" in message and "is a folder" in message
+
+
+def test_a_short_junk_file_with_a_newline_in_its_name_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    junk = tmp_path / "bad\nname.ckpt"
+    junk.write_bytes(b"junk")  # the unpickler's LONG_BINGET, then the end
+    message = _refusal(capsys, ["inspect", str(junk)])
+    assert "bad\\nname.ckpt' cannot be read safely" in message
 
 
 # --- TorchScript -------------------------------------------------------------------

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 import torch
+import yaml
 
 from lightly_mcp import pipeline
 from lightly_mcp.cli import main
@@ -99,7 +100,9 @@ def test_a_full_disk_during_a_checkpoint_save_keeps_the_previous_file(
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, limits)
         signal.signal(signal.SIGXFSZ, old_handler)
-    assert f"folder '{stage}'" in str(caught.value)
+    message = str(caught.value)
+    assert f"cannot write '{last}'" in message and "another --out" in message
+    assert len(message) <= 200
     assert last.read_bytes() == before
     assert sorted(p.name for p in stage.iterdir()) == ["last.ckpt"]  # no temp file
 
@@ -247,6 +250,33 @@ def test_outputs_without_their_recorded_recipe_are_not_reused(tmp_path: Path) ->
     (out / "pretrain" / "final.ckpt").write_bytes(b"")
     with pytest.raises(OutputFolderError, match="recorded recipe .* is missing"):
         check_recipe(tiny_recipe({"mcp.pruning_ratio": 0.2}), out, STAGES)
+
+
+def test_recorded_recipe_messages_are_short_and_name_the_record(
+    tmp_path: Path,
+) -> None:
+    out = tmp_path / "run"
+    (out / "prune").mkdir(parents=True)
+    (out / "prune" / "last.ckpt").write_bytes(b"")
+    recipe = tiny_recipe({"mcp.pruning_ratio": 0.2})
+    with pytest.raises(OutputFolderError) as missing:
+        check_recipe(recipe, out, STAGES)
+    message = str(missing.value)
+    assert "prune/last.ckpt" in message and "prune/recipe.yaml is missing" in message
+    assert message.count(str(out)) == 1 and len(message) <= 200
+    (out / "prune" / "recipe.yaml").write_bytes(b"\x00\xff: [garbage")
+    with pytest.raises(OutputFolderError) as garbage:
+        check_recipe(recipe, out, STAGES)
+    message = str(garbage.value)
+    assert "prune/recipe.yaml cannot be read" in message and "--restart" in message
+    assert len(message) <= 200
+    other = tiny_recipe({"mcp.pruning_ratio": 0.4, "seed": 7, "mcp.lr": 0.5})
+    (out / "prune" / "recipe.yaml").write_text(yaml.safe_dump(other.to_dict()))
+    with pytest.raises(OutputFolderError) as differs:
+        check_recipe(recipe, out, STAGES)
+    message = str(differs.value)
+    assert "another recipe (prune/recipe.yaml)" in message and "more" in message
+    assert message.count(str(out)) == 1 and len(message) <= 200
 
 
 # --- 10: eval.json reused only from this run, with the same provenance ---------------

@@ -124,6 +124,39 @@ def test_bad_recipes_name_the_key(
         load_recipe(_write(tmp_path, data), overrides)
 
 
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        (
+            ["mcp.pruning_ration=0.5"],
+            r"unknown key 'mcp.pruning_ration'; did you mean "
+            r"'mcp.pruning_ratio'\? all keys: lightly_mcp/recipe.py",
+        ),
+        (["mcp.=1"], r"unknown key 'mcp.'; all keys: lightly_mcp/recipe.py"),
+        (["data.root=''"], r"'data.root' is an empty string"),
+        (["pretrain.dense_checkpoint=''"], r"'pretrain.dense_checkpoint' is an empty"),
+        (["backbone.weights=' '"], r"'backbone.weights' is an empty string"),
+        (["data.root=~nosuchuser/x"], r"'data.root' is '~nosuchuser/x', but that user"),
+        (["backbone.width_multiplier=1000"], r"'backbone.width_multiplier' must be in"),
+        (["pretrain.memory_bank_size=1e12"], r"'pretrain.memory_bank_size' must be"),
+        (["pretrain.memory_bank_size=1000000000000"], r"'pretrain.memory_bank_size'"),
+        (["pretrain.projection_dim=1000000000"], r"'pretrain.projection_dim' must be"),
+        (
+            ["pretrain.memory_bank_size=1048576", "pretrain.projection_dim=65536"],
+            r"'pretrain.memory_bank_size' x 'pretrain.projection_dim' must be at most",
+        ),
+        (["data.num_workers=100000"], r"'data.num_workers' must be in \[0, \d+\]"),
+    ],
+)
+def test_bad_values_are_refused_in_one_short_line_naming_the_key(
+    tmp_path: Path, overrides: list[str], match: str
+) -> None:
+    with pytest.raises(RecipeError, match=match) as refused:
+        load_recipe(_write(tmp_path, {}), overrides)
+    message = str(refused.value)
+    assert len(message.splitlines()) == 1 and len(message) <= 200
+
+
 def test_missing_and_invalid_files(tmp_path: Path) -> None:
     with pytest.raises(RecipeError, match="does not exist"):
         load_recipe(tmp_path / "nope.yaml")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import math
+import os
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
@@ -81,38 +82,40 @@ def read_idx(path: str | Path, expected_magic: int) -> np.ndarray:
             head = stream.read(4)
             if len(head) < 4:
                 raise DatasetError(
-                    f"corrupt idx file {path}: {len(head)} bytes, too short for a "
-                    "header"
+                    f"corrupt idx file {path}: too short for a header; replace it"
                 )
             magic = int.from_bytes(head, "big")
             if magic != expected_magic:
                 raise DatasetError(
                     f"corrupt idx file {path}: magic number {magic}, expected "
-                    f"{expected_magic} ({what})"
+                    f"{expected_magic} ({what}); replace it"
                 )
             ndim = magic & 0xFF
             sizes = stream.read(4 * ndim)
             if len(sizes) < 4 * ndim:
-                raise DatasetError(f"corrupt idx file {path}: truncated header")
+                raise DatasetError(
+                    f"corrupt idx file {path}: truncated header; replace it"
+                )
             shape = tuple(int(d) for d in np.frombuffer(sizes, dtype=">u4"))
             size = math.prod(shape)
             if size > MAX_IDX_BYTES:
                 raise DatasetError(
-                    f"idx file {path}: the header gives shape {shape} ({size} "
-                    f"bytes), more than the {MAX_IDX_BYTES} allowed; is it the right "
-                    "file?"
+                    f"idx file {path}: its header gives {size} bytes, more than the "
+                    f"{MAX_IDX_BYTES} allowed; is it the right file?"
                 )
             data = stream.read(size)
             extra = len(stream.read(1))
     except (OSError, EOFError, zlib.error) as error:
+        why = describe_flat(error)
+        why = why if len(why) <= 40 else why[:39] + "…"
         raise DatasetError(
-            f"corrupt idx file {path}: cannot read it ({describe_flat(error)})"
+            f"corrupt idx file {path}: cannot read it ({why}); replace it"
         ) from error
     if len(data) != size or extra:
-        held = "more data" if extra else f"{len(data)} bytes of data"
+        held = "more" if extra else f"{len(data)}"
         raise DatasetError(
-            f"corrupt idx file {path}: the header gives shape {shape} ({size} bytes) "
-            f"but the file holds {held}"
+            f"corrupt idx file {path}: its header gives {size} bytes, the file holds "
+            f"{held}; replace it"
         )
     return np.frombuffer(data, dtype=np.uint8).reshape(shape)
 
@@ -123,6 +126,11 @@ def _find_idx(folders: Sequence[Path], stem: str) -> Path | None:
         for name in (f"{stem}.gz", stem):
             if (folder / name).is_file():
                 return folder / name
+            if os.path.lexists(folder / name) and not (folder / name).is_dir():
+                raise DatasetError(
+                    f"{folder / name} is not a regular file (a FIFO, device, socket "
+                    "or broken link); replace it"
+                )
     return None
 
 
@@ -183,17 +191,15 @@ def build_fashion_mnist(
         images_path, labels_path = _fashion_mnist_files(root, train)
     if images_path is None or labels_path is None:
         raise DatasetError(
-            f"fashion_mnist {split} not found: expected {prefix}-images-idx3-ubyte"
-            f"[.gz] and {prefix}-labels-idx1-ubyte[.gz] in {root} (install the Debian "
-            "package dataset-fashion-mnist, point root at a folder with these files, "
-            "or set `download: true` in the recipe to fetch them)"
+            f"fashion_mnist {split}: no {prefix}-*-ubyte[.gz] in {root}; set "
+            "data.root or data.download: true"
         )
     images = read_idx(images_path, IDX_IMAGES_MAGIC)
     labels = read_idx(labels_path, IDX_LABELS_MAGIC)
     if len(images) != len(labels):
         raise DatasetError(
-            f"fashion_mnist {split}: {images_path} holds {len(images)} images but "
-            f"{labels_path} holds {len(labels)} labels"
+            f"fashion_mnist {split} in {images_path.parent}: {len(images)} images "
+            f"({images_path.name}) but {len(labels)} labels ({labels_path.name})"
         )
     if len(labels) and int(labels.max()) >= len(FASHION_MNIST_CLASSES):
         raise DatasetError(

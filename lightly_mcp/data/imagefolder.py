@@ -102,9 +102,9 @@ class ImageFiles(Dataset[tuple[Image.Image, int]]):
         files, self.skipped_non_image = self._scan()
         if not files:
             raise DatasetError(
-                f"imagefolder: no images found in {self.root} (searched recursively "
-                f"for {' '.join(IMAGE_EXTENSIONS)}, case-insensitive; "
-                f"{self.skipped_non_image} other files ignored)"
+                f"imagefolder: no image files (.png, .jpg, …) in {self.root} "
+                f"({self.skipped_non_image} other files); set data.root to a folder "
+                "of images"
             )
         self.classes = (
             list(classes)
@@ -126,8 +126,8 @@ class ImageFiles(Dataset[tuple[Image.Image, int]]):
         self.corrupt_files = corrupt
         if not files:
             raise DatasetError(
-                f"imagefolder: none of the {len(corrupt)} image files in {self.root} "
-                f"could be opened (e.g. {corrupt[0]})"
+                f"imagefolder: none of the {len(corrupt)} images in {self.root} can "
+                f"be opened (e.g. {corrupt[0].relative_to(self.root)}); replace them"
             )
         if corrupt:
             examples = ", ".join(str(p.relative_to(self.root)) for p in corrupt[:3])
@@ -181,8 +181,13 @@ class ImageFiles(Dataset[tuple[Image.Image, int]]):
             for name in filenames:
                 if name.startswith("."):
                     continue
-                if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
-                    files.append(Path(dirpath) / name)
+                path = os.path.join(dirpath, name)
+                # A FIFO or device named like an image would block or never end
+                # when opened: only regular files (or links to them) are images.
+                if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS and (
+                    os.path.isfile(path)
+                ):
+                    files.append(Path(path))
                 else:
                     non_image += 1
         files.sort(key=lambda p: p.relative_to(self.root).as_posix())

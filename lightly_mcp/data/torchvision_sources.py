@@ -20,7 +20,7 @@ from torchvision import datasets as tv_datasets
 from torchvision.datasets import cifar as tv_cifar
 
 from lightly_mcp.data.labeled_images import LabeledImages
-from lightly_mcp.errors import DatasetError, describe_flat
+from lightly_mcp.errors import DatasetError
 
 DEFAULT_ROOT = Path("data")
 """Root of ``cifar10``, ``cifar100`` and ``stl10`` when none is given."""
@@ -183,12 +183,9 @@ def build_torchvision(
     folder = root / cls.base_folder
     missing = _missing(folder, required)
     if missing and not download:
-        which = "all" if len(missing) == len(required) else ", ".join(missing)
         raise DatasetError(
-            f"{kind} {split} not found: expected {', '.join(required)} in "
-            f"{folder.absolute()} "
-            f"(missing: {which}); set `download: true` in the recipe "
-            "(download=True) to fetch them"
+            f"{kind} {split}: {_few(missing)} missing in {folder.absolute()}; set "
+            "data.root or data.download: true"
         )
     try:
         if kind == "stl10":
@@ -203,9 +200,11 @@ def build_torchvision(
         raise
     except Exception as error:
         action = "download or read" if download else "read"
+        why = " ".join(str(error).split()) or type(error).__name__
+        why = why if len(why) <= 45 else why[:44] + "…"
         raise DatasetError(
-            f"{kind} {split}: cannot {action} the files {', '.join(required)} in "
-            f"{folder} ({describe_flat(error)})"
+            f"{kind} {split}: cannot {action} {_few(required[:1] + ['…'])} in "
+            f"{folder} ({why}); replace them"
         ) from error
     if len(labels) and (labels.min() < -1 or labels.max() >= num_classes):
         raise DatasetError(
@@ -221,3 +220,13 @@ def build_torchvision(
         num_classes=num_classes,
         classes=classes if classes else None,
     )
+
+
+def _few(names: Sequence[str]) -> str:
+    """The first two names, then ``…`` (messages stay one short line).
+
+    Examples:
+        >>> _few(["data_batch_1", "data_batch_2", "test_batch"])
+        'data_batch_1, data_batch_2, …'
+    """
+    return ", ".join([*names[:2], "…"] if len(names) > 2 else names)
