@@ -104,13 +104,16 @@ def _kept_multiple_of(n: int) -> Callable[[Path, Results], None]:
 
 
 def _aligned(out: Path, results: Results) -> None:
-    """``mcp.round_to: 8``: every group keeps a multiple of 8 (or all its channels,
-    or n_g when it is smaller than 8).
+    """``mcp.round_to: 4`` (the default is 8): every group keeps a multiple of 4 (or
+    all its channels, or n_g when it is smaller than 4), and some group keeps a count
+    that 8 would not have given.
     """
-    _hparam("prune", "round_to", 8)(out, results)
-    for group in results["export"]["kept_channels"]:
+    _hparam("prune", "round_to", 4)(out, results)
+    groups = results["export"]["kept_channels"]
+    for group in groups:
         kept, total = group["kept"], group["total"]
-        assert kept % 8 == 0 or kept == total or total < 8, group
+        assert kept % 4 == 0 or kept == total or total < 4, group
+    assert any(g["kept"] % 8 and g["kept"] != g["total"] for g in groups), groups
 
 
 def _narrower_features(out: Path, results: Results) -> None:
@@ -204,7 +207,7 @@ CASES: dict[str, Case] = {
         ("prune",),
         check=lambda out, r: _done(out, "prune")["pruning_ratio"] == 0.3,
     ),
-    "mcp.round_to": Case(8, ("prune", "export"), check=_aligned),
+    "mcp.round_to": Case(4, ("prune", "export"), check=_aligned),
     "mcp.target_params": Case(
         0.6,
         ("prune",),
