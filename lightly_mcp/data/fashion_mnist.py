@@ -191,8 +191,8 @@ def build_fashion_mnist(
         images_path, labels_path = _fashion_mnist_files(root, train)
     if images_path is None or labels_path is None:
         raise DatasetError(
-            f"fashion_mnist {split}: no {prefix}-*-ubyte[.gz] in {root}; set "
-            "data.root or data.download: true"
+            f"fashion_mnist {split} not found: no {prefix}-*-ubyte[.gz] in {root}; "
+            "apt-get install dataset-fashion-mnist, or set data.root"
         )
     images = read_idx(images_path, IDX_IMAGES_MAGIC)
     labels = read_idx(labels_path, IDX_LABELS_MAGIC)
