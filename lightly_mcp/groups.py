@@ -88,7 +88,7 @@ WORKING_BACKBONES = (
     "torchvision/densenet121, timm/resnext26ts, timm/regnety_002, "
     "timm/cspresnet50, timm/ghostnet_100"
 )
-"""Backbones named in refusals as ones that prune exactly (checked by the zoo test)."""
+"""Backbones that prune exactly (checked by the zoo test); refusals name the first."""
 
 
 class _TimeLimitExceeded(BaseException):
@@ -570,8 +570,8 @@ def backbone_label(model: nn.Module) -> str:
 def unsupported(model: nn.Module, construct: str) -> UnsupportedBackboneError:
     """The one-line refusal of a backbone, naming the construct and working ones."""
     return UnsupportedBackboneError(
-        f"{backbone_label(model)} cannot be pruned exactly by MCP: {construct}. "
-        f"Backbones that prune exactly include {WORKING_BACKBONES}."
+        f"{backbone_label(model)} cannot be pruned exactly by MCP: {construct}; "
+        f"use another, e.g. {WORKING_BACKBONES.split(', ')[0]}."
     )
 
 
@@ -581,16 +581,12 @@ def _refuse_unsupported_layers(model: nn.Module) -> None:
         if isinstance(module, (EcaModule, CecaModule)):
             raise unsupported(
                 model,
-                f"ECA channel attention in {name} ({type(module).__name__}: its "
-                "convolution across channels gates each channel by its neighbours, "
-                "which change when a channel is removed)",
+                f"ECA channel attention in {name}",
             )
         if isinstance(module, _WEIGHT_STANDARDISED_CONVS):
             raise unsupported(
                 model,
-                f"weight-standardised convolution in {name} "
-                f"({type(module).__name__}: removing an input channel changes the "
-                "standardisation of every filter)",
+                f"weight-standardised convolution in {name}",
             )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import pytorch_lightning as pl
@@ -85,3 +86,19 @@ TINY_RECIPE = {
     "eval": {"train_subset": 200, "test_subset": 100, "linear_epochs": 2},
     "trainer": {"accelerator": "cpu", "log_every_n_steps": 1},
 }
+
+
+MAX_MESSAGE = 200
+"""The longest refusal allowed, after the ``lightly-mcp: error: `` prefix."""
+
+_PYTEST_TMP = re.compile(r"\S*?/pytest-of-[^/]+/pytest-\d+(?:/popen-gw\d+)?")
+
+
+def message_length(message: str) -> int:
+    """A refusal's length as the 200-character rule counts it: without the
+    ``lightly-mcp: error: `` prefix, and with pytest's temporary root (whose length
+    differs between machines and xdist workers) counted as one character; the rest
+    of each path (at most the test's name, cut at 30 characters) counts.
+    """
+    text = message.strip().removeprefix("lightly-mcp: error: ")
+    return len(_PYTEST_TMP.sub("T", text))

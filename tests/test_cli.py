@@ -16,7 +16,7 @@ import yaml
 
 from lightly_mcp.cli import main
 from lightly_mcp.pipeline import load_backbone_for_eval
-from tests.helpers import TINY_RECIPE
+from tests.helpers import MAX_MESSAGE, TINY_RECIPE, message_length
 
 
 def write_recipe(directory: Path, **sections: dict) -> Path:
@@ -398,7 +398,7 @@ def test_resuming_a_checkpoint_of_another_pruning_ratio_is_refused(
     message = _error(capsys, argv)
     assert "holds prune/last.ckpt but its recorded recipe prune/recipe.yaml" in message
     assert "is missing" in message and "--restart" in message
-    assert len(message) <= 200 + len("lightly-mcp: error: ")
+    assert message_length(message) <= MAX_MESSAGE
     assert not (out / "prune" / "done.json").exists()
 
 

@@ -29,6 +29,7 @@ from lightly_mcp.errors import UnsafeCheckpointError
 from lightly_mcp.export import _save_torchscript
 from lightly_mcp.model_files import load_program, shown_path
 from lightly_mcp.runtimes import export_program, save_program
+from tests.helpers import MAX_MESSAGE, message_length
 from tests.tiny import tiny_recipe, write_tiny
 
 SIZE = 16
@@ -75,7 +76,7 @@ def _refusal(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1, lines
     message = lines[0].removeprefix(PREFIX)
-    assert len(message) <= 200, message
+    assert message_length(message) <= MAX_MESSAGE, message
     assert "weights_only=False" not in message
     return message
 
@@ -382,7 +383,7 @@ def test_run_refuses_a_swapped_program(program: Path, tmp_path: Path) -> None:
     with pytest.raises(UnsafeCheckpointError, match="guards_code") as refused:
         compact = pipeline.exported_compact(tiny_recipe(), checkpoint, tmp_path, report)
         compact(torch.randn(2, 3, SIZE, SIZE))
-    assert len(str(refused.value)) <= 200
+    assert message_length(str(refused.value)) <= MAX_MESSAGE
     assert not marker.exists()
 
 

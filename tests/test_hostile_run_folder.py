@@ -21,6 +21,7 @@ from lightly_mcp import pipeline
 from lightly_mcp.cli import main
 from lightly_mcp.errors import OutputFolderError
 from lightly_mcp.run_folder import STAGES, check_recipe, clear_outputs, output_lock
+from tests.helpers import MAX_MESSAGE, message_length
 from tests.tiny import tiny_recipe, write_tiny
 
 
@@ -102,7 +103,7 @@ def test_a_full_disk_during_a_checkpoint_save_keeps_the_previous_file(
         signal.signal(signal.SIGXFSZ, old_handler)
     message = str(caught.value)
     assert f"cannot write '{last}'" in message and "another --out" in message
-    assert len(message) <= 200
+    assert message_length(message) <= MAX_MESSAGE
     assert last.read_bytes() == before
     assert sorted(p.name for p in stage.iterdir()) == ["last.ckpt"]  # no temp file
 
@@ -263,20 +264,20 @@ def test_recorded_recipe_messages_are_short_and_name_the_record(
         check_recipe(recipe, out, STAGES)
     message = str(missing.value)
     assert "prune/last.ckpt" in message and "prune/recipe.yaml is missing" in message
-    assert message.count(str(out)) == 1 and len(message) <= 200
+    assert message.count(str(out)) == 1 and message_length(message) <= MAX_MESSAGE
     (out / "prune" / "recipe.yaml").write_bytes(b"\x00\xff: [garbage")
     with pytest.raises(OutputFolderError) as garbage:
         check_recipe(recipe, out, STAGES)
     message = str(garbage.value)
     assert "prune/recipe.yaml cannot be read" in message and "--restart" in message
-    assert len(message) <= 200
+    assert message_length(message) <= MAX_MESSAGE
     other = tiny_recipe({"mcp.pruning_ratio": 0.4, "seed": 7, "mcp.lr": 0.5})
     (out / "prune" / "recipe.yaml").write_text(yaml.safe_dump(other.to_dict()))
     with pytest.raises(OutputFolderError) as differs:
         check_recipe(recipe, out, STAGES)
     message = str(differs.value)
     assert "another recipe (prune/recipe.yaml)" in message and "more" in message
-    assert message.count(str(out)) == 1 and len(message) <= 200
+    assert message.count(str(out)) == 1 and message_length(message) <= MAX_MESSAGE
 
 
 # --- 10: eval.json reused only from this run, with the same provenance ---------------

@@ -15,6 +15,7 @@ from lightly_mcp.checkpoints import read_checkpoint
 from lightly_mcp.cli import main
 from lightly_mcp.export import ExportError
 from lightly_mcp.preflight import PreflightError, for_command, preflight
+from tests.helpers import MAX_MESSAGE, message_length
 from tests.tiny import tiny_recipe, write_tiny
 
 
@@ -66,7 +67,7 @@ def test_a_broken_late_stage_is_caught_before_training(
         "lightly-mcp: error: export stage (preflight; nothing written): "
     )
     assert "Compact output shape (4, 346)" in message
-    assert len(message) <= 200 + len("lightly-mcp: error: ")
+    assert message_length(message) <= MAX_MESSAGE
     assert not (out / "prune").exists()
 
 

@@ -7,6 +7,7 @@ import yaml
 
 from lightly_mcp.recipe import TOP_LEVEL_KEYS, RecipeError, load_recipe
 from lightly_mcp.schedule import BlockSchedule
+from tests.helpers import MAX_MESSAGE, message_length
 
 RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))
 
@@ -154,7 +155,7 @@ def test_bad_values_are_refused_in_one_short_line_naming_the_key(
     with pytest.raises(RecipeError, match=match) as refused:
         load_recipe(_write(tmp_path, {}), overrides)
     message = str(refused.value)
-    assert len(message.splitlines()) == 1 and len(message) <= 200
+    assert len(message.splitlines()) == 1 and message_length(message) <= MAX_MESSAGE
 
 
 def test_missing_and_invalid_files(tmp_path: Path) -> None:

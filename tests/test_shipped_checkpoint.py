@@ -15,6 +15,7 @@ from lightly_mcp.moco_v2 import MoCoV2
 from lightly_mcp.provenance import provenance_path, sha256_of
 from lightly_mcp.recipe import load_recipe
 from lightly_mcp.shipping import SLIM_KEYS
+from tests.helpers import MAX_MESSAGE, message_length
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = sorted((ROOT / "pretrained").glob("*.ckpt"))
@@ -72,7 +73,7 @@ def test_altered_shipped_checkpoint_is_refused(path: Path, tmp_path: Path) -> No
     message = str(error.value)
     assert copy.name in message
     assert "'regenerate' command" in message and ".provenance.json" in message
-    assert len(message) <= 200
+    assert message_length(message) <= MAX_MESSAGE
 
 
 # Dense checkpoints too large to ship (ResNet-18): only their provenance is committed.
