@@ -148,6 +148,25 @@ class MCPWarning(UserWarning):
     """
 
 
+#: The longest refusal line (after the ``lightly-mcp: error: `` prefix).
+MAX_MESSAGE = 200
+
+
+def clipped(text: str, limit: int, keep_end: bool = False) -> str:
+    """``text`` cut to ``limit`` characters with "…" where it was cut (its start
+    kept, or its end with ``keep_end``), so that a message stays one short line.
+
+    Examples:
+        >>> clipped("abcdef", 4), clipped("abcdef", 4, keep_end=True)
+        ('abc…', '…def')
+    """
+    if len(text) <= limit:
+        return text
+    if keep_end:
+        return "…" + text[len(text) - limit + 1 :]
+    return text[: max(limit - 1, 0)] + "…"
+
+
 def first_line(error: BaseException) -> str:
     """The first line of an exception's message ("" if it has none)."""
     lines = str(error).strip().splitlines()

@@ -46,11 +46,15 @@ from unittest import mock
 import torch
 from torch import Tensor, nn
 
-from lightly_mcp.errors import CheckpointError, CodeFileError, UnsafeCheckpointError
+from lightly_mcp.errors import (
+    MAX_MESSAGE,
+    CheckpointError,
+    CodeFileError,
+    UnsafeCheckpointError,
+    clipped,
+)
 from lightly_mcp.files import write_bytes_atomic
 
-#: The longest refusal line.
-MAX_MESSAGE = 200
 #: The flag that lets code files (TorchScript, pickled modules) be loaded.
 TRUST_FLAG = "--trust-pickle"
 #: The longest path shown in a message (longer ones keep their end).
@@ -70,7 +74,7 @@ def shown_path(path: str | os.PathLike[str]) -> str:
     text = str(path)
     if not text.isprintable():  # a newline would break the one-line message
         text = repr(text)[1:-1]
-    return text if len(text) <= _SHOWN_PATH else "…" + text[-(_SHOWN_PATH - 1) :]
+    return clipped(text, _SHOWN_PATH, keep_end=True)
 
 
 def refusal(
@@ -88,9 +92,7 @@ def refusal(
     """
     head, tail = f"'{shown_path(path)}' ", f"; {fix}."
     room = MAX_MESSAGE - len(head) - len(tail)
-    problem = " ".join(problem.split())
-    if len(problem) > room:
-        problem = problem[: max(room - 1, 0)] + "…"
+    problem = clipped(" ".join(problem.split()), room)
     return error(head + problem + tail)
 
 

@@ -46,7 +46,12 @@ from lightly_mcp.checkpoints import (
     checkpoint_file,
     read_checkpoint,
 )
-from lightly_mcp.errors import CodeFileError, StageInterrupted, UnsafeCheckpointError
+from lightly_mcp.errors import (
+    CodeFileError,
+    StageInterrupted,
+    UnsafeCheckpointError,
+    clipped,
+)
 from lightly_mcp.evaluation import embed_models, evaluate_features, raw_pixel_scores
 from lightly_mcp.export import compact_from_checkpoint, export
 from lightly_mcp.files import write_json_atomic
@@ -94,8 +99,7 @@ def read_json(path: Path) -> Any:
 
 def _short(value: Any) -> str:
     """``repr(value)``, its end only beyond 50 characters (messages stay short)."""
-    text = repr(value)
-    return text if len(text) <= 50 else "…" + text[-49:]
+    return clipped(repr(value), 50, keep_end=True)
 
 
 def _relative(out: Path, path: Path) -> str:

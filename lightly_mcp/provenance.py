@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from lightly_mcp.errors import ProvenanceError
+from lightly_mcp.errors import MAX_MESSAGE, ProvenanceError
 
 
 def provenance_path(checkpoint: str | os.PathLike[str]) -> Path:
@@ -103,7 +103,7 @@ def verify_checkpoint(checkpoint: str | os.PathLike[str]) -> dict[str, Any] | No
 
         head = f"Checkpoint '{shown_path(checkpoint)}' is altered (sha256 mismatch); "
         message = head + regenerate_hint(record).replace(" -- FILE", "")
-        if len(message) > 199:  # a long command: where to find it instead
+        if len(message + ".") > MAX_MESSAGE:  # a long command: where it is instead
             where = "the 'regenerate' command in its .provenance.json"
             message = f"{head}restore it or rerun {where}"
         raise ProvenanceError(message + ".")

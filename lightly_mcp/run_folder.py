@@ -27,7 +27,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from lightly_mcp.errors import OutputFolderError, RecipeError
+from lightly_mcp.errors import MAX_MESSAGE, OutputFolderError, RecipeError, clipped
 from lightly_mcp.safe_yaml import load_yaml
 
 LOCK = ".lock"
@@ -278,15 +278,16 @@ def _stage_record(out: Path, stage: str) -> tuple[Path, str | None]:
 
 
 def recipe_differences(
-    recipe: Any, recorded_file: Path, stage: str
+    recipe: Any, recorded_raw: dict[str, Any], stage: str
 ) -> list[tuple[str, Any, Any]]:
-    """``(key, recorded, current)`` of every result-changing key that differs."""
+    """``(key, recorded, current)`` of every result-changing key that differs from
+    the recorded recipe (its YAML document).
+    """
     from lightly_mcp.recipe import Recipe
 
-    recorded_raw = _read_record(recorded_file)
     current = _flatten(recipe.to_dict())
     defaults = _flatten(Recipe().to_dict())
-    recorded = _flatten(recorded_raw) if isinstance(recorded_raw, dict) else {}
+    recorded = _flatten(recorded_raw)
     differences = []
     for key in stage_keys(stage, current):
         old = recorded.get(key, defaults.get(key))
@@ -331,12 +332,13 @@ def check_recipe(recipe: Any, out: Path, stages: Sequence[str]) -> None:
                 f"'{out}' holds {found} but its recorded recipe {relative} {what}; "
                 "pass --restart or use a new --out folder."
             )
-        if not isinstance(_read_record(record), dict):
+        recorded = _read_record(record)
+        if not isinstance(recorded, dict):
             raise OutputFolderError(
                 f"'{out}' holds {found} but its recorded recipe {relative} cannot "
                 "be read; pass --restart or use a new --out folder."
             )
-        differences = recipe_differences(recipe, record, stage)
+        differences = recipe_differences(recipe, recorded, stage)
         if not differences:
             continue
         head = f"'{out}' holds a {stage} stage of another recipe ({relative}): "
@@ -346,7 +348,9 @@ def check_recipe(recipe: Any, out: Path, stages: Sequence[str]) -> None:
             item = f"{key} {_shown(old)} there, {_shown(new)} now"
             rest = len(differences) - len(shown) - 1
             more = f" and {rest} more" if rest else ""
-            if shown and len(head + ", ".join([*shown, item]) + more + tail) > 200:
+            if shown and len(head + ", ".join([*shown, item]) + more + tail) > (
+                MAX_MESSAGE
+            ):
                 break
             shown.append(item)
         rest = len(differences) - len(shown)
@@ -364,8 +368,7 @@ def _read_record(record: Path) -> Any:
 
 def _shown(value: Any) -> str:
     """``repr(value)``, cut to 40 characters (a message stays one short line)."""
-    text = repr(value)
-    return text if len(text) <= 40 else text[:39] + "…"
+    return clipped(repr(value), 40)
 
 
 def clear_outputs(out: Path, first_stage: str) -> list[Path]:

@@ -9,6 +9,8 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from lightly_mcp.errors import MAX_MESSAGE  # noqa: F401 (re-exported to the tests)
+
 
 class TwoViewTensors(Dataset):
     """Random images as two "views" with a label, as lightly datasets give them."""
@@ -87,9 +89,6 @@ TINY_RECIPE = {
     "trainer": {"accelerator": "cpu", "log_every_n_steps": 1},
 }
 
-
-MAX_MESSAGE = 200
-"""The longest refusal allowed, after the ``lightly-mcp: error: `` prefix."""
 
 _PYTEST_TMP = re.compile(r"\S*?/pytest-of-[^/]+/pytest-\d+(?:/popen-gw\d+)?")
 

@@ -18,7 +18,7 @@ import numpy as np
 from torchvision import datasets as tv_datasets
 
 from lightly_mcp.data.labeled_images import ArrayImages, LabeledImages
-from lightly_mcp.errors import DatasetError, describe_flat
+from lightly_mcp.errors import DatasetError, clipped, describe_flat
 
 FASHION_MNIST_ROOT = Path("/usr/share/datasets/fashion-mnist")
 """Where the Debian package ``dataset-fashion-mnist`` installs its idx files.
@@ -106,8 +106,7 @@ def read_idx(path: str | Path, expected_magic: int) -> np.ndarray:
             data = stream.read(size)
             extra = len(stream.read(1))
     except (OSError, EOFError, zlib.error) as error:
-        why = describe_flat(error)
-        why = why if len(why) <= 40 else why[:39] + "…"
+        why = clipped(describe_flat(error), 40)
         raise DatasetError(
             f"corrupt idx file {path}: cannot read it ({why}); replace it"
         ) from error
