@@ -501,6 +501,11 @@ for _frq, _dr in ((100, 1), (1, 0), (0, 0)):
         mcp_builder(R92, transition=(_frq, _dr)),
         seeds=3 if (_frq, _dr) == (1, 0) else 1,
     )
+# Aligned pruning (issue #35): the same rows with every group's kept count a multiple
+# of 8 (MCP's default), the parameter budget honoured by the rounding; the recorded
+# rows above keep exactly n_g channels (round_to 1).
+for _ratio in (0.52, R92):
+    METHODS[f"mcp_r{_ratio}_round_to8"] = _entry(mcp_builder(_ratio, round_to=8))
 # The frozen block with θ_q's dropped channels held at exactly zero (the query trains
 # as the compact network) instead of the recipe's penalty pulling them there.
 METHODS[f"mcp_r{R92}_frozen_hard"] = _entry(mcp_builder(R92, frozen_mask="hard"))
