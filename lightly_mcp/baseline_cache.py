@@ -93,8 +93,9 @@ def entry_path(key: str) -> Path | None:
 
 
 def read_baselines(key: str) -> tuple[dict[str, Any], str] | None:
-    """The cached baselines of ``key`` and the data digest they were computed on;
-    None when there is no readable entry.
+    """The cached baselines of ``key`` (those of the entry that are well formed, by
+    name) and the data digest they were computed on; None when there is no readable
+    entry or it holds none.
     """
     path = entry_path(key)
     if path is None or not path.is_file():
@@ -103,16 +104,19 @@ def read_baselines(key: str) -> tuple[dict[str, Any], str] | None:
         entry = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
+    if not isinstance(entry, dict):
+        return None
     baselines, digest = entry.get("baselines"), entry.get("data_digest")
     if entry.get("key") != key or not isinstance(digest, str):
         return None
-    if not isinstance(baselines, dict) or not all(
-        isinstance(baselines.get(name), dict)
-        and isinstance(baselines[name].get("knn_top1"), float)
-        for name in ("raw_pixels", "random_init")
-    ):
+    if not isinstance(baselines, dict):
         return None
-    return baselines, digest
+    usable = {
+        name: result
+        for name, result in baselines.items()
+        if isinstance(result, dict) and isinstance(result.get("knn_top1"), float)
+    }
+    return (usable, digest) if usable else None
 
 
 def write_baselines(

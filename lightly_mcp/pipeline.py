@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Callable, Sized
+from collections.abc import Callable, Sequence, Sized
 from pathlib import Path
 from typing import Any, cast
 
@@ -48,6 +48,7 @@ from lightly_mcp.checkpoints import (
 )
 from lightly_mcp.errors import (
     CodeFileError,
+    InputError,
     StageInterrupted,
     UnsafeCheckpointError,
     clipped,
@@ -67,7 +68,7 @@ from lightly_mcp.model_files import (
     shown_path,
 )
 from lightly_mcp.momentum_subnet import MomentumSubnet
-from lightly_mcp.recipe import Recipe, RecipeError, recipe_yaml
+from lightly_mcp.recipe import BASELINES, Recipe, RecipeError, recipe_yaml
 from lightly_mcp.report import headline, write_plots
 from lightly_mcp.run_folder import (
     IGNORED_KEYS,
@@ -542,11 +543,19 @@ def _baseline_identity(recipe: Recipe, description: str, device: str) -> dict[st
     }
 
 
-def _baseline_models(recipe: Recipe, device: str) -> dict[str, nn.Module]:
-    """The random-init backbone (seeded with the recipe's seed) and raw pixels."""
-    torch.manual_seed(recipe.seed)
-    random_init = recipe_backbone(recipe, weights=False).to(device)
-    return {"random_init": random_init, "raw_pixels": nn.Flatten()}
+def _baseline_models(
+    recipe: Recipe, device: str, names: Sequence[str] = BASELINES
+) -> dict[str, nn.Module]:
+    """The baselines of ``names``: the random-init backbone (seeded with the
+    recipe's seed) and raw pixels.
+    """
+    models: dict[str, nn.Module] = {}
+    if "random_init" in names:
+        torch.manual_seed(recipe.seed)
+        models["random_init"] = recipe_backbone(recipe, weights=False).to(device)
+    if "raw_pixels" in names:
+        models["raw_pixels"] = nn.Flatten()
+    return models
 
 
 def evaluate(
@@ -555,7 +564,7 @@ def evaluate(
     out_file: Path,
     device: str = "cpu",
     progress: bool = True,
-    baselines: bool = False,
+    baselines: bool | Sequence[str] = False,
     provenance: dict[str, Any] | None = None,
     same_as: dict[str, tuple[str, str]] | None = None,
 ) -> dict[str, Any]:
@@ -566,11 +575,13 @@ def evaluate(
     (and the random-init baseline) in one pass, and each network's features feed
     both kNN and the linear probe. A network named in ``same_as`` (name → (other,
     why)) is not evaluated: it gets the other's numbers, marked ``"evaluated":
-    false`` with the reason. With ``baselines``, the raw-pixel and random-init
-    baselines come from the per-user cache (:mod:`lightly_mcp.baseline_cache`) when
-    it holds them for these images and settings, else they are computed and stored
-    there. ``"evaluated"`` in the result says what was computed and what reused.
+    false`` with the reason. ``baselines`` (True: all of
+    :data:`~lightly_mcp.recipe.BASELINES`, or their names) come from the per-user
+    cache (:mod:`lightly_mcp.baseline_cache`) when it holds them for these images
+    and settings, else they are computed and stored there. ``"evaluated"`` in the
+    result says what was computed and what reused.
     """
+    wanted = _baseline_names(baselines)
     train_loader, test_loader, description, has_labels = evaluation_data(recipe)
     e = recipe.eval
     results: dict[str, Any] = {"data": description, "models": {}}
@@ -593,21 +604,26 @@ def evaluate(
     }
     identity = _baseline_identity(recipe, description, device)
     key = baseline_key(identity)
-    cached = read_baselines(key) if baselines else None
-    if baselines and cached is None:
-        models.update(_baseline_models(recipe, device))
+    entry = read_baselines(key) if wanted else None
+    stored, stored_digest = entry if entry is not None else ({}, None)
+    cached = {name: stored[name] for name in wanted if name in stored}
+    missing = [name for name in wanted if name not in cached]
+    if missing:
+        models.update(_baseline_models(recipe, device, missing))
     digest = DataDigest()
     embedded = [
         embed_models(models, loader, device, progress, f"embed {split}", digest.update)
         for split, loader in (("train", train_loader), ("test", test_loader))
     ]
     data_digest = digest.hexdigest()
-    if cached is not None and cached[1] != data_digest:
+    if stored_digest is not None and stored_digest != data_digest:
         # Same description, other images (files changed): recompute.
-        cached = None
-        extra = _baseline_models(recipe, device)
-        for (features, _), loader in zip(embedded, (train_loader, test_loader)):
-            features.update(embed_models(extra, loader, device, progress)[0])
+        stored = {}
+        if cached:
+            extra = _baseline_models(recipe, device, list(cached))
+            for (features, _), loader in zip(embedded, (train_loader, test_loader)):
+                features.update(embed_models(extra, loader, device, progress)[0])
+            cached = {}
     (train_x, train_y), (test_x, test_y) = embedded
     scored: dict[str, dict[str, Any]] = {}
     for name in train_x:
@@ -635,23 +651,49 @@ def evaluate(
     evaluated = [name for name in networks if name not in same_as]
     notes = [f"evaluated {', '.join(evaluated)}"]
     notes += [why for _, why in same_as.values()]
-    if baselines:
-        if cached is not None:
-            results["baselines"] = cached[0]
-            notes.append(f"baselines from the cache {entry_path(key)}")
-        else:
-            results["baselines"] = {
-                name: scored[name] for name in ("random_init", "raw_pixels")
-            }
-            stored = write_baselines(key, identity, data_digest, results["baselines"])
-            notes.append(
-                "baselines computed"
-                + (f" (cached in {stored})" if stored else " (cache off)")
-            )
+    if wanted:
+        computed = {name: scored[name] for name in wanted if name not in cached}
+        results["baselines"] = {
+            name: cached[name] if name in cached else computed[name] for name in wanted
+        }
+        where = None
+        if computed:
+            where = write_baselines(key, identity, data_digest, {**stored, **computed})
+        notes.append(_baseline_note(list(cached), list(computed), key, where))
     results["evaluated"] = "; ".join(notes)
     results["data_digest"] = data_digest
     write_json_atomic(out_file, results)
     return results
+
+
+def _baseline_names(baselines: bool | Sequence[str]) -> tuple[str, ...]:
+    """``evaluate``'s ``baselines`` as names, in :data:`BASELINES` order."""
+    if baselines is True:
+        return BASELINES
+    if baselines is False:
+        return ()
+    unknown = sorted(set(baselines) - set(BASELINES))
+    if unknown:
+        raise InputError(
+            f"Unknown baseline {unknown[0]!r}; the baselines are "
+            f"{', '.join(BASELINES)}."
+        )
+    return tuple(name for name in BASELINES if name in baselines)
+
+
+def _baseline_note(
+    cached: list[str], computed: list[str], key: str, stored: Path | None
+) -> str:
+    """What the report says about where its baselines came from."""
+    where = f" (cached in {stored})" if stored else " (cache off)"
+    if not computed:
+        return f"baselines from the cache {entry_path(key)}"
+    if not cached:
+        return "baselines computed" + where
+    return (
+        f"baselines {', '.join(cached)} from the cache {entry_path(key)}, "
+        f"{', '.join(computed)} computed" + where
+    )
 
 
 def _file_identity(path: Path) -> dict[str, Any]:
@@ -787,7 +829,7 @@ def run(
                 eval_file,
                 device,
                 progress,
-                recipe.eval.baselines,
+                recipe.eval.baseline_names,
                 provenance,
                 same_as,
             ),

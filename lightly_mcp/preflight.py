@@ -257,9 +257,9 @@ def preflight(
                     tmp / "eval.json",
                     device,
                     progress=False,
-                    baselines=recipe.eval.baselines,
+                    baselines=recipe.eval.baseline_names,
                 )
-                names = [*networks, *(["baselines"] if recipe.eval.baselines else [])]
+                names = [*networks, *recipe.eval.baseline_names]
                 result.checked.append(f"evaluation pass ({', '.join(names)})")
     result.seconds = time.perf_counter() - start
     if console is not None:

@@ -185,6 +185,10 @@ class ExportSection:
     torchscript: bool = False
 
 
+#: The evaluation baselines ``eval.baselines`` can name.
+BASELINES = ("raw_pixels", "random_init")
+
+
 @dataclass
 class EvalSection:
     """Frozen-feature evaluation (kNN and linear probe).
@@ -192,9 +196,13 @@ class EvalSection:
     Attributes:
         train_subset: Training images used as kNN bank / probe training set.
         test_subset: Test images evaluated.
-        baselines: Also evaluate raw pixels and a randomly initialised backbone
-            (read from the per-user cache, ``lightly_mcp.baseline_cache``, when
-            it holds them for these images and settings).
+        baselines: Which baselines to evaluate beside the models: ``true`` (raw
+            pixels and a randomly initialised backbone), ``false`` (none), or a
+            list of names from :data:`BASELINES` (e.g. ``[raw_pixels]``: the
+            random-init backbone costs a forward pass over the evaluation images
+            and a probe). Each is read from the per-user cache
+            (``lightly_mcp.baseline_cache``) when it holds it for these images and
+            settings, else computed and stored there.
     """
 
     k: int = 200
@@ -203,7 +211,16 @@ class EvalSection:
     batch_size: int = 256
     train_subset: int | None = None
     test_subset: int | None = None
-    baselines: bool = True
+    baselines: bool | list = True
+
+    @property
+    def baseline_names(self) -> tuple[str, ...]:
+        """The baselines asked for, in :data:`BASELINES` order."""
+        if self.baselines is True:
+            return BASELINES
+        if self.baselines is False:
+            return ()
+        return tuple(name for name in BASELINES if name in self.baselines)
 
 
 @dataclass
@@ -552,6 +569,14 @@ def validate(recipe: Recipe, source: str = "recipe") -> None:
         _require(
             value is None or value >= 1,
             f"'eval.{key}' must be >= 1 or null (all images), got {value}.",
+            source,
+        )
+    if isinstance(e.baselines, list):
+        unknown = [n for n in e.baselines if n not in BASELINES]
+        _require(
+            not unknown and len(set(e.baselines)) == len(e.baselines),
+            f"'eval.baselines' must be true, false or a list of distinct names from "
+            f"{', '.join(BASELINES)}; got {_shown(e.baselines)}.",
             source,
         )
     _check_trainer(recipe.trainer, source)

@@ -15,6 +15,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from lightly_mcp import baseline_cache, pipeline
+from lightly_mcp.errors import InputError
 from lightly_mcp.evaluation import (
     embed,
     embed_models,
@@ -233,3 +234,60 @@ def test_baselines_are_cached_per_data_set(
     # Cache turned off: nothing read or written.
     monkeypatch.setenv(baseline_cache.CACHE_ENV, "off")
     assert "(cache off)" in run()["evaluated"] and len(built) == 5
+
+
+def test_baselines_asked_by_name_are_computed_and_cached_one_by_one(
+    tiny_pruned: Path,
+    tiny_exported: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv(baseline_cache.CACHE_ENV, str(tmp_path / "cache"))
+    recipe = tiny_recipe({"eval.linear_epochs": 1})
+    built: list[list[str]] = []
+    original = pipeline._baseline_models
+
+    def counting(recipe: Any, device: str, names: Any) -> dict[str, nn.Module]:
+        built.append(list(names))
+        return original(recipe, device, names)
+
+    monkeypatch.setattr(pipeline, "_baseline_models", counting)
+    compact = {"compact": tiny_networks(tiny_pruned, tiny_exported)["compact"]}
+
+    def run(baselines: Any) -> dict[str, Any]:
+        return pipeline.evaluate(
+            compact, recipe, tmp_path / "eval.json", progress=False, baselines=baselines
+        )
+
+    raw = run(["raw_pixels"])
+    assert built == [["raw_pixels"]] and list(raw["baselines"]) == ["raw_pixels"]
+    assert "baselines computed (cached in" in raw["evaluated"]
+    # Both asked: only the missing one is computed, the cached one reused.
+    both = run(True)
+    assert built == [["raw_pixels"], ["random_init"]]
+    assert list(both["baselines"]) == ["raw_pixels", "random_init"]
+    assert both["baselines"]["raw_pixels"] == raw["baselines"]["raw_pixels"]
+    assert "baselines raw_pixels from the cache" in both["evaluated"]
+    assert "random_init computed (cached in" in both["evaluated"]
+    # The entry now holds both: either alone comes from it, nothing computed.
+    (entry,) = (tmp_path / "cache" / "baselines").glob("*.json")
+    assert set(json.loads(entry.read_text())["baselines"]) == {
+        "raw_pixels",
+        "random_init",
+    }
+    alone = run(["random_init"])
+    assert len(built) == 2 and alone["baselines"] == {
+        "random_init": both["baselines"]["random_init"]
+    }
+    assert f"baselines from the cache {entry}" in alone["evaluated"]
+    # Computed from scratch, the same numbers as from the cache.
+    monkeypatch.setenv(baseline_cache.CACHE_ENV, "off")
+    fresh = run(True)
+    assert (
+        fresh["baselines"] == both["baselines"] and "(cache off)" in fresh["evaluated"]
+    )
+    # None asked: none computed, none reported.
+    none = run(False)
+    assert "baselines" not in none and len(built) == 3
+    with pytest.raises(InputError, match="Unknown baseline 'pixels'"):
+        run(["pixels"])

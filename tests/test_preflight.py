@@ -38,7 +38,7 @@ def test_dry_run_checks_every_stage_and_writes_nothing(
         "MCP schedule (2 steps in 2 ADMM blocks of 1,",
         "MCP steps with an ADMM update",
         "export self-check",
-        "evaluation pass (dense, subnet, compact, baselines)",
+        "evaluation pass (dense, subnet, compact, raw_pixels, random_init)",
         "dry run: nothing was trained or written",
     ):
         assert check in printed, check

@@ -147,6 +147,10 @@ def test_bad_recipes_name_the_key(
             r"'pretrain.memory_bank_size' x 'pretrain.projection_dim' must be at most",
         ),
         (["data.num_workers=100000"], r"'data.num_workers' must be in \[0, \d+\]"),
+        (["eval.baselines=[pixels]"], r"'eval.baselines' must be true, false or a"),
+        (["eval.baselines=[raw_pixels, raw_pixels]"], r"'eval.baselines' must be"),
+        (["eval.baselines=[{}]"], r"'eval.baselines' must be true, false or a list"),
+        (["eval.baselines=raw_pixels"], r"'eval.baselines' must be bool or list"),
     ],
 )
 def test_bad_values_are_refused_in_one_short_line_naming_the_key(
@@ -181,3 +185,20 @@ def test_paper_recipes_express_the_papers_admm_schedule(name: str) -> None:
     assert [d for d in range(450 * steps + 1) if schedule.is_update(d)] == [
         b * 15 * steps for b in range(1, 30)
     ]
+
+
+@pytest.mark.parametrize(
+    "value, names",
+    [
+        ("true", ("raw_pixels", "random_init")),
+        ("false", ()),
+        ("[]", ()),
+        ("[random_init]", ("random_init",)),
+        ("[random_init, raw_pixels]", ("raw_pixels", "random_init")),
+    ],
+)
+def test_baselines_can_be_chosen_by_name(
+    tmp_path: Path, value: str, names: tuple[str, ...]
+) -> None:
+    recipe = load_recipe(_write(tmp_path, {}), [f"eval.baselines={value}"])
+    assert recipe.eval.baseline_names == names

@@ -391,6 +391,6 @@ def _run_stages(
             recipe,
             out / "eval" / "eval.json",
             progress=False,
-            baselines=recipe.eval.baselines,
+            baselines=recipe.eval.baseline_names,
         )
     return results

@@ -127,8 +127,7 @@ def test_recipe_runs_end_to_end(
         assert compact_dim == dense_dim
     else:  # the paper's setting prunes the feature dimension too
         assert compact_dim < dense_dim
-    if recipe.eval.baselines:
-        assert set(report["baselines"]) == {"random_init", "raw_pixels"}
+    assert tuple(report["baselines"]) == recipe.eval.baseline_names
     if recipe.pretrain.keep_every_n_epochs:
         assert list((out / "pretrain" / "epochs").glob("epoch=*.ckpt"))
     if recipe.data.kind == "auto":
