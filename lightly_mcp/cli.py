@@ -28,8 +28,37 @@ SET_HELP = (
 )
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """Shows an option's default in its help when it has one worth showing (not
+    None, False or empty: those mean "off" or "from the recipe").
+    """
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (
+            "(default" not in text
+            and default not in (None, False, [], argparse.SUPPRESS)
+            and action.option_strings
+            and action.nargs != 0
+        ):
+            text += " (default: %(default)s)"
+        return text
+
+
+def _version() -> str:
+    """The installed package's version, read without importing torch."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("lightly-mcp")
+    except PackageNotFoundError:  # a source tree that was not installed
+        return "unknown (not installed)"
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
+        formatter_class=_HelpFormatter,
         prog="lightly-mcp",
         description=(
             "Momentum Contrastive Pruning: prune a MoCo model once, without labels "
@@ -40,26 +69,49 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--debug", action="store_true", help="show full tracebacks on errors"
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    def command(name: str, **kwargs: Any) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, formatter_class=_HelpFormatter, **kwargs)
+        p.set_defaults(command_parser=p)
+        return p
 
     def common(p: argparse.ArgumentParser, recipe: bool = True) -> None:
         if recipe:
             p.add_argument(
                 "--set", action="append", default=[], metavar="KEY=VALUE", help=SET_HELP
             )
-        p.add_argument("--out", type=Path, required=True, help="output directory")
+            p.add_argument(
+                "--print-recipe",
+                action="store_true",
+                help="print the resolved recipe (file, defaults and --set) as YAML "
+                "and exit; nothing runs and --out is not needed",
+            )
         p.add_argument(
-            "--device",
-            default=None,
-            help="Lightning accelerator: cpu, cuda, auto (overrides "
-            "trainer.accelerator)",
+            "--out", type=Path, default=None, help="output directory (required)"
         )
+        if recipe:
+            p.add_argument(
+                "--accelerator",
+                "--device",
+                dest="device",
+                metavar="ACCELERATOR",
+                default=None,
+                help="Lightning accelerator: cpu, cuda, gpu, auto, ... (overrides "
+                "trainer.accelerator; --device is the same option)",
+            )
+            p.add_argument(
+                "--devices",
+                default=None,
+                help="number of devices, -1 (all) or indices such as 0,1 "
+                "(overrides trainer.devices)",
+            )
         p.add_argument(
-            "--devices",
-            default=None,
-            help="number of devices (overrides trainer.devices)",
+            "--quiet",
+            action="store_true",
+            help="no progress bars" if recipe else "print only where the model went",
         )
-        p.add_argument("--quiet", action="store_true", help="no progress bars")
         p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
 
     def preflight_options(p: argparse.ArgumentParser) -> None:
@@ -75,7 +127,7 @@ def _parser() -> argparse.ArgumentParser:
             help="skip the preflight that runs before training",
         )
 
-    p = sub.add_parser(
+    p = command(
         "pretrain",
         help="dense MoCo v2 → OUT/pretrain/",
         description="Dense MoCo v2 pretraining → OUT/pretrain/.",
@@ -85,7 +137,7 @@ def _parser() -> argparse.ArgumentParser:
     common(p)
     preflight_options(p)
 
-    p = sub.add_parser(
+    p = command(
         "prune",
         help="MCP from a dense checkpoint → OUT/prune/",
         description="MCP from a dense MoCo checkpoint → OUT/prune/.",
@@ -102,7 +154,7 @@ def _parser() -> argparse.ArgumentParser:
     common(p)
     preflight_options(p)
 
-    p = sub.add_parser(
+    p = command(
         "export",
         help="compact model + report → OUT/",
         description="Physically prune an MCP checkpoint's momentum "
@@ -131,7 +183,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     common(p, recipe=False)
 
-    p = sub.add_parser(
+    p = command(
         "evaluate",
         help="kNN and linear-probe top-1 → OUT/eval.json",
         description="kNN and linear-probe top-1 of a checkpoint or an exported "
@@ -154,7 +206,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     common(p)
 
-    p = sub.add_parser(
+    p = command(
         "run",
         help="pretrain → prune → export → evaluate",
         description="All stages in order, skipping complete ones "
@@ -165,7 +217,7 @@ def _parser() -> argparse.ArgumentParser:
     common(p)
     preflight_options(p)
 
-    p = sub.add_parser(
+    p = command(
         "inspect",
         help="the recipe settings a dense checkpoint needs",
         description="Print the recipe sections (backbone, pretrain) that a dense "
@@ -174,7 +226,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("checkpoint", type=Path, help="dense MoCo checkpoint")
 
-    sub.add_parser("smoke", help="quick check of the building blocks (no data)")
+    command("smoke", help="quick check of the building blocks (no data)")
     return parser
 
 
@@ -224,10 +276,10 @@ def _check_devices(recipe: Any, args: argparse.Namespace) -> None:
             f"device indices such as 0,1; got {devices!r}."
         )
     if t.accelerator in ("cuda", "gpu") and not torch.cuda.is_available():
-        source = "--device" if args.device is not None else "trainer.accelerator"
+        source = "--accelerator" if args.device is not None else "trainer.accelerator"
         raise RecipeError(
             f"{source} is '{t.accelerator}' but torch sees no CUDA GPU "
-            "(torch.cuda.is_available() is False); use --device cpu or --device auto."
+            "(torch.cuda.is_available() is False); use --accelerator cpu or auto."
         )
     if t.accelerator not in ("auto", "cpu", "cuda", "gpu"):
         from pytorch_lightning.accelerators import AcceleratorRegistry
@@ -237,10 +289,12 @@ def _check_devices(recipe: Any, args: argparse.Namespace) -> None:
         except Exception:  # noqa: BLE001 (a registry entry that cannot say: refuse)
             available = False
         if not available:
-            source = "--device" if args.device is not None else "trainer.accelerator"
+            source = (
+                "--accelerator" if args.device is not None else "trainer.accelerator"
+            )
             raise RecipeError(
                 f"{source} is '{t.accelerator}' but no such device is available "
-                "here; use --device cpu, cuda or auto."
+                "here; use --accelerator cpu, cuda or auto."
             )
 
 
@@ -285,12 +339,17 @@ def _dispatch(args: argparse.Namespace) -> int:
             latency=not args.no_latency,
             latency_at_224=args.latency_at_224,
             torchscript=args.torchscript,
-            console=console,
+            console=Console(quiet=True) if args.quiet else console,
             overwrite=args.overwrite,
         )
         console.print(f"exported to {args.out}")
         return 0
     recipe = _recipe(args)
+    if args.print_recipe:
+        from lightly_mcp.recipe import recipe_yaml
+
+        print(recipe_yaml(recipe), end="")
+        return 0
     out: Path = args.out
     check_output_path(out)
     if args.command in ("pretrain", "prune", "run"):
@@ -549,6 +608,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return EXIT_USAGE
+    if (
+        hasattr(args, "out")
+        and args.out is None
+        and not getattr(args, "print_recipe", False)
+    ):
+        args.command_parser.error("the following arguments are required: --out")
     if not args.debug:
         quiet_third_party_warnings()
     from lightly_mcp.errors import Terminated, first_line

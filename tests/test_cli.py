@@ -290,7 +290,59 @@ def test_bad_input_gives_one_line_and_exit_2(
 def test_help_documents_set_syntax(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         main(["run", "--help"])
-    assert "--set mcp.pruning_ratio=0.5" in capsys.readouterr().out
+    assert "--set mcp.pruning_ratio=0.5" in " ".join(capsys.readouterr().out.split())
+
+
+def test_version_and_help_without_ignored_options(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as exited:
+        main(["--version"])
+    assert exited.value.code == 0
+    assert capsys.readouterr().out.strip() == f"lightly-mcp {version('lightly-mcp')}"
+    with pytest.raises(SystemExit):
+        main(["export", "--help"])
+    text = capsys.readouterr().out
+    # export trains nothing: no accelerator or devices to choose.
+    for flag in ("--device", "--devices", "--accelerator", "--set"):
+        assert flag not in text, flag
+    assert "--quiet" in text and "--out OUT" in text
+    with pytest.raises(SystemExit):
+        main(["prune", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--accelerator ACCELERATOR, --device ACCELERATOR" in text
+    assert "--print-recipe" in text
+
+
+def test_print_recipe_shows_the_resolved_recipe_and_runs_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from lightly_mcp.recipe import load_recipe
+
+    recipe = write_recipe(tmp_path)
+    argv = ["run", str(recipe), "--set", "mcp.pruning_ratio=0.45", "--print-recipe"]
+    assert main([*argv, "--device", "cpu"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["mcp"]["pruning_ratio"] == 0.45
+    assert printed["trainer"]["accelerator"] == "cpu"
+    expected = load_recipe(
+        recipe, ["mcp.pruning_ratio=0.45", "trainer.accelerator=cpu"]
+    )
+    assert printed == expected.to_dict()
+    assert main([*argv, "--accelerator", "cpu", "--out", str(tmp_path / "o")]) == 0
+    assert yaml.safe_load(capsys.readouterr().out) == printed
+    assert not (tmp_path / "o").exists()
+    # Without --print-recipe, --out is required (argparse's usage error, exit 2).
+    with pytest.raises(SystemExit) as exited:
+        main(["run", str(recipe)])
+    assert exited.value.code == 2
+    assert "the following arguments are required: --out" in capsys.readouterr().err
+    # A bad --set is refused as without --print-recipe.
+    assert "unknown key 'mcp.ratio'" in _error(
+        capsys, ["prune", str(recipe), "--set", "mcp.ratio=1", "--print-recipe"]
+    )
 
 
 def test_unlabelled_image_folder_runs_and_skips_evaluation(tmp_path: Path) -> None:
