@@ -562,10 +562,13 @@ def _build(
     )
 
     # Parameters and MACs are the architectures' (with their norms, as the paper
-    # counts); latencies are the folded networks', as deployed.
+    # counts; the folded networks' parameters beside them); latencies are the
+    # folded networks', as deployed.
     nets = {"dense": dense, "compact": compact_model}
     architectures = {"dense": dense_unfolded, "compact": unfolded}
     sides = {name: _measure(net, example, size) for name, net in architectures.items()}
+    for name, side in sides.items():
+        side.params_deployed = count_parameters(nets[name])
     speedup, not_timed = Speedup(), dict[str, str]()
     alignment = None
     if latency:

@@ -89,7 +89,11 @@ class NetworkMeasurements:
     """Size, cost and speed of one network (dense or compact).
 
     Attributes:
-        params: Number of parameters.
+        params: Number of parameters of the architecture, BatchNorm included (as
+            the paper counts them).
+        params_deployed: Number of parameters of the deployed network, BatchNorm
+            folded into the convolutions (what the exported file holds; None when
+            not measured).
         macs: Multiply-accumulates of one image at the training resolution.
         feature_dim: Size of the output features.
         latency_ms: Median latency at the training resolution, in the fastest
@@ -107,6 +111,7 @@ class NetworkMeasurements:
     at_224: DeployMeasurements
     fastest_form: FormPerBatch = field(default_factory=FormPerBatch)
     latency_ms_by_form: dict[str, PerBatch] = field(default_factory=dict)
+    params_deployed: int | None = None
 
 
 @dataclass

@@ -134,6 +134,9 @@ def test_compact_export_matches_subnet_and_formats(
     # Parameters are the architecture's (norms included), not the folded model's.
     assert report["compact"]["params"] == count_parameters(independent)
     assert report["compact"]["params"] != count_parameters(compact_model)
+    # ... and the file's (folded) count is reported beside it.
+    assert report["compact"]["params_deployed"] == count_parameters(compact_model)
+    assert report["dense"]["params_deployed"] < report["dense"]["params"]
     assert report["dense"]["params"] == count_parameters(mcp.backbone_momentum)
     assert report["compact"]["params"] < report["dense"]["params"]
     assert report["params_removed"] == pytest.approx(
