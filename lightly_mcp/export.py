@@ -442,6 +442,8 @@ def export(
         if marker >= 0:
             os.close(marker)
     console.print(export_summary_table(report, DEPLOY_RESOLUTION))
+    if report.untrained_mask:
+        console.print(f"warning: {report.untrained_mask}", markup=False)
     return as_json
 
 
@@ -602,6 +604,7 @@ def _build(
         forms_not_timed=not_timed,
         alignment=alignment,
         aligned_to=int(model.hparams.get("round_to", 1)),
+        admm_updates=int(model.admm.num_updates),
     )
 
 

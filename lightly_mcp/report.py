@@ -191,6 +191,8 @@ class ExportReport:
         checkpoint: The MCP checkpoint exported.
         aligned_to: MCP's ``round_to``: the multiple the trained channel counts were
             chosen as (1: exactly the ratio's counts).
+        admm_updates: ADMM updates the checkpoint ran (0: the mask is the dense
+            weights' first projection, never trained; None: not recorded).
     """
 
     backbone: str
@@ -215,6 +217,18 @@ class ExportReport:
     forms_not_timed: dict[str, str] = field(default_factory=dict)
     alignment: Alignment | None = None
     aligned_to: int = 1
+    admm_updates: int | None = None
+
+    @property
+    def untrained_mask(self) -> str | None:
+        """Why the exported mask is not one MCP trained, or None."""
+        if self.admm_updates != 0 or self.compact.params >= self.dense.params:
+            return None
+        return (
+            "the checkpoint ran no ADMM update: its mask is the dense weights' first "
+            "projection, not one MCP trained; train more steps than one ADMM "
+            "interval (mcp.admm_interval) before exporting"
+        )
 
     @property
     def macs_ratio(self) -> float:
@@ -253,6 +267,8 @@ class ExportReport:
             "bn_folded": dict(self.bn_folded),
             "forms_not_timed": dict(self.forms_not_timed),
             "alignment": asdict(self.alignment) if self.alignment else None,
+            "admm_updates": self.admm_updates,
+            "untrained_mask": self.untrained_mask,
         }
 
 

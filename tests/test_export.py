@@ -257,6 +257,39 @@ def test_latency_speedup_is_the_latency_ratio(
     )
 
 
+def test_a_mask_no_admm_update_trained_is_reported(
+    checkpoints: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(export_module, "DEPLOY_RESOLUTION", 32)
+    monkeypatch.setattr(torch.onnx, "export", None)  # (slow; tested above)
+    # Three steps with an ADMM update every step: a mask that was trained.
+    torch.manual_seed(0)
+    model = MCP(
+        **_tiny(SMALLEST),
+        pruning_ratio=0.5,
+        frq=0,
+        dr=0,
+        admm_interval=1,
+        admm_interval_unit="steps",
+    )
+    fit = trainer(tmp_path, max_steps=3)
+    fit.fit(model, loader(n=8, size=SIZE))
+    trained = tmp_path / "trained.ckpt"
+    fit.save_checkpoint(trained)
+    report = export(trained, tmp_path / "a", latency=False, console=_quiet())
+    assert report["admm_updates"] >= 1 and report["untrained_mask"] is None
+    # The fixture's checkpoint stopped after one step, before its first update.
+    console = Console(record=True, width=200, file=open("/dev/null", "w"))  # noqa: SIM115
+    report = export(
+        checkpoints[SMALLEST], tmp_path / "out", latency=False, console=console
+    )
+    assert report["admm_updates"] == 0
+    assert "ran no ADMM update" in report["untrained_mask"]
+    assert f"warning: {report['untrained_mask']}" in console.export_text()
+    saved = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert saved["untrained_mask"] == report["untrained_mask"]
+
+
 def test_interrupted_export_leaves_no_partial_folder(
     checkpoints: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
