@@ -365,14 +365,14 @@ def mcp_builder(
     transition: tuple[int, int] | None = None,
     frozen_mask: str | None = None,
     round_to: int = 1,
-    target_params: int | None = None,
+    target_params: float | None = None,
 ) -> Callable[[Context], LightningModule]:
     """An MCP row with the recipe's schedule (``mcp`` section).
 
     ``round_to``: 1 (exactly ``n_g`` channels per group, as the baselines keep and
     the recorded rows were trained; equal budgets), or MCP's aligned counts.
 
-    ``target_params``: a parameter budget instead of ``ratio`` (``ratio`` None).
+    ``target_params``: the fraction of parameters to remove instead of ``ratio``.
 
     ``rho_scale``: a fixed ρ of ``rho_scale`` × the derived ρ (the ρ ablation).
     ``transition``: the paper's (frq, dr) transition instead of the recipe's; (100, 1)
@@ -511,9 +511,9 @@ for _ratio in (0.52, R92):
     METHODS[f"mcp_r{_ratio}_round_to8"] = _entry(mcp_builder(_ratio, round_to=8))
 # At r = 0.76 the aligned counts keep 15 % more parameters and 1.7x the MACs (small
 # early groups cannot go below 8): the aligned row at the unaligned row's parameter
-# count (50,636) isolates alignment.
-METHODS["mcp_p50636_round_to8"] = _entry(
-    mcp_builder(R92, round_to=8, target_params=50_636)
+# budget (92.64 % removed) isolates alignment.
+METHODS["mcp_t0.9264_round_to8"] = _entry(
+    mcp_builder(R92, round_to=8, target_params=RATIOS[R92])
 )
 # The frozen block with θ_q's dropped channels held at exactly zero (the query trains
 # as the compact network) instead of the recipe's penalty pulling them there.
