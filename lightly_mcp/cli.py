@@ -28,24 +28,6 @@ SET_HELP = (
 )
 
 
-class _HelpFormatter(argparse.HelpFormatter):
-    """Shows an option's default in its help when it has one worth showing (not
-    None, False or empty: those mean "off" or "from the recipe").
-    """
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        text = action.help or ""
-        default = action.default
-        if (
-            "(default" not in text
-            and default not in (None, False, [], argparse.SUPPRESS)
-            and action.option_strings
-            and action.nargs != 0
-        ):
-            text += " (default: %(default)s)"
-        return text
-
-
 def _version() -> str:
     """The installed package's version, read without importing torch."""
     from importlib.metadata import PackageNotFoundError, version
@@ -58,7 +40,6 @@ def _version() -> str:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        formatter_class=_HelpFormatter,
         prog="lightly-mcp",
         description=(
             "Momentum Contrastive Pruning: prune a MoCo model once, without labels "
@@ -73,7 +54,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     def command(name: str, **kwargs: Any) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, formatter_class=_HelpFormatter, **kwargs)
+        p = sub.add_parser(name, **kwargs)
         p.set_defaults(command_parser=p)
         return p
 
