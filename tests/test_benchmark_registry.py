@@ -35,6 +35,9 @@ def test_registry_names() -> None:
         "mcp_r0.76_frq100_dr1",
         "mcp_r0.76_frq1_dr0",
         "mcp_r0.76_frq0_dr0",
+        "mcp_r0.52_round_to8",
+        "mcp_r0.76_round_to8",
+        "mcp_t0.9264_round_to8",
         "mcp_r0.76_frozen_hard",
     ]
     for entry in main.METHODS.values():
