@@ -48,7 +48,6 @@ from lightly_mcp.checkpoints import (
 )
 from lightly_mcp.errors import (
     CodeFileError,
-    InputError,
     StageInterrupted,
     UnsafeCheckpointError,
     clipped,
@@ -68,7 +67,13 @@ from lightly_mcp.model_files import (
     shown_path,
 )
 from lightly_mcp.momentum_subnet import MomentumSubnet
-from lightly_mcp.recipe import BASELINES, Recipe, RecipeError, recipe_yaml
+from lightly_mcp.recipe import (
+    BASELINES,
+    Recipe,
+    RecipeError,
+    baseline_names,
+    recipe_yaml,
+)
 from lightly_mcp.report import headline, write_plots
 from lightly_mcp.run_folder import (
     IGNORED_KEYS,
@@ -581,7 +586,7 @@ def evaluate(
     and settings, else they are computed and stored there. ``"evaluated"`` in the
     result says what was computed and what reused.
     """
-    wanted = _baseline_names(baselines)
+    wanted = baseline_names(baselines)
     train_loader, test_loader, description, has_labels = evaluation_data(recipe)
     e = recipe.eval
     results: dict[str, Any] = {"data": description, "models": {}}
@@ -664,21 +669,6 @@ def evaluate(
     results["data_digest"] = data_digest
     write_json_atomic(out_file, results)
     return results
-
-
-def _baseline_names(baselines: bool | Sequence[str]) -> tuple[str, ...]:
-    """``evaluate``'s ``baselines`` as names, in :data:`BASELINES` order."""
-    if baselines is True:
-        return BASELINES
-    if baselines is False:
-        return ()
-    unknown = sorted(set(baselines) - set(BASELINES))
-    if unknown:
-        raise InputError(
-            f"Unknown baseline {unknown[0]!r}; the baselines are "
-            f"{', '.join(BASELINES)}."
-        )
-    return tuple(name for name in BASELINES if name in baselines)
 
 
 def _baseline_note(

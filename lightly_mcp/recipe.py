@@ -216,11 +216,27 @@ class EvalSection:
     @property
     def baseline_names(self) -> tuple[str, ...]:
         """The baselines asked for, in :data:`BASELINES` order."""
-        if self.baselines is True:
-            return BASELINES
-        if self.baselines is False:
-            return ()
-        return tuple(name for name in BASELINES if name in self.baselines)
+        return baseline_names(self.baselines)
+
+
+def baseline_names(baselines: bool | typing.Sequence[str]) -> tuple[str, ...]:
+    """``eval.baselines`` (True: all, False: none, or names) as names, in
+    :data:`BASELINES` order.
+
+    Raises:
+        InputError: For a name that is not in :data:`BASELINES`.
+    """
+    if baselines is True:
+        return BASELINES
+    if baselines is False:
+        return ()
+    unknown = sorted(set(baselines) - set(BASELINES), key=str)
+    if unknown:
+        raise InputError(
+            f"Unknown baseline {unknown[0]!r}; the baselines are "
+            f"{', '.join(BASELINES)}."
+        )
+    return tuple(name for name in BASELINES if name in baselines)
 
 
 @dataclass

@@ -182,22 +182,31 @@ def test_the_subnet_is_evaluated_when_it_can_differ(
     assert pipeline.subnet_same_as_compact(nn.Identity(), report) is None
 
 
+def record_baseline_builds(
+    monkeypatch: pytest.MonkeyPatch, cache: Path
+) -> list[list[str]]:
+    """Points the baseline cache at ``cache``; the returned list gets the names of
+    every build of baseline models."""
+    monkeypatch.setenv(baseline_cache.CACHE_ENV, str(cache))
+    built: list[list[str]] = []
+    original = pipeline._baseline_models
+
+    def recording(recipe: Any, device: str, names: Any) -> dict[str, nn.Module]:
+        built.append(list(names))
+        return original(recipe, device, names)
+
+    monkeypatch.setattr(pipeline, "_baseline_models", recording)
+    return built
+
+
 def test_baselines_are_cached_per_data_set(
     tiny_pruned: Path,
     tiny_exported: Path,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setenv(baseline_cache.CACHE_ENV, str(tmp_path / "cache"))
     recipe = tiny_recipe({"eval.baselines": True, "eval.linear_epochs": 1})
-    built: list[int] = []
-    original = pipeline._baseline_models
-
-    def counting(*args: Any) -> dict[str, nn.Module]:
-        built.append(1)
-        return original(*args)
-
-    monkeypatch.setattr(pipeline, "_baseline_models", counting)
+    built = record_baseline_builds(monkeypatch, tmp_path / "cache")
     compact = {"compact": tiny_networks(tiny_pruned, tiny_exported)["compact"]}
 
     def run() -> dict[str, Any]:
@@ -242,16 +251,8 @@ def test_baselines_asked_by_name_are_computed_and_cached_one_by_one(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setenv(baseline_cache.CACHE_ENV, str(tmp_path / "cache"))
     recipe = tiny_recipe({"eval.linear_epochs": 1})
-    built: list[list[str]] = []
-    original = pipeline._baseline_models
-
-    def counting(recipe: Any, device: str, names: Any) -> dict[str, nn.Module]:
-        built.append(list(names))
-        return original(recipe, device, names)
-
-    monkeypatch.setattr(pipeline, "_baseline_models", counting)
+    built = record_baseline_builds(monkeypatch, tmp_path / "cache")
     compact = {"compact": tiny_networks(tiny_pruned, tiny_exported)["compact"]}
 
     def run(baselines: Any) -> dict[str, Any]:

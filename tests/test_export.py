@@ -49,27 +49,29 @@ def _tiny(backbone: str) -> dict[str, Any]:
     }
 
 
+def _mcp_checkpoint(root: Path, backbone: str, steps: int) -> Path:
+    """A tiny MCP checkpoint after ``steps`` steps (an ADMM update due every step)."""
+    torch.manual_seed(0)
+    model = MCP(
+        **_tiny(backbone),
+        pruning_ratio=0.5,
+        round_to=8,
+        frq=0,
+        dr=0,
+        admm_interval=1,
+        admm_interval_unit="steps",
+    )
+    fit = trainer(root, max_steps=steps)
+    fit.fit(model, loader(n=8, size=SIZE))
+    path = root / f"{backbone.replace('/', '_')}_{steps}.ckpt"
+    fit.save_checkpoint(path)
+    return path
+
+
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("ckpt")
-    paths = {}
-    for backbone in BACKBONES:
-        torch.manual_seed(0)
-        model = MCP(
-            **_tiny(backbone),
-            pruning_ratio=0.5,
-            round_to=8,
-            frq=0,
-            dr=0,
-            admm_interval=1,
-            admm_interval_unit="steps",
-        )
-        fit = trainer(root, max_steps=1)
-        fit.fit(model, loader(n=8, size=SIZE))
-        path = root / f"{backbone.replace('/', '_')}.ckpt"
-        fit.save_checkpoint(path)
-        paths[backbone] = path
-    return paths
+    return {backbone: _mcp_checkpoint(root, backbone, 1) for backbone in BACKBONES}
 
 
 @pytest.fixture(scope="module")
@@ -263,19 +265,7 @@ def test_a_mask_no_admm_update_trained_is_reported(
     monkeypatch.setattr(export_module, "DEPLOY_RESOLUTION", 32)
     monkeypatch.setattr(torch.onnx, "export", None)  # (slow; tested above)
     # Three steps with an ADMM update every step: a mask that was trained.
-    torch.manual_seed(0)
-    model = MCP(
-        **_tiny(SMALLEST),
-        pruning_ratio=0.5,
-        frq=0,
-        dr=0,
-        admm_interval=1,
-        admm_interval_unit="steps",
-    )
-    fit = trainer(tmp_path, max_steps=3)
-    fit.fit(model, loader(n=8, size=SIZE))
-    trained = tmp_path / "trained.ckpt"
-    fit.save_checkpoint(trained)
+    trained = _mcp_checkpoint(tmp_path, SMALLEST, 3)
     report = export(trained, tmp_path / "a", latency=False, console=_quiet())
     assert report["admm_updates"] >= 1 and report["untrained_mask"] is None
     # The fixture's checkpoint stopped after one step, before its first update.
