@@ -41,7 +41,6 @@ from lightly_mcp.data import (
     LabeledImages,
     build_dataset,
     default_dataset_kind,
-    eval_transform,
     fallback_note,
 )
 from lightly_mcp.errors import RecipeError
@@ -49,7 +48,12 @@ from lightly_mcp.loggers import ResumableCSVLogger
 from lightly_mcp.mcp import MCP
 from lightly_mcp.recipe import Recipe
 from lightly_mcp.resumable_data import ResumableLoader
-from lightly_mcp.transforms import MCPTransform, build_transform
+from lightly_mcp.transforms import (
+    MCPTransform,
+    NormalizeBatch,
+    build_transform,
+    eval_pixels,
+)
 
 
 # --- data ---------------------------------------------------------------------------
@@ -151,7 +155,8 @@ def evaluation_data(recipe: Recipe) -> tuple[DataLoader, DataLoader, str, bool]:
         >>> result = evaluate_backbone(backbone, bank, test, k=recipe.eval.k)
     """
     d, e = recipe.data, recipe.eval
-    transform = eval_transform(d.input_size)
+    # eval_transform's values, its conversion and normalisation done per batch.
+    transform = eval_pixels(d.input_size)
     train = recipe_dataset(
         recipe, train=True, subset=e.train_subset, transform=transform
     )
@@ -160,7 +165,11 @@ def evaluation_data(recipe: Recipe) -> tuple[DataLoader, DataLoader, str, bool]:
     )
     loaders = [
         DataLoader(
-            ds, batch_size=e.batch_size, shuffle=False, num_workers=d.num_workers
+            ds,
+            batch_size=e.batch_size,
+            shuffle=False,
+            num_workers=d.num_workers,
+            collate_fn=NormalizeBatch(),
         )
         for ds in (train, test)
     ]

@@ -5,6 +5,8 @@ A *backbone* here is any module that maps images ``[B, 3, H, W]`` to features
 flattened). The same functions evaluate the dense encoder, the masked momentum
 subnet and the exported compact model, so their numbers are directly comparable.
 
+* :func:`in_runtime` puts networks in the runtime that embeds the images (ONNX
+  Runtime on the CPU where it is installed, else PyTorch);
 * :func:`embed_models` runs several frozen models over a loader in one pass (each
   batch is loaded once and fed to every model) and caches their features;
   :func:`embed` is the one-model case.
@@ -36,6 +38,8 @@ from torch.utils.data import DataLoader
 
 from lightly_mcp.errors import InputError
 from lightly_mcp.measure import eval_mode
+from lightly_mcp.momentum_subnet import MomentumSubnet
+from lightly_mcp.runtimes import OnnxRuntimeNetwork, onnx_network
 
 LINEAR_PROBE = (
     "linear layer on cached frozen features standardised with the training "
@@ -63,6 +67,99 @@ def _num_batches(loader: DataLoader) -> int | None:
         return len(loader)
     except TypeError:
         return None
+
+
+def resolved_runtime(runtime: str, device: str | torch.device) -> str:
+    """The runtime ``eval.runtime`` (``auto``, ``onnxruntime``, ``torch``) means on
+    ``device``: ``auto`` is ONNX Runtime on the CPU where it is installed, else
+    PyTorch.
+
+    Raises:
+        InputError: For ``onnxruntime`` off the CPU or without onnxruntime.
+    """
+    on_cpu = torch.device(device).type == "cpu"
+    if runtime == "torch" or (runtime == "auto" and not on_cpu):
+        return "torch"
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        if runtime == "auto":
+            return "torch"
+        raise InputError(
+            "'eval.runtime' is onnxruntime, but onnxruntime is not installed: "
+            "pip install 'lightly-mcp[onnx]', or set eval.runtime: auto."
+        ) from None
+    if not on_cpu:
+        raise InputError(
+            f"'eval.runtime' is onnxruntime, which runs on the CPU, but the "
+            f"evaluation runs on {torch.device(device).type}; set eval.runtime: auto "
+            "or torch."
+        )
+    return "onnxruntime"
+
+
+def in_runtime(
+    models: Mapping[str, nn.Module],
+    runtime: str,
+    size: int,
+    device: str | torch.device = "cpu",
+) -> tuple[dict[str, nn.Module], dict[str, str]]:
+    """``models`` in the runtime that embeds the evaluation images.
+
+    With ``runtime`` resolving to ONNX Runtime (:func:`resolved_runtime`), each
+    network with parameters is exported to ONNX in memory and run by ONNX Runtime
+    (:func:`lightly_mcp.runtimes.onnx_network`; a masked momentum subnet through
+    its materialised copy, the same forward); a network that does not export
+    stays in PyTorch under ``auto`` (the reason is returned) and is an error under
+    ``onnxruntime``. Modules without parameters or buffers (raw pixels) stay as
+    they are.
+
+    Args:
+        models: Networks by name (eval mode is set while exporting).
+        runtime: ``auto``, ``onnxruntime`` or ``torch``.
+        size: Image size the ONNX graphs are exported for (any batch size).
+        device: Where the evaluation runs.
+
+    Returns:
+        The networks (ONNX Runtime modules or the originals), and per network with
+        parameters or buffers the runtime it got: ``"onnxruntime"``, ``"torch"``, or
+        ``"torch (why ONNX failed)"``.
+
+    Raises:
+        InputError: Under ``onnxruntime`` when it cannot run or a network does not
+            export.
+    """
+    chosen = resolved_runtime(runtime, device)
+    placed: dict[str, nn.Module] = {}
+    used: dict[str, str] = {}
+    for name, model in models.items():
+        if isinstance(model, OnnxRuntimeNetwork):
+            placed[name], used[name] = model, "onnxruntime"
+            continue
+        if (
+            next(model.parameters(), None) is None
+            and next(model.buffers(), None) is None
+        ):
+            placed[name] = model  # e.g. raw pixels: nothing to run faster
+            continue
+        if chosen == "torch":
+            placed[name], used[name] = model, "torch"
+            continue
+        # The masked subnet computes through torch.func, which ONNX cannot trace;
+        # its materialised copy computes the same forward with plain modules.
+        plain = model.materialize() if isinstance(model, MomentumSubnet) else model
+        with eval_mode(plain):
+            try:
+                placed[name] = onnx_network(plain, size)
+                used[name] = "onnxruntime"
+            except InputError as error:
+                if runtime == "onnxruntime":
+                    raise InputError(
+                        f"'eval.runtime' is onnxruntime, but {name} does not export "
+                        f"to ONNX ({error}); set eval.runtime: auto or torch."
+                    ) from error
+                placed[name], used[name] = model, f"torch ({error})"
+    return placed, used
 
 
 def embed_models(

@@ -52,7 +52,13 @@ from lightly_mcp.errors import (
     UnsafeCheckpointError,
     clipped,
 )
-from lightly_mcp.evaluation import embed_models, evaluate_features, raw_pixel_scores
+from lightly_mcp.evaluation import (
+    embed_models,
+    evaluate_features,
+    in_runtime,
+    raw_pixel_scores,
+    resolved_runtime,
+)
 from lightly_mcp.export import compact_from_checkpoint, export
 from lightly_mcp.files import write_json_atomic
 from lightly_mcp.interrupts import SIGINT_EXIT
@@ -83,6 +89,7 @@ from lightly_mcp.run_folder import (
     check_recipe,
     is_rank_zero,
 )
+from lightly_mcp.runtimes import OnnxRuntimeNetwork, onnx_runner
 
 DONE = "done.json"
 
@@ -474,15 +481,24 @@ def load_backbone_for_eval(
 
 
 def exported_compact(
-    recipe: Recipe, checkpoint: Path, out: Path, report: dict[str, Any]
+    recipe: Recipe,
+    checkpoint: Path,
+    out: Path,
+    report: dict[str, Any],
+    runtime: str = "torch",
 ) -> nn.Module:
     """The compact model of ``out/export``, without running anything from a file.
 
-    Its ``model.pt2`` (checked, then read: :func:`load_program`); otherwise the same
-    compact model rebuilt from the MCP checkpoint, read with ``weights_only=True``.
+    With ``runtime`` ``"onnxruntime"``, its ``model.onnx`` run by ONNX Runtime (the
+    deployed file; ONNX holds no code) where the export wrote one. Otherwise its
+    ``model.pt2`` (checked, then read: :func:`load_program`), or the same compact
+    model rebuilt from the MCP checkpoint, read with ``weights_only=True``.
     ``model.pt`` and ``model.ts`` are code and never read here.
     """
     written = report.get("files", {}).get("written", [])
+    onnx_file = out / "export" / "model.onnx"
+    if runtime == "onnxruntime" and "model.onnx" in written and onnx_file.is_file():
+        return OnnxRuntimeNetwork(onnx_runner(onnx_file))
     program = out / "export" / "model.pt2"
     if "model.pt2" in written and program.is_file():
         return load_program(program)
@@ -545,6 +561,7 @@ def _baseline_identity(recipe: Recipe, description: str, device: str) -> dict[st
         "random_init": {"name": recipe.backbone.name, **backbone_kwargs(recipe)},
         "center": True,
         "device": torch.device(device).type,
+        "runtime": resolved_runtime(e.runtime, device),
     }
 
 
@@ -615,6 +632,9 @@ def evaluate(
     missing = [name for name in wanted if name not in cached]
     if missing:
         models.update(_baseline_models(recipe, device, missing))
+    models, runtimes = in_runtime(
+        models, recipe.eval.runtime, recipe.data.input_size, device
+    )
     digest = DataDigest()
     embedded = [
         embed_models(models, loader, device, progress, f"embed {split}", digest.update)
@@ -654,7 +674,7 @@ def evaluate(
             }
         results["models"][name] = scored[name]
     evaluated = [name for name in networks if name not in same_as]
-    notes = [f"evaluated {', '.join(evaluated)}"]
+    notes = [f"evaluated {', '.join(evaluated)}{_runtime_note(runtimes)}"]
     notes += [why for _, why in same_as.values()]
     if wanted:
         computed = {name: scored[name] for name in wanted if name not in cached}
@@ -665,10 +685,24 @@ def evaluate(
         if computed:
             where = write_baselines(key, identity, data_digest, {**stored, **computed})
         notes.append(_baseline_note(list(cached), list(computed), key, where))
+    results["runtime"] = runtimes
     results["evaluated"] = "; ".join(notes)
     results["data_digest"] = data_digest
     write_json_atomic(out_file, results)
     return results
+
+
+def _runtime_note(runtimes: dict[str, str]) -> str:
+    """What embedded the images, as the evaluation note says it (" in ONNX Runtime")."""
+    kinds = sorted(set(runtimes.values()))
+    if not kinds:
+        return ""
+    if len(kinds) == 1:
+        return f" in {_RUNTIME_NAMES.get(kinds[0], kinds[0])}"
+    return " (" + ", ".join(f"{n} in {r}" for n, r in runtimes.items()) + ")"
+
+
+_RUNTIME_NAMES = {"onnxruntime": "ONNX Runtime", "torch": "PyTorch"}
 
 
 def _baseline_note(
@@ -808,7 +842,9 @@ def run(
                 networks["dense"] = load_backbone_for_eval(dense, recipe)["dense"]
             except (ValueError, CheckpointError):
                 pass
-        networks["compact"] = exported_compact(recipe, pruned, out, report)
+        networks["compact"] = exported_compact(
+            recipe, pruned, out, report, resolved_runtime(recipe.eval.runtime, device)
+        )
         why = subnet_same_as_compact(networks.get("subnet", nn.Identity()), report)
         same_as = {"subnet": ("compact", why)} if why else {}
         evaluation = timed(

@@ -5,6 +5,7 @@ reused when it is the compact model, the baselines cached per data set.
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -14,14 +15,15 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from lightly_mcp import baseline_cache, pipeline
-from lightly_mcp.errors import InputError
+from lightly_mcp import baseline_cache, evaluation, pipeline
+from lightly_mcp.errors import ExportError, InputError
 from lightly_mcp.evaluation import (
     embed,
     embed_models,
     evaluate_backbone,
     evaluate_backbones,
 )
+from lightly_mcp.runtimes import OnnxRuntimeNetwork
 from tests.tiny import tiny_recipe
 
 
@@ -101,7 +103,13 @@ def counted_data(monkeypatch: pytest.MonkeyPatch) -> list[Counting]:
         loaders = []
         for loader in (train, test):
             made.append(Counting(loader.dataset))
-            loaders.append(DataLoader(made[-1], batch_size=loader.batch_size))
+            loaders.append(
+                DataLoader(
+                    made[-1],
+                    batch_size=loader.batch_size,
+                    collate_fn=loader.collate_fn,
+                )
+            )
         return loaders[0], loaders[1], description, has_labels
 
     monkeypatch.setattr(pipeline, "evaluation_data", counting)
@@ -124,7 +132,8 @@ def test_evaluate_passes_once_and_reuses_the_subnet(
     counted_data: list[Counting],
     tmp_path: Path,
 ) -> None:
-    recipe = tiny_recipe({"eval.baselines": True})
+    # In PyTorch, so that forward hooks count the images each network sees.
+    recipe = tiny_recipe({"eval.baselines": True, "eval.runtime": "torch"})
     networks = tiny_networks(tiny_pruned, tiny_exported)
     report = pipeline.read_json(tiny_exported / "export" / "report.json")
     why = pipeline.subnet_same_as_compact(networks["subnet"], report)
@@ -151,7 +160,12 @@ def test_evaluate_passes_once_and_reuses_the_subnet(
         "note": why,
     }
     assert set(results["baselines"]) == {"random_init", "raw_pixels"}
-    assert results["evaluated"].startswith(f"evaluated dense, compact; {why}")
+    assert results["evaluated"].startswith(
+        f"evaluated dense, compact in PyTorch; {why}"
+    )
+    assert results["runtime"] == dict.fromkeys(
+        ["dense", "compact", "random_init"], "torch"
+    )
     assert json.loads((tmp_path / "eval.json").read_text()) == results
 
 
@@ -292,3 +306,113 @@ def test_baselines_asked_by_name_are_computed_and_cached_one_by_one(
     assert "baselines" not in none and len(built) == 3
     with pytest.raises(InputError, match="Unknown baseline 'pixels'"):
         run(["pixels"])
+
+
+def test_onnx_runtime_evaluation_matches_pytorch(
+    tiny_pruned: Path,
+    tiny_exported: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``eval.runtime: auto`` on the CPU embeds with ONNX Runtime (the compact model
+    from the export's own model.onnx), with PyTorch's scores."""
+    pytest.importorskip("onnxruntime")
+    monkeypatch.setenv(baseline_cache.CACHE_ENV, "off")
+    report = pipeline.read_json(tiny_exported / "export" / "report.json")
+    results = {}
+    for runtime in ("torch", "auto"):
+        recipe = tiny_recipe({"eval.runtime": runtime, "eval.baselines": True})
+        networks = pipeline.load_backbone_for_eval(tiny_pruned, recipe)
+        networks["compact"] = pipeline.exported_compact(
+            recipe,
+            tiny_pruned,
+            tiny_exported,
+            report,
+            evaluation.resolved_runtime(runtime, "cpu"),
+        )
+        if runtime == "auto":
+            assert isinstance(networks["compact"], OnnxRuntimeNetwork)
+        results[runtime] = pipeline.evaluate(
+            networks,
+            recipe,
+            tmp_path / f"{runtime}.json",
+            progress=False,
+            baselines=True,
+        )
+    torch_run, onnx_run = results["torch"], results["auto"]
+    assert onnx_run["runtime"] == {
+        "dense": "onnxruntime",
+        "subnet": "onnxruntime",
+        "compact": "onnxruntime",
+        "random_init": "onnxruntime",
+    }
+    assert onnx_run["evaluated"].startswith(
+        "evaluated dense, subnet, compact in ONNX Runtime"
+    )
+    for name, scores in torch_run["models"].items():
+        assert onnx_run["models"][name]["knn_top1"] == pytest.approx(
+            scores["knn_top1"], abs=0.05
+        )
+    assert onnx_run["data_digest"] == torch_run["data_digest"]
+    assert onnx_run["baselines"]["raw_pixels"] == torch_run["baselines"]["raw_pixels"]
+
+
+def test_onnx_features_equal_pytorch_features() -> None:
+    pytest.importorskip("onnxruntime")
+    nets = {"a": small_net(0), "b": small_net(1), "pixels": nn.Flatten()}
+    placed, used = evaluation.in_runtime(nets, "onnxruntime", 6)
+    assert used == {"a": "onnxruntime", "b": "onnxruntime"}
+    assert placed["pixels"] is nets["pixels"]
+    assert all(net.training for net in nets.values())  # modes restored
+    loader = DataLoader(labelled(10), batch_size=4)
+    onnx_features, labels = embed_models(placed, loader)
+    torch_features, same_labels = embed_models(nets, loader)
+    assert torch.equal(labels, same_labels)
+    for name in nets:
+        torch.testing.assert_close(
+            onnx_features[name], torch_features[name], rtol=1e-5, atol=1e-5
+        )
+
+
+def test_a_network_onnx_cannot_export_stays_in_pytorch_under_auto(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    pytest.importorskip("onnxruntime")
+
+    def refuse(model: nn.Module, size: int) -> nn.Module:
+        raise ExportError("ONNX export failed: no symbolic for op X")
+
+    monkeypatch.setattr(evaluation, "onnx_network", refuse)
+    net = small_net(0)
+    placed, used = evaluation.in_runtime({"a": net}, "auto", 6)
+    assert placed["a"] is net
+    assert used == {"a": "torch (ONNX export failed: no symbolic for op X)"}
+    with pytest.raises(
+        InputError,
+        match=r"'eval.runtime' is onnxruntime, but a does "
+        r"not export to ONNX \(ONNX export failed: no symbolic",
+    ):
+        evaluation.in_runtime({"a": net}, "onnxruntime", 6)
+    assert evaluation.in_runtime({"a": net}, "torch", 6) == ({"a": net}, {"a": "torch"})
+
+
+def test_runtime_resolution(monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("onnxruntime")
+    resolve = evaluation.resolved_runtime
+    assert resolve("auto", "cpu") == "onnxruntime"
+    assert resolve("auto", "cuda") == "torch"
+    assert resolve("torch", "cpu") == "torch"
+    with pytest.raises(
+        InputError,
+        match="runs on the CPU, but the evaluation runs on "
+        "cuda; set eval.runtime: auto or torch",
+    ):
+        resolve("onnxruntime", "cuda")
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # not installed
+    assert resolve("auto", "cpu") == "torch"
+    with pytest.raises(
+        InputError,
+        match=r"onnxruntime is not installed: pip install "
+        r"'lightly-mcp\[onnx\]', or set eval.runtime: auto",
+    ):
+        resolve("onnxruntime", "cpu")

@@ -151,6 +151,11 @@ def test_bad_recipes_name_the_key(
         (["eval.baselines=[raw_pixels, raw_pixels]"], r"'eval.baselines' must be"),
         (["eval.baselines=[{}]"], r"'eval.baselines' must be true, false or a list"),
         (["eval.baselines=raw_pixels"], r"'eval.baselines' must be bool or list"),
+        (
+            ["eval.runtime=onnx"],
+            r"'eval.runtime' must be one of auto, onnxruntime, torch; got 'onnx'",
+        ),
+        (["eval.runtime=3"], r"'eval.runtime' must be str"),
     ],
 )
 def test_bad_values_are_refused_in_one_short_line_naming_the_key(

@@ -135,6 +135,11 @@ def _epoch_checkpoints(out: Path, results: Results) -> None:
     ]
 
 
+def _in_pytorch(out: Path, results: Results) -> None:
+    runtimes = results["evaluate"]["runtime"]
+    assert runtimes and set(runtimes.values()) == {"torch"}, runtimes
+
+
 def _baselines_skipped(out: Path, results: Results) -> None:
     assert "baselines" not in results["evaluate"]
 
@@ -284,6 +289,7 @@ CASES: dict[str, Case] = {
     "eval.train_subset": Case(32, ("evaluate",), check=_evaluated("num_train", 32)),
     "eval.test_subset": Case(16, ("evaluate",), check=_evaluated("num_test", 16)),
     "eval.baselines": Case(False, ("evaluate",), check=_baselines_skipped),
+    "eval.runtime": Case("torch", ("evaluate",), check=_in_pytorch),
     # trainer
     "trainer.accelerator": Case("cpu", ("prune",)),
     "trainer.devices": Case("auto", ("prune",)),
