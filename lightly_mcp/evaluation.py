@@ -207,6 +207,10 @@ def embed_models(
     device = torch.device(device)
     for model in models.values():
         _check_device(model, device)
+    # Only PyTorch's convolutions gain from channels_last (ONNX Runtime reads NCHW).
+    to_channels_last = channels_last and any(
+        next(model.parameters(), None) is not None for model in models.values()
+    )
     feature_chunks: dict[str, list[Tensor]] = {name: [] for name in models}
     label_chunks: list[Tensor] = []
 
@@ -225,7 +229,7 @@ def embed_models(
                 if on_batch is not None:
                     on_batch(images, labels)
                 images = images.to(device, non_blocking=True)
-                if channels_last and images.ndim == 4:
+                if to_channels_last and images.ndim == 4:
                     images = images.contiguous(memory_format=torch.channels_last)
                 for name, model in models.items():
                     features = model(images)
@@ -470,13 +474,16 @@ def linear_probe_top1(
         step = 0
         for _ in range(epochs):
             order = torch.randperm(n, generator=generator).to(device)
+            # One gather per epoch; each step then reads a contiguous slice (the
+            # same rows as indexing with order[start : start + batch_size]).
+            x_epoch, y_epoch = x_train[order], y_train[order]
             for start in range(0, n, batch_size):
-                index = order[start : start + batch_size]
                 for group in optimizer.param_groups:
                     group["lr"] = (
                         0.5 * lr * (1 + math.cos(math.pi * step / total_steps))
                     )
-                loss = F.cross_entropy(layer(x_train[index]), y_train[index])
+                end = start + batch_size
+                loss = F.cross_entropy(layer(x_epoch[start:end]), y_epoch[start:end])
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
