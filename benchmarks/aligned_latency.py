@@ -36,15 +36,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/common.py
 from common import cpu_model  # noqa: E402
 
-from lightly_mcp.admm import project_onto_channel_budget  # noqa: E402
-from lightly_mcp.batchnorm import merge_split_batchnorm  # noqa: E402
-from lightly_mcp.checkpoints import read_checkpoint  # noqa: E402
-from lightly_mcp.compaction import compact  # noqa: E402
-from lightly_mcp.export import fold_and_check  # noqa: E402
-from lightly_mcp.loading import module_from_checkpoint  # noqa: E402
-from lightly_mcp.measure import count_macs, count_parameters, measure_latency  # noqa: E402
-from lightly_mcp.prunable_groups import find_channel_groups  # noqa: E402
-from lightly_mcp.runtimes import deployed_forms  # noqa: E402
+from lightly_mcp.formats.export import fold_and_check  # noqa: E402
+from lightly_mcp.formats.loading import module_from_checkpoint  # noqa: E402
+from lightly_mcp.formats.runtimes import deployed_forms  # noqa: E402
+from lightly_mcp.methods.checkpoints import read_checkpoint  # noqa: E402
+from lightly_mcp.pruning.admm import project_onto_channel_budget  # noqa: E402
+from lightly_mcp.pruning.batchnorm import merge_split_batchnorm  # noqa: E402
+from lightly_mcp.pruning.compaction import compact  # noqa: E402
+from lightly_mcp.pruning.measure import count_macs, count_parameters, measure_latency  # noqa: E402
+from lightly_mcp.pruning.prunable_groups import find_channel_groups  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 CHECKPOINT = REPO / "pretrained" / "fashion_mnist_mobilenetv2_w0.5.ckpt"

@@ -12,7 +12,7 @@ import torchvision
 from torch import nn
 
 from lightly_mcp import compact, find_channel_groups
-from lightly_mcp.masks import leading_masks
+from lightly_mcp.pruning.masks import leading_masks
 
 
 def cpu_model() -> str:

@@ -22,15 +22,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightly_mcp import pipeline
-from lightly_mcp.assemble import evaluation_data
-from lightly_mcp.evaluation import (
+from lightly_mcp.app import pipeline
+from lightly_mcp.app.assemble import evaluation_data
+from lightly_mcp.app.recipe import load_recipe
+from lightly_mcp.benchmarking.evaluation import (
     embed_models,
     knn_top1,
     linear_probe_top1,
     raw_pixel_scores,
 )
-from lightly_mcp.recipe import load_recipe
 
 
 def timed(label: str, fn: Callable[[], Any]) -> Any:

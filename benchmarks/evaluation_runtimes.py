@@ -27,11 +27,11 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from lightly_mcp import pipeline
-from lightly_mcp.assemble import evaluation_data, recipe_dataset
-from lightly_mcp.recipe import load_recipe
-from lightly_mcp.runtimes import OnnxRuntimeNetwork, onnx_network, onnx_runner
-from lightly_mcp.transforms import eval_transform
+from lightly_mcp.app import pipeline
+from lightly_mcp.app.assemble import evaluation_data, recipe_dataset
+from lightly_mcp.app.recipe import load_recipe
+from lightly_mcp.formats.runtimes import OnnxRuntimeNetwork, onnx_network, onnx_runner
+from lightly_mcp.methods.transforms import eval_transform
 
 REPEATS = 5
 IMAGES = 12_000

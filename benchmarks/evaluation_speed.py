@@ -1,6 +1,6 @@
 """The evaluate stage of a finished run, old code against new, side by side.
 
-Times ``lightly_mcp.pipeline.evaluate`` on the same run folder (its MCP checkpoint,
+Times ``lightly_mcp.app.pipeline.evaluate`` on the same run folder (its MCP checkpoint,
 its export, the recipe's dense checkpoint) as ``lightly-mcp run`` calls it, in fresh
 processes that alternate between two source trees (``--old``, ``--new``; each is put
 first on ``PYTHONPATH``), so machine noise hits both alike. The new tree is timed
@@ -32,8 +32,8 @@ CHILD = r"""
 import json, sys, time, inspect
 from pathlib import Path
 import torch
-from lightly_mcp import pipeline
-from lightly_mcp.recipe import load_recipe
+from lightly_mcp.app import pipeline
+from lightly_mcp.app.recipe import load_recipe
 
 run = Path(sys.argv[1])
 recipe = load_recipe(run / "recipe.yaml")

@@ -8,19 +8,20 @@ gives exactly the architecture an MCP run at the same ratio exports. Groups are 
 with ``keep_output_dim=False`` (the feature group is pruned too).
 
 Every model is timed in every form a user could deploy it in, BatchNorm folded
-(``lightly_mcp.folding.fold_batchnorm``) in all of them:
+(``lightly_mcp.formats.folding.fold_batchnorm``) in all of them:
 
 - ``eager``, ``eager channels_last`` (the input's conversion inside the timed call),
 - ``torch.compile`` (inductor; compiled for each input shape before timing),
 - ``torch.export`` (the program's ``.module()``), ``onnxruntime`` (CPU EP, intra-op
-  threads = PyTorch's, inter-op 1) from ``lightly_mcp.runtimes.deployed_forms``,
+  threads = PyTorch's, inter-op 1) from ``lightly_mcp.formats.runtimes.deployed_forms``,
 
 and, as a reference, ``eager, BN not folded``. All forms of all models run
-interleaved in one ``lightly_mcp.measure.measure_latency`` call per (batch, size),
-so ratios are fair; every form's output is first checked against the unfolded model.
-Per (batch, size) the result names each model's fastest form and the best-against-best
-speedup (dense's fastest / compact's fastest). The compact model widened to channel
-multiples (``round_to``) is timed alongside in ``eager`` and ``onnxruntime``.
+interleaved in one ``lightly_mcp.pruning.measure.measure_latency`` call per (batch,
+size), so ratios are fair; every form's output is first checked against the unfolded
+model. Per (batch, size) the result names each model's fastest form and the
+best-against-best speedup (dense's fastest / compact's fastest). The compact model
+widened to channel multiples (``round_to``) is timed alongside in ``eager`` and
+``onnxruntime``.
 
 A physical yardstick: the machine's float32 peak (best of several large GEMMs at the
 same thread count, measured before and after the timings) and each model-form's
@@ -62,18 +63,18 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))  # benchmarks/common.py
 from common import cpu_model, peak_flops, randomise_batchnorm  # noqa: E402
 
-from lightly_mcp.backbones import build_backbone  # noqa: E402
-from lightly_mcp.compaction import compact  # noqa: E402
-from lightly_mcp.folding import fold_batchnorm  # noqa: E402
-from lightly_mcp.masks import leading_masks  # noqa: E402
-from lightly_mcp.measure import (  # noqa: E402
+from lightly_mcp.formats.folding import fold_batchnorm  # noqa: E402
+from lightly_mcp.formats.runtimes import deployed_forms  # noqa: E402
+from lightly_mcp.methods.backbones import build_backbone  # noqa: E402
+from lightly_mcp.pruning.compaction import compact  # noqa: E402
+from lightly_mcp.pruning.masks import leading_masks  # noqa: E402
+from lightly_mcp.pruning.measure import (  # noqa: E402
     MAC_COUNTER,
     count_macs,
     count_parameters,
     measure_latency,
 )
-from lightly_mcp.prunable_groups import find_channel_groups  # noqa: E402
-from lightly_mcp.runtimes import deployed_forms  # noqa: E402
+from lightly_mcp.pruning.prunable_groups import find_channel_groups  # noqa: E402
 
 #: The unfolded eager model: a reference row, also the outputs every form is checked
 #: against.
@@ -113,7 +114,7 @@ def compact_variants(
 
     The compact model keeps the leading ``num_kept_channels(C_g, ratio)`` channels
     of every group (``keep_output_dim=False``); ``compact_round{r}`` widens those
-    masks to multiples of ``r`` as ``lightly_mcp.export.export_masks`` does
+    masks to multiples of ``r`` as ``lightly_mcp.formats.export.export_masks`` does
     (``GroupMasks.rounded``: the extra channels are the dropped ones of largest norm).
     """
     example = torch.randn(1, 3, 32, 32) if example is None else example

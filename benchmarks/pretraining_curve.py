@@ -32,12 +32,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import cpu_model  # noqa: E402
 
-from lightly_mcp.assemble import evaluation_data, recipe_backbone  # noqa: E402
-from lightly_mcp.checkpoints import read_checkpoint  # noqa: E402
-from lightly_mcp.evaluation import evaluate_backbone, raw_pixel_baseline  # noqa: E402
-from lightly_mcp.files import write_json_atomic  # noqa: E402
-from lightly_mcp.loading import module_from_checkpoint  # noqa: E402
-from lightly_mcp.recipe import load_recipe  # noqa: E402
+from lightly_mcp.app.assemble import evaluation_data, recipe_backbone  # noqa: E402
+from lightly_mcp.app.recipe import load_recipe  # noqa: E402
+from lightly_mcp.benchmarking.evaluation import evaluate_backbone, raw_pixel_baseline  # noqa: E402
+from lightly_mcp.formats.loading import module_from_checkpoint  # noqa: E402
+from lightly_mcp.io.files import write_json_atomic  # noqa: E402
+from lightly_mcp.methods.checkpoints import read_checkpoint  # noqa: E402
 
 
 def environment() -> dict[str, Any]:

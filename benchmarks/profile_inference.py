@@ -6,9 +6,9 @@ Usage: OMP_NUM_THREADS=2 python benchmarks/profile_inference.py [--ratio 0.73]
 
 Both models have random weights and random BatchNorm statistics
 (``common.mobilenet_v2_pair``) and are profiled as deployed: BatchNorm folded into the
-convolutions (``lightly_mcp.folding.fold_batchnorm``; ``--unfolded`` profiles them
-as built). Prints the top operators (torch.profiler, self CPU time) and, per kind of
-convolution (depthwise, 1×1, other; forward hooks), its time, MACs and achieved FLOP
+convolutions (``lightly_mcp.formats.folding.fold_batchnorm``; ``--unfolded`` profiles
+them as built). Prints the top operators (torch.profiler, self CPU time) and, per kind
+of convolution (depthwise, 1×1, other; forward hooks), its time, MACs and achieved FLOP
 rate as a fraction of the peak of a large float32 GEMM at the same thread count
 (``common.peak_flops``): the per-operator roofline of ``RESULTS_inference.md``.
 """
@@ -27,7 +27,7 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/common.py
 from common import mobilenet_v2_pair, peak_flops  # noqa: E402
 
-from lightly_mcp.folding import fold_batchnorm  # noqa: E402
+from lightly_mcp.formats.folding import fold_batchnorm  # noqa: E402
 
 KINDS = ("depthwise", "1x1", "other conv")
 

@@ -2,14 +2,14 @@
 exports, with its masks widened to channel multiples of 4, 8, 16 (or not at all).
 
 For every ``round_to`` the compact model is rebuilt from the checkpoint exactly as
-``lightly-mcp export --round-to`` builds it (``lightly_mcp.export.
+``lightly-mcp export --round-to`` builds it (``lightly_mcp.formats.export.
 compact_from_checkpoint``: the trained masks widened by the dropped channels of
 largest norm, compacted, checked against the masked momentum subnet; no BatchNorm
 recalibration) and evaluated with the accuracy benchmark's kNN classifier
-(``lightly_mcp.evaluation.embed`` + ``knn_top1`` with the recipe's ``eval.k`` and
-``eval.temperature``, on ``lightly_mcp.assemble.evaluation_data``: the 60k training
-images as bank, the 10k test images). Parameters and MACs are at the recipe's input
-size. ``--linear`` adds the linear probe (``evaluate_backbone``, slow).
+(``lightly_mcp.benchmarking.evaluation.embed`` + ``knn_top1`` with the recipe's
+``eval.k`` and ``eval.temperature``, on ``lightly_mcp.app.assemble.evaluation_data``:
+the 60k training images as bank, the 10k test images). Parameters and MACs are at the
+recipe's input size. ``--linear`` adds the linear probe (``evaluate_backbone``, slow).
 
 Usage (the grid's MCP run at 92.6 % parameters removed; MobileNetV2 width 0.5,
 small stem, 32 px, Fashion-MNIST):
@@ -36,11 +36,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/common.py
 from common import cpu_model  # noqa: E402
 
-from lightly_mcp.assemble import evaluation_data  # noqa: E402
-from lightly_mcp.evaluation import embed, evaluate_backbone, knn_top1  # noqa: E402
-from lightly_mcp.export import compact_from_checkpoint  # noqa: E402
-from lightly_mcp.measure import MAC_COUNTER, count_macs, count_parameters  # noqa: E402
-from lightly_mcp.recipe import load_recipe  # noqa: E402
+from lightly_mcp.app.assemble import evaluation_data  # noqa: E402
+from lightly_mcp.app.recipe import load_recipe  # noqa: E402
+from lightly_mcp.benchmarking.evaluation import embed, evaluate_backbone, knn_top1  # noqa: E402
+from lightly_mcp.formats.export import compact_from_checkpoint  # noqa: E402
+from lightly_mcp.pruning.measure import MAC_COUNTER, count_macs, count_parameters  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "recipes" / "fashion_mnist_mobilenetv2.yaml"

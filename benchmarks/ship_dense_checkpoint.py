@@ -3,8 +3,8 @@
 Writes ``TARGET`` (state_dict, hyper-parameters and queue only: what MCP starts from;
 no optimizer state) and ``TARGET`` with suffix ``.provenance.json`` (command, recipe,
 commit, training time, kNN / linear top-1 from ``benchmarks/pretraining_curve.py``,
-machine, sha256). ``lightly_mcp.checkpoints.read_checkpoint`` verifies the sha256
-whenever the file is loaded.
+machine, sha256). ``lightly_mcp.methods.checkpoints.read_checkpoint`` verifies the
+sha256 whenever the file is loaded.
 
 Usage:
     python benchmarks/ship_dense_checkpoint.py runs/dense_mobilenetv2 --epoch 16 \
@@ -20,10 +20,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from lightly_mcp.checkpoints import read_checkpoint
-from lightly_mcp.loading import module_from_checkpoint
-from lightly_mcp.recipe import read_recipe_file
-from lightly_mcp.shipping import ship_checkpoint
+from lightly_mcp.app.recipe import read_recipe_file
+from lightly_mcp.formats.loading import module_from_checkpoint
+from lightly_mcp.formats.shipping import ship_checkpoint
+from lightly_mcp.methods.checkpoints import read_checkpoint
 
 MAX_BYTES = 20 * 1024 * 1024
 

@@ -34,9 +34,9 @@ import torch
 from common import cpu_model
 from torch import nn
 
-from lightly_mcp.assemble import mcp_model, moco_kwargs, training_data
-from lightly_mcp.moco_v2 import MoCoV2
-from lightly_mcp.recipe import Recipe, load_recipe
+from lightly_mcp.app.assemble import mcp_model, moco_kwargs, training_data
+from lightly_mcp.app.recipe import Recipe, load_recipe
+from lightly_mcp.methods.moco_v2 import MoCoV2
 
 warnings.filterwarnings("ignore", message=".*self.log.*")
 warnings.filterwarnings("ignore", message=".*tensor.detach.*")

@@ -12,33 +12,33 @@ themselves.
 
 from typing import TYPE_CHECKING, Any
 
-from lightly_mcp.admm import ADMMRegularizer, project_onto_channel_budget
-from lightly_mcp.backbones import Backbone, build_backbone
-from lightly_mcp.compaction import compact
 from lightly_mcp.errors import InputError, MCPError, MCPWarning
-from lightly_mcp.groups import (
+from lightly_mcp.methods.backbones import Backbone, build_backbone
+from lightly_mcp.methods.transforms import MCPTransform, build_transform
+from lightly_mcp.pruning.admm import ADMMRegularizer, project_onto_channel_budget
+from lightly_mcp.pruning.compaction import compact
+from lightly_mcp.pruning.groups import (
     ChannelGroup,
     GroupMember,
     NoPrunableGroupsError,
     UnsupportedBackboneError,
     num_kept_channels,
 )
-from lightly_mcp.masks import GroupMasks
-from lightly_mcp.measure import count_macs, count_parameters
-from lightly_mcp.momentum_subnet import MomentumSubnet
-from lightly_mcp.prunable_groups import find_channel_groups
-from lightly_mcp.pruning_ratio import solve_pruning_ratio
-from lightly_mcp.transforms import MCPTransform, build_transform
-from lightly_mcp.transition import SmoothTransition
+from lightly_mcp.pruning.masks import GroupMasks
+from lightly_mcp.pruning.measure import count_macs, count_parameters
+from lightly_mcp.pruning.momentum_subnet import MomentumSubnet
+from lightly_mcp.pruning.prunable_groups import find_channel_groups
+from lightly_mcp.pruning.pruning_ratio import solve_pruning_ratio
+from lightly_mcp.pruning.transition import SmoothTransition
 
 if TYPE_CHECKING:
-    from lightly_mcp.mcp import MCP
-    from lightly_mcp.moco_v2 import MoCoV2
+    from lightly_mcp.methods.mcp import MCP
+    from lightly_mcp.methods.moco_v2 import MoCoV2
 
 __version__ = "0.1.0"
 
 #: The Lightning methods, imported on first use (PEP 562).
-_METHODS = {"MCP": "lightly_mcp.mcp", "MoCoV2": "lightly_mcp.moco_v2"}
+_METHODS = {"MCP": "lightly_mcp.methods.mcp", "MoCoV2": "lightly_mcp.methods.moco_v2"}
 
 
 def __getattr__(name: str) -> Any:

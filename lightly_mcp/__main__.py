@@ -2,6 +2,6 @@
 
 import sys
 
-from lightly_mcp.cli import main
+from lightly_mcp.app.cli import main
 
 sys.exit(main())

@@ -20,7 +20,7 @@ The hierarchy:
     message says what is kept, ``exit_code`` is the command's exit status.
 
 - ``Terminated`` (a ``BaseException``, like ``KeyboardInterrupt``): a SIGTERM outside
-  a training loop (``lightly_mcp.interrupts``).
+  a training loop (``lightly_mcp.app.interrupts``).
 
 - ``MCPWarning``: a warning about the method itself; the command line keeps these
   when it silences third-party warnings.
@@ -125,7 +125,8 @@ class StageInterrupted(MCPError, RuntimeError):
 
 class Terminated(BaseException):
     """A SIGTERM outside a training loop, raised where it lands (as Ctrl-C raises
-    ``KeyboardInterrupt``) so that cleanup code runs; see ``lightly_mcp.interrupts``.
+    ``KeyboardInterrupt``) so that cleanup code runs; see
+    ``lightly_mcp.app.interrupts``.
     """
 
 

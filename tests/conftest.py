@@ -132,7 +132,7 @@ def tiny_net() -> nn.Module:
 @pytest.fixture(scope="session")
 def tiny_dense(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny recipe's dense MoCo v2 checkpoint (4 steps of pretraining)."""
-    from lightly_mcp import pipeline
+    from lightly_mcp.app import pipeline
     from tests.tiny import tiny_recipe
 
     out = tmp_path_factory.mktemp("tiny_dense")
@@ -142,7 +142,7 @@ def tiny_dense(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_pruned(tmp_path_factory: pytest.TempPathFactory, tiny_dense: Path) -> Path:
     """The tiny recipe's MCP checkpoint (4 steps from ``tiny_dense``)."""
-    from lightly_mcp import pipeline
+    from lightly_mcp.app import pipeline
     from tests.tiny import tiny_recipe
 
     out = tmp_path_factory.mktemp("tiny_pruned")
@@ -156,7 +156,7 @@ def tiny_exported(tmp_path_factory: pytest.TempPathFactory, tiny_pruned: Path) -
 
     from rich.console import Console
 
-    from lightly_mcp import pipeline
+    from lightly_mcp.app import pipeline
     from tests.tiny import tiny_recipe
 
     out = tmp_path_factory.mktemp("tiny_exported")

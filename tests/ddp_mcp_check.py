@@ -17,7 +17,7 @@ from pytorch_lightning.callbacks import Callback
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from lightly_mcp.mcp import MCP  # noqa: E402
+from lightly_mcp.methods.mcp import MCP  # noqa: E402
 from tests.helpers import TINY, TwoViewTensors  # noqa: E402
 
 

@@ -7,15 +7,15 @@ import pytest
 import torch
 from torch import nn
 
-from lightly_mcp.admm import ADMMRegularizer, project_onto_channel_budget
-from lightly_mcp.backbones import build_backbone
-from lightly_mcp.compaction import compact
-from lightly_mcp.groups import ChannelGroup, channel_scores
-from lightly_mcp.masks import GroupMasks, parameter_multipliers
-from lightly_mcp.measure import count_parameters
-from lightly_mcp.momentum_subnet import MomentumSubnet
-from lightly_mcp.prunable_groups import find_channel_groups
-from lightly_mcp.pruning_ratio import removed_fraction, solve_pruning_ratio
+from lightly_mcp.methods.backbones import build_backbone
+from lightly_mcp.pruning.admm import ADMMRegularizer, project_onto_channel_budget
+from lightly_mcp.pruning.compaction import compact
+from lightly_mcp.pruning.groups import ChannelGroup, channel_scores
+from lightly_mcp.pruning.masks import GroupMasks, parameter_multipliers
+from lightly_mcp.pruning.measure import count_parameters
+from lightly_mcp.pruning.momentum_subnet import MomentumSubnet
+from lightly_mcp.pruning.prunable_groups import find_channel_groups
+from lightly_mcp.pruning.pruning_ratio import removed_fraction, solve_pruning_ratio
 from tests.conftest import (
     ConcatNet,
     GroupedConvNet,

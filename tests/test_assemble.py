@@ -1,4 +1,4 @@
-"""Tests of lightly_mcp.assemble: the data, models and trainer a recipe describes."""
+"""Tests of lightly_mcp.app.assemble: the data, models and trainer a recipe describes."""
 
 from __future__ import annotations
 
@@ -9,9 +9,7 @@ import pytest
 import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 
-from lightly_mcp import mcp as mcp_module
-from lightly_mcp import moco_v2 as moco_module
-from lightly_mcp.assemble import (
+from lightly_mcp.app.assemble import (
     evaluation_data,
     export_recalibration_data,
     mcp_model,
@@ -19,13 +17,15 @@ from lightly_mcp.assemble import (
     trainer_for,
     training_data,
 )
-from lightly_mcp.backbones import build_backbone
-from lightly_mcp.callbacks import KeepEpochCheckpoints
 from lightly_mcp.errors import RecipeError
-from lightly_mcp.loggers import ResumableCSVLogger
-from lightly_mcp.mcp import MCP
-from lightly_mcp.prunable_groups import find_channel_groups
-from lightly_mcp.pruning_ratio import removed_fraction, solve_pruning_ratio
+from lightly_mcp.methods import mcp as mcp_module
+from lightly_mcp.methods import moco_v2 as moco_module
+from lightly_mcp.methods.backbones import build_backbone
+from lightly_mcp.methods.callbacks import KeepEpochCheckpoints
+from lightly_mcp.methods.loggers import ResumableCSVLogger
+from lightly_mcp.methods.mcp import MCP
+from lightly_mcp.pruning.prunable_groups import find_channel_groups
+from lightly_mcp.pruning.pruning_ratio import removed_fraction, solve_pruning_ratio
 from tests.tiny import tiny_recipe
 
 

@@ -17,19 +17,19 @@ from pathlib import Path
 import pytest
 import torch
 
-from lightly_mcp.admm import ADMMRegularizer
-from lightly_mcp.backbones import build_backbone
-from lightly_mcp.cli import main
-from lightly_mcp.compaction import compact
-from lightly_mcp.groups import (
+from lightly_mcp.app.cli import main
+from lightly_mcp.methods.backbones import build_backbone
+from lightly_mcp.methods.mcp import MCP
+from lightly_mcp.pruning.admm import ADMMRegularizer
+from lightly_mcp.pruning.compaction import compact
+from lightly_mcp.pruning.groups import (
     WORKING_BACKBONES,
     NoPrunableGroupsError,
     UnsupportedBackboneError,
 )
-from lightly_mcp.mcp import MCP
-from lightly_mcp.measure import count_parameters
-from lightly_mcp.momentum_subnet import MomentumSubnet
-from lightly_mcp.prunable_groups import find_channel_groups
+from lightly_mcp.pruning.measure import count_parameters
+from lightly_mcp.pruning.momentum_subnet import MomentumSubnet
+from lightly_mcp.pruning.prunable_groups import find_channel_groups
 from tests.conftest import randomize_batchnorm
 from tests.helpers import MAX_MESSAGE, message_length
 from tests.tiny import write_tiny

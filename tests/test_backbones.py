@@ -1,4 +1,4 @@
-"""Tests for lightly_mcp.backbones: building, small inputs, widths, local weights."""
+"""Tests for lightly_mcp.methods.backbones: building, small inputs, widths, local weights."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from lightly_mcp.backbones import (
+from lightly_mcp.methods.backbones import (
     SUPPORTED_TORCHVISION,
     Backbone,
     backbone_names,

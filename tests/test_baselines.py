@@ -1,4 +1,4 @@
-"""Tests of lightly_mcp.baselines: the paper's comparison methods."""
+"""Tests of lightly_mcp.benchmarking.baselines: the paper's comparison methods."""
 
 from __future__ import annotations
 
@@ -7,20 +7,20 @@ from pathlib import Path
 import pytest
 import torch
 
-from lightly_mcp.assemble import moco_kwargs
-from lightly_mcp.baselines import (
+from lightly_mcp.app.assemble import moco_kwargs
+from lightly_mcp.benchmarking.baselines import (
     CompactMoCoV2,
     RandomMaskMoCoV2,
     SupervisedClassifier,
     uniform_masks,
 )
-from lightly_mcp.checkpoints import read_checkpoint
-from lightly_mcp.compaction import compact
-from lightly_mcp.groups import channel_scores
-from lightly_mcp.masks import GroupMasks, output_feature_index
-from lightly_mcp.measure import count_parameters
-from lightly_mcp.moco_v2 import MoCoV2
-from lightly_mcp.prunable_groups import find_channel_groups
+from lightly_mcp.methods.checkpoints import read_checkpoint
+from lightly_mcp.methods.moco_v2 import MoCoV2
+from lightly_mcp.pruning.compaction import compact
+from lightly_mcp.pruning.groups import channel_scores
+from lightly_mcp.pruning.masks import GroupMasks, output_feature_index
+from lightly_mcp.pruning.measure import count_parameters
+from lightly_mcp.pruning.prunable_groups import find_channel_groups
 from tests.conftest import randomize_batchnorm
 from tests.helpers import TINY, loader, trainer
 from tests.tiny import tiny_recipe

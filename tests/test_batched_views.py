@@ -1,4 +1,4 @@
-"""Tests of lightly_mcp.batched_views: lightly's MoCo v2 views, made on the batch."""
+"""Tests of lightly_mcp.methods.batched_views: lightly's MoCo v2 views, made on the batch."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import pytest
 import torch
 from PIL import Image
 
-from lightly_mcp.batched_views import NUM_PARAMS, BatchedViews, collate_for
-from lightly_mcp.resumable_data import SeededItems
-from lightly_mcp.transforms import MCPTransform
+from lightly_mcp.methods.batched_views import NUM_PARAMS, BatchedViews, collate_for
+from lightly_mcp.methods.resumable_data import SeededItems
+from lightly_mcp.methods.transforms import MCPTransform
 
 
 def _images(mode: str, n: int, size: int) -> list[Image.Image]:

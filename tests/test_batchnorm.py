@@ -7,16 +7,16 @@ import torch
 from lightly.models.batchnorm import SplitBatchNorm
 from torch import nn
 
-from lightly_mcp.batchnorm import (
+from lightly_mcp.formats.export import compact_and_check
+from lightly_mcp.methods.mcp import MCP
+from lightly_mcp.pruning.batchnorm import (
     ShuffleBatchNorm,
     merge_split_batchnorm,
     use_split_batchnorm,
 )
-from lightly_mcp.compaction import compact
-from lightly_mcp.export import compact_and_check
-from lightly_mcp.mcp import MCP
-from lightly_mcp.momentum_subnet import MomentumSubnet
-from lightly_mcp.prunable_groups import find_channel_groups
+from lightly_mcp.pruning.compaction import compact
+from lightly_mcp.pruning.momentum_subnet import MomentumSubnet
+from lightly_mcp.pruning.prunable_groups import find_channel_groups
 from tests.conftest import TinyConvNet, randomize_batchnorm
 from tests.helpers import TINY, loader, trainer
 

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from benchmarks import inference_speed as bench
-from lightly_mcp.measure import count_macs
+from lightly_mcp.pruning.measure import count_macs
 
 PEAK = 1e10  # FLOP/s, only the arithmetic is checked
 

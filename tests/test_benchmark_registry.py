@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from benchmarks.accuracy import main, report
-from lightly_mcp.assemble import moco_kwargs
-from lightly_mcp.checkpoints import read_checkpoint
-from lightly_mcp.moco_v2 import MoCoV2
-from lightly_mcp.recipe import load_recipe
+from lightly_mcp.app.assemble import moco_kwargs
+from lightly_mcp.app.recipe import load_recipe
+from lightly_mcp.methods.checkpoints import read_checkpoint
+from lightly_mcp.methods.moco_v2 import MoCoV2
 from tests.helpers import TINY, loader, trainer
 
 

@@ -14,9 +14,9 @@ from lightly.models.modules import MoCoProjectionHead
 from lightly.models.utils import update_momentum
 from torch import nn
 
-from lightly_mcp.checkpoints import CheckpointError
-from lightly_mcp.mcp import MCP
-from lightly_mcp.moco_v2 import MoCoV2
+from lightly_mcp.methods.checkpoints import CheckpointError
+from lightly_mcp.methods.mcp import MCP
+from lightly_mcp.methods.moco_v2 import MoCoV2
 from tests.helpers import loader, trainer
 
 # The projection head of lightly's MoCo examples: MoCoProjectionHead(512, 512, 128).
@@ -175,7 +175,7 @@ def test_cli_prunes_from_a_lightly_example_checkpoint(
 
     import yaml
 
-    from lightly_mcp.cli import main
+    from lightly_mcp.app.cli import main
     from tests.helpers import TINY_RECIPE
 
     _, path = example_model
@@ -248,7 +248,7 @@ def test_inspect_prints_the_recipe_sections_a_checkpoint_needs(
 ) -> None:  # type: ignore[no-untyped-def]
     import yaml
 
-    from lightly_mcp.cli import main
+    from lightly_mcp.app.cli import main
 
     example, path = example_model
     assert main(["inspect", str(path)]) == 0
@@ -281,7 +281,7 @@ def test_inspect_prints_the_recipe_sections_a_checkpoint_needs(
 
 
 def test_split_batch_norm_is_read_from_the_running_statistics(tmp_path: Path) -> None:
-    from lightly_mcp.checkpoints import checkpoint_settings
+    from lightly_mcp.methods.checkpoints import checkpoint_settings
 
     torch.manual_seed(0)
     source = MoCoV2(**{**EXAMPLE, "projection_batch_norm": True}, split_batch_norm=4)
@@ -300,7 +300,7 @@ def test_first_prune_from_an_example_checkpoint_names_the_keys(
     """`lightly-mcp prune` with a recipe written for this project's own models."""
     import yaml
 
-    from lightly_mcp.cli import main
+    from lightly_mcp.app.cli import main
     from tests.helpers import TINY_RECIPE
 
     _, path = example_model

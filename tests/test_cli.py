@@ -14,8 +14,8 @@ import pytest
 import torch
 import yaml
 
-from lightly_mcp.cli import main
-from lightly_mcp.pipeline import load_backbone_for_eval
+from lightly_mcp.app.cli import main
+from lightly_mcp.app.pipeline import load_backbone_for_eval
 from tests.helpers import MAX_MESSAGE, TINY_RECIPE, message_length
 
 
@@ -319,7 +319,7 @@ def test_version_and_help_without_ignored_options(
 def test_print_recipe_shows_the_resolved_recipe_and_runs_nothing(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from lightly_mcp.recipe import load_recipe
+    from lightly_mcp.app.recipe import load_recipe
 
     recipe = write_recipe(tmp_path)
     argv = ["run", str(recipe), "--set", "mcp.pruning_ratio=0.45", "--print-recipe"]
@@ -373,7 +373,7 @@ def test_cli_silences_library_warnings_but_not_mcp_warnings(
 ) -> None:
     import warnings
 
-    from lightly_mcp.cli import quiet_third_party_warnings
+    from lightly_mcp.app.cli import quiet_third_party_warnings
     from lightly_mcp.errors import MCPWarning
 
     monkeypatch.setenv("PYTHONWARNINGS", "")
@@ -391,7 +391,7 @@ def test_cli_hides_lightnings_info_lines_in_a_fresh_process() -> None:
 
     code = (
         "import logging\n"
-        "from lightly_mcp.cli import quiet_third_party_warnings\n"
+        "from lightly_mcp.app.cli import quiet_third_party_warnings\n"
         "quiet_third_party_warnings()\n"
         "import pytorch_lightning\n"
         "print(logging.getLogger('pytorch_lightning').getEffectiveLevel(),"
@@ -422,8 +422,8 @@ def test_run_into_a_folder_of_another_recipe_is_refused(
 
 
 def test_keys_that_do_not_change_results_are_not_compared(finished_run: Path) -> None:
-    from lightly_mcp.recipe import load_recipe
-    from lightly_mcp.run_folder import STAGES, check_recipe
+    from lightly_mcp.app.recipe import load_recipe
+    from lightly_mcp.app.run_folder import STAGES, check_recipe
 
     recipe = load_recipe(
         finished_run / "recipe.yaml",
@@ -482,9 +482,9 @@ def test_image_folder_evaluation_uses_held_out_images(tmp_path: Path) -> None:
     import numpy as np
     from PIL import Image
 
-    from lightly_mcp.assemble import evaluation_data
-    from lightly_mcp.evaluation import raw_pixel_baseline
-    from lightly_mcp.recipe import recipe_from_dict
+    from lightly_mcp.app.assemble import evaluation_data
+    from lightly_mcp.app.recipe import recipe_from_dict
+    from lightly_mcp.benchmarking.evaluation import raw_pixel_baseline
 
     generator = np.random.default_rng(0)
     for label in ("a", "b", "c"):

@@ -1,6 +1,6 @@
 """Keys from the physically pruned momentum subnet equal the masked forward's.
 
-The compact copy (``lightly_mcp.compact_keys``) must give the masked subnet's keys and
+The compact copy (``lightly_mcp.pruning.compact_keys``) must give the masked subnet's keys and
 leave its BatchNorm statistics as the masked forward does, in train and eval mode and
 across a mask change; the masked forward takes over when the copy cannot be built or
 does not agree. ADMM's Z and U are saved as one tensor and older checkpoints load.
@@ -17,16 +17,16 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-import lightly_mcp.compact_keys as compact_keys_module
-from lightly_mcp.admm import ADMMRegularizer
-from lightly_mcp.backbones import build_backbone
-from lightly_mcp.batchnorm import use_split_batchnorm
-from lightly_mcp.compact_keys import CompactKeys
+import lightly_mcp.pruning.compact_keys as compact_keys_module
 from lightly_mcp.errors import InputError, MCPWarning
-from lightly_mcp.masks import GroupMasks
-from lightly_mcp.mcp import MCP
-from lightly_mcp.momentum_subnet import MomentumSubnet
-from lightly_mcp.prunable_groups import find_channel_groups
+from lightly_mcp.methods.backbones import build_backbone
+from lightly_mcp.methods.mcp import MCP
+from lightly_mcp.pruning.admm import ADMMRegularizer
+from lightly_mcp.pruning.batchnorm import use_split_batchnorm
+from lightly_mcp.pruning.compact_keys import CompactKeys
+from lightly_mcp.pruning.masks import GroupMasks
+from lightly_mcp.pruning.momentum_subnet import MomentumSubnet
+from lightly_mcp.pruning.prunable_groups import find_channel_groups
 from tests.conftest import ConcatNet, GroupedConvNet, TinyConvNet, randomize_batchnorm
 from tests.helpers import TINY, loader, trainer
 

@@ -1,5 +1,5 @@
 """A stage of ``lightly-mcp run`` that fails after others finished: what finished is
-kept and the message names the command that continues (``lightly_mcp.continuation``)."""
+kept and the message names the command that continues (``lightly_mcp.app.continuation``)."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from lightly_mcp import pipeline
-from lightly_mcp.cli import main
-from lightly_mcp.continuation import continue_commands, finished_stages
-from lightly_mcp.export import ExportError
+from lightly_mcp.app import pipeline
+from lightly_mcp.app.cli import main
+from lightly_mcp.app.continuation import continue_commands, finished_stages
+from lightly_mcp.formats.export import ExportError
 from tests.tiny import write_tiny
 
 
@@ -89,7 +89,7 @@ def test_the_command_that_continues_follows_the_last_finished_stage(
 
 
 def test_export_options_follow_the_recipe() -> None:
-    from lightly_mcp.continuation import export_options
+    from lightly_mcp.app.continuation import export_options
 
     assert export_options(None, True) == []
     assert export_options(8, False) == ["--round-to", "8", "--no-latency"]

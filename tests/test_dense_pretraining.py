@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from lightly_mcp.checkpoints import read_checkpoint
+from lightly_mcp.app.pipeline import pretrain
+from lightly_mcp.app.recipe import RecipeError, load_recipe
 from lightly_mcp.data import FASHION_MNIST_ROOT
-from lightly_mcp.loading import module_from_checkpoint
-from lightly_mcp.pipeline import pretrain
-from lightly_mcp.provenance import provenance_path, sha256_of
-from lightly_mcp.recipe import RecipeError, load_recipe
+from lightly_mcp.formats.loading import module_from_checkpoint
+from lightly_mcp.io.provenance import provenance_path, sha256_of
+from lightly_mcp.methods.checkpoints import read_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 DENSE_RECIPE = ROOT / "recipes" / "fashion_mnist_dense_mobilenetv2.yaml"

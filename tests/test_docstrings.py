@@ -14,16 +14,16 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.mark.parametrize(
     "module",
     [
-        "lightly_mcp.backbones",  # build_backbone
-        "lightly_mcp.checkpoints",  # checkpoint_kind
+        "lightly_mcp.methods.backbones",  # build_backbone
+        "lightly_mcp.methods.checkpoints",  # checkpoint_kind
         "lightly_mcp.data.registry",  # build_dataset
         "lightly_mcp.errors",
-        "lightly_mcp.folding",  # fold_batchnorm
-        "lightly_mcp.options",  # check_mcp_options
-        "lightly_mcp.recipe",  # load_recipe
-        "lightly_mcp.safe_yaml",  # load_yaml
-        "lightly_mcp.schedule",
-        "lightly_mcp.transition",  # SmoothTransition
+        "lightly_mcp.formats.folding",  # fold_batchnorm
+        "lightly_mcp.methods.options",  # check_mcp_options
+        "lightly_mcp.app.recipe",  # load_recipe
+        "lightly_mcp.io.safe_yaml",  # load_yaml
+        "lightly_mcp.pruning.schedule",
+        "lightly_mcp.pruning.transition",  # SmoothTransition
     ],
 )
 def test_examples_run(module: str, monkeypatch: pytest.MonkeyPatch) -> None:

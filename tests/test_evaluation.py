@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightly_mcp.evaluation import (
+from lightly_mcp.benchmarking.evaluation import (
     embed,
     evaluate_backbone,
     knn_top1,

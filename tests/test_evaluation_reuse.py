@@ -15,15 +15,16 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from lightly_mcp import baseline_cache, evaluation, pipeline
-from lightly_mcp.errors import ExportError, InputError
-from lightly_mcp.evaluation import (
+from lightly_mcp.app import pipeline
+from lightly_mcp.benchmarking import baseline_cache, evaluation
+from lightly_mcp.benchmarking.evaluation import (
     embed,
     embed_models,
     evaluate_backbone,
     evaluate_backbones,
 )
-from lightly_mcp.runtimes import OnnxRuntimeNetwork
+from lightly_mcp.errors import ExportError, InputError
+from lightly_mcp.formats.runtimes import OnnxRuntimeNetwork
 from tests.tiny import tiny_recipe
 
 

@@ -11,10 +11,8 @@ import torch
 from rich.console import Console
 from torch import nn
 
-import lightly_mcp.export as export_module
-from lightly_mcp.checkpoints import CheckpointError
-from lightly_mcp.compaction import compact
-from lightly_mcp.export import (
+import lightly_mcp.formats.export as export_module
+from lightly_mcp.formats.export import (
     CHECK_TOLERANCE,
     ExportError,
     compact_and_check,
@@ -22,13 +20,15 @@ from lightly_mcp.export import (
     export,
     export_masks,
 )
-from lightly_mcp.folding import conv_norm_pairs
-from lightly_mcp.loading import load_mcp_checkpoint
-from lightly_mcp.masks import output_feature_index, round_masks
-from lightly_mcp.mcp import MCP
-from lightly_mcp.measure import count_macs, count_parameters
-from lightly_mcp.moco_v2 import MoCoV2
-from lightly_mcp.runtimes import load_program
+from lightly_mcp.formats.folding import conv_norm_pairs
+from lightly_mcp.formats.loading import load_mcp_checkpoint
+from lightly_mcp.formats.runtimes import load_program
+from lightly_mcp.methods.checkpoints import CheckpointError
+from lightly_mcp.methods.mcp import MCP
+from lightly_mcp.methods.moco_v2 import MoCoV2
+from lightly_mcp.pruning.compaction import compact
+from lightly_mcp.pruning.masks import output_feature_index, round_masks
+from lightly_mcp.pruning.measure import count_macs, count_parameters
 from tests.helpers import TINY, loader, trainer
 
 BACKBONES = ("torchvision/mobilenet_v2", "torchvision/resnet18", "timm/efficientnet_b0")
@@ -444,7 +444,7 @@ def test_round_to_keeps_multiples_and_matches_widened_subnet(
 
 
 def test_round_masks_adds_highest_norm_dropped_channels() -> None:
-    from lightly_mcp.groups import ChannelGroup, GroupMember
+    from lightly_mcp.pruning.groups import ChannelGroup, GroupMember
 
     conv = nn.Conv2d(1, 6, 1, bias=False)
     with torch.no_grad():

@@ -11,7 +11,7 @@ from timm.layers import BatchNormAct2d
 from torch import nn
 
 from lightly_mcp.errors import ExportError, InputError
-from lightly_mcp.folding import ConvNorm, conv_norm_pairs, fold_batchnorm
+from lightly_mcp.formats.folding import ConvNorm, conv_norm_pairs, fold_batchnorm
 
 SIZE = 16
 

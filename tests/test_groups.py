@@ -9,17 +9,17 @@ import torch
 import torchvision
 from torch import nn
 
-from lightly_mcp.backbones import build_backbone
 from lightly_mcp.errors import InputError
-from lightly_mcp.groups import (
+from lightly_mcp.methods.backbones import build_backbone
+from lightly_mcp.pruning.groups import (
     NoPrunableGroupsError,
     UnsupportedBackboneError,
     align_kept_channels,
     call_with_time_limit,
     num_kept_channels,
 )
-from lightly_mcp.masks import masked_tensors
-from lightly_mcp.prunable_groups import find_channel_groups
+from lightly_mcp.pruning.masks import masked_tensors
+from lightly_mcp.pruning.prunable_groups import find_channel_groups
 from tests.conftest import (
     ConcatNet,
     CrossStageNet,
@@ -335,7 +335,7 @@ def test_the_check_judges_the_architecture_not_the_weights_and_keeps_the_rng(
 def test_large_backbones_are_checked_in_float32(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from lightly_mcp import prunable_groups
+    from lightly_mcp.pruning import prunable_groups
 
     monkeypatch.setattr(prunable_groups, "CHECK_FLOAT64_MAX_PARAMETERS", 10)
     assert len(find_channel_groups(TinyConvNet(), torch.randn(1, 3, 8, 8))) == 2
@@ -365,7 +365,7 @@ def test_grouped_convolution_ties_the_same_position_of_every_group() -> None:
 
 
 def test_compaction_refuses_a_mask_that_splits_tied_channels() -> None:
-    from lightly_mcp.compaction import compact
+    from lightly_mcp.pruning.compaction import compact
 
     net = GroupedConvNet()
     groups = find_channel_groups(net, randn_8())
@@ -430,9 +430,9 @@ class _DenseTail(nn.Module):
 
 
 def test_output_features_from_a_concatenation_of_two_groups() -> None:
-    from lightly_mcp.compaction import compact
-    from lightly_mcp.masks import output_feature_index
-    from lightly_mcp.momentum_subnet import MomentumSubnet
+    from lightly_mcp.pruning.compaction import compact
+    from lightly_mcp.pruning.masks import output_feature_index
+    from lightly_mcp.pruning.momentum_subnet import MomentumSubnet
 
     torch.manual_seed(0)
     net = randomize_batchnorm(_DenseTail()).double().eval()
@@ -483,7 +483,7 @@ def test_a_split_into_equal_chunks_ties_the_same_position_of_every_chunk() -> No
 def test_a_replaced_forward_or_a_hook_is_traced_again(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from lightly_mcp import prunable_groups
+    from lightly_mcp.pruning import prunable_groups
 
     key = prunable_groups.architecture_key
     x = torch.randn(1, 3, 8, 8)
@@ -511,7 +511,7 @@ def test_an_architecture_is_traced_once_per_process(
     """A run builds its backbone several times (preflight, MCP, export, evaluation):
     the second build of the same architecture reuses the groups, whatever the
     weights; another input size traces again."""
-    from lightly_mcp import prunable_groups
+    from lightly_mcp.pruning import prunable_groups
 
     prunable_groups.clear_traced_groups()
     calls: list[tuple[int, ...]] = []
@@ -536,9 +536,9 @@ def test_the_command_line_shows_the_progress_lines(
 ) -> None:
     import logging
 
-    from lightly_mcp.cli import _progress_log
+    from lightly_mcp.app.cli import _progress_log
 
-    logger = logging.getLogger("lightly_mcp.prunable_groups")
+    logger = logging.getLogger("lightly_mcp.pruning.prunable_groups")
     with _progress_log(True):
         logger.info("tracing [x]")
     with _progress_log(False):  # --quiet

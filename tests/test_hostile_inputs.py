@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import torch
 
-from lightly_mcp import cli
+from lightly_mcp.app import cli
 from lightly_mcp.errors import CheckpointError, DatasetError, InputError
 from tests.helpers import MAX_MESSAGE, message_length
 from tests.tiny import write_tiny
@@ -53,7 +53,7 @@ def _refused(
     def no_preflight(*args: Any, **kwargs: Any) -> None:
         raise AssertionError("the recipe was accepted: the preflight was reached")
 
-    monkeypatch.setattr("lightly_mcp.preflight.for_command", no_preflight)
+    monkeypatch.setattr("lightly_mcp.app.preflight.for_command", no_preflight)
     monkeypatch.chdir(tmp_path)
     recipe = Path("r.yaml")
     if isinstance(recipe_text, bytes):
@@ -124,7 +124,7 @@ def test_merge_keys_and_small_aliases_still_load(tmp_path: Path) -> None:
     """What YAML allows and a recipe may use: a small anchor, ``<<`` merges, and an
     explicit key overriding a merged one (not a duplicate).
     """
-    from lightly_mcp.recipe import load_recipe
+    from lightly_mcp.app.recipe import load_recipe
 
     path = tmp_path / "r.yaml"
     path.write_text(
@@ -333,8 +333,8 @@ def test_dense_checkpoint_with_nan_names_the_file(
     tiny_dense: Path, tmp_path: Path
 ) -> None:
     """Before: loaded, then the first step's NaN loss was blamed on lr and rho."""
-    from lightly_mcp.checkpoints import load_dense_moco, read_checkpoint
-    from lightly_mcp.loading import module_from_checkpoint
+    from lightly_mcp.formats.loading import module_from_checkpoint
+    from lightly_mcp.methods.checkpoints import load_dense_moco, read_checkpoint
 
     model = module_from_checkpoint(read_checkpoint(tiny_dense), tiny_dense)
 
@@ -354,7 +354,7 @@ def test_dense_checkpoint_with_nan_names_the_file(
 def test_mcp_checkpoint_with_inf_names_the_file(
     tiny_pruned: Path, tmp_path: Path
 ) -> None:
-    from lightly_mcp.loading import load_mcp_checkpoint
+    from lightly_mcp.formats.loading import load_mcp_checkpoint
 
     def poison(state: dict[str, torch.Tensor]) -> None:
         state[_first_float(state)].view(-1)[-1] = float("inf")
@@ -368,7 +368,7 @@ def test_mcp_checkpoint_whose_mask_keeps_no_channel_is_refused(
     tiny_pruned: Path, tmp_path: Path
 ) -> None:
     """Before: loaded, then export failed with exit 1 (a plain ValueError)."""
-    from lightly_mcp.loading import load_mcp_checkpoint
+    from lightly_mcp.formats.loading import load_mcp_checkpoint
 
     def empty_mask(state: dict[str, torch.Tensor]) -> None:
         key = next(k for k in state if k.rsplit(".", 1)[-1] == "mask_0")
@@ -383,7 +383,7 @@ def test_mcp_checkpoint_whose_mask_keeps_no_channel_is_refused(
 
 
 def test_backbone_weights_with_nan_are_refused(tmp_path: Path) -> None:
-    from lightly_mcp.backbones import build_backbone
+    from lightly_mcp.methods.backbones import build_backbone
 
     backbone = build_backbone("torchvision/mobilenet_v2", width_multiplier=0.25)
     state = backbone.net.state_dict()

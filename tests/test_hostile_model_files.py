@@ -23,12 +23,12 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from lightly_mcp import pipeline
-from lightly_mcp.cli import main
+from lightly_mcp.app import pipeline
+from lightly_mcp.app.cli import main
 from lightly_mcp.errors import UnsafeCheckpointError
-from lightly_mcp.export import _save_torchscript
-from lightly_mcp.model_files import load_program, shown_path
-from lightly_mcp.runtimes import export_program, save_program
+from lightly_mcp.formats.export import _save_torchscript
+from lightly_mcp.formats.runtimes import export_program, save_program
+from lightly_mcp.io.model_files import load_program, shown_path
 from tests.helpers import MAX_MESSAGE, message_length
 from tests.tiny import tiny_recipe, write_tiny
 

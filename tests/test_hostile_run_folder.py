@@ -17,10 +17,10 @@ import pytest
 import torch
 import yaml
 
-from lightly_mcp import pipeline
-from lightly_mcp.cli import main
+from lightly_mcp.app import pipeline
+from lightly_mcp.app.cli import main
+from lightly_mcp.app.run_folder import STAGES, check_recipe, clear_outputs, output_lock
 from lightly_mcp.errors import OutputFolderError
-from lightly_mcp.run_folder import STAGES, check_recipe, clear_outputs, output_lock
 from tests.helpers import MAX_MESSAGE, message_length
 from tests.tiny import tiny_recipe, write_tiny
 
@@ -43,8 +43,8 @@ def _one_error_line(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> str:
 def test_links_in_the_run_folder_are_never_written_through(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from lightly_mcp.loggers import ResumableCSVLogger
-    from lightly_mcp.recipe import dump_recipe
+    from lightly_mcp.app.recipe import dump_recipe
+    from lightly_mcp.methods.loggers import ResumableCSVLogger
 
     victim = tmp_path / "victim.txt"
     victim.write_text("precious\n")
@@ -80,7 +80,7 @@ def test_links_in_the_run_folder_are_never_written_through(
 def test_a_full_disk_during_a_checkpoint_save_keeps_the_previous_file(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from lightly_mcp.assemble import trainer_for
+    from lightly_mcp.app.assemble import trainer_for
 
     stage = tmp_path / "prune"
     stage.mkdir()
@@ -156,7 +156,7 @@ def test_restart_deletes_only_the_files_runs_wrote(tmp_path: Path) -> None:
         for name in ours:
             (out / name).parent.mkdir(parents=True, exist_ok=True)
             if with_manifest:
-                from lightly_mcp import manifest
+                from lightly_mcp.app import manifest
 
                 manifest.write_file(out, name, b"ours")
             else:  # a folder of an older lightly-mcp: no manifest
@@ -173,7 +173,7 @@ def test_restart_deletes_only_the_files_runs_wrote(tmp_path: Path) -> None:
             assert not (out / name).exists(), (out, name)
         assert events.exists() != with_manifest
     # A listed record the user has changed since is theirs now: kept.
-    from lightly_mcp import manifest
+    from lightly_mcp.app import manifest
 
     out = tmp_path / "new"
     manifest.write_json(out, "report.json", {"ours": True})
@@ -186,7 +186,7 @@ def test_restart_deletes_only_the_files_runs_wrote(tmp_path: Path) -> None:
 def test_export_keeps_a_folder_created_while_it_ran(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from lightly_mcp import export as export_module
+    from lightly_mcp.formats import export as export_module
 
     out = tmp_path / "exported"
     # The temporary folder of an export killed earlier (SIGKILL) is cleaned; a
@@ -310,7 +310,7 @@ def test_eval_json_is_reused_only_when_this_run_made_it(
         result = {"knn_top1": recipe.eval.k / 100, "linear_top1": 0.0}
         results = {"data": {}, "models": dict.fromkeys(networks, result)}
         results["provenance"] = a[3]  # (device, progress, baselines, provenance, ...)
-        from lightly_mcp.files import write_json_atomic
+        from lightly_mcp.io.files import write_json_atomic
 
         write_json_atomic(out_file, results)
         return results

@@ -12,7 +12,7 @@ from pytorch_lightning.callbacks import Callback
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightly_mcp.loggers import ResumableCSVLogger
+from lightly_mcp.methods.loggers import ResumableCSVLogger
 
 
 class _Regression(pl.LightningModule):

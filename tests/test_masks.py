@@ -6,11 +6,12 @@ import pytest
 import torch
 from torch import nn
 
-from lightly_mcp.admm import ADMMRegularizer, project_onto_channel_budget
-from lightly_mcp.compaction import compact
-from lightly_mcp.groups import ChannelGroup, channel_scores
-from lightly_mcp.loading import module_from_checkpoint
-from lightly_mcp.masks import (
+from lightly_mcp.formats.loading import module_from_checkpoint
+from lightly_mcp.methods.mcp import MCP
+from lightly_mcp.pruning.admm import ADMMRegularizer, project_onto_channel_budget
+from lightly_mcp.pruning.compaction import compact
+from lightly_mcp.pruning.groups import ChannelGroup, channel_scores
+from lightly_mcp.pruning.masks import (
     GroupMasks,
     leading_masks,
     parameter_multipliers,
@@ -18,9 +19,8 @@ from lightly_mcp.masks import (
     register_masks,
     round_masks,
 )
-from lightly_mcp.mcp import MCP
-from lightly_mcp.momentum_subnet import MomentumSubnet
-from lightly_mcp.prunable_groups import find_channel_groups
+from lightly_mcp.pruning.momentum_subnet import MomentumSubnet
+from lightly_mcp.pruning.prunable_groups import find_channel_groups
 from tests.conftest import GroupedConvNet
 from tests.helpers import TINY
 

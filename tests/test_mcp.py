@@ -8,12 +8,12 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
-from lightly_mcp.checkpoints import CheckpointError
-from lightly_mcp.compaction import compact
 from lightly_mcp.errors import MCPWarning
-from lightly_mcp.masks import parameter_multipliers
-from lightly_mcp.mcp import MCP
-from lightly_mcp.moco_v2 import MoCoV2
+from lightly_mcp.methods.checkpoints import CheckpointError
+from lightly_mcp.methods.mcp import MCP
+from lightly_mcp.methods.moco_v2 import MoCoV2
+from lightly_mcp.pruning.compaction import compact
+from lightly_mcp.pruning.masks import parameter_multipliers
 from tests.helpers import TINY, loader, trainer
 
 

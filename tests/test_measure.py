@@ -7,7 +7,12 @@ import torch
 from lightly.models.batchnorm import SplitBatchNorm
 from torch import nn
 
-from lightly_mcp.measure import count_macs, count_parameters, eval_mode, measure_latency
+from lightly_mcp.pruning.measure import (
+    count_macs,
+    count_parameters,
+    eval_mode,
+    measure_latency,
+)
 from tests.conftest import TinyConvNet
 
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lightly_mcp.moco_v2 import MoCoV2
-from lightly_mcp.transforms import build_transform
+from lightly_mcp.methods.moco_v2 import MoCoV2
+from lightly_mcp.methods.transforms import build_transform
 from tests.helpers import TINY, loader, trainer
 
 

@@ -8,11 +8,11 @@ import torch
 import torchvision
 from torch import nn
 
-from lightly_mcp.compaction import compact
-from lightly_mcp.groups import ChannelGroup
-from lightly_mcp.measure import count_parameters
-from lightly_mcp.momentum_subnet import MomentumSubnet
-from lightly_mcp.prunable_groups import find_channel_groups
+from lightly_mcp.pruning.compaction import compact
+from lightly_mcp.pruning.groups import ChannelGroup
+from lightly_mcp.pruning.measure import count_parameters
+from lightly_mcp.pruning.momentum_subnet import MomentumSubnet
+from lightly_mcp.pruning.prunable_groups import find_channel_groups
 from tests.conftest import TinyConvNet, randomize_batchnorm
 
 

@@ -97,8 +97,8 @@ def test_run_on_several_processes_writes_once_and_every_rank_exits(
 def test_a_stage_without_a_training_step_is_an_error(tmp_path: Path) -> None:
     """64 images over 3 ranks (21 each) cannot fill a batch of 24 anywhere: refused
     before the launcher starts the other ranks (no process is started here)."""
-    from lightly_mcp import pipeline
-    from lightly_mcp.recipe import RecipeError, load_recipe
+    from lightly_mcp.app import pipeline
+    from lightly_mcp.app.recipe import RecipeError, load_recipe
 
     recipe = load_recipe(
         _recipe(tmp_path, subset=64, batch=24),

@@ -17,7 +17,7 @@ def test_import_loads_no_lightning_rich_or_recipe_layer() -> None:
     code = (
         "import sys, lightly_mcp; "
         "print(sorted(m for m in ('pytorch_lightning', 'lightning', 'rich', "
-        "'lightly_mcp.recipe', 'lightly_mcp.mcp', 'lightly_mcp.moco_v2') "
+        "'lightly_mcp.app.recipe', 'lightly_mcp.methods.mcp', 'lightly_mcp.methods.moco_v2') "
         "if m in sys.modules))"
     )
     done = subprocess.run(
@@ -27,8 +27,8 @@ def test_import_loads_no_lightning_rich_or_recipe_layer() -> None:
 
 
 def test_methods_are_imported_on_first_use() -> None:
-    from lightly_mcp.mcp import MCP
-    from lightly_mcp.moco_v2 import MoCoV2
+    from lightly_mcp.methods.mcp import MCP
+    from lightly_mcp.methods.moco_v2 import MoCoV2
 
     assert lightly_mcp.MCP is MCP and lightly_mcp.MoCoV2 is MoCoV2
     try:
@@ -82,6 +82,14 @@ def _imports(path: Path) -> set[str]:
         if isinstance(node, ast.ImportFrom) and node.module:
             if node.module.startswith("lightly_mcp"):
                 found.add(node.module)
+                # ``from lightly_mcp.app import pipeline`` imports the module too.
+                found.update(
+                    f"{node.module}.{a.name}"
+                    for a in node.names
+                    if (
+                        PACKAGE.parent / node.module.replace(".", "/") / f"{a.name}.py"
+                    ).is_file()
+                )
         elif isinstance(node, ast.Import):
             found.update(a.name for a in node.names if a.name.startswith("lightly_mcp"))
     return found
@@ -133,3 +141,67 @@ def test_benchmarks_and_examples_import_no_private_name() -> None:
                         if a.name.startswith("_")
                     ]
     assert private == []
+
+
+#: The package's layers, lowest first: a module imports only from its own layer and
+#: the layers below it (README's module map draws the same order).
+LAYERS = (
+    "errors",
+    "io",
+    "pruning",
+    "methods",
+    "formats",
+    "data",
+    "benchmarking",
+    "app",
+)
+
+
+def _layer(module: str) -> str | None:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 and parts[1] in LAYERS else None
+
+
+def test_every_module_lives_in_a_layer_folder() -> None:
+    loose = [
+        path.name
+        for path in PACKAGE.glob("*.py")
+        if path.stem not in ("__init__", "__main__", "errors")
+    ]
+    assert loose == []
+    assert {p.name for p in PACKAGE.iterdir() if (p / "__init__.py").is_file()} == set(
+        LAYERS[1:]
+    )
+
+
+def test_layers_import_only_downwards() -> None:
+    upward = []
+    for path in PACKAGE.rglob("*.py"):
+        module = _module_name(path)
+        own = _layer(module)
+        if own is None:
+            continue  # lightly_mcp/__init__.py and __main__.py sit above the layers
+        for dep in _imports(path):
+            layer = _layer(dep)
+            if layer is not None and LAYERS.index(layer) > LAYERS.index(own):
+                upward.append(f"{module} imports {dep}")
+    assert upward == []
+
+
+def test_the_algorithm_needs_no_lightning_and_no_files() -> None:
+    """``lightly_mcp.pruning`` is plain torch.nn and torch-pruning."""
+    found = []
+    for path in (PACKAGE / "pruning").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            found += [
+                f"{path.name}: {name}"
+                for name in names
+                if name.split(".")[0] in ("pytorch_lightning", "lightning", "rich")
+                or name.startswith("lightly_mcp.io")
+            ]
+    assert found == []

@@ -1,5 +1,5 @@
 """The preflight: late-stage failures found in seconds, before any training, and
-nothing written (``lightly_mcp.preflight``, ``--dry-run``)."""
+nothing written (``lightly_mcp.app.preflight``, ``--dry-run``)."""
 
 from __future__ import annotations
 
@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from lightly_mcp import export as export_module
-from lightly_mcp import preflight as preflight_module
-from lightly_mcp.checkpoints import read_checkpoint
-from lightly_mcp.cli import main
-from lightly_mcp.export import ExportError
-from lightly_mcp.preflight import PreflightError, for_command, preflight
+from lightly_mcp.app import preflight as preflight_module
+from lightly_mcp.app.cli import main
+from lightly_mcp.app.preflight import PreflightError, for_command, preflight
+from lightly_mcp.formats import export as export_module
+from lightly_mcp.formats.export import ExportError
+from lightly_mcp.methods.checkpoints import read_checkpoint
 from tests.helpers import MAX_MESSAGE, message_length
 from tests.tiny import tiny_recipe, write_tiny
 

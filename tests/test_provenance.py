@@ -8,13 +8,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from lightly_mcp.checkpoints import CheckpointError, load_dense_moco, read_checkpoint
-from lightly_mcp.files import default_file_mode
-from lightly_mcp.loading import module_from_checkpoint
-from lightly_mcp.mcp import MCP
-from lightly_mcp.moco_v2 import MoCoV2
-from lightly_mcp.provenance import provenance_path, sha256_of
-from lightly_mcp.shipping import SLIM_KEYS, ship_checkpoint, slim_checkpoint
+from lightly_mcp.formats.loading import module_from_checkpoint
+from lightly_mcp.formats.shipping import SLIM_KEYS, ship_checkpoint, slim_checkpoint
+from lightly_mcp.io.files import default_file_mode
+from lightly_mcp.io.provenance import provenance_path, sha256_of
+from lightly_mcp.methods.checkpoints import (
+    CheckpointError,
+    load_dense_moco,
+    read_checkpoint,
+)
+from lightly_mcp.methods.mcp import MCP
+from lightly_mcp.methods.moco_v2 import MoCoV2
 from tests.helpers import MAX_MESSAGE, TINY, loader, message_length, trainer
 
 REGENERATE = "lightly-mcp pretrain recipes/x.yaml --out runs/x"

@@ -5,8 +5,8 @@ import torch
 import torchvision
 from torch import nn
 
-from lightly_mcp.prunable_groups import find_channel_groups
-from lightly_mcp.pruning_ratio import removed_fraction, solve_pruning_ratio
+from lightly_mcp.pruning.prunable_groups import find_channel_groups
+from lightly_mcp.pruning.pruning_ratio import removed_fraction, solve_pruning_ratio
 
 INPUT = torch.randn(1, 3, 8, 8)
 

@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lightly_mcp.recipe import TOP_LEVEL_KEYS, RecipeError, load_recipe
-from lightly_mcp.schedule import BlockSchedule
+from lightly_mcp.app.recipe import TOP_LEVEL_KEYS, RecipeError, load_recipe
+from lightly_mcp.pruning.schedule import BlockSchedule
 from tests.helpers import MAX_MESSAGE, message_length
 
 RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))
@@ -131,9 +131,9 @@ def test_bad_recipes_name_the_key(
         (
             ["mcp.pruning_ration=0.5"],
             r"unknown key 'mcp.pruning_ration'; did you mean "
-            r"'mcp.pruning_ratio'\? all keys: lightly_mcp/recipe.py",
+            r"'mcp.pruning_ratio'\? all keys: lightly_mcp/app/recipe.py",
         ),
-        (["mcp.=1"], r"unknown key 'mcp.'; all keys: lightly_mcp/recipe.py"),
+        (["mcp.=1"], r"unknown key 'mcp.'; all keys: lightly_mcp/app/recipe.py"),
         (["data.root=''"], r"'data.root' is an empty string"),
         (["pretrain.dense_checkpoint=''"], r"'pretrain.dense_checkpoint' is an empty"),
         (["backbone.weights=' '"], r"'backbone.weights' is an empty string"),

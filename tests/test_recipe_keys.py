@@ -1,6 +1,6 @@
 """Every recipe key has a non-default case that runs the stage it affects.
 
-The keys are read from the recipe's dataclasses (``lightly_mcp.recipe``), so a key
+The keys are read from the recipe's dataclasses (``lightly_mcp.app.recipe``), so a key
 added without a case in ``CASES`` fails ``test_every_recipe_key_has_a_case`` (and its
 own parametrized case). Each case starts from the tiny recipe (``tests/tiny.py``),
 sets one key (plus what that value needs to be valid), and runs only the stages the
@@ -22,9 +22,9 @@ from typing import Any
 import pytest
 from rich.console import Console
 
-from lightly_mcp import pipeline
-from lightly_mcp.checkpoints import read_checkpoint
-from lightly_mcp.recipe import Recipe
+from lightly_mcp.app import pipeline
+from lightly_mcp.app.recipe import Recipe
+from lightly_mcp.methods.checkpoints import read_checkpoint
 from tests.tiny import tiny_recipe
 
 Results = dict[str, Any]
@@ -279,7 +279,9 @@ CASES: dict[str, Case] = {
         ("export",),
         {"export.latency": True, "export.latency_repeats": 1},
         check=lambda out, r: r["export"]["speedup"]["at_224"]["bs1"] > 0,
-        patches={"lightly_mcp.export.DEPLOY_RESOLUTION": 24},  # not 224 px (speed)
+        patches={
+            "lightly_mcp.formats.export.DEPLOY_RESOLUTION": 24
+        },  # not 224 px (speed)
     ),
     # eval (the shared MCP checkpoint and its export)
     "eval.k": Case(5, ("evaluate",)),

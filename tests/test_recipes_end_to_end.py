@@ -16,9 +16,9 @@ from typing import Any
 import pytest
 import yaml
 
-from lightly_mcp.cli import main
+from lightly_mcp.app.cli import main
+from lightly_mcp.app.recipe import Recipe, load_recipe
 from lightly_mcp.data import FASHION_MNIST_ROOT, default_dataset_kind
-from lightly_mcp.recipe import Recipe, load_recipe
 
 ROOT = Path(__file__).parent.parent
 RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
@@ -144,7 +144,7 @@ def test_auto_uses_fashion_mnist_where_its_root_has_it(tmp_path: Path) -> None:
     recipe = load_recipe(
         ROOT / "recipes" / "quickstart.yaml", [f"data.root={tmp_path / 'fm'}"]
     )
-    from lightly_mcp.assemble import evaluation_data, training_data
+    from lightly_mcp.app.assemble import evaluation_data, training_data
 
     dataset, _ = training_data(recipe, 4)
     assert dataset.kind == "fashion_mnist"

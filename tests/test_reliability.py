@@ -17,12 +17,12 @@ import yaml
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from lightly_mcp.assemble import mcp_model, training_data
-from lightly_mcp.checkpoints import CheckpointError, read_checkpoint
-from lightly_mcp.cli import main
-from lightly_mcp.mcp import MCP
-from lightly_mcp.moco_v2 import TrainingDivergedError
-from lightly_mcp.recipe import Recipe, recipe_from_dict
+from lightly_mcp.app.assemble import mcp_model, training_data
+from lightly_mcp.app.cli import main
+from lightly_mcp.app.recipe import Recipe, recipe_from_dict
+from lightly_mcp.methods.checkpoints import CheckpointError, read_checkpoint
+from lightly_mcp.methods.mcp import MCP
+from lightly_mcp.methods.moco_v2 import TrainingDivergedError
 from tests.helpers import (
     MAX_MESSAGE,
     TINY,

@@ -1,4 +1,4 @@
-"""Tests of lightly_mcp.resumable_data: loader position and seeded augmentations."""
+"""Tests of lightly_mcp.methods.resumable_data: loader position and seeded augmentations."""
 
 from __future__ import annotations
 
@@ -10,12 +10,16 @@ import pytest
 import torch
 from torch.utils.data import Dataset
 
-from lightly_mcp.assemble import training_data
-from lightly_mcp.batched_views import BatchedViews
+from lightly_mcp.app.assemble import training_data
+from lightly_mcp.app.recipe import recipe_from_dict
 from lightly_mcp.data import build_dataset
-from lightly_mcp.recipe import recipe_from_dict
-from lightly_mcp.resumable_data import ResumableLoader, ResumableSampler, SeededItems
-from lightly_mcp.transforms import build_transform
+from lightly_mcp.methods.batched_views import BatchedViews
+from lightly_mcp.methods.resumable_data import (
+    ResumableLoader,
+    ResumableSampler,
+    SeededItems,
+)
+from lightly_mcp.methods.transforms import build_transform
 
 
 class RandomItems(Dataset):

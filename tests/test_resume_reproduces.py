@@ -20,12 +20,12 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback
 
-from lightly_mcp import pipeline
-from lightly_mcp.checkpoints import read_checkpoint
-from lightly_mcp.cli import main
+from lightly_mcp.app import pipeline
+from lightly_mcp.app.cli import main
 from lightly_mcp.errors import StageInterrupted
-from lightly_mcp.loading import module_from_checkpoint
-from lightly_mcp.mcp import MCP
+from lightly_mcp.formats.loading import module_from_checkpoint
+from lightly_mcp.methods.checkpoints import read_checkpoint
+from lightly_mcp.methods.mcp import MCP
 from tests.tiny import tiny_recipe, write_tiny
 
 OVERRIDES = {"data.subset": 8, "mcp.epochs": 2}
@@ -228,7 +228,7 @@ def test_sigterm_outside_training_exits_143_and_cleans_up(
 ) -> None:
     """A SIGTERM during an export raises where it lands: the temporary folder is
     removed and the command exits 143 with one line."""
-    from lightly_mcp import export
+    from lightly_mcp.formats import export
 
     build = export._build
 

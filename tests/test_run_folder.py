@@ -12,14 +12,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lightly_mcp.cli import main
-from lightly_mcp.run_folder import OutputFolderError, output_lock
+from lightly_mcp.app.cli import main
+from lightly_mcp.app.run_folder import OutputFolderError, output_lock
 from tests.helpers import TINY_RECIPE
 
 HOLD = """
 import sys, time
 from pathlib import Path
-from lightly_mcp.run_folder import output_lock
+from lightly_mcp.app.run_folder import output_lock
 with output_lock(Path(sys.argv[1])):
     print("locked", flush=True)
     time.sleep(120)

@@ -1,5 +1,5 @@
 """The run summary's first line: the result in plain words, from report.json's
-numbers (``lightly_mcp.report.headline``, ``print_run_summary``)."""
+numbers (``lightly_mcp.formats.report.headline``, ``print_run_summary``)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import io
 
 from rich.console import Console
 
-from lightly_mcp.report import headline, print_run_summary
+from lightly_mcp.formats.report import headline, print_run_summary
 
 
 def _report() -> dict:

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from lightly_mcp.errors import InputError, UnsafeCheckpointError
-from lightly_mcp.runtimes import (
+from lightly_mcp.formats.runtimes import (
     ExportedNetwork,
     deployed_forms,
     export_program,

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from lightly_mcp.schedule import (
+from lightly_mcp.pruning.schedule import (
     BlockSchedule,
     alpha_of_response,
     critical_damping,

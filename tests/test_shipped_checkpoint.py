@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from lightly_mcp.checkpoints import CheckpointError, read_checkpoint
-from lightly_mcp.loading import module_from_checkpoint
-from lightly_mcp.moco_v2 import MoCoV2
-from lightly_mcp.provenance import provenance_path, sha256_of
-from lightly_mcp.recipe import load_recipe
-from lightly_mcp.shipping import SLIM_KEYS
+from lightly_mcp.app.recipe import load_recipe
+from lightly_mcp.formats.loading import module_from_checkpoint
+from lightly_mcp.formats.shipping import SLIM_KEYS
+from lightly_mcp.io.provenance import provenance_path, sha256_of
+from lightly_mcp.methods.checkpoints import CheckpointError, read_checkpoint
+from lightly_mcp.methods.moco_v2 import MoCoV2
 from tests.helpers import MAX_MESSAGE, message_length
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,4 +1,4 @@
-"""Tests of lightly_mcp.transforms."""
+"""Tests of lightly_mcp.methods.transforms."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch
 from lightly.transforms.utils import IMAGENET_NORMALIZE
 from PIL import Image
 
-from lightly_mcp.transforms import NormalizeBatch, eval_pixels, eval_transform
+from lightly_mcp.methods.transforms import NormalizeBatch, eval_pixels, eval_transform
 
 
 def test_eval_transform() -> None:

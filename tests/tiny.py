@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from lightly_mcp.recipe import Recipe, recipe_from_dict
+from lightly_mcp.app.recipe import Recipe, recipe_from_dict
 
 TINY: dict[str, Any] = {
     "seed": 0,

@@ -31,7 +31,7 @@ sys.path.insert(0, str(HERE))
 
 import main as grid  # noqa: E402  (benchmarks/accuracy/main.py)
 
-from lightly_mcp.recipe import load_recipe  # noqa: E402
+from lightly_mcp.app.recipe import load_recipe  # noqa: E402
 
 
 def run(ratio: float, alpha: float, updates: int) -> list[tuple[int, float]]:

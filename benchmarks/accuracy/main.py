@@ -4,11 +4,12 @@ Shaped like lightly's ``benchmarks/imagenet/resnet50/main.py``: a registry ``MET
 of ``{"model": <builds a LightningModule>, "transform": ...}`` and one entry point.
 All settings come from ``recipes/fashion_mnist_mobilenetv2.yaml`` (32x32 3-channel
 Fashion-MNIST, torchvision MobileNetV2 width 0.5 with the small-input stem), loaded
-with ``lightly_mcp.recipe.load_recipe`` and ``--set section.key=value`` overrides.
+with ``lightly_mcp.app.recipe.load_recipe`` and ``--set section.key=value`` overrides.
 The models, data and trainers are built by the package: MCP, MoCo v2, data and
-trainer through ``lightly_mcp.assemble`` (an MCP row is the recipe with its ratio and
-ablation set), the comparison methods from ``lightly_mcp.baselines``; this file holds
-the grid's protocol (rows, budgets, seeds, the transition scaling, the results files).
+trainer through ``lightly_mcp.app.assemble`` (an MCP row is the recipe with its ratio
+and ablation set), the comparison methods from ``lightly_mcp.benchmarking.baselines``;
+this file holds the grid's protocol (rows, budgets, seeds, the transition scaling, the
+results files).
 
 The protocol matches the paper's *penalty response*, not its step count (issue "The
 paper's promise, measured"): every pruning row trains ``mcp.max_steps`` = 1,200 SGD
@@ -109,7 +110,7 @@ import torch
 from pytorch_lightning import LightningModule
 from torch import Tensor, nn
 
-from lightly_mcp.assemble import (
+from lightly_mcp.app.assemble import (
     evaluation_data,
     mcp_model,
     moco_kwargs,
@@ -117,23 +118,23 @@ from lightly_mcp.assemble import (
     trainer_for,
     training_data,
 )
-from lightly_mcp.baselines import (
+from lightly_mcp.app.pipeline import pretrain
+from lightly_mcp.app.recipe import Recipe, load_recipe, validate
+from lightly_mcp.benchmarking.baselines import (
     CompactMoCoV2,
     RandomMaskMoCoV2,
     SupervisedClassifier,
     supervised_transform,
 )
-from lightly_mcp.batchnorm import merge_split_batchnorm
-from lightly_mcp.checkpoints import read_checkpoint
-from lightly_mcp.evaluation import evaluate_backbone
-from lightly_mcp.files import write_json_atomic
-from lightly_mcp.mcp import MCP
-from lightly_mcp.measure import MAC_COUNTER, count_macs, count_parameters
-from lightly_mcp.moco_v2 import MoCoV2
-from lightly_mcp.pipeline import pretrain
-from lightly_mcp.recipe import Recipe, load_recipe, validate
-from lightly_mcp.schedule import BlockSchedule
-from lightly_mcp.transforms import build_transform
+from lightly_mcp.benchmarking.evaluation import evaluate_backbone
+from lightly_mcp.io.files import write_json_atomic
+from lightly_mcp.methods.checkpoints import read_checkpoint
+from lightly_mcp.methods.mcp import MCP
+from lightly_mcp.methods.moco_v2 import MoCoV2
+from lightly_mcp.methods.transforms import build_transform
+from lightly_mcp.pruning.batchnorm import merge_split_batchnorm
+from lightly_mcp.pruning.measure import MAC_COUNTER, count_macs, count_parameters
+from lightly_mcp.pruning.schedule import BlockSchedule
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # benchmarks/common.py

@@ -1,6 +1,6 @@
 """Does the dense pretraining recipe show a falling loss on little data? (issue #10)
 
-Runs ``lightly_mcp.pipeline.pretrain`` with a shipped protocol
+Runs ``lightly_mcp.app.pipeline.pretrain`` with a shipped protocol
 (``recipes/fashion_mnist_dense_mobilenetv2.yaml`` unless said otherwise: model, head,
 SplitBatchNorm, temperature, momentum and optimizer as shipped) on little data for a
 few dozen steps, once per configuration below, and prints for each run the logged
@@ -32,11 +32,11 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from common import cpu_model  # noqa: E402
 
-from lightly_mcp.assemble import moco_kwargs, training_data  # noqa: E402
+from lightly_mcp.app.assemble import moco_kwargs, training_data  # noqa: E402
+from lightly_mcp.app.pipeline import pretrain  # noqa: E402
+from lightly_mcp.app.recipe import load_recipe  # noqa: E402
 from lightly_mcp.data import FASHION_MNIST_ROOT  # noqa: E402
-from lightly_mcp.moco_v2 import MoCoV2  # noqa: E402
-from lightly_mcp.pipeline import pretrain  # noqa: E402
-from lightly_mcp.recipe import load_recipe  # noqa: E402
+from lightly_mcp.methods.moco_v2 import MoCoV2  # noqa: E402
 
 RECIPE = ROOT / "recipes" / "fashion_mnist_dense_mobilenetv2.yaml"
 RESNET18 = ROOT / "recipes" / "fashion_mnist_dense_resnet18.yaml"

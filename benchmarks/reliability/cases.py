@@ -730,10 +730,10 @@ def small_cases() -> list[Case]:
         write_recipe(ctx, {"data.kind": "fashion_mnist", "data.root": str(root)})
 
     # What a SIGKILLed export leaves: its temporary folder with the marker file it
-    # creates first (lightly_mcp.export.TEMPORARY_MARKER) and a half-written file. A
-    # folder without the marker may be the user's and is never deleted.
+    # creates first (lightly_mcp.formats.export.TEMPORARY_MARKER) and a half-written
+    # file. A folder without the marker may be the user's and is never deleted.
     def killed_export(folder: Path) -> None:
-        from lightly_mcp.export import TEMPORARY_MARKER
+        from lightly_mcp.formats.export import TEMPORARY_MARKER
 
         folder.mkdir()
         (folder / TEMPORARY_MARKER).write_text("")
@@ -1541,7 +1541,7 @@ def pt2_cases() -> list[Case]:
 
 # --- recipe keys ----------------------------------------------------------------------
 def all_keys() -> list[str]:
-    from lightly_mcp.recipe import Recipe
+    from lightly_mcp.app.recipe import Recipe
 
     keys = []
     for section, value in Recipe().to_dict().items():

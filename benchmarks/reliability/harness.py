@@ -344,10 +344,10 @@ def _short(line: str, width: int = 160) -> str:
 
 # --- running the command -------------------------------------------------------------
 def call_main(argv: Sequence[str]) -> int:
-    """``lightly_mcp.cli.main(argv)`` as ``python -m lightly_mcp`` runs it: an
+    """``lightly_mcp.app.cli.main(argv)`` as ``python -m lightly_mcp`` runs it: an
     uncaught exception prints its traceback and exits 1.
     """
-    from lightly_mcp.cli import main
+    from lightly_mcp.app.cli import main
 
     try:
         return int(main(list(argv)) or 0)
@@ -577,10 +577,10 @@ def preload(repo: Path) -> None:
     where = Path(lightly_mcp.__file__).resolve()
     if not where.is_relative_to(repo.resolve()):
         raise SystemExit(f"lightly_mcp is imported from {where}, not from {repo}")
-    import lightly_mcp.cli  # noqa: F401
-    import lightly_mcp.export  # noqa: F401
-    import lightly_mcp.pipeline  # noqa: F401
-    import lightly_mcp.preflight  # noqa: F401
+    import lightly_mcp.app.cli  # noqa: F401
+    import lightly_mcp.app.pipeline  # noqa: F401
+    import lightly_mcp.app.preflight  # noqa: F401
+    import lightly_mcp.formats.export  # noqa: F401
 
 
 def prepare(

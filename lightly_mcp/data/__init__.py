@@ -24,7 +24,7 @@ and ``label`` an ``int`` (``-1`` where the dataset has no labels), wrapped in
 
 ``kind: auto`` (``default_kind.py``) is Fashion-MNIST where it is installed, else
 digits. The evaluation transform, ``eval_transform``, lives in
-``lightly_mcp.transforms`` beside the training views.
+``lightly_mcp.methods.transforms`` beside the training views.
 """
 
 from lightly_mcp.data.default_kind import default_dataset_kind, fallback_note
@@ -64,7 +64,7 @@ from lightly_mcp.data.torchvision_sources import (
     TrustedSTL10,
 )
 from lightly_mcp.errors import DatasetError
-from lightly_mcp.transforms import eval_transform
+from lightly_mcp.methods.transforms import eval_transform
 
 __all__ = [
     "DATASET_SOURCES",

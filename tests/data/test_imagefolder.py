@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 from lightly_mcp.data import build_dataset, eval_transform
 from lightly_mcp.data.imagefolder import ImageFiles
 from lightly_mcp.errors import DatasetError
-from lightly_mcp.transforms import build_transform
+from lightly_mcp.methods.transforms import build_transform
 from tests.data.writers import save_image
 
 
