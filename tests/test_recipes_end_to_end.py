@@ -82,6 +82,8 @@ def tiny_overrides(recipe: Recipe, tmp_path: Path) -> dict[str, Any]:
                 "pretrain.projection_dim": 16,
             }
         )
+        if recipe.pretrain.keep_every_n_epochs:
+            sets["pretrain.keep_every_n_epochs"] = 1  # the tiny run has one epoch
     kind = recipe.data.kind
     if kind == "auto":
         # As on a machine where the dataset cannot be installed.
