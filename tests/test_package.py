@@ -205,3 +205,22 @@ def test_the_algorithm_needs_no_lightning_and_no_files() -> None:
                 or name.startswith("lightly_mcp.io")
             ]
     assert found == []
+
+
+def test_tests_mirror_the_package() -> None:
+    """``tests/<folder>/test_<module>.py`` for ``lightly_mcp/<folder>/<module>.py``."""
+    tests = PACKAGE.parent / "tests"
+    assert {p.name for p in tests.iterdir() if (p / "__init__.py").is_file()} == set(
+        LAYERS[1:]
+    )
+    folder_of = {
+        path.stem: path.parent.name
+        for path in PACKAGE.glob("*/*.py")
+        if path.stem != "__init__"
+    }
+    misplaced = [
+        path.relative_to(tests).as_posix()
+        for path in tests.rglob("test_*.py")
+        if path.stem[5:] in folder_of and path.parent.name != folder_of[path.stem[5:]]
+    ]
+    assert misplaced == []

@@ -1,6 +1,6 @@
-"""Run by tests/test_distributed.py: MCP under Lightning DDP (or one process).
+"""Run by tests/app/test_distributed.py: MCP under Lightning DDP (or one process).
 
-Usage: python tests/ddp_mcp_check.py OUT_DIR DEVICES BATCH_PER_DEVICE STEPS
+Usage: python tests/app/ddp_mcp_check.py OUT_DIR DEVICES BATCH_PER_DEVICE STEPS
 
 Every rank writes OUT_DIR/rank{r}.pt with its final masks, Z, U, ρ, transition state,
 momentum weights and the first step's loss.
@@ -15,7 +15,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from lightly_mcp.methods.mcp import MCP  # noqa: E402
 from tests.helpers import TINY, TwoViewTensors  # noqa: E402

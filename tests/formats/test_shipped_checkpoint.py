@@ -17,7 +17,7 @@ from lightly_mcp.methods.checkpoints import CheckpointError, read_checkpoint
 from lightly_mcp.methods.moco_v2 import MoCoV2
 from tests.helpers import MAX_MESSAGE, message_length
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SHIPPED = sorted((ROOT / "pretrained").glob("*.ckpt"))
 
 

@@ -16,7 +16,7 @@ from lightly_mcp.formats.loading import module_from_checkpoint
 from lightly_mcp.io.provenance import provenance_path, sha256_of
 from lightly_mcp.methods.checkpoints import read_checkpoint
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DENSE_RECIPE = ROOT / "recipes" / "fashion_mnist_dense_mobilenetv2.yaml"
 RESNET18_RECIPE = ROOT / "recipes" / "fashion_mnist_dense_resnet18.yaml"
 

@@ -221,7 +221,7 @@ CASES: dict[str, Case] = {
     ),
     "mcp.rho": Case(0.05, ("prune",)),
     "mcp.rho_growth": Case(1.5, ("prune",)),
-    # Long enough blocks for SGD momentum (too short ones: tests/test_preflight.py):
+    # Long enough blocks for SGD momentum (too short ones: tests/app/test_preflight.py):
     # blocks of 4 steps with the paper's restarting rate, a small response.
     "mcp.rho_response": Case(
         0.05,

@@ -11,7 +11,7 @@ from benchmarks.reliability import harness
 from benchmarks.reliability.cases import all_cases
 from benchmarks.reliability.harness import Case, Ctx, Runner, judge, run_cases
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _cases(*ids: str) -> list[Case]:

@@ -180,7 +180,7 @@ def test_the_quickstart_as_shipped_passes_its_preflight_on_both_data_sources(
     Fashion-MNIST and on the digits fallback, whose epochs are much shorter."""
     from lightly_mcp.data import FASHION_MNIST_ROOT
 
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     monkeypatch.chdir(root)  # the recipe names the shipped checkpoint relatively
     (tmp_path / "empty").mkdir()
     sources = [["--set", f"data.root={tmp_path / 'empty'}"]]  # digits

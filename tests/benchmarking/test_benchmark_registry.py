@@ -1,5 +1,5 @@
 """The accuracy benchmark's registry, its protocol and its report (the methods it
-compares: tests/test_baselines.py)."""
+compares: tests/benchmarking/test_baselines.py)."""
 
 from __future__ import annotations
 

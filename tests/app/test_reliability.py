@@ -177,7 +177,7 @@ def test_truncated_resume_checkpoint_is_refused(
     err = capsys.readouterr().err.strip()
     # A stage folder without its recorded recipe is refused before its last.ckpt
     # is read (outputs without provenance are never reused); a truncated file is
-    # refused by the reader itself (tests/test_hostile_model_files.py).
+    # refused by the reader itself (tests/io/test_hostile_model_files.py).
     assert len(err.splitlines()) == 1
     assert "recorded recipe" in err and "missing" in err and "--restart" in err
     assert len(err.splitlines()) == 1 and message_length(err) <= MAX_MESSAGE
@@ -206,7 +206,7 @@ def test_run_survives_sigterm_and_sigkill(tmp_path: Path, sig: signal.Signals) -
     path.write_text(yaml.safe_dump(recipe))
     out = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    # The preflight is not what is tested here (tests/test_preflight.py).
+    # The preflight is not what is tested here (tests/app/test_preflight.py).
     process = subprocess.Popen(
         _cli("run", str(path), "--out", str(out), "--quiet", "--no-preflight"),
         env=env,

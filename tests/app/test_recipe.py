@@ -9,7 +9,7 @@ from lightly_mcp.app.recipe import TOP_LEVEL_KEYS, RecipeError, load_recipe
 from lightly_mcp.pruning.schedule import BlockSchedule
 from tests.helpers import MAX_MESSAGE, message_length
 
-RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))
+RECIPES = sorted((Path(__file__).parents[2] / "recipes").glob("*.yaml"))
 
 
 def _write(tmp_path: Path, data: dict) -> Path:

@@ -20,7 +20,7 @@ from lightly_mcp.app.cli import main
 from lightly_mcp.app.recipe import Recipe, load_recipe
 from lightly_mcp.data import FASHION_MNIST_ROOT, default_dataset_kind
 
-ROOT = Path(__file__).parent.parent
+ROOT = Path(__file__).parents[2]
 RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
 #: Precisions that need a GPU; the tiny runs are on the CPU.
 GPU_PRECISIONS = ("16-mixed", "16", "16-true", "transformer-engine")
@@ -112,7 +112,7 @@ def test_recipe_runs_end_to_end(
     recipe = load_recipe(path)
     sets = tiny_overrides(recipe, tmp_path)
     out = tmp_path / "run"
-    # The preflight is tested on its own (tests/test_preflight.py).
+    # The preflight is tested on its own (tests/app/test_preflight.py).
     argv = ["run", str(path), "--out", str(out), "--quiet", "--no-preflight"]
     for key, value in sets.items():
         text = yaml.safe_dump(value).strip().removesuffix("...").strip()

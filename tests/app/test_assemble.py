@@ -145,7 +145,7 @@ def test_trainer_for_writes_into_the_stage_folder(tmp_path: Path) -> None:
     (last,) = [c for c in trainer.callbacks if isinstance(c, ModelCheckpoint)]
     assert Path(last.dirpath) == tmp_path and last.filename == "last"
     assert trainer.max_epochs == 3
-    # metrics.csv survives a resume (tests/test_loggers.py)
+    # metrics.csv survives a resume (tests/methods/test_loggers.py)
     assert isinstance(trainer.loggers[0], ResumableCSVLogger)
     assert Path(trainer.loggers[0].log_dir) == tmp_path / "logs"
     assert not any(isinstance(c, KeepEpochCheckpoints) for c in trainer.callbacks)

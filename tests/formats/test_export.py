@@ -219,7 +219,7 @@ def test_latency_speedup_is_the_latency_ratio(
 ) -> None:
     monkeypatch.setattr(export_module, "DEPLOY_RESOLUTION", 24)  # keep it fast
     # That by default only the training resolution is timed is checked end to end
-    # by tests/test_recipe_keys.py (export.latency_repeats).
+    # by tests/app/test_recipe_keys.py (export.latency_repeats).
     report = export(
         checkpoints[SMALLEST],
         tmp_path / "out",
