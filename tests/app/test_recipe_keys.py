@@ -81,6 +81,22 @@ def _hparam(stage: str, name: str, expected: Any) -> Callable[[Path, Results], N
     return check
 
 
+def _backbone_kwarg(name: str, expected: Any) -> Callable[[Path, Results], None]:
+    def check(out: Path, results: Results) -> None:
+        saved = read_checkpoint(out / "prune" / "final.ckpt")["hyper_parameters"]
+        assert saved["backbone_kwargs"].get(name) == expected, saved["backbone_kwargs"]
+
+    return check
+
+
+def _eval_setting(name: str, expected: Any) -> Callable[[Path, Results], None]:
+    def check(out: Path, results: Results) -> None:
+        settings = results["evaluate"]["models"]["compact"]["settings"]
+        assert settings[name] == expected, settings
+
+    return check
+
+
 def _data(text: str) -> Callable[[Path, Results], None]:
     def check(out: Path, results: Results) -> None:
         assert text in _done(out, "prune")["data"], _done(out, "prune")["data"]
@@ -148,7 +164,7 @@ def _baselines_skipped(out: Path, results: Results) -> None:
 #: 0.25, ...); their cases run with that value. ``"tmp"`` in a value is replaced by
 #: the case's temporary folder.
 CASES: dict[str, Case] = {
-    "seed": Case(1, ("prune",)),
+    "seed": Case(1, ("prune",), check=_data("random subset, seed 1")),
     # data
     "data.kind": Case("digits", ("prune",), check=_data("digits train")),
     "data.root": Case(  # auto with a root without Fashion-MNIST: the digits fallback
@@ -175,8 +191,12 @@ CASES: dict[str, Case] = {
         {"backbone.width_multiplier": None},
         check=_hparam("prune", "backbone", "torchvision/resnet18"),
     ),
-    "backbone.small_input": Case(False, ("prune",)),
-    "backbone.width_multiplier": Case(0.25, ("prune",)),
+    "backbone.small_input": Case(
+        False, ("prune",), check=_backbone_kwarg("small_input", False)
+    ),
+    "backbone.width_multiplier": Case(
+        0.75, ("prune",), check=_backbone_kwarg("width_multiplier", 0.75)
+    ),
     "backbone.weights": Case("tiny_dense", ("prune",)),
     # pretrain
     "pretrain.dense_checkpoint": Case(
@@ -192,19 +212,39 @@ CASES: dict[str, Case] = {
     "pretrain.max_steps": Case(
         1, ("pretrain",), check=lambda out, r: _steps(out, "pretrain") == 1
     ),
-    "pretrain.batch_size": Case(16, ("pretrain",)),
-    "pretrain.lr": Case(0.1, ("pretrain",)),
-    "pretrain.weight_decay": Case(1e-3, ("pretrain",)),
+    "pretrain.batch_size": Case(
+        16, ("pretrain",), check=_hparam("pretrain", "batch_size_per_device", 16)
+    ),
+    "pretrain.lr": Case(0.1, ("pretrain",), check=_hparam("pretrain", "lr", 0.1)),
+    "pretrain.weight_decay": Case(
+        1e-3, ("pretrain",), check=_hparam("pretrain", "weight_decay", 1e-3)
+    ),
     # Model settings shared by both methods: MCP's stage runs MoCo v2's code too.
-    "pretrain.temperature": Case(0.2, ("prune",)),
-    "pretrain.momentum": Case(0.9, ("prune",)),
-    "pretrain.memory_bank_size": Case(0, ("prune",)),
-    "pretrain.projection_hidden_dim": Case(24, ("prune",)),
-    "pretrain.projection_dim": Case(12, ("prune",)),
-    "pretrain.projection_batch_norm": Case(False, ("prune",)),
-    "pretrain.split_batch_norm": Case(2, ("prune", "export")),
-    "pretrain.symmetric_loss": Case(True, ("prune",)),
-    "pretrain.warmup_epochs": Case(2, ("pretrain",)),
+    "pretrain.temperature": Case(
+        0.2, ("prune",), check=_hparam("prune", "temperature", 0.2)
+    ),
+    "pretrain.momentum": Case(0.9, ("prune",), check=_hparam("prune", "momentum", 0.9)),
+    "pretrain.memory_bank_size": Case(
+        0, ("prune",), check=_hparam("prune", "memory_bank_size", 0)
+    ),
+    "pretrain.projection_hidden_dim": Case(
+        24, ("prune",), check=_hparam("prune", "projection_hidden_dim", 24)
+    ),
+    "pretrain.projection_dim": Case(
+        12, ("prune",), check=_hparam("prune", "projection_dim", 12)
+    ),
+    "pretrain.projection_batch_norm": Case(
+        False, ("prune",), check=_hparam("prune", "projection_batch_norm", False)
+    ),
+    "pretrain.split_batch_norm": Case(
+        2, ("prune", "export"), check=_hparam("prune", "split_batch_norm", 2)
+    ),
+    "pretrain.symmetric_loss": Case(
+        True, ("prune",), check=_hparam("prune", "symmetric_loss", True)
+    ),
+    "pretrain.warmup_epochs": Case(
+        2, ("pretrain",), check=_hparam("pretrain", "warmup_epochs", 2)
+    ),
     "pretrain.keep_every_n_epochs": Case(1, ("pretrain",), check=_epoch_checkpoints),
     # mcp
     "mcp.pruning_ratio": Case(
@@ -219,29 +259,44 @@ CASES: dict[str, Case] = {
         {"mcp.pruning_ratio": None},
         check=lambda out, r: 0 < _done(out, "prune")["pruning_ratio"] < 1,
     ),
-    "mcp.rho": Case(0.05, ("prune",)),
-    "mcp.rho_growth": Case(1.5, ("prune",)),
+    "mcp.rho": Case(0.05, ("prune",), check=_hparam("prune", "rho", 0.05)),
+    "mcp.rho_growth": Case(1.5, ("prune",), check=_hparam("prune", "rho_growth", 1.5)),
     # Long enough blocks for SGD momentum (too short ones: tests/app/test_preflight.py):
     # blocks of 4 steps with the paper's restarting rate, a small response.
     "mcp.rho_response": Case(
         0.05,
         ("prune",),
         {"mcp.lr_schedule": "block_step", "mcp.admm_interval": 4, "mcp.epochs": 4},
+        check=_hparam("prune", "rho_response", 0.05),
     ),
-    "mcp.admm_interval": Case(3, ("prune",)),
-    "mcp.admm_interval_unit": Case("steps", ("prune",)),
-    "mcp.lr_schedule": Case("block_cosine", ("prune",)),
-    "mcp.frozen_blocks": Case(1, ("prune",)),
+    "mcp.admm_interval": Case(
+        3, ("prune",), check=_hparam("prune", "admm_interval", 3)
+    ),
+    "mcp.admm_interval_unit": Case(
+        "steps", ("prune",), check=_hparam("prune", "admm_interval_unit", "steps")
+    ),
+    "mcp.lr_schedule": Case(
+        "block_cosine",
+        ("prune",),
+        check=_hparam("prune", "lr_schedule", "block_cosine"),
+    ),
+    "mcp.frozen_blocks": Case(
+        1, ("prune",), check=_hparam("prune", "frozen_blocks", 1)
+    ),
     "mcp.frozen_mask": Case(
         "hard",
         ("prune",),
         {"mcp.frozen_blocks": 1},
         check=_hparam("prune", "frozen_mask", "hard"),
     ),
-    "mcp.transition": Case("stable_mask", ("prune",)),
-    "mcp.frq": Case(2, ("prune",)),
-    "mcp.dr": Case(2, ("prune",)),
-    "mcp.recalibration_batches": Case(0, ("prune",)),
+    "mcp.transition": Case(
+        "stable_mask", ("prune",), check=_hparam("prune", "transition", "stable_mask")
+    ),
+    "mcp.frq": Case(2, ("prune",), check=_hparam("prune", "frq", 2)),
+    "mcp.dr": Case(2, ("prune",), check=_hparam("prune", "dr", 2)),
+    "mcp.recalibration_batches": Case(
+        0, ("prune",), check=_hparam("prune", "recalibration_batches", 0)
+    ),
     "mcp.keep_output_dim": Case(False, ("prune", "export"), check=_narrower_features),
     "mcp.compact_keys": Case(
         False, ("prune",), check=_hparam("prune", "compact_keys", False)
@@ -250,16 +305,22 @@ CASES: dict[str, Case] = {
     "mcp.max_steps": Case(
         1, ("prune",), check=lambda out, r: _steps(out, "prune") == 1
     ),
-    "mcp.batch_size": Case(16, ("prune",)),
-    "mcp.lr": Case(0.1, ("prune",)),
-    "mcp.weight_decay": Case(1e-3, ("prune",)),
+    "mcp.batch_size": Case(
+        16, ("prune",), check=_hparam("prune", "batch_size_per_device", 16)
+    ),
+    "mcp.lr": Case(0.1, ("prune",), check=_hparam("prune", "lr", 0.1)),
+    "mcp.weight_decay": Case(
+        1e-3, ("prune",), check=_hparam("prune", "weight_decay", 1e-3)
+    ),
     # export (from the shared MCP checkpoint)
     # A widening after training (MCP's counts are multiples of 8 already).
     "export.round_to": Case(16, ("export",), check=_kept_multiple_of(16)),
     "export.recalibrate_bn": Case(
         True, ("export",), check=lambda out, r: r["export"]["bn_recalibrated"]
     ),
-    "export.latency": Case(False, ("export",)),
+    "export.latency": Case(
+        False, ("export",), check=lambda out, r: r["export"]["speedup"]["bs1"] is None
+    ),
     "export.torchscript": Case(
         True,
         ("export",),
@@ -284,9 +345,13 @@ CASES: dict[str, Case] = {
         },  # not 224 px (speed)
     ),
     # eval (the shared MCP checkpoint and its export)
-    "eval.k": Case(5, ("evaluate",)),
-    "eval.temperature": Case(0.5, ("evaluate",)),
-    "eval.linear_epochs": Case(2, ("evaluate",)),
+    "eval.k": Case(5, ("evaluate",), check=_eval_setting("k", 5)),
+    "eval.temperature": Case(
+        0.5, ("evaluate",), check=_eval_setting("temperature", 0.5)
+    ),
+    "eval.linear_epochs": Case(
+        2, ("evaluate",), check=_eval_setting("linear_epochs", 2)
+    ),
     "eval.batch_size": Case(16, ("evaluate",)),
     "eval.train_subset": Case(32, ("evaluate",), check=_evaluated("num_train", 32)),
     "eval.test_subset": Case(16, ("evaluate",), check=_evaluated("num_test", 16)),
