@@ -392,12 +392,12 @@ def _train(
     from lightly_mcp.app.manifest import refuse_foreign
     from lightly_mcp.app.run_folder import (
         STAGE_FILES,
-        STAGES,
         check_no_links,
         check_recipe,
         clear_outputs,
         is_rank_zero,
         output_lock,
+        stages_of,
     )
     from lightly_mcp.formats.report import print_run_summary
     from lightly_mcp.methods.checkpoints import checkpoint_file
@@ -419,7 +419,7 @@ def _train(
     first_stage = "prune" if args.command == "prune" else "pretrain"
     stages: tuple[str, ...] = (first_stage,)
     if args.command == "run":
-        stages = STAGES[1:] if recipe.pretrain.dense_checkpoint else STAGES
+        stages = stages_of(recipe)
     with output_lock(out):
         if is_rank_zero():
             _check_recipe_not_an_output(args.recipe, out, stages)

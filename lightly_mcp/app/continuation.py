@@ -16,6 +16,7 @@ import shlex
 from collections.abc import Sequence
 from pathlib import Path
 
+from lightly_mcp.app.run_folder import STAGES, completion_record, kept_output
 from lightly_mcp.errors import (
     CheckpointError,
     LateStageError,
@@ -26,16 +27,10 @@ from lightly_mcp.errors import (
 
 def finished_stages(out: Path) -> dict[str, Path]:
     """The complete stages of a run folder and the file each one kept."""
-    markers = {
-        "pretrain": (out / "pretrain" / "done.json", out / "pretrain" / "final.ckpt"),
-        "prune": (out / "prune" / "done.json", out / "prune" / "final.ckpt"),
-        "export": (out / "export" / "report.json", out / "export"),
-        "evaluate": (out / "eval" / "eval.json", out / "eval" / "eval.json"),
-    }
     return {
-        stage: kept
-        for stage, (marker, kept) in markers.items()
-        if marker.is_file() and kept.exists()
+        stage: kept_output(out, stage)
+        for stage in STAGES
+        if completion_record(out, stage).is_file() and kept_output(out, stage).exists()
     }
 
 

@@ -43,12 +43,16 @@ from lightly_mcp.app.recipe import (
     recipe_yaml,
 )
 from lightly_mcp.app.run_folder import (
+    DONE,
+    FINAL,
     IGNORED_KEYS,
+    LAST,
     STAGE_FILES,
     OutputFolderError,
     check_no_links,
     check_recipe,
     is_rank_zero,
+    stages_of,
 )
 from lightly_mcp.benchmarking.baseline_cache import (
     DataDigest,
@@ -90,8 +94,6 @@ from lightly_mcp.methods.mcp import LEGACY_HPARAMS, MCP
 from lightly_mcp.methods.moco_v2 import MoCoV2
 from lightly_mcp.pruning.masks import round_masks
 from lightly_mcp.pruning.momentum_subnet import MomentumSubnet
-
-DONE = "done.json"
 
 
 def read_json(path: Path) -> Any:
@@ -165,7 +167,7 @@ def _fit(
     )
     images = len(cast(Sized, loader.dataset))
     _check_one_step(stage_dir.name, images, loader.batch_size, trainer)
-    last = stage_dir / "last.ckpt"
+    last = stage_dir / LAST
     resume = None
     if last.is_file():
         restart = f"delete it to restart stage {stage_dir.name} from scratch"
@@ -215,7 +217,7 @@ def _fit(
         )
     # Done already unless Lightning resumed a checkpoint that had taken every step.
     model.finish_training(loader)
-    final = stage_dir / "final.ckpt"
+    final = stage_dir / FINAL
     # Collective; rank 0 writes the file, atomically (AtomicCheckpointIO).
     trainer.save_checkpoint(str(final))
     trainer.strategy.barrier("final.ckpt")  # the next stage reads it on every rank
@@ -298,7 +300,7 @@ def pretrain(recipe: Recipe, out: Path, progress: bool = True) -> Path:
     stage_dir = out / "pretrain"
     check_recipe(recipe, out, ("pretrain",))
     if (stage_dir / DONE).is_file():
-        return stage_dir / "final.ckpt"
+        return stage_dir / FINAL
     _start_stage(recipe, out, "pretrain")
     start = time.perf_counter()
     dataset, loader = training_data(recipe, recipe.pretrain.batch_size)
@@ -338,7 +340,7 @@ def prune(recipe: Recipe, dense: Path | None, out: Path, progress: bool = True) 
     stage_dir = out / "prune"
     check_recipe(recipe, out, ("prune",))
     if (stage_dir / DONE).is_file():
-        return stage_dir / "final.ckpt"
+        return stage_dir / FINAL
     if dense is not None:
         checkpoint_file(dense, "dense checkpoint")
     _start_stage(recipe, out, "prune")
@@ -794,10 +796,7 @@ def run(
     Refuses (``OutputFolderError``) a folder whose stages were made with another
     recipe (see ``lightly_mcp.app.run_folder.check_recipe``).
     """
-    skip_pretrain = recipe.pretrain.dense_checkpoint is not None
-    stage_names: tuple[str, ...] = ("prune", "export", "evaluate")
-    if not skip_pretrain:
-        stage_names = ("pretrain", *stage_names)
+    stage_names = stages_of(recipe)
     check_recipe(recipe, out, stage_names)
     if is_rank_zero():
         check_no_links(out, stage_names)

@@ -52,6 +52,10 @@ from rich.console import Console
 from torch.utils.data import Subset
 
 from lightly_mcp.app.recipe import Recipe
+from lightly_mcp.app.run_folder import (
+    completion_record,
+    final_checkpoint,
+)
 from lightly_mcp.errors import (
     InputError,
     MCPWarning,
@@ -67,8 +71,6 @@ from lightly_mcp.methods.moco_v2 import MoCoV2
 from lightly_mcp.methods.resumable_data import ResumableLoader
 from lightly_mcp.pruning.prunable_groups import find_channel_groups
 
-#: The stages of a run, in order.
-STAGES = ("pretrain", "prune", "export", "evaluate")
 #: Images of the evaluation pass (training bank, test set).
 EVAL_IMAGES = (16, 8)
 #: Images per training batch of the preflight steps (at least two per split BN split,
@@ -460,16 +462,14 @@ def for_command(
     Returns None without checking when the command trains nothing (its training
     stages are complete), unless ``always``.
     """
-    from lightly_mcp.app.pipeline import DONE
-
     first = first_stage(recipe, command)
     if command == "run":
-        if (out / "prune" / DONE).is_file() and not always:
+        if completion_record(out, "prune").is_file() and not always:
             return None
-        if first == "pretrain" and (out / "pretrain" / DONE).is_file():
-            first, dense = "prune", out / "pretrain" / "final.ckpt"
+        if first == "pretrain" and completion_record(out, "pretrain").is_file():
+            first, dense = "prune", final_checkpoint(out, "pretrain")
         elif first == "prune" and recipe.pretrain.dense_checkpoint is not None:
             dense = Path(recipe.pretrain.dense_checkpoint)
-    elif (out / first / DONE).is_file() and not always:
+    elif completion_record(out, first).is_file() and not always:
         return None
     return preflight(recipe, first, dense, device, console)

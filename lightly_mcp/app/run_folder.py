@@ -36,6 +36,47 @@ LOCK = ".lock"
 STAGES: tuple[str, ...] = ("pretrain", "prune", "export", "evaluate")
 """The stages of a run, in order; each one's results depend on the ones before."""
 
+TRAINING_STAGES: tuple[str, ...] = ("pretrain", "prune")
+"""The stages that train (a Lightning fit with checkpoints, resumable)."""
+
+FINAL, LAST, DONE = "final.ckpt", "last.ckpt", "done.json"
+"""A training stage's finished checkpoint, its resumable checkpoint, and the record
+that says the stage is complete."""
+
+EXPORT_REPORT, EVAL_FILE = "export/report.json", "eval/eval.json"
+"""The records of the export and evaluate stages (relative to the run folder)."""
+
+
+def stages_of(recipe: Any) -> tuple[str, ...]:
+    """The stages ``lightly-mcp run`` runs for ``recipe``: all of them, or from
+    ``prune`` when the recipe starts from a dense checkpoint.
+    """
+    return STAGES[1:] if recipe.pretrain.dense_checkpoint is not None else STAGES
+
+
+def final_checkpoint(out: Path, stage: str) -> Path:
+    """``out/<stage>/final.ckpt`` of a training stage."""
+    return Path(out) / stage / FINAL
+
+
+def completion_record(out: Path, stage: str) -> Path:
+    """The file whose presence says ``stage`` is complete: ``done.json`` of a
+    training stage, the export's ``report.json``, the evaluation's ``eval.json``.
+    """
+    if stage in TRAINING_STAGES:
+        return Path(out) / stage / DONE
+    return Path(out) / (EXPORT_REPORT if stage == "export" else EVAL_FILE)
+
+
+def kept_output(out: Path, stage: str) -> Path:
+    """What a complete ``stage`` keeps for the next one: the final checkpoint, the
+    export folder, the evaluation record.
+    """
+    if stage in TRAINING_STAGES:
+        return final_checkpoint(out, stage)
+    return Path(out) / "export" if stage == "export" else Path(out) / EVAL_FILE
+
+
 STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
     "pretrain": ("seed", "data", "backbone", "pretrain", "trainer"),
     "prune": ("mcp",),
@@ -67,9 +108,9 @@ PATH_KEYS: frozenset[str] = frozenset({"data.root", "pretrain.dense_checkpoint"}
 
 # Files a stage writes, relative to the output folder (exact names, no patterns).
 _TRAINING_FILES = (
-    "final.ckpt",
-    "last.ckpt",
-    "done.json",
+    FINAL,
+    LAST,
+    DONE,
     "recipe.yaml",
     "logs/metrics.csv",
     "logs/hparams.yaml",
@@ -83,10 +124,10 @@ STAGE_FILES: dict[str, tuple[str, ...]] = {
         "export/model.pt",
         "export/model.ts",
         "export/model.onnx",
-        "export/report.json",
+        EXPORT_REPORT,
     ),
     "evaluate": (
-        "eval/eval.json",
+        EVAL_FILE,
         "report.json",
         "recipe.yaml",
         "plots/losses.png",
@@ -242,14 +283,14 @@ def _stage_record(out: Path, stage: str) -> tuple[Path, str | None]:
     """The recipe a stage's outputs were made with, and the first of its outputs
     found (relative to ``out``; None when it has none).
     """
-    if stage in ("pretrain", "prune"):
+    if stage in TRAINING_STAGES:
         found = [
             f"{stage}/{name}"
-            for name in ("last.ckpt", "final.ckpt", "done.json")
+            for name in (LAST, FINAL, DONE)
             if (out / stage / name).is_file()
         ]
         return out / stage / "recipe.yaml", found[0] if found else None
-    report = "export/report.json" if stage == "export" else "eval/eval.json"
+    report = EXPORT_REPORT if stage == "export" else EVAL_FILE
     return out / "recipe.yaml", report if (out / report).is_file() else None
 
 
