@@ -32,13 +32,18 @@ from lightly_mcp.pruning.pruning_ratio import solve_pruning_ratio
 from lightly_mcp.pruning.transition import SmoothTransition
 
 if TYPE_CHECKING:
+    from lightly_mcp.formats.export import export
     from lightly_mcp.methods.mcp import MCP
     from lightly_mcp.methods.moco_v2 import MoCoV2
 
 __version__ = "0.1.0"
 
-#: The Lightning methods, imported on first use (PEP 562).
-_METHODS = {"MCP": "lightly_mcp.methods.mcp", "MoCoV2": "lightly_mcp.methods.moco_v2"}
+#: The Lightning methods and the export, imported on first use (PEP 562).
+_METHODS = {
+    "MCP": "lightly_mcp.methods.mcp",
+    "MoCoV2": "lightly_mcp.methods.moco_v2",
+    "export": "lightly_mcp.formats.export",
+}
 
 
 def __getattr__(name: str) -> Any:
@@ -68,6 +73,7 @@ __all__ = [
     "build_backbone",
     "build_transform",
     "compact",
+    "export",
     "count_macs",
     "count_parameters",
     "find_channel_groups",

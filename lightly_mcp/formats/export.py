@@ -313,7 +313,8 @@ def compact_from_checkpoint(
     ``model.pt`` (up to float noise of the BatchNorm recalibration, if any).
 
     Args:
-        checkpoint: Path of an MCP Lightning checkpoint.
+        checkpoint: Path of an MCP Lightning checkpoint, or the trained ``MCP``
+            module itself (e.g. right after ``Trainer.fit``).
         round_to: Widen the masks to multiples of this, as the export does.
         recalibrate: Batches to re-estimate the BatchNorm statistics with, if any.
         recalibration_batches: How many of them.
@@ -339,7 +340,7 @@ def compact_from_checkpoint(
 
 # --- export -------------------------------------------------------------------------
 def export(
-    checkpoint: str | Path,
+    checkpoint: str | Path | MCP,
     out_dir: str | Path,
     *,
     recalibrate: DataLoader | None = None,
@@ -354,9 +355,10 @@ def export(
     onnx: bool = True,
     torchscript: bool = False,
 ) -> dict[str, Any]:
-    """Exports the compact momentum subnet of an MCP checkpoint to a folder.
+    """Exports the compact momentum subnet of an MCP checkpoint (or module) to a folder.
 
-    Steps: read the checkpoint safely and rebuild the MCP module; optionally widen
+    Steps: read the checkpoint safely and rebuild the MCP module (a trained ``MCP``
+    module is exported from a copy, left as it was); optionally widen
     the masks to multiples of ``round_to``; compact the momentum subnet; fold its
     BatchNorm layers into the convolutions; check in eval mode, on random inputs at
     the training resolution, that the folded compact network matches the masked
@@ -400,11 +402,22 @@ def export(
     """
     console = console if console is not None else Console()
     out_dir = Path(out_dir)
-    _check_out_dir(Path(checkpoint), out_dir, overwrite)
+    if not isinstance(checkpoint, (MCP, str, os.PathLike)):
+        raise InputError(
+            f"export() takes an MCP checkpoint path or an MCP module, got "
+            f"{type(checkpoint).__name__}."
+        )
+    source_file = None if isinstance(checkpoint, MCP) else Path(checkpoint)
+    _check_out_dir(source_file, out_dir, overwrite)
     if latency and latency_repeats < 1:
         raise InputError(f"latency_repeats must be >= 1, got {latency_repeats}.")
 
-    model = load_mcp_checkpoint(checkpoint, expected_backbone=expected_backbone)
+    if isinstance(checkpoint, MCP):
+        model = _module_copy(checkpoint, expected_backbone)
+        source = "in memory (an MCP module)"
+    else:
+        model = load_mcp_checkpoint(checkpoint, expected_backbone=expected_backbone)
+        source = str(checkpoint)
     masks = export_masks(model, round_to)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -419,7 +432,7 @@ def export(
             model,
             masks,
             tmp,
-            checkpoint=str(checkpoint),
+            checkpoint=source,
             round_to=round_to,
             recalibrate=recalibrate,
             recalibration_batches=recalibration_batches,
@@ -447,7 +460,20 @@ def export(
     return as_json
 
 
-def _check_out_dir(checkpoint: Path, out_dir: Path, overwrite: bool) -> None:
+def _module_copy(module: MCP, expected_backbone: str | None) -> MCP:
+    """An eval-mode CPU copy of a trained MCP module (the caller's is not touched)."""
+    backbone = module.hparams.get("backbone")
+    if expected_backbone is not None and backbone != expected_backbone:
+        raise ExportError(
+            f"The MCP module was trained with backbone '{backbone}', but "
+            f"'{expected_backbone}' was expected."
+        )
+    with torch.no_grad():
+        model = copy.deepcopy(module).cpu()
+    return model.eval()
+
+
+def _check_out_dir(checkpoint: Path | None, out_dir: Path, overwrite: bool) -> None:
     """Refuses an output folder the export must not replace.
 
     ``overwrite`` replaces only a previous export: a folder whose entries are its
@@ -461,7 +487,9 @@ def _check_out_dir(checkpoint: Path, out_dir: Path, overwrite: bool) -> None:
         )
     if out_dir.exists() and not out_dir.is_dir():
         raise ExportError(f"Output path '{out_dir}' exists and is not a folder.")
-    if Path(os.path.realpath(checkpoint)).is_relative_to(os.path.realpath(out_dir)):
+    if checkpoint is not None and Path(os.path.realpath(checkpoint)).is_relative_to(
+        os.path.realpath(out_dir)
+    ):
         raise ExportError(
             f"The checkpoint '{checkpoint}' lies inside the output folder "
             f"'{out_dir}', which the export replaces; choose an output folder that "

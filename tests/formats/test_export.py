@@ -12,6 +12,7 @@ from rich.console import Console
 from torch import nn
 
 import lightly_mcp.formats.export as export_module
+from lightly_mcp.errors import InputError
 from lightly_mcp.formats.export import (
     CHECK_TOLERANCE,
     ExportError,
@@ -604,3 +605,35 @@ def test_dense_and_compact_networks_fold_the_same_pairs(
     dense_pairs = conv_norm_pairs(export_module._deployed_dense(model), example)
     assert len(dense_pairs) > 0
     assert conv_norm_pairs(compact_model, example) == dense_pairs
+
+
+def test_export_from_the_trained_module_equals_export_from_its_checkpoint(
+    checkpoints: dict[str, Path], tmp_path: Path
+) -> None:
+    """``export(module)`` (e.g. right after ``Trainer.fit``) writes what the export of
+    the module's checkpoint writes, and leaves the module as it was."""
+    import lightly_mcp
+
+    module = load_mcp_checkpoint(checkpoints[SMALLEST]).train()
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    from_module = lightly_mcp.export(
+        module, tmp_path / "module", latency=False, console=_quiet()
+    )
+    from_file = export(
+        checkpoints[SMALLEST], tmp_path / "file", latency=False, console=_quiet()
+    )
+    assert from_module["checkpoint"] == "in memory (an MCP module)"
+    for key in ("compact", "dense", "kept_channels", "params_removed", "macs_ratio"):
+        assert from_module[key] == from_file[key], key
+    x = torch.randn(3, 3, SIZE, SIZE)
+    with torch.no_grad():
+        a = load_program(tmp_path / "module" / "model.pt2")(x)
+        b = load_program(tmp_path / "file" / "model.pt2")(x)
+    assert torch.equal(a, b)
+    assert module.training
+    after = module.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    with pytest.raises(ExportError, match="trained with backbone 'torchvision/mobil"):
+        export(module, tmp_path / "other", expected_backbone="torchvision/resnet18")
+    with pytest.raises(InputError, match="takes an MCP checkpoint path or an MCP mod"):
+        export(MoCoV2(**TINY), tmp_path / "moco")  # type: ignore[arg-type]
