@@ -274,6 +274,13 @@ def checkpoint_settings(data: dict[str, Any]) -> dict[str, tuple[Any, str]]:
             found["backbone.small_input"] = (kernel == 3, f"a {kernel}x{kernel} stem")
     elif any(k.startswith("features.18.") for k in backbone):
         found["backbone.name"] = ("torchvision/mobilenet_v2", "MobileNetV2 blocks")
+        stem = backbone.get("features.0.0.weight")
+        width = _MOBILENET_WIDTHS.get(int(stem.shape[0])) if stem is not None else None
+        if width is not None:
+            found["backbone.width_multiplier"] = (
+                width,
+                f"a {int(stem.shape[0])}-channel stem",  # type: ignore[union-attr]
+            )
     linears = [
         v
         for k, v in state.items()
@@ -315,6 +322,53 @@ def checkpoint_settings(data: dict[str, Any]) -> dict[str, tuple[Any, str]]:
             queue = state[key].t()
     if isinstance(queue, Tensor) and queue.dim() == 2:
         found["pretrain.memory_bank_size"] = (int(queue.shape[0]), "its queue")
+    return found
+
+
+#: MobileNetV2's stem channels (32 × width, rounded to a multiple of 8) → width.
+_MOBILENET_WIDTHS = {8: 0.25, 16: 0.5, 24: 0.75, 32: 1.0}
+
+#: The ``MoCoV2`` / ``MCP`` arguments that describe the dense model (the rest are
+#: training settings), read from this project's checkpoints' hyper-parameters.
+MODEL_ARGUMENTS = (
+    "backbone",
+    "backbone_kwargs",
+    "temperature",
+    "momentum",
+    "memory_bank_size",
+    "projection_hidden_dim",
+    "projection_dim",
+    "projection_batch_norm",
+    "split_batch_norm",
+)
+
+
+def dense_model_arguments(data: dict[str, Any]) -> dict[str, tuple[Any, str]]:
+    """The ``MoCoV2`` / ``MCP`` arguments a dense MoCo checkpoint was made with, each
+    with its evidence: this project's checkpoints from their hyper-parameters, other
+    formats from their tensors (:func:`checkpoint_settings`).
+    """
+    hparams = data.get("hyper_parameters")
+    if isinstance(hparams, dict) and "backbone" in hparams:
+        return {
+            key: (hparams[key], "its hyper-parameters")
+            for key in MODEL_ARGUMENTS
+            if key in hparams
+        }
+    found: dict[str, tuple[Any, str]] = {}
+    kwargs: dict[str, Any] = {}
+    evidence: list[str] = []
+    for key, (value, why) in checkpoint_settings(data).items():
+        section, name = key.split(".", 1)
+        if key == "backbone.name":
+            found["backbone"] = (value, why)
+        elif section == "backbone":
+            kwargs[name] = value
+            evidence.append(why)
+        else:
+            found[name] = (value, why)
+    if kwargs:
+        found["backbone_kwargs"] = (kwargs, ", ".join(evidence))
     return found
 
 

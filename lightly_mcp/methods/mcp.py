@@ -26,13 +26,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pytorch_lightning.utilities import rank_zero_warn
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader
 
 from lightly_mcp.errors import InputError, MCPWarning
-from lightly_mcp.methods.checkpoints import load_dense_moco
+from lightly_mcp.methods.checkpoints import (
+    CheckpointError,
+    checkpoint_format,
+    dense_model_arguments,
+    load_dense_moco,
+    read_checkpoint,
+)
 from lightly_mcp.methods.moco_v2 import MoCoV2
 from lightly_mcp.methods.options import check_mcp_options
 from lightly_mcp.methods.transforms import build_transform
@@ -134,6 +140,56 @@ class MCP(MoCoV2):
         >>> compact_backbone = model.compact_momentum_subnet()
     """
 
+    #: The model settings :meth:`from_checkpoint` read from the checkpoint.
+    adopted_settings: dict[str, Any]
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, **overrides: Any) -> MCP:
+        """MCP starting from a dense MoCo checkpoint, with the checkpoint's own model
+        settings.
+
+        The backbone, its options, the projection head and shuffle-BN are read from
+        the checkpoint, and the queue size, temperature and momentum where it holds
+        them (this project's hyper-parameters, or the tensors of lightly's example
+        and benchmark checkpoints and of the official MoCo release, see
+        ``lightly-mcp inspect``); one line (Lightning's ``rank_zero_info``) says
+        which were adopted. Every other argument of :class:`MCP` (and
+        :class:`MoCoV2`) can be given; a given argument wins over the checkpoint's.
+
+        Examples:
+            >>> model = MCP.from_checkpoint("moco.ckpt", pruning_ratio=0.5,
+            ...                             batch_size_per_device=128)
+
+        Raises:
+            CheckpointError: For a file that is not a MoCo checkpoint of a known
+                format, or whose weights do not fit the settings.
+        """
+        data = read_checkpoint(path)
+        try:
+            fmt = checkpoint_format(data)
+        except CheckpointError as error:
+            raise CheckpointError(f"Checkpoint '{path}': {error}") from None
+        found = dense_model_arguments(data)
+        adopted: dict[str, Any] = {}
+        for key, (value, _) in found.items():
+            if key == "backbone_kwargs":
+                given = overrides.get("backbone_kwargs") or {}
+                merged = {k: v for k, v in value.items() if k not in given}
+                if merged:
+                    adopted[key] = {**merged, **given}
+            elif key not in overrides:
+                adopted[key] = value
+        described = ", ".join(
+            f"{key}={adopted[key]!r} ({found[key][1]})" for key in adopted
+        )
+        rank_zero_info(
+            f"MCP.from_checkpoint: '{path}' is a {fmt} checkpoint; adopted "
+            f"{described or 'nothing (every setting was given)'}."
+        )
+        model = cls(**{**overrides, **adopted, "dense_checkpoint": str(path)})
+        model.adopted_settings = adopted
+        return model
+
     def __init__(
         self,
         pruning_ratio: float = 0.73,
@@ -181,6 +237,7 @@ class MCP(MoCoV2):
                 raise InputError("rho_response needs sgd_momentum < 1.")
         self.save_hyperparameters(ignore=["target_params"])
         self.dense_load_report: list[str] = []
+        self.adopted_settings = {}
         if dense_checkpoint is not None:
             self.dense_load_report = self.load_dense_checkpoint(dense_checkpoint)
 

@@ -317,3 +317,66 @@ def test_first_prune_from_an_example_checkpoint_names_the_keys(
     )
     assert "pretrain.projection_batch_norm: false" in line
     assert not (tmp_path / "prune").exists()
+
+
+def test_from_checkpoint_adopts_a_lightly_example_checkpoints_settings(
+    example_model, caplog: pytest.LogCaptureFixture
+) -> None:  # type: ignore[no-untyped-def]
+    """No model argument given: the backbone, head and queue come from the file."""
+    example, path = example_model
+    with caplog.at_level("INFO", logger="pytorch_lightning.utilities.rank_zero"):
+        mcp = MCP.from_checkpoint(
+            path, pruning_ratio=0.5, input_size=32, batch_size_per_device=8
+        )
+    assert mcp.dense_load_report[0] == "format: lightly-example"
+    _assert_loaded(mcp, example)
+    assert mcp.adopted_settings == {
+        "backbone": "torchvision/resnet18",
+        "backbone_kwargs": {"small_input": False},
+        "projection_hidden_dim": 512,
+        "projection_dim": 128,
+        "projection_batch_norm": False,
+        "split_batch_norm": 0,
+    }  # not the queue size: lightly's memory bank is not saved in its checkpoints
+    assert mcp.hparams["projection_hidden_dim"] == 512
+    said = [
+        r.getMessage() for r in caplog.records if "from_checkpoint" in r.getMessage()
+    ]
+    assert len(said) == 1
+    assert f"'{path}' is a lightly-example checkpoint; adopted backbone=" in said[0]
+    assert "projection_hidden_dim=512 (a 512-512-128 projection head" in said[0]
+
+
+def test_from_checkpoint_reads_this_projects_hyperparameters(tiny_dense: Path) -> None:
+    dense = torch.load(tiny_dense, map_location="cpu", weights_only=True)
+    mcp = MCP.from_checkpoint(
+        tiny_dense, pruning_ratio=0.5, input_size=16, momentum=0.5
+    )
+    assert mcp.dense_load_report[0] == "format: lightly-mcp"
+    for key in ("backbone", "backbone_kwargs", "projection_dim", "memory_bank_size"):
+        assert mcp.hparams[key] == dense["hyper_parameters"][key], key
+    # A given argument wins over the checkpoint's and is not reported as adopted.
+    assert mcp.hparams["momentum"] == 0.5 and "momentum" not in mcp.adopted_settings
+    assert dense["hyper_parameters"]["backbone_kwargs"]["width_multiplier"] == 0.25
+
+
+def test_from_checkpoint_of_an_unknown_file_names_the_formats(tmp_path: Path) -> None:
+    path = tmp_path / "other.pt"
+    torch.save({"weight": torch.zeros(2)}, path)
+    with pytest.raises(CheckpointError, match="other.pt': not a MoCo checkpoint this"):
+        MCP.from_checkpoint(path)
+
+
+def test_mobilenet_width_is_read_from_the_stem() -> None:
+    from lightly_mcp.methods.checkpoints import checkpoint_settings
+
+    for width in (0.25, 0.5, 1.0):
+        model = MoCoV2(
+            backbone="torchvision/mobilenet_v2",
+            backbone_kwargs={"width_multiplier": width},
+            projection_hidden_dim=16,
+            projection_dim=8,
+            memory_bank_size=0,
+        )
+        found = checkpoint_settings({"state_dict": model.state_dict()})
+        assert found["backbone.width_multiplier"][0] == width
