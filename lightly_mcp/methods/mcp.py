@@ -179,8 +179,12 @@ class MCP(MoCoV2):
                     adopted[key] = {**merged, **given}
             elif key not in overrides:
                 adopted[key] = value
-        described = ", ".join(
-            f"{key}={adopted[key]!r} ({found[key][1]})" for key in adopted
+        by_evidence: dict[str, list[str]] = {}
+        for key in adopted:
+            by_evidence.setdefault(found[key][1], []).append(f"{key}={adopted[key]!r}")
+        described = "; ".join(
+            f"{', '.join(settings)} ({evidence})"
+            for evidence, settings in by_evidence.items()
         )
         rank_zero_info(
             f"MCP.from_checkpoint: '{path}' is a {fmt} checkpoint; adopted "

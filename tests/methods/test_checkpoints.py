@@ -344,7 +344,10 @@ def test_from_checkpoint_adopts_a_lightly_example_checkpoints_settings(
     ]
     assert len(said) == 1
     assert f"'{path}' is a lightly-example checkpoint; adopted backbone=" in said[0]
-    assert "projection_hidden_dim=512 (a 512-512-128 projection head" in said[0]
+    assert (
+        "projection_hidden_dim=512, projection_dim=128, projection_batch_norm=False "
+        "(a 512-512-128 projection head without BatchNorm)" in said[0]
+    )
 
 
 def test_from_checkpoint_reads_this_projects_hyperparameters(tiny_dense: Path) -> None:
