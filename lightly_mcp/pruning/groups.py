@@ -30,6 +30,7 @@ import ctypes
 import math
 import re
 import threading
+import time
 import traceback
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -98,12 +99,25 @@ class _TimeLimitExceeded(BaseException):
 _T = TypeVar("_T")
 
 
-def call_with_time_limit(function: Callable[[], _T], seconds: float | None) -> _T:
-    """Calls ``function()`` and interrupts it after ``seconds``.
+def _thread_cpu_clock() -> int | None:
+    """The CPU-time clock of the calling thread (None where the platform has none)."""
+    try:
+        clock = time.pthread_getcpuclockid(threading.get_ident())
+        time.clock_gettime(clock)
+    except (AttributeError, OSError):
+        return None
+    return clock
 
-    The interruption is an exception raised in the calling thread (any thread, not
-    only the main one) at its next Python bytecode, so it stops pure-Python loops such
-    as torch-pruning's group search, not a single long C call.
+
+def call_with_time_limit(function: Callable[[], _T], seconds: float | None) -> _T:
+    """Calls ``function()`` and interrupts it after ``seconds`` of its CPU time.
+
+    The limit counts the CPU time of the calling thread where the platform has a
+    per-thread CPU clock (Linux), so a loaded machine (other jobs, a low priority)
+    does not make a call fail that would finish; wall-clock time elsewhere. The
+    interruption is an exception raised in the calling thread (any thread, not only
+    the main one) at its next Python bytecode, so it stops pure-Python loops such as
+    torch-pruning's group search, not a single long C call.
 
     Raises:
         TimeoutError: If the call took longer than ``seconds``.
@@ -115,6 +129,8 @@ def call_with_time_limit(function: Callable[[], _T], seconds: float | None) -> _
     thread_id = ctypes.c_ulong(threading.get_ident())
     lock = threading.Lock()
     state = {"inside": True, "fired": False}
+    clock = _thread_cpu_clock()
+    stop = threading.Event()
 
     def interrupt() -> None:
         with lock:
@@ -124,20 +140,38 @@ def call_with_time_limit(function: Callable[[], _T], seconds: float | None) -> _
                 )
                 state["fired"] = True
 
-    timer = threading.Timer(seconds, interrupt)
-    timer.daemon = True
-    timer.start()
+    def watch_cpu_time() -> None:
+        assert clock is not None
+        try:
+            start = time.clock_gettime(clock)
+            while not stop.wait(min(0.05, seconds / 4)):
+                if time.clock_gettime(clock) - start >= seconds:
+                    interrupt()
+                    return
+        except OSError:  # the thread has ended
+            return
+
+    watcher: threading.Thread | threading.Timer
+    if clock is None:
+        watcher = threading.Timer(seconds, interrupt)
+    else:
+        watcher = threading.Thread(target=watch_cpu_time)
+    watcher.daemon = True
+    watcher.start()
     try:
         try:
             return function()
         finally:
-            timer.cancel()
+            stop.set()
+            if isinstance(watcher, threading.Timer):
+                watcher.cancel()
             with lock:
                 state["inside"] = False
                 if state["fired"]:  # clear an exception not delivered yet
                     ctypes.pythonapi.PyThreadState_SetAsyncExc(thread_id, None)
     except _TimeLimitExceeded:
-        raise TimeoutError(f"took longer than {seconds:g} s") from None
+        what = "of CPU time" if clock is not None else ""
+        raise TimeoutError(f"took longer than {seconds:g} s {what}".strip()) from None
 
 
 @dataclass(frozen=True)
@@ -843,7 +877,8 @@ def trace_channel_groups(
     A backbone whose channels cannot be pruned exactly is refused here, before any
     training, with one line naming the construct and the module: weight-standardised
     convolutions, attention layers, constructs torch-pruning cannot trace, graphs
-    whose tracing takes longer than ``time_limit``.
+    whose tracing takes longer than ``time_limit`` (CPU time of the tracing thread,
+    see :func:`call_with_time_limit`).
 
     Args:
         model: The backbone (maps images to features).
@@ -851,7 +886,7 @@ def trace_channel_groups(
             64x64 RGB image.
         keep_output_dim: If True, the group that reaches the backbone's output is not
             pruned, so the feature dimension stays the same.
-        time_limit: Seconds the tracing may take (``None``: no limit).
+        time_limit: CPU seconds the tracing may take (``None``: no limit).
 
     Returns:
         The prunable groups, in a deterministic order (by root module name).
@@ -891,15 +926,14 @@ def trace_channel_groups(
             )
     except UnsupportedBackboneError:
         raise
-    except TimeoutError:
+    except TimeoutError as error:
         # The interruption may have skipped build_dependency_graph's restoring.
         for p, flag in requires_grad.items():
             p.requires_grad_(flag)
         raise unsupported(
             model,
-            f"tracing its channel groups took longer than {time_limit:g} s "
-            "(torch-pruning's tracing or group search does not finish on its "
-            "graph)",
+            f"tracing its channel groups {error} (torch-pruning's tracing or group "
+            "search does not finish on its graph)",
         ) from None
     except Exception as error:  # noqa: BLE001 - torch-pruning's internal errors
         raise unsupported(
