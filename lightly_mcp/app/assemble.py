@@ -30,7 +30,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint, RichProgressBar
 from pytorch_lightning.loggers import TensorBoardLogger
 from torch.utils.data import DataLoader
 
-from lightly_mcp.app.recipe import Recipe
+from lightly_mcp.app.recipe import HELD_OUT_CLASSES, Recipe, transfer_entry
 from lightly_mcp.data import (
     LabeledImages,
     build_dataset,
@@ -119,7 +119,9 @@ def training_data(
     d = recipe.data
     if transform is None:
         transform = training_transform(recipe)
-    dataset = recipe_dataset(recipe, train=True, transform=transform, subset=d.subset)
+    dataset = recipe_dataset(
+        recipe, train=True, transform=transform, subset=d.subset, classes=d.classes
+    )
     if batch_size > len(dataset):
         raise RecipeError(
             f"batch size {batch_size} is larger than the training set "
@@ -146,9 +148,46 @@ def training_transform(recipe: Recipe) -> MCPTransform | BatchedViews:
     return build_transform(input_size=d.input_size, min_scale=d.min_scale)
 
 
-def evaluation_data(recipe: Recipe) -> tuple[DataLoader, DataLoader, str, bool]:
-    """Loaders of the train (bank) and test images, a description, and whether
-    the images carry labels (image folders without class sub-folders do not).
+#: The name of the evaluation on the training data's own test split.
+IN_DOMAIN = "in_domain"
+
+
+def evaluation_names(recipe: Recipe) -> list[str]:
+    """The evaluations a run makes: :data:`IN_DOMAIN`, then ``eval.transfer``'s."""
+    return [IN_DOMAIN] + [transfer_entry(entry)[0] for entry in recipe.eval.transfer]
+
+
+def held_out_classes(recipe: Recipe) -> list[int]:
+    """The class ids of the training kind that ``data.classes`` leaves out.
+
+    Raises:
+        RecipeError: Without ``data.classes``, or when it keeps every class.
+    """
+    if recipe.data.classes is None:
+        raise RecipeError(f"'eval.transfer: [{HELD_OUT_CLASSES}]' needs 'data.classes'")
+    seen = recipe_dataset(recipe, train=True, classes=recipe.data.classes)
+    assert seen.kept_classes is not None and seen.base_num_classes is not None
+    held = [i for i in range(seen.base_num_classes) if i not in seen.kept_classes]
+    if not held:
+        raise RecipeError(
+            "'data.classes' keeps every class, so none is held out for "
+            f"'{HELD_OUT_CLASSES}'; drop a class or the evaluation"
+        )
+    return held
+
+
+def evaluation_data(
+    recipe: Recipe, on: str = IN_DOMAIN
+) -> tuple[DataLoader, DataLoader, str, bool]:
+    """Loaders of the train (bank) and test images of one evaluation, a
+    description, and whether the images carry labels (image folders without class
+    sub-folders do not).
+
+    Args:
+        recipe: The recipe (``data``, ``eval`` and ``seed``).
+        on: :data:`IN_DOMAIN` (the training data's splits, of ``data.classes``
+            when set) or a name from ``eval.transfer`` (see
+            :func:`evaluation_names`).
 
     Examples:
         >>> bank, test, description, has_labels = evaluation_data(recipe)
@@ -157,12 +196,47 @@ def evaluation_data(recipe: Recipe) -> tuple[DataLoader, DataLoader, str, bool]:
     d, e = recipe.data, recipe.eval
     # eval_transform's values, its conversion and normalisation done per batch.
     transform = eval_pixels(d.input_size)
-    train = recipe_dataset(
-        recipe, train=True, subset=e.train_subset, transform=transform
-    )
-    test = recipe_dataset(
-        recipe, train=False, subset=e.test_subset, transform=transform
-    )
+    if on == IN_DOMAIN:
+
+        def split(train: bool, subset: int | None) -> LabeledImages:
+            return recipe_dataset(
+                recipe,
+                train=train,
+                subset=subset,
+                transform=transform,
+                classes=d.classes,
+            )
+    else:
+        entries = {entry[0]: entry for entry in map(transfer_entry, e.transfer)}
+        if on not in entries:
+            raise RecipeError(
+                f"no evaluation {on!r}; the recipe's: "
+                f"{', '.join(evaluation_names(recipe))}"
+            )
+        name, kind, root = entries[on]
+        held = held_out_classes(recipe) if name == HELD_OUT_CLASSES else None
+
+        def split(train: bool, subset: int | None) -> LabeledImages:
+            if held is not None:
+                return recipe_dataset(
+                    recipe,
+                    train=train,
+                    subset=subset,
+                    transform=transform,
+                    classes=held,
+                )
+            return build_dataset(
+                kind,
+                root=root,
+                train=train,
+                subset=subset,
+                transform=transform,
+                seed=recipe.seed,
+                clamp_subset=True,
+            )
+
+    train = split(True, e.train_subset)
+    test = split(False, e.test_subset)
     loaders = [
         DataLoader(
             ds,

@@ -56,6 +56,10 @@ class DataSection:
             (``lightly_mcp.methods.batched_views``: lightly's parameters per image,
             applied in the DataLoader's collate) instead of per image with PIL; views
             with Gaussian blur (``input_size`` above 64) keep the per-image transform.
+        classes: Train (pretrain and MCP) on the images of these classes only (ids
+            or names; the labels choose the images and are never trained on); the
+            in-domain evaluation uses the same classes, and ``eval.transfer:
+            [held_out_classes]`` the others. ``null``: all images.
     """
 
     kind: str = "auto"
@@ -66,6 +70,7 @@ class DataSection:
     num_workers: int = 0
     min_scale: float = 0.2
     batched_augment: bool = True
+    classes: list | None = None
 
 
 @dataclass
@@ -189,6 +194,8 @@ class ExportSection:
 BASELINES = ("raw_pixels", "random_init")
 #: What ``eval.runtime`` can be: where the networks embed the evaluation images.
 EVAL_RUNTIMES = ("auto", "onnxruntime", "torch")
+#: The ``eval.transfer`` entry that evaluates on the classes ``data.classes`` left out.
+HELD_OUT_CLASSES = "held_out_classes"
 
 
 @dataclass
@@ -212,6 +219,12 @@ class EvalSection:
             the CPU where it is installed and the network exports, PyTorch
             otherwise (on a GPU, or ``pip install lightly-mcp`` without
             ``[onnx]``). Features agree to float rounding (about 1e-6).
+        transfer: Evaluations beside the in-domain one (each its own kNN bank and
+            probe; results under ``"transfer"`` in ``eval.json``):
+            ``held_out_classes`` (the training kind's classes that ``data.classes``
+            leaves out: unseen in training), a dataset kind (e.g. ``digits``, with
+            its default folder), or a mapping ``{kind: imagefolder, root: DIR}``
+            (optional ``name``). Images are resized to ``data.input_size``.
     """
 
     k: int = 200
@@ -222,6 +235,7 @@ class EvalSection:
     test_subset: int | None = None
     baselines: bool | list = True
     runtime: str = "auto"
+    transfer: list = field(default_factory=list)
 
     @property
     def baseline_names(self) -> tuple[str, ...]:
@@ -614,6 +628,8 @@ def validate(recipe: Recipe, source: str = "recipe") -> None:
             f"{', '.join(BASELINES)}; got {_shown(e.baselines)}.",
             source,
         )
+    _check_classes(d.classes, source)
+    _check_transfer(e.transfer, d.classes, source)
     _check_trainer(recipe.trainer, source)
     if p.split_batch_norm > 1:
         for name, section in (("pretrain", p), ("mcp", m)):
@@ -668,6 +684,92 @@ def _check_paths(recipe: Recipe, source: str) -> None:
             "give the full path.",
             source,
         )
+
+
+def _check_classes(classes: list | None, source: str) -> None:
+    """``data.classes``: null, or distinct class ids (ints >= 0) or names."""
+    if classes is None:
+        return
+    ok = all(
+        (isinstance(c, int) and not isinstance(c, bool) and c >= 0)
+        or (isinstance(c, str) and c.strip())
+        for c in classes
+    )
+    _require(
+        bool(classes) and ok and len(set(classes)) == len(classes),
+        "'data.classes' must be null (all images) or a list of distinct class ids "
+        f"(0, 1, ...) or names; got {_shown(classes)}.",
+        source,
+    )
+
+
+def transfer_entry(entry: Any) -> tuple[str, str, str | None]:
+    """One ``eval.transfer`` entry as ``(name, kind, root)``: ``held_out_classes``
+    (kind ``""``), a kind name, or a mapping ``{kind, root, name}``.
+
+    Raises:
+        InputError: For an entry of another shape or an unknown kind.
+    """
+    from lightly_mcp.data.registry import SUPPORTED_KINDS
+
+    def kind_of(value: Any) -> str:
+        kind = str(value).strip().lower().replace("-", "_")
+        if kind not in SUPPORTED_KINDS:
+            raise InputError(
+                f"'eval.transfer' entry {_shown(value)} is not {HELD_OUT_CLASSES} or "
+                f"a dataset kind ({', '.join(SUPPORTED_KINDS)})."
+            )
+        return kind
+
+    if entry == HELD_OUT_CLASSES:
+        return HELD_OUT_CLASSES, "", None
+    if isinstance(entry, str):
+        kind = kind_of(entry)
+        return kind, kind, None
+    if (
+        isinstance(entry, dict)
+        and "kind" in entry
+        and set(entry)
+        <= {
+            "kind",
+            "root",
+            "name",
+        }
+    ):
+        kind = kind_of(entry["kind"])
+        root = entry.get("root")
+        if root is not None and (not isinstance(root, str) or not root.strip()):
+            raise InputError(
+                f"'eval.transfer' entry {_shown(entry)}: 'root' must be a path."
+            )
+        name = entry.get("name") or (f"{kind}:{root}" if root else kind)
+        return str(name), kind, root
+    raise InputError(
+        f"'eval.transfer' entry {_shown(entry)} must be {HELD_OUT_CLASSES}, a dataset "
+        "kind, or a mapping {kind: ..., root: ..., name: ...}."
+    )
+
+
+def _check_transfer(transfer: list, classes: list | None, source: str) -> None:
+    """``eval.transfer``: known entries, distinct names, and ``held_out_classes``
+    only with ``data.classes``.
+    """
+    try:
+        names = [transfer_entry(entry)[0] for entry in transfer]
+    except InputError as error:
+        raise RecipeError(f"{source}: {error}") from None
+    _require(
+        len(set(names)) == len(names) and "in_domain" not in names,
+        f"'eval.transfer' names an evaluation twice (or 'in_domain'): {names}; give "
+        "each a distinct 'name'.",
+        source,
+    )
+    _require(
+        HELD_OUT_CLASSES not in names or classes is not None,
+        f"'eval.transfer: [{HELD_OUT_CLASSES}]' needs 'data.classes' (the classes "
+        "trained on); without it no class is held out.",
+        source,
+    )
 
 
 def _check_data_kind(kind: str, source: str) -> None:

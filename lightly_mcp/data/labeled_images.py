@@ -15,6 +15,8 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
+from lightly_mcp.errors import DatasetError
+
 ImageTransform = Callable[[Image.Image], Any]
 
 
@@ -67,6 +69,72 @@ class LabeledImages(Dataset[tuple[Any, int]]):
         self.subset_clamped_from: int | None = None
         #: Why this dataset was chosen, when it is a fallback (see ``describe``).
         self.fallback_note: str | None = None
+        #: With :meth:`keep_classes`: the base classes kept, in label order.
+        self.kept_classes: list[int] | None = None
+        #: Number of classes of the full dataset (before :meth:`keep_classes`).
+        self.base_num_classes = num_classes
+        self._label_map: np.ndarray | None = None
+
+    def keep_classes(self, wanted: Sequence[int | str]) -> None:
+        """Keeps only the items of these classes, relabelled ``0..len(wanted)-1``.
+
+        The labels choose the images and nothing else: the kept classes are
+        renumbered in the order of their original ids (``[5, 1]`` gives class 1 the
+        label 0 and class 5 the label 1), and ``classes`` and ``num_classes``
+        describe the kept ones. Call it before drawing a ``subset`` (which then draws
+        from the kept items); ``build_dataset(classes=...)`` does both.
+
+        Args:
+            wanted: Class ids (``0..num_classes-1``) or class names, distinct.
+
+        Raises:
+            DatasetError: The dataset has no labels, a class is unknown, a class is
+                named twice, or no class is given.
+        """
+        name = f"{self.kind} {self.split}".strip()
+        if not self.has_labels or self.base_num_classes is None:
+            raise DatasetError(
+                f"{name} has no labels, so no classes can be chosen; remove "
+                "'classes' or use a dataset with class sub-folders"
+            )
+        if not wanted:
+            raise DatasetError("classes: give at least one class id or name")
+        names = self.classes or []
+        ids: list[int] = []
+        for item in wanted:
+            if isinstance(item, str) and item in names:
+                ids.append(names.index(item))
+            elif (
+                isinstance(item, int)
+                and not isinstance(item, bool)
+                and 0 <= item < self.base_num_classes
+            ):
+                ids.append(item)
+            else:
+                known = f"; names: {', '.join(names)}" if names else ""
+                raise DatasetError(
+                    f"{name} has no class {item!r}: give ids "
+                    f"0..{self.base_num_classes - 1}"
+                    f"{known}"
+                )
+        if len(set(ids)) != len(ids):
+            raise DatasetError(f"classes {list(wanted)!r} name a class twice")
+        ids.sort()
+        label_map = np.full(self.base_num_classes, -1, dtype=np.int64)
+        label_map[ids] = np.arange(len(ids))
+        keep = label_map[self.base_labels.clip(0)] >= 0
+        keep &= self.base_labels >= 0
+        self.indices = [int(i) for i in np.flatnonzero(keep)]
+        self._label_map = label_map
+        self.kept_classes = ids
+        self.classes = [names[i] for i in ids] if names else None
+        self.num_classes = len(ids)
+
+    def label_of(self, base_label: int) -> int:
+        """The label an item of the base dataset gets (after :meth:`keep_classes`)."""
+        if self._label_map is None or base_label < 0:
+            return int(base_label)
+        return int(self._label_map[base_label])
 
     def __len__(self) -> int:
         return len(self.indices) if self.indices is not None else len(self.base_labels)
@@ -81,19 +149,33 @@ class LabeledImages(Dataset[tuple[Any, int]]):
         image, label = self.base[base_index]
         if self.transform is not None:
             image = self.transform(image)
-        return image, int(label)
+        return image, self.label_of(int(label))
 
     @property
     def base_size(self) -> int:
-        """Number of items of the full dataset, before ``subset``."""
+        """Number of items of the full dataset, before ``subset`` (after
+        :meth:`keep_classes`: the items of the kept classes).
+        """
+        if self.kept_classes is not None:
+            return int(np.isin(self.base_labels, self.kept_classes).sum())
         return len(self.base_labels)
+
+    @property
+    def pool(self) -> list[int]:
+        """Indices into ``base`` that a ``subset`` is drawn from: all items, or the
+        items of the kept classes.
+        """
+        if self.kept_classes is not None:
+            mask = np.isin(self.base_labels, self.kept_classes)
+            return [int(i) for i in np.flatnonzero(mask)]
+        return list(range(len(self.base_labels)))
 
     @property
     def targets(self) -> list[int]:
         """Labels of all items in order (``-1`` where unlabelled), without decoding."""
         if self.indices is None:
-            return [int(v) for v in self.base_labels]
-        return [int(self.base_labels[i]) for i in self.indices]
+            return [self.label_of(int(v)) for v in self.base_labels]
+        return [self.label_of(int(self.base_labels[i])) for i in self.indices]
 
     @property
     def skipped_corrupt(self) -> int:
@@ -121,6 +203,10 @@ class LabeledImages(Dataset[tuple[Any, int]]):
             /usr/share/datasets/fashion-mnist"``.
         """
         name = f"{self.kind} {self.split}" if self.split else self.kind
+        if self.kept_classes is not None:
+            name += (
+                f" classes {_id_ranges(self.kept_classes)} of {self.base_num_classes}"
+            )
         if self.indices is not None and len(self.indices) != self.base_size:
             count = (
                 f"{len(self)} of {self.base_size} images "
@@ -152,6 +238,20 @@ class LabeledImages(Dataset[tuple[Any, int]]):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.describe()!r})"
+
+
+def _id_ranges(ids: Sequence[int]) -> str:
+    """``[0, 1, 2, 4]`` as ``"0-2,4"``."""
+    parts: list[str] = []
+    start = previous = ids[0]
+    for i in list(ids[1:]) + [None]:
+        if i is not None and i == previous + 1:
+            previous = i
+            continue
+        parts.append(str(start) if start == previous else f"{start}-{previous}")
+        if i is not None:
+            start = previous = i
+    return ",".join(parts)
 
 
 # --------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ subset, the same for every kind.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,6 +68,7 @@ def build_dataset(
     class_folders: bool | None = None,
     verify_images: bool = True,
     clamp_subset: bool = False,
+    classes: Sequence[int | str] | None = None,
 ) -> LabeledImages:
     """Builds a dataset of ``(transform(image), label)`` items.
 
@@ -97,6 +98,9 @@ def build_dataset(
         verify_images: For ``imagefolder``: check every image file when building.
         clamp_subset: A ``subset`` larger than the dataset means all of it
             (``describe()`` says so) instead of an error.
+        classes: Keep only the images of these classes (ids or names), relabelled
+            ``0..len(classes)-1`` in the order of their ids (see
+            ``LabeledImages.keep_classes``); ``subset`` is drawn from them.
 
     Returns:
         A ``LabeledImages`` with ``num_classes``, ``has_labels``, ``kind`` and
@@ -133,8 +137,11 @@ def build_dataset(
         )
     )
     dataset.transform = transform
+    if classes is not None:
+        dataset.keep_classes(classes)
     if subset is not None:
-        n = dataset.base_size
+        pool = dataset.pool
+        n = len(pool)
         if isinstance(subset, bool) or not isinstance(subset, int) or subset < 1:
             raise DatasetError(f"subset must be a positive integer, got {subset!r}")
         if subset >= n and clamp_subset:
@@ -146,6 +153,6 @@ def build_dataset(
             )
         generator = torch.Generator().manual_seed(seed)
         chosen = torch.randperm(n, generator=generator)[:subset]
-        dataset.indices = sorted(int(i) for i in chosen)
+        dataset.indices = sorted(pool[int(i)] for i in chosen)
         dataset.subset_seed = seed
     return dataset

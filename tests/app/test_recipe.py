@@ -156,6 +156,21 @@ def test_bad_recipes_name_the_key(
             r"'eval.runtime' must be one of auto, onnxruntime, torch; got 'onnx'",
         ),
         (["eval.runtime=3"], r"'eval.runtime' must be str"),
+        (["data.classes=[]"], r"'data.classes' must be null \(all images\) or a"),
+        (["data.classes=[1, 1]"], r"'data.classes' must be null"),
+        (["data.classes=[-1]"], r"'data.classes' must be null"),
+        (["data.classes=[true]"], r"'data.classes' must be null"),
+        (["data.classes=3"], r"'data.classes' must be list or null"),
+        (["eval.transfer=[mnist]"], r"entry 'mnist' is not held_out_classes or a"),
+        (["eval.transfer=[{root: x}]"], r"entry \{'root': 'x'\} must be held_out"),
+        (["eval.transfer=[digits, digits]"], r"'eval.transfer' names an evaluation"),
+        (["eval.transfer=[in_domain]"], r"entry 'in_domain' is not held_out_classes"),
+        (
+            ["eval.transfer=[{kind: digits, name: in_domain}]"],
+            r"'eval.transfer' names an evaluation twice \(or 'in_domain'\)",
+        ),
+        (["eval.transfer=[held_out_classes]"], r"needs 'data.classes'"),
+        (["eval.transfer=[{kind: imagefolder, root: ''}]"], r"'root' must be a path"),
     ],
 )
 def test_bad_values_are_refused_in_one_short_line_naming_the_key(
@@ -207,3 +222,30 @@ def test_baselines_can_be_chosen_by_name(
 ) -> None:
     recipe = load_recipe(_write(tmp_path, {}), [f"eval.baselines={value}"])
     assert recipe.eval.baseline_names == names
+
+
+def test_classes_and_transfer_entries(tmp_path: Path) -> None:
+    from lightly_mcp.app.assemble import evaluation_names
+    from lightly_mcp.app.recipe import transfer_entry
+
+    recipe = load_recipe(
+        _write(tmp_path, {}),
+        [
+            "data.classes=[0, Trouser, 2]",
+            "eval.transfer=[held_out_classes, digits, "
+            "{kind: imagefolder, root: /data/x}, {kind: digits, name: d2}]",
+        ],
+    )
+    assert recipe.data.classes == [0, "Trouser", 2]
+    assert evaluation_names(recipe) == [
+        "in_domain",
+        "held_out_classes",
+        "digits",
+        "imagefolder:/data/x",
+        "d2",
+    ]
+    assert transfer_entry({"kind": "ImageFolder", "root": "/x"}) == (
+        "imagefolder:/x",
+        "imagefolder",
+        "/x",
+    )
