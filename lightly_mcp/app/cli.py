@@ -354,11 +354,13 @@ def _dispatch(args: argparse.Namespace) -> int:
             provenance=provenance,
         )
         manifest.record(out, ["eval.json"])
-        for name, r in results["models"].items():
-            console.print(
-                f"{name}: kNN top-1 {r['knn_top1']:.4f}, "
-                f"linear top-1 {r['linear_top1']:.4f}"
-            )
+        evaluations = {"": results, **results.get("transfer", {})}
+        for on, part in evaluations.items():
+            for name, r in part.get("models", {}).items():
+                console.print(
+                    f"{on + ': ' if on else ''}{name}: kNN top-1 "
+                    f"{r['knn_top1']:.4f}, linear top-1 {r['linear_top1']:.4f}"
+                )
     return 0
 
 

@@ -25,8 +25,10 @@ from torch.utils.data import DataLoader
 
 from lightly_mcp.app import manifest
 from lightly_mcp.app.assemble import (
+    IN_DOMAIN,
     backbone_kwargs,
     evaluation_data,
+    evaluation_names,
     export_recalibration_data,
     mcp_model,
     moco_kwargs,
@@ -595,37 +597,75 @@ def evaluate(
     """KNN and linear-probe top-1 of each network → ``out_file`` (JSON), with
     ``provenance`` (:func:`evaluation_provenance`) when given.
 
-    The evaluation images are loaded once: each batch goes through every network
-    (and the random-init baseline) in one pass, and each network's features feed
-    both kNN and the linear probe. A network named in ``same_as`` (name → (other,
-    why)) is not evaluated: it gets the other's numbers, marked ``"evaluated":
-    false`` with the reason. ``baselines`` (True: all of
-    :data:`~lightly_mcp.app.recipe.BASELINES`, or their names) come from the per-user
-    cache (:mod:`lightly_mcp.benchmarking.baseline_cache`) when it holds them for these
-    images and settings, else they are computed and stored there. ``"evaluated"`` in the
-    result says what was computed and what reused.
+    The in-domain evaluation (the training data's test split) fills the top level
+    (``"data"``, ``"models"``, ``"baselines"``); each ``eval.transfer`` evaluation
+    gets the same keys under ``"transfer"``, by name. In each, the images are loaded
+    once: each batch goes through every network (and the random-init baseline) in
+    one pass, and each network's features feed both kNN and the linear probe. Every
+    network is put in its runtime once, for all evaluations. A network named in
+    ``same_as`` (name → (other, why)) is not evaluated: it gets the other's numbers,
+    marked ``"evaluated": false`` with the reason. ``baselines`` (True: all of
+    :data:`~lightly_mcp.app.recipe.BASELINES`, or their names) come from the
+    per-user cache (:mod:`lightly_mcp.benchmarking.baseline_cache`) when it holds
+    them for these images and settings, else they are computed and stored there.
+    ``"evaluated"`` in each result says what was computed and what reused.
     """
     wanted = baseline_names(baselines)
-    train_loader, test_loader, description, has_labels = evaluation_data(recipe)
+    same_as = {k: v for k, v in (same_as or {}).items() if v[0] in networks}
+    in_runtime_models: list[tuple[dict[str, nn.Module], dict[str, str]]] = []
+
+    def prepared() -> tuple[dict[str, nn.Module], dict[str, str]]:
+        if not in_runtime_models:
+            models = {
+                name: network.to(device)
+                for name, network in networks.items()
+                if name not in same_as
+            }
+            in_runtime_models.append(
+                in_runtime(models, recipe.eval.runtime, recipe.data.input_size, device)
+            )
+        return in_runtime_models[0]
+
+    results: dict[str, Any] = {}
+    for name in evaluation_names(recipe):
+        part = _evaluate_on(
+            name, networks, prepared, recipe, device, progress, wanted, same_as
+        )
+        if name == IN_DOMAIN:
+            results.update(part)
+            if provenance is not None:
+                results["provenance"] = provenance
+        else:
+            results.setdefault("transfer", {})[name] = part
+    write_json_atomic(out_file, results)
+    return results
+
+
+def _evaluate_on(
+    on: str,
+    networks: dict[str, nn.Module],
+    prepared: Callable[[], tuple[dict[str, nn.Module], dict[str, str]]],
+    recipe: Recipe,
+    device: str,
+    progress: bool,
+    wanted: tuple[str, ...],
+    same_as: dict[str, tuple[str, str]],
+) -> dict[str, Any]:
+    """One evaluation of :func:`evaluate` (``on``: its name), as a result dict."""
+    train_loader, test_loader, description, has_labels = evaluation_data(recipe, on)
     e = recipe.eval
     results: dict[str, Any] = {"data": description, "models": {}}
-    if provenance is not None:
-        results["provenance"] = provenance
     if not has_labels:
         results["skipped"] = (
             "evaluation skipped: the images have no labels (put them in class "
             "sub-folders to get kNN and linear-probe accuracy)"
         )
         if progress:
-            Console().print(results["skipped"])
-        write_json_atomic(out_file, results)
+            prefix = "" if on == IN_DOMAIN else f"{on}: "
+            Console().print(prefix + results["skipped"])
         return results
-    same_as = {k: v for k, v in (same_as or {}).items() if v[0] in networks}
-    models = {
-        name: network.to(device)
-        for name, network in networks.items()
-        if name not in same_as
-    }
+    models, runtimes = prepared()
+    models, runtimes = dict(models), dict(runtimes)
     identity = _baseline_identity(recipe, description, device)
     key = baseline_key(identity)
     entry = read_baselines(key) if wanted else None
@@ -633,13 +673,20 @@ def evaluate(
     cached = {name: stored[name] for name in wanted if name in stored}
     missing = [name for name in wanted if name not in cached]
     if missing:
-        models.update(_baseline_models(recipe, device, missing))
-    models, runtimes = in_runtime(
-        models, recipe.eval.runtime, recipe.data.input_size, device
-    )
+        extra, extra_runtimes = in_runtime(
+            _baseline_models(recipe, device, missing),
+            e.runtime,
+            recipe.data.input_size,
+            device,
+        )
+        models.update(extra)
+        runtimes.update(extra_runtimes)
     digest = DataDigest()
+    label = "" if on == IN_DOMAIN else f" ({on})"
     embedded = [
-        embed_models(models, loader, device, progress, f"embed {split}", digest.update)
+        embed_models(
+            models, loader, device, progress, f"embed {split}{label}", digest.update
+        )
         for split, loader in (("train", train_loader), ("test", test_loader))
     ]
     data_digest = digest.hexdigest()
@@ -647,7 +694,12 @@ def evaluate(
         # Same description, other images (files changed): recompute.
         stored = {}
         if cached:
-            extra = _baseline_models(recipe, device, list(cached))
+            extra, _ = in_runtime(
+                _baseline_models(recipe, device, list(cached)),
+                e.runtime,
+                recipe.data.input_size,
+                device,
+            )
             for (features, _), loader in zip(embedded, (train_loader, test_loader)):
                 features.update(embed_models(extra, loader, device, progress)[0])
             cached = {}
@@ -690,8 +742,23 @@ def evaluate(
     results["runtime"] = runtimes
     results["evaluated"] = "; ".join(notes)
     results["data_digest"] = data_digest
-    write_json_atomic(out_file, results)
     return results
+
+
+def transfer_summary(part: dict[str, Any]) -> dict[str, Any]:
+    """One transfer evaluation of ``eval.json`` as the run report keeps it: its
+    data, and kNN / linear top-1 of every model and baseline (or why it was
+    skipped).
+    """
+    summary: dict[str, Any] = {"data": part.get("data")}
+    if "skipped" in part:
+        summary["skipped"] = part["skipped"]
+    scores = {**part.get("baselines", {}), **part.get("models", {})}
+    summary["models"] = {
+        name: {key: result.get(key) for key in ("knn_top1", "linear_top1")}
+        for name, result in scores.items()
+    }
+    return summary
 
 
 def _runtime_note(runtimes: dict[str, str]) -> str:
@@ -874,6 +941,10 @@ def run(
         report["evaluation"] = evaluation["evaluated"]
     report["baselines"] = evaluation.get("baselines", {})
     report["data"] = evaluation["data"]
+    if evaluation.get("transfer"):
+        report["transfer"] = {
+            on: transfer_summary(part) for on, part in evaluation["transfer"].items()
+        }
     report["frq"], report["dr"] = recipe.mcp.frq, recipe.mcp.dr
     report["stages"] = stages
     report["headline"] = headline(report)

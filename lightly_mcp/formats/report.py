@@ -422,9 +422,14 @@ def print_run_summary(report: dict[str, Any], console: Console | None = None) ->
             _fmt(latency, ".2f"),
         )
     console.print(table)
+    transfer = report.get("transfer") or {}
+    if transfer:
+        console.print(transfer_table(transfer))
     if report.get("data"):
         # Which data was used; a fallback (e.g. digits for Fashion-MNIST) says so.
         console.print(f"data: {report['data']}")
+    for on, part in transfer.items():
+        console.print(f"data ({on}): {part.get('data')}")
     if report.get("evaluation"):
         # What was evaluated, what reused (the subnet, cached baselines), or why not.
         console.print(f"evaluation: {report['evaluation']}")
@@ -433,6 +438,28 @@ def print_run_summary(report: dict[str, Any], console: Console | None = None) ->
         console.print(
             "stages: " + ", ".join(f"{k} {v:.1f} s" for k, v in stages.items())
         )
+
+
+def transfer_table(transfer: dict[str, Any]) -> Table:
+    """The ``eval.transfer`` evaluations (name → ``{"data", "models"}``): kNN and
+    linear top-1 of every model and baseline, an evaluation per block of rows.
+    """
+    table = Table(title="transfer evaluations (eval.transfer)")
+    for column in ("evaluation", "model", "kNN top-1", "linear top-1"):
+        table.add_column(column, justify="right" if "top-1" in column else "left")
+    labels = {"raw_pixels": "raw pixels", "random_init": "random init"}
+    for on, part in transfer.items():
+        if part.get("skipped"):
+            table.add_row(on, "skipped: no labels", "", "")
+            continue
+        for i, (name, scores) in enumerate(part.get("models", {}).items()):
+            table.add_row(
+                on if i == 0 else "",
+                labels.get(name, name),
+                _fmt(scores.get("knn_top1"), ".4f"),
+                _fmt(scores.get("linear_top1"), ".4f"),
+            )
+    return table
 
 
 def _read_metrics(path: Path) -> dict[str, list[tuple[int, float]]]:

@@ -136,6 +136,22 @@ def test_evaluate_command(finished_run: Path, tmp_path: Path) -> None:
     assert pickled["compact"]["knn_top1"] == program["compact"]["knn_top1"]
 
 
+def test_evaluate_command_with_a_transfer_evaluation(
+    finished_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    recipe = finished_run / "recipe.yaml"
+    out = tmp_path / "transfer"
+    argv = ["evaluate", str(finished_run / "export"), str(recipe), "--out", str(out)]
+    assert main([*argv, "--quiet", "--set", "eval.transfer=[digits]"]) == 0
+    results = json.loads((out / "eval.json").read_text())
+    digits = results["transfer"]["digits"]
+    assert digits["data"].startswith("digits train: ")
+    assert results["provenance"]["eval"]["transfer"] == ["digits"]
+    knn = digits["models"]["compact"]["knn_top1"]
+    printed = capsys.readouterr().out
+    assert f"digits: compact: kNN top-1 {knn:.4f}" in printed
+
+
 class _Payload:
     def __init__(self, marker: Path) -> None:
         self.marker = marker

@@ -156,6 +156,20 @@ def _in_pytorch(out: Path, results: Results) -> None:
     assert runtimes and set(runtimes.values()) == {"torch"}, runtimes
 
 
+def _transfer(out: Path, results: Results) -> None:
+    """The in-domain evaluation has classes 0-4; ``held_out_classes`` the others."""
+    evaluated = results["evaluate"]
+    assert "train classes 0-4 of 10" in evaluated["data"], evaluated["data"]
+    assert set(evaluated["transfer"]) == {"held_out_classes", "digits"}
+    held = evaluated["transfer"]["held_out_classes"]
+    assert "digits train classes 5-9 of 10" in held["data"], held["data"]
+    assert "digits test classes 5-9 of 10" in held["data"], held["data"]
+    for part in (evaluated, held, evaluated["transfer"]["digits"]):
+        scores = part["models"]["compact"]
+        assert 0 <= scores["knn_top1"] <= 1 and scores["num_test"] == 24, scores
+    assert held["models"]["compact"] != evaluated["models"]["compact"]
+
+
 def _baselines_skipped(out: Path, results: Results) -> None:
     assert "baselines" not in results["evaluate"]
 
@@ -184,6 +198,7 @@ CASES: dict[str, Case] = {
     "data.num_workers": Case(1, ("prune",)),
     "data.min_scale": Case(0.5, ("prune",)),
     "data.batched_augment": Case(False, ("prune",)),
+    "data.classes": Case([0, 1, 2, 3, 4], ("prune",), check=_data("classes 0-4 of 10")),
     # backbone (MCP from scratch)
     "backbone.name": Case(
         "torchvision/resnet18",
@@ -357,6 +372,12 @@ CASES: dict[str, Case] = {
     "eval.test_subset": Case(16, ("evaluate",), check=_evaluated("num_test", 16)),
     "eval.baselines": Case(False, ("evaluate",), check=_baselines_skipped),
     "eval.runtime": Case("torch", ("evaluate",), check=_in_pytorch),
+    "eval.transfer": Case(
+        ["held_out_classes", "digits"],
+        ("evaluate",),
+        {"data.classes": [0, 1, 2, 3, 4]},
+        check=_transfer,
+    ),
     # trainer
     "trainer.accelerator": Case("cpu", ("prune",)),
     "trainer.devices": Case("auto", ("prune",)),

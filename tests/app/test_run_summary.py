@@ -50,3 +50,31 @@ def test_the_summary_starts_with_the_headline() -> None:
     buffer = io.StringIO()
     print_run_summary(_report(), Console(file=buffer, width=120))
     assert buffer.getvalue().splitlines()[0] == headline(_report())
+
+
+def test_the_summary_shows_each_transfer_evaluation_with_its_data() -> None:
+    from lightly_mcp.app.pipeline import transfer_summary
+
+    report = _report()
+    part = {
+        "data": "digits train: 1438 images; digits test: 359 images",
+        "models": {"compact": {"knn_top1": 0.9123, "linear_top1": 0.8456, "k": 1}},
+        "baselines": {"raw_pixels": {"knn_top1": 0.9641, "linear_top1": 0.9422}},
+    }
+    report["transfer"] = {"digits": transfer_summary(part)}
+    assert report["transfer"]["digits"]["models"] == {
+        "raw_pixels": {"knn_top1": 0.9641, "linear_top1": 0.9422},
+        "compact": {"knn_top1": 0.9123, "linear_top1": 0.8456},
+    }
+    report["transfer"]["folder"] = transfer_summary(
+        {"data": "imagefolder: 3 images, no labels", "skipped": "no labels"}
+    )
+    buffer = io.StringIO()
+    print_run_summary(report, Console(file=buffer, width=120))
+    text = buffer.getvalue()
+    assert "transfer evaluations" in text
+    rows = [line for line in text.splitlines() if "0.9123" in line]
+    assert len(rows) == 1 and "compact" in rows[0] and "0.8456" in rows[0]
+    assert any("raw pixels" in line and "0.9641" in line for line in text.splitlines())
+    assert "data (digits): digits train: 1438 images" in text
+    assert "skipped: no labels" in text

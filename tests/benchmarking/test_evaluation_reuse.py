@@ -99,8 +99,8 @@ def counted_data(monkeypatch: pytest.MonkeyPatch) -> list[Counting]:
     made: list[Counting] = []
     original = pipeline.evaluation_data
 
-    def counting(recipe: Any) -> Any:
-        train, test, description, has_labels = original(recipe)
+    def counting(recipe: Any, on: str = "in_domain") -> Any:
+        train, test, description, has_labels = original(recipe, on)
         loaders = []
         for loader in (train, test):
             made.append(Counting(loader.dataset))
