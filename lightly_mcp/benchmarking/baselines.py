@@ -11,6 +11,10 @@ of MCP's at that ratio:
   MoCo v2: ``CompactMoCoV2(masks_from="first", reinit=True)``;
 - *random mask*: a fixed random mask on the momentum update (the paper's Eq. 3),
   from the dense model: :class:`RandomMaskMoCoV2`;
+- *distillation* (label-free, SEED): the compact architecture trained to match the
+  dense model's similarity distribution over a queue of its embeddings, from random
+  init or from the magnitude-pruned dense weights (pruned + distilled):
+  :class:`DistilledSmall`;
 - *supervised*: a backbone with a linear classifier trained with the labels
   (:class:`SupervisedClassifier` and its :func:`supervised_transform`): the small
   network trained supervised from scratch, and the steps of transfer pruning
@@ -23,6 +27,7 @@ Reference:
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from typing import Any
 
@@ -37,9 +42,14 @@ from torch.optim import SGD
 
 from lightly_mcp.methods.backbones import Backbone, build_backbone
 from lightly_mcp.methods.checkpoints import load_dense_moco
+from lightly_mcp.methods.distill import (
+    SEED_STUDENT_TEMPERATURE,
+    SEED_TEACHER_TEMPERATURE,
+    SEEDLoss,
+)
 from lightly_mcp.methods.moco_v2 import MoCoV2
 from lightly_mcp.methods.transforms import ToRGB
-from lightly_mcp.pruning.batchnorm import use_split_batchnorm
+from lightly_mcp.pruning.batchnorm import merge_split_batchnorm, use_split_batchnorm
 from lightly_mcp.pruning.compaction import compact
 from lightly_mcp.pruning.groups import ChannelGroup
 from lightly_mcp.pruning.masks import GroupMasks, output_feature_index, register_masks
@@ -306,6 +316,86 @@ class RandomMaskMoCoV2(MoCoV2):
             self.group_masks.tensors(),
             torch.randn(1, 3, size, size, device=self.device),
         )
+
+
+class DistilledSmall(CompactMoCoV2):
+    """The compact architecture trained by SEED distillation from the dense model,
+    without labels (:class:`~lightly_mcp.methods.distill.SEEDLoss`).
+
+    The student is :class:`CompactMoCoV2`'s query side (compact backbone and
+    projection head; the momentum side is removed): from random init
+    (``masks_from="first"``, ``reinit=True``: distillation) or from the dense model's
+    magnitude-pruned weights (``masks_from="magnitude"`` with ``dense_checkpoint``:
+    pruned + distilled). The teacher is the dense model's momentum encoder and
+    projection head (``teacher_checkpoint``), frozen and always in eval mode; it
+    embeds the same augmented view as the student, and its embeddings form the
+    queue (``memory_bank_size``).
+
+    Args:
+        teacher_checkpoint: Dense MoCo checkpoint of the teacher.
+        student_temperature: SEED's τ_s.
+        teacher_temperature: SEED's τ_t.
+        **kwargs: Arguments of :class:`CompactMoCoV2` and :class:`MoCoV2`.
+
+    Examples:
+        >>> model = DistilledSmall(teacher_checkpoint="pretrain/final.ckpt",
+        ...                        pruning_ratio=0.76, masks_from="first",
+        ...                        reinit=True, backbone="torchvision/mobilenet_v2")
+        >>> pytorch_lightning.Trainer(max_steps=1200).fit(model, dataloader)
+        >>> compact_backbone = model.backbone
+    """
+
+    def __init__(
+        self,
+        teacher_checkpoint: str,
+        student_temperature: float = SEED_STUDENT_TEMPERATURE,
+        teacher_temperature: float = SEED_TEACHER_TEMPERATURE,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.save_hyperparameters()
+        del self.backbone_momentum, self.projection_head_momentum
+        moco_keys = inspect.signature(MoCoV2).parameters
+        teacher = MoCoV2(**{k: v for k, v in kwargs.items() if k in moco_keys})
+        load_dense_moco(teacher, teacher_checkpoint)
+        merge_split_batchnorm(teacher.backbone_momentum)
+        self.teacher_backbone = teacher.backbone_momentum.requires_grad_(False)
+        self.teacher_head = teacher.projection_head_momentum.requires_grad_(False)
+        self.criterion = SEEDLoss(  # type: ignore[assignment]
+            queue_size=int(self.hparams["memory_bank_size"]),
+            dim=int(self.hparams["projection_dim"]),
+            student_temperature=student_temperature,
+            teacher_temperature=teacher_temperature,
+            gather_distributed=True,
+        )
+        self.train()
+
+    def train(self, mode: bool = True) -> DistilledSmall:
+        """Sets the student's mode; the teacher stays in eval mode."""
+        super().train(mode)
+        self.teacher_backbone.eval()
+        self.teacher_head.eval()
+        return self
+
+    @torch.no_grad()
+    def teacher_embeddings(self, x: Tensor) -> Tensor:
+        """The frozen teacher's projections of ``x``."""
+        embeddings: Tensor = self.teacher_head(self.teacher_backbone(self._layout(x)))
+        return embeddings
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        """One SEED step on the first view of ``batch`` (student and teacher see the
+        same image).
+        """
+        view = batch[0][0]
+        loss: Tensor = self.criterion(
+            self.forward_query_encoder(view), self.teacher_embeddings(view)
+        )
+        self.check_finite(loss)
+        self.log(
+            "train_loss", loss, prog_bar=True, sync_dist=True, batch_size=len(view)
+        )
+        return loss
 
 
 # --- supervised baselines -----------------------------------------------------------

@@ -10,6 +10,7 @@ import torch
 from lightly_mcp.app.assemble import moco_kwargs
 from lightly_mcp.benchmarking.baselines import (
     CompactMoCoV2,
+    DistilledSmall,
     RandomMaskMoCoV2,
     SupervisedClassifier,
     uniform_masks,
@@ -168,6 +169,77 @@ def test_small_from_scratch_is_the_compact_architecture_reinitialised() -> None:
     query, key = model.backbone.state_dict(), model.backbone_momentum.state_dict()
     assert all(torch.equal(query[k], key[k]) for k in query)
     assert not any(p.requires_grad for p in model.backbone_momentum.parameters())
+
+
+# --- distillation ---------------------------------------------------------------------
+def test_distillation_student_is_the_compact_network_and_the_teacher_is_frozen_dense(
+    tiny_dense: Path, tmp_path: Path
+) -> None:
+    recipe = tiny_recipe()
+    kwargs = moco_kwargs(recipe, "mcp")
+    torch.manual_seed(0)
+    model = DistilledSmall(
+        teacher_checkpoint=str(tiny_dense),
+        pruning_ratio=0.5,
+        input_size=16,
+        masks_from="first",
+        reinit=True,
+        **kwargs,
+    )
+    assert not hasattr(model, "backbone_momentum")
+    torch.manual_seed(0)
+    small = CompactMoCoV2(
+        pruning_ratio=0.5, input_size=16, masks_from="first", reinit=True, **kwargs
+    )
+    assert [p.shape for p in model.backbone.parameters()] == [
+        p.shape for p in small.backbone.parameters()
+    ]
+    # The teacher is the dense model's momentum encoder and head, in eval mode.
+    dense = MoCoV2(**kwargs)
+    dense.load_state_dict(read_checkpoint(tiny_dense)["state_dict"])
+    x = torch.randn(4, 3, 16, 16)
+    model.train()
+    assert model.backbone.training and not model.teacher_backbone.training
+    assert not model.teacher_head.training
+    with torch.no_grad():
+        expected = dense.projection_head_momentum.eval()(
+            dense.backbone_momentum.eval()(x)
+        )
+        torch.testing.assert_close(model.teacher_embeddings(x), expected)
+    assert not any(p.requires_grad for p in model.teacher_backbone.parameters())
+    # One SEED step moves the student, not the teacher; the teacher fills the queue.
+    teacher_before = {
+        k: v.clone() for k, v in model.teacher_backbone.state_dict().items()
+    }
+    student_before = [p.detach().clone() for p in model.backbone.parameters()]
+    trainer(tmp_path, max_steps=1).fit(model, loader(n=16, batch_size=8))
+    assert any(
+        not torch.equal(a, b)
+        for a, b in zip(model.backbone.parameters(), student_before)
+    )
+    for key, value in model.teacher_backbone.state_dict().items():
+        assert torch.equal(value, teacher_before[key]), key
+    assert int(model.criterion.memory_bank.bank_ptr) == 8
+    checkpoint: dict = {}
+    model.on_save_checkpoint(checkpoint)
+    torch.testing.assert_close(
+        checkpoint["memory_bank"]["bank"], model.criterion.memory_bank.bank
+    )
+
+
+def test_pruned_and_distilled_starts_from_the_typical_pruning_weights(
+    tiny_dense: Path,
+) -> None:
+    kwargs = moco_kwargs(tiny_recipe(), "mcp")
+    common = dict(pruning_ratio=0.5, input_size=16, dense_checkpoint=str(tiny_dense))
+    torch.manual_seed(0)
+    model = DistilledSmall(
+        teacher_checkpoint=str(tiny_dense), masks_from="magnitude", **common, **kwargs
+    )
+    typical = CompactMoCoV2(masks_from="magnitude", **common, **kwargs)
+    student, pruned = model.backbone.state_dict(), typical.backbone.state_dict()
+    assert student.keys() == pruned.keys()
+    assert all(torch.equal(student[k], pruned[k]) for k in student)
 
 
 # --- supervised -----------------------------------------------------------------------
