@@ -43,6 +43,12 @@ The grid (the paper's Tables 1-4, Figs. 3 and 4, DESIGN.md section 3):
 - ``transfer_pruning``: the dense momentum encoder fine-tuned with the labels for the
   pruning budget, filter-magnitude pruned, fine-tuned with the labels for the same
   budget again (Fig. 4);
+- ``distill`` / ``pruned_distill``: label-free SEED distillation of the dense model
+  (teacher: its momentum encoder and head, frozen) into the r = 0.76 architecture,
+  from random init / from the magnitude-pruned dense weights, at MCP's wall-clock
+  budget: ``mcp_r0.76``'s training seconds of the same seed divided by one
+  distillation step's seconds, timed over 20 steps just before the run
+  (``distill_steps``; the rule and its numbers are in the row's JSON);
 - ``mcp_r0.31`` / ``mcp_r0.52`` / ``mcp_r0.76``: MCP removing 50.0 % / 74.7 % /
   92.6 % of the backbone's parameters (uniform ratios from
   ``solve_pruning_ratio(..., target=0.5 / 0.75 / 0.927, "params")`` on
@@ -73,8 +79,12 @@ pruning steps (``scaled_frq``; 1,200 steps → frq = 10, 65 iterations). (1, 0) 
 
 Every configuration writes ``OUT/<name>_seed<k>.json`` (atomically) with kNN and
 linear-probe top-1 (10k test images, 60k bank, 30-epoch probe: the recipe's
-``eval`` section), parameters, MACs, wall time, the command, the commit and the
-machine; configurations whose JSON exists are skipped, and an interrupted training
+``eval`` section), each ``eval.transfer`` evaluation of the recipe under
+``"transfer"`` (e.g. the classes ``data.classes`` held out, and digits), parameters,
+MACs, wall time, the command, the commit and the machine, and keeps its result
+network as ``OUT/models/<name>_seed<k>.pt2`` (``torch.export``, code-free; read with
+``lightly_mcp.io.model_files.load_program``) so that later evaluations need no
+retraining; configurations whose JSON exists are skipped, and an interrupted training
 resumes from its ``last.ckpt`` (written every epoch). The headline rows (dense,
 typical pruning, small from scratch, MCP at 92 %) run first, then the other MCP
 ratios, the headline rows' seeds 1 and 2, and the remaining rows (``grid_order``).
@@ -83,6 +93,7 @@ Usage:
     OMP_NUM_THREADS=2 python benchmarks/accuracy/main.py            # full grid
     OMP_NUM_THREADS=2 python benchmarks/accuracy/main.py --quick    # smoke run
     python benchmarks/accuracy/main.py --only typical_pruning --device cuda
+    python benchmarks/accuracy/main.py --recipe recipes/OTHER.yaml --out OTHER_DIR
     python benchmarks/accuracy/report.py benchmarks/accuracy/results
 """
 
@@ -111,10 +122,13 @@ from pytorch_lightning import LightningModule
 from torch import Tensor, nn
 
 from lightly_mcp.app.assemble import (
+    IN_DOMAIN,
     evaluation_data,
+    evaluation_names,
     mcp_model,
     moco_kwargs,
     recipe_backbone,
+    recipe_dataset,
     trainer_for,
     training_data,
 )
@@ -122,12 +136,15 @@ from lightly_mcp.app.pipeline import pretrain
 from lightly_mcp.app.recipe import Recipe, load_recipe, validate
 from lightly_mcp.benchmarking.baselines import (
     CompactMoCoV2,
+    DistilledSmall,
     RandomMaskMoCoV2,
     SupervisedClassifier,
     supervised_transform,
 )
 from lightly_mcp.benchmarking.evaluation import evaluate_backbone
+from lightly_mcp.formats.runtimes import export_program
 from lightly_mcp.io.files import write_json_atomic
+from lightly_mcp.io.model_files import load_program, save_program
 from lightly_mcp.methods.checkpoints import read_checkpoint
 from lightly_mcp.methods.mcp import MCP
 from lightly_mcp.methods.moco_v2 import MoCoV2
@@ -185,7 +202,10 @@ class Context:
     fit: Callable[[LightningModule, int, str], None] | None = None
 
 
-FULL_TRAINING_SET = 60000  # Fashion-MNIST's training images
+def full_training_set(recipe: Recipe) -> int:
+    """Training images of the recipe's data without its subset (60,000 for
+    Fashion-MNIST; 30,000 for five of its classes)."""
+    return len(recipe_dataset(recipe, train=True, classes=recipe.data.classes))
 
 
 def pruning_steps(recipe: Recipe) -> int:
@@ -194,7 +214,8 @@ def pruning_steps(recipe: Recipe) -> int:
     m = recipe.mcp
     if m.max_steps > 0:
         return m.max_steps
-    return m.epochs * ((recipe.data.subset or FULL_TRAINING_SET) // m.batch_size)
+    images = recipe.data.subset or full_training_set(recipe)
+    return m.epochs * (images // m.batch_size)
 
 
 def pretraining_steps(recipe: Recipe) -> int:
@@ -202,7 +223,7 @@ def pretraining_steps(recipe: Recipe) -> int:
     p = recipe.pretrain
     if p.max_steps > 0:
         return p.max_steps
-    return p.epochs * (FULL_TRAINING_SET // p.batch_size)
+    return p.epochs * (full_training_set(recipe) // p.batch_size)
 
 
 def scaled_budget(recipe: Recipe, factor: int) -> Recipe:
@@ -324,6 +345,94 @@ def build_supervised_small(ctx: Context) -> LightningModule:
     )
 
 
+def distill_builder(from_pruned: bool) -> Callable[[Context], LightningModule]:
+    """SEED distillation of the dense model into the r = 0.76 architecture (the MCP
+    row's size): from random init, or from the dense model's magnitude-pruned
+    weights (``from_pruned``: pruned + distilled). Its budget is MCP's wall-clock
+    time (``distill_steps``)."""
+
+    def build(ctx: Context) -> LightningModule:
+        start = (
+            {"masks_from": "magnitude", "dense_checkpoint": str(ctx.dense_checkpoint)}
+            if from_pruned
+            else {"masks_from": "first", "reinit": True}
+        )
+        return DistilledSmall(
+            teacher_checkpoint=str(ctx.dense_checkpoint),
+            pruning_ratio=R92,
+            input_size=ctx.recipe.data.input_size,
+            **start,
+            **moco_kwargs(ctx.recipe, "mcp"),
+        )
+
+    return build
+
+
+#: The MCP row whose training time is the distillation rows' budget.
+DISTILL_BUDGET_ROW = f"mcp_r{R92}"
+#: Steps timed to measure a distillation step before the run.
+CALIBRATION_STEPS = 20
+
+
+def distill_steps(
+    ctx: Context, model: LightningModule, out: Path, name: str
+) -> tuple[int, dict[str, Any]]:
+    """The distillation rows' budget in steps: MCP's training seconds for the same
+    seed (``DISTILL_BUDGET_ROW``'s JSON, measured on this machine) divided by the
+    seconds of one distillation step, timed over ``CALIBRATION_STEPS`` steps on a
+    copy of the model just before the run (same process, same load).
+
+    Raises:
+        SystemExit: When the MCP row of this seed has no result yet.
+    """
+    mcp_file = out / f"{DISTILL_BUDGET_ROW}_seed{ctx.seed}.json"
+    if not mcp_file.is_file():
+        raise SystemExit(
+            f"{name} seed {ctx.seed}: its budget is {mcp_file.name}'s training time; "
+            f"run --only {DISTILL_BUDGET_ROW} first"
+        )
+    import json
+
+    budget = float(json.loads(mcp_file.read_text())["train_seconds"])
+    probe = copy_for_timing(model)
+    _, loader = training_data(
+        ctx.recipe, ctx.recipe.mcp.batch_size, moco_transform(ctx.recipe), ctx.seed
+    )
+    probe.train()
+    optimizer = torch.optim.SGD(probe.parameters(), lr=0.0)
+
+    def batches() -> Any:
+        while True:  # as many batches as timing needs, however small the data
+            yield from loader
+
+    stream = batches()
+    probe.training_step(next(stream), 0)  # warm-up, not timed
+    start = time.perf_counter()
+    for i in range(CALIBRATION_STEPS):
+        loss = probe.training_step(next(stream), i)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    per_step = (time.perf_counter() - start) / CALIBRATION_STEPS
+    steps = max(1, round(budget / per_step))
+    return steps, {
+        "rule": f"MCP's training seconds ({DISTILL_BUDGET_ROW}, same seed) / one "
+        f"distillation step's seconds (timed over {CALIBRATION_STEPS} steps here)",
+        "mcp_train_seconds": budget,
+        "seconds_per_step": round(per_step, 4),
+        "steps": steps,
+    }
+
+
+def copy_for_timing(model: LightningModule) -> LightningModule:
+    """A copy of ``model`` whose timing steps leave the original untouched."""
+    import copy
+
+    probe = copy.deepcopy(model)
+    probe.log = lambda *args, **kwargs: None  # type: ignore[method-assign]
+    return probe
+
+
 def _dense_backbone_state(ctx: Context) -> dict[str, Tensor]:
     """The dense model's momentum encoder (the ``dense`` row), plain BatchNorm."""
     backbone = build_dense(ctx).backbone_momentum  # type: ignore[union-attr]
@@ -409,6 +518,8 @@ def networks_of(model: LightningModule) -> dict[str, nn.Module]:
     """The networks to evaluate, the first one being the row's result."""
     if isinstance(model, MCP):
         return {"momentum_subnet": model.compact_momentum_subnet()}
+    if isinstance(model, DistilledSmall):
+        return {"student": model.backbone}
     if isinstance(model, RandomMaskMoCoV2):
         return {"key_encoder": model.compact_key_encoder()}
     if isinstance(model, CompactMoCoV2):
@@ -491,6 +602,14 @@ for _ratio in RATIOS:
         tier=0 if _ratio == R92 else 1,
     )
 METHODS[f"mcp_r{R92}_budget_x2"] = _entry(mcp_builder(R92), budget=2)
+# Label-free distillation (SEED) into the MCP row's architecture, at MCP's wall-clock
+# budget: after MCP in the registry, so that MCP's seed runs first in its tier.
+METHODS["distill"] = _entry(
+    distill_builder(from_pruned=False), steps="mcp_wall_clock", seeds=3, tier=0
+)
+METHODS["pruned_distill"] = _entry(
+    distill_builder(from_pruned=True), steps="mcp_wall_clock"
+)
 # The ρ ablation: the paper's {0.1, 0.01, 0.001} around its best, here ×{10, 0.1}
 # around the derived ρ (×1 is mcp_r0.76 itself).
 for _scale in (10.0, 0.1):
@@ -572,6 +691,32 @@ def dense_checkpoint(
     return pretrain(recipe, out / f"pretrain_seed{seed}", progress=progress)
 
 
+def save_row_model(
+    networks: dict[str, nn.Module], out: Path, name: str, seed: int, size: int
+) -> str | None:
+    """The row's result network (the first of ``networks``) as a ``torch.export``
+    program, ``OUT/models/<name>_seed<k>.pt2`` (folded BatchNorm, any batch size;
+    read with ``lightly_mcp.io.model_files.load_program``), checked against the
+    network; None (with the reason printed) when it does not export."""
+    import copy
+
+    network = copy.deepcopy(next(iter(networks.values()))).cpu().eval()
+    merge_split_batchnorm(network)
+    path = out / "models" / f"{name}_seed{seed}.pt2"
+    path.parent.mkdir(exist_ok=True)
+    try:
+        save_program(export_program(network, size), path)
+    except Exception as error:  # noqa: BLE001 - the row's numbers still count
+        print(f"[warn] {name} seed {seed}: model not kept ({error})")
+        return None
+    x = torch.randn(4, 3, size, size)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            load_program(path)(x), network(x), atol=1e-4, rtol=1e-4
+        )
+    return str(path.relative_to(out))
+
+
 def run_config(
     name: str,
     seed: int,
@@ -627,7 +772,13 @@ def run_config(
     pl.seed_everything(seed, verbose=False)
     train_start = time.perf_counter()
     model = entry["model"](ctx)
-    if entry["steps"] is not None:
+    extra: dict[str, Any] = {}
+    if entry["steps"] == "mcp_wall_clock":
+        budget_steps, extra["budget_rule"] = distill_steps(ctx, model, out, name)
+        train_start = time.perf_counter()  # the timing steps are not training
+        pl.seed_everything(seed, verbose=False)
+        fit(model, budget_steps)
+    elif entry["steps"] is not None:
         pl.seed_everything(seed, verbose=False)
         fit(model, entry["steps"](recipe))
     steps = sum(steps_done)
@@ -639,25 +790,37 @@ def run_config(
     dense_params = count_parameters(dense_backbone)
     dense_macs = count_macs(dense_backbone, size)
     eval_start = time.perf_counter()
-    train_loader, test_loader, description, _ = evaluation_data(recipe)
     e = recipe.eval
-    evaluations = {}
-    for net_name, network in networks.items():
-        evaluations[net_name] = evaluate_backbone(
-            network.to(device),
-            train_loader,
-            test_loader,
-            device=device,
-            k=e.k,
-            temperature=e.temperature,
-            linear_epochs=e.linear_epochs,
-            seed=seed,
-        )
-        evaluations[net_name]["params"] = count_parameters(network)
-        evaluations[net_name]["macs"] = count_macs(network.cpu(), size)
-    extra: dict[str, Any] = {}
+    evaluations: dict[str, dict[str, Any]] = {}
+    transfer: dict[str, dict[str, Any]] = {}
+    descriptions: dict[str, str] = {}
+    for on in evaluation_names(recipe):
+        train_loader, test_loader, descriptions[on], _ = evaluation_data(recipe, on)
+        for net_name, network in networks.items():
+            scores = evaluate_backbone(
+                network.to(device),
+                train_loader,
+                test_loader,
+                device=device,
+                k=e.k,
+                temperature=e.temperature,
+                linear_epochs=e.linear_epochs,
+                seed=seed,
+            )
+            if on == IN_DOMAIN:
+                evaluations[net_name] = scores
+                evaluations[net_name]["params"] = count_parameters(network)
+                evaluations[net_name]["macs"] = count_macs(network.cpu(), size)
+            else:
+                transfer.setdefault(on, {"data": descriptions[on]})[net_name] = {
+                    key: scores[key] for key in ("knn_top1", "linear_top1")
+                }
+        if on == IN_DOMAIN:
+            in_domain_test = test_loader
+    description = descriptions[IN_DOMAIN]
+    model_file = save_row_model(networks, out, name, seed, size)
     if isinstance(model, SupervisedClassifier):  # the classifier it trained
-        extra["classifier_top1"] = model.to(device).test_top1(test_loader)
+        extra["classifier_top1"] = model.to(device).test_top1(in_domain_test)
     if isinstance(model, MCP):  # the per-block record (convergence.py)
         extra["admm_blocks"] = model.block_history
     eval_seconds = time.perf_counter() - eval_start
@@ -686,6 +849,11 @@ def run_config(
         "dense_seed": dense_seed,
         "dense_checkpoint": str(dense),
         "networks": evaluations,
+        "transfer": {
+            on: {"data": part["data"], **part[primary]} for on, part in transfer.items()
+        },
+        "transfer_networks": transfer,
+        "model_file": model_file,
         **extra,
         "data": description,
         "wall_seconds": round(time.perf_counter() - start, 2),
@@ -716,8 +884,15 @@ def run_config(
 
 
 def main(argv: list[str] | None = None) -> None:
+    global RECIPE
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument(
+        "--recipe",
+        type=Path,
+        default=RECIPE,
+        help="the grid's recipe (default: recipes/fashion_mnist_mobilenetv2.yaml)",
+    )
     parser.add_argument("--quick", action="store_true", help="tiny smoke grid")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
     parser.add_argument("--only", action="append", choices=sorted(METHODS))
@@ -725,6 +900,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--set", action="append", default=[], dest="overrides")
     parser.add_argument("--progress", action="store_true")
     args = parser.parse_args(argv)
+    RECIPE = args.recipe.resolve()
     command = shlex.join([Path(sys.executable).name, *sys.argv])
     out = args.out or (DEFAULT_OUT / "quick" if args.quick else DEFAULT_OUT)
     out.mkdir(parents=True, exist_ok=True)

@@ -46,6 +46,8 @@ BASELINES = (
     "random_mask",
     "supervised_small",
     "transfer_pruning",
+    "distill",
+    "pruned_distill",
 )
 #: A seed whose kNN top-1 is at most this collapsed (chance is 0.10 on 10 classes);
 #: it is reported and counted in the mean, never dropped.
@@ -111,6 +113,46 @@ def markdown_table(results: dict[str, list[dict[str, Any]]]) -> str:
                 continue
             entries = [r["networks"][network] for r in runs if network in r["networks"]]
             lines.append(_row(f"{name} ({network})", entries, dense_params))
+    return "\n".join(lines)
+
+
+def transfer_table(results: dict[str, list[dict[str, Any]]]) -> str:
+    """One table of every evaluation (in-domain, then each ``eval.transfer`` one):
+    kNN / linear top-1 of each configuration's result network (mean ± std over
+    seeds, in %), and the data of each evaluation below it. Empty without
+    transfer evaluations."""
+    names: list[str] = []
+    data: dict[str, str] = {}
+    for runs in results.values():
+        for run in runs:
+            for on, part in run.get("transfer", {}).items():
+                if on not in names:
+                    names.append(on)
+                data.setdefault(on, part.get("data", ""))
+    if not names:
+        return ""
+    header = "| configuration | seeds | in-domain kNN | in-domain linear |"
+    rule = "|---|---:|---:|---:|"
+    for on in names:
+        header += f" {on} kNN | {on} linear |"
+        rule += "---:|---:|"
+    lines = [header, rule]
+    for name, runs in results.items():
+        cells = [
+            mean_std([r["knn_top1"] for r in runs]),
+            mean_std([r["linear_top1"] for r in runs]),
+        ]
+        for on in names:
+            parts = [r["transfer"][on] for r in runs if on in r.get("transfer", {})]
+            for metric in ("knn_top1", "linear_top1"):
+                values = [p[metric] for p in parts]
+                cells.append(mean_std(values) if values else "–")
+        seeds = len(runs)
+        lines.append(f"| {name} | {seeds} | " + " | ".join(cells) + " |")
+    lines.append("")
+    in_domain = next(iter(results.values()))[0].get("data", "")
+    lines.append(f"- in-domain: {in_domain}")
+    lines += [f"- {on}: {data[on]}" for on in names]
     return "\n".join(lines)
 
 
@@ -223,6 +265,9 @@ def write_report(folder: Path) -> str:
     folder = Path(folder)
     results = load_results(folder)
     table = markdown_table(results)
+    transfer = transfer_table(results)
+    if transfer:
+        table += "\n\nEvery evaluation (the result network of each row):\n\n" + transfer
     checked = targets(results)
     if checked:
         table += "\n\nTargets:\n\n" + checked

@@ -30,6 +30,8 @@ def test_registry_names() -> None:
         "mcp_r0.52",
         "mcp_r0.76",
         "mcp_r0.76_budget_x2",
+        "distill",
+        "pruned_distill",
         "mcp_r0.76_rho_x10",
         "mcp_r0.76_rho_x0.1",
         "mcp_r0.76_frq100_dr1",
@@ -48,6 +50,7 @@ def test_registry_names() -> None:
         "typical_pruning": 3,
         "scratch_small": 3,
         "mcp_r0.76": 3,
+        "distill": 3,
         "mcp_r0.76_frq1_dr0": 3,
     }
 
@@ -57,13 +60,18 @@ def test_grid_runs_the_headline_question_first() -> None:
     assert (
         len(order) == len(set(order)) == sum(e["seeds"] for e in main.METHODS.values())
     )
-    first = {"dense", "typical_pruning", "scratch_small", "mcp_r0.76"}
-    assert {name for name, _ in order[:4]} == first
-    assert all(seed == 0 for _, seed in order[:6])
-    assert [name for name, _ in order[4:6]] == ["mcp_r0.31", "mcp_r0.52"]
-    assert {pair for pair in order[6:14]} == {
+    first = {"dense", "typical_pruning", "scratch_small", "mcp_r0.76", "distill"}
+    assert {name for name, _ in order[:5]} == first
+    assert all(seed == 0 for _, seed in order[:7])
+    assert [name for name, _ in order[5:7]] == ["mcp_r0.31", "mcp_r0.52"]
+    assert {pair for pair in order[7:17]} == {
         (name, seed) for name in first for seed in (1, 2)
     }
+    # Distillation's budget is MCP's time: MCP's seed runs before it.
+    for seed in range(3):
+        assert order.index(("mcp_r0.76", seed)) < order.index(("distill", seed))
+    names = [name for name, _ in order]
+    assert names.index("mcp_r0.76") < names.index("pruned_distill")
     # An ablation's extra seeds run after every ablation's seed 0.
     assert order[-3:] == [
         ("mcp_r0.76_frozen_hard", 0),
@@ -171,6 +179,8 @@ def test_training_budgets_in_steps() -> None:
     for name, entry in main.METHODS.items():
         if name == "dense":
             assert entry["steps"] is None
+        elif name in ("distill", "pruned_distill"):  # MCP's wall-clock time
+            assert entry["steps"] == "mcp_wall_clock" and entry["data"] == "pruning"
         elif name in ("scratch_small", "supervised_small", "scratch_small_budget_x2"):
             # pretraining + pruning, on all images
             assert entry["data"] == "pretraining"
@@ -178,6 +188,11 @@ def test_training_budgets_in_steps() -> None:
         else:  # the same pruning-phase budget for every pruning method
             assert entry["data"] == "pruning"
             assert entry["steps"](recipe) == pruning
+    five = load_recipe(
+        main.RECIPE, ["data.classes=[0, 1, 2, 3, 4]", "pretrain.epochs=2"]
+    )
+    assert main.full_training_set(five) == 30000
+    assert main.pretraining_steps(five) == 2 * (30000 // 128)
     capped = load_recipe(main.RECIPE, ["mcp.max_steps=5", "pretrain.max_steps=9"])
     assert main.pruning_steps(capped) == 5
     assert main.pretraining_steps(capped) == 9
@@ -362,3 +377,55 @@ def test_convergence_reads_run_folders_and_grid_rows(tmp_path: Path) -> None:
     ]
     with pytest.raises(FileNotFoundError, match="no ADMM block record"):
         convergence.block_history(tmp_path / "empty")
+
+
+def test_report_has_every_evaluation_of_every_row(tmp_path: Path) -> None:
+    for seed, (knn, held) in enumerate(((0.80, 0.60), (0.82, 0.64))):
+        result = {
+            "name": "mcp_r0.76",
+            "seed": seed,
+            "knn_top1": knn,
+            "linear_top1": 0.9,
+            "params": 10,
+            "macs": 1e6,
+            "params_removed": 0.9,
+            "dense_params": 100,
+            "data": "fashion_mnist train classes 0-4 of 10",
+            "transfer": {
+                "held_out_classes": {
+                    "data": "fashion_mnist train classes 5-9 of 10",
+                    "knn_top1": held,
+                    "linear_top1": 0.7,
+                }
+            },
+        }
+        (tmp_path / f"mcp_r0.76_seed{seed}.json").write_text(json.dumps(result))
+    table = report.transfer_table(report.load_results(tmp_path))
+    row = next(line for line in table.splitlines() if line.startswith("| mcp_r0.76"))
+    assert (
+        row
+        == "| mcp_r0.76 | 2 | 81.00 ± 1.41 | 90.00 ± 0.00 | 62.00 ± 2.83 | 70.00 ± 0.00 |"
+    )
+    assert "- held_out_classes: fashion_mnist train classes 5-9 of 10" in table
+    assert "held_out_classes kNN" in report.write_report(tmp_path)
+    assert report.transfer_table({"x": [{"knn_top1": 1, "linear_top1": 1}]}) == ""
+
+
+def test_each_row_keeps_its_network_as_a_program(tmp_path: Path) -> None:
+    from lightly_mcp.io.model_files import load_program
+    from lightly_mcp.methods.backbones import build_backbone
+    from lightly_mcp.pruning.batchnorm import use_split_batchnorm
+
+    torch.manual_seed(0)
+    network = build_backbone(
+        "torchvision/mobilenet_v2", small_input=False, width_multiplier=0.25
+    )
+    use_split_batchnorm(network, 2)  # as the MoCo rows' encoders have it
+    network.eval()
+    name = main.save_row_model({"key_encoder": network}, tmp_path, "row", 1, 16)
+    assert name == "models/row_seed1.pt2"
+    x = torch.randn(3, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            load_program(tmp_path / name)(x), network(x), atol=1e-4, rtol=1e-4
+        )
