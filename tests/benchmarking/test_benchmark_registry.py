@@ -429,3 +429,20 @@ def test_each_row_keeps_its_network_as_a_program(tmp_path: Path) -> None:
         torch.testing.assert_close(
             load_program(tmp_path / name)(x), network(x), atol=1e-4, rtol=1e-4
         )
+
+
+def test_the_transfer_grid_holds_out_five_classes_with_the_grids_budgets() -> None:
+    from lightly_mcp.app.assemble import evaluation_names, held_out_classes
+
+    transfer = load_recipe(main.HERE / "transfer.yaml")
+    grid = load_recipe(main.RECIPE)
+    assert transfer.data.classes == [0, 1, 2, 3, 4]
+    assert held_out_classes(transfer) == [5, 6, 7, 8, 9]
+    assert evaluation_names(transfer) == ["in_domain", "held_out_classes", "digits"]
+    assert transfer.pretrain.dense_checkpoint.endswith("_5class.ckpt")
+    # The same budgets in steps as the all-class grid.
+    assert main.pretraining_steps(transfer) == main.pretraining_steps(grid) == 1404
+    assert main.pruning_steps(transfer) == main.pruning_steps(grid)
+    # Otherwise the same protocol.
+    same = dict(transfer.to_dict(), data=None, pretrain=None, eval=None)
+    assert same == dict(grid.to_dict(), data=None, pretrain=None, eval=None)
