@@ -65,7 +65,10 @@ The grid (the paper's Tables 1-4, Figs. 3 and 4, DESIGN.md section 3):
   small network its pretraining budget plus 2,400 steps), to measure what budget
   the 92 % target needs;
 - ``mcp_r0.76_frozen_hard``: the frozen block with θ_q's dropped channels held at
-  zero (``frozen_mask: hard``) instead of pulled there by a penalty.
+  zero (``frozen_mask: hard``) instead of pulled there by a penalty;
+- ``mcp_r0.76_fixed_mask``: the dense model's magnitude mask kept at every ADMM
+  update (``mcp.mask_updates: fixed``), with the same schedule and subnet keys: what
+  ADMM's changing mask adds.
 
 All pruned rows prune ``keep_output_dim=False`` groups (the feature dimension is
 pruned too) at the same ratio, so their compact networks have the same size.
@@ -476,6 +479,7 @@ def mcp_builder(
     frozen_mask: str | None = None,
     round_to: int = 1,
     target_params: float | None = None,
+    mask_updates: str | None = None,
 ) -> Callable[[Context], LightningModule]:
     """An MCP row with the recipe's schedule (``mcp`` section).
 
@@ -486,7 +490,8 @@ def mcp_builder(
 
     ``rho_scale``: a fixed ρ of ``rho_scale`` × the derived ρ (the ρ ablation).
     ``transition``: the paper's (frq, dr) transition instead of the recipe's; (100, 1)
-    is scaled to the run (``scaled_frq``). ``frozen_mask``: instead of the recipe's.
+    is scaled to the run (``scaled_frq``). ``frozen_mask``, ``mask_updates``: instead
+    of the recipe's.
     """
 
     def build(ctx: Context) -> LightningModule:
@@ -498,6 +503,8 @@ def mcp_builder(
         }
         if frozen_mask is not None:
             options["frozen_mask"] = frozen_mask
+        if mask_updates is not None:
+            options["mask_updates"] = mask_updates
         if rho_scale is not None:
             options.update(rho=rho_scale * derived_rho(ctx.recipe), rho_response=None)
         if transition is not None:
@@ -638,6 +645,9 @@ METHODS["mcp_t0.9264_round_to8"] = _entry(
 # The frozen block with θ_q's dropped channels held at exactly zero (the query trains
 # as the compact network) instead of the recipe's penalty pulling them there.
 METHODS[f"mcp_r{R92}_frozen_hard"] = _entry(mcp_builder(R92, frozen_mask="hard"))
+# What ADMM's changing mask adds: the start's magnitude mask kept at every update, the
+# same schedule (penalty, gradual shrink, transition, subnet keys).
+METHODS[f"mcp_r{R92}_fixed_mask"] = _entry(mcp_builder(R92, mask_updates="fixed"))
 
 
 def grid_order(names: list[str], max_seeds: int | None) -> list[tuple[str, int]]:

@@ -349,6 +349,7 @@ def mcp_model(recipe: Recipe, dense: Path | None = None) -> MCP:
         "transition": m.transition,
         "frq": m.frq,
         "dr": m.dr,
+        "mask_updates": m.mask_updates,
         "recalibration_batches": m.recalibration_batches,
         "keep_output_dim": m.keep_output_dim,
         "compact_keys": m.compact_keys,

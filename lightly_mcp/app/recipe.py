@@ -147,6 +147,8 @@ class MCPSection(StageSchedule):
             ``hard`` (keep them at zero: θ_q trains as the compact network).
         transition: ``paper`` (``frq``/``dr``) or ``stable_mask`` (full-encoder keys
             until an update leaves the mask unchanged).
+        mask_updates: ``admm`` (the method) or ``fixed`` (the start's magnitude
+            mask kept at every update: an ablation).
         recalibration_batches: Batches re-estimating the momentum subnet's
             BatchNorm statistics when training ends (0: off).
         compact_keys: Compute the momentum subnet's keys with a physically pruned
@@ -167,6 +169,7 @@ class MCPSection(StageSchedule):
     transition: str = "paper"
     frq: int = 100
     dr: int = 1
+    mask_updates: str = "admm"
     recalibration_batches: int = 20
     keep_output_dim: bool = True
     compact_keys: bool = True

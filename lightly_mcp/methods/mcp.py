@@ -103,6 +103,10 @@ class MCP(MoCoV2):
             support_penalty``); ``"hard"`` sets them to zero at the start of the
             frozen phase and after every step, so the query encoder trains as the
             compact network the momentum subnet will be.
+        mask_updates: ``"admm"`` (every update projects ``θ_q + U`` anew: the
+            method) or ``"fixed"`` (the start's magnitude mask is kept and ADMM
+            pulls θ_q onto it with the same schedule and subnet keys: the ablation
+            of what the changing mask adds).
         transition: ``"paper"``: the smooth transition ``(frq, dr)`` of Sec. 3.5;
             ``"stable_mask"``: keys from the full momentum encoder until an ADMM
             update leaves the mask unchanged after a block that moved θ_q far enough
@@ -209,6 +213,7 @@ class MCP(MoCoV2):
         transition: str = "paper",
         frq: int = 100,
         dr: int = 1,
+        mask_updates: str = "admm",
         recalibration_batches: int = 20,
         keep_output_dim: bool = True,
         compact_keys: bool = True,
@@ -234,6 +239,7 @@ class MCP(MoCoV2):
                 "rho_response": rho_response,
                 "compact_keys": compact_keys,
                 "round_to": round_to,
+                "mask_updates": mask_updates,
             }
         )
         if rho_response is not None:
@@ -267,6 +273,7 @@ class MCP(MoCoV2):
             rho=rho,
             rho_growth=rho_growth,
             round_to=round_to,
+            fixed_mask=mask_updates == "fixed",
         )
         # The subnet references the regularizer's mask: one mask, saved once.
         self.subnet = MomentumSubnet(

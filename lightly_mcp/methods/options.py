@@ -28,6 +28,10 @@ from lightly_mcp.pruning.schedule import FROZEN_MASKS, LR_SCHEDULES, TRANSITIONS
 #: Units of ``admm_interval``.
 ADMM_INTERVAL_UNITS = ("steps", "epochs")
 
+#: What an ADMM update does to the mask: ``admm`` (a new projection of θ + U, the
+#: method) or ``fixed`` (the start's magnitude mask kept; an ablation).
+MASK_UPDATES = ("admm", "fixed")
+
 #: Integer options and their smallest allowed value.
 INTEGER_OPTIONS = {
     "frq": 0,
@@ -47,6 +51,7 @@ CHOICE_OPTIONS = {
     "lr_schedule": LR_SCHEDULES,
     "frozen_mask": FROZEN_MASKS,
     "transition": TRANSITIONS,
+    "mask_updates": MASK_UPDATES,
 }
 
 
@@ -59,7 +64,8 @@ def check_mcp_options(
         options: Option values by name (``frq``, ``dr``, ``admm_interval``,
             ``frozen_blocks``, ``recalibration_batches``, ``admm_interval_unit``,
             ``lr_schedule``, ``frozen_mask``, ``transition``, ``rho``,
-            ``rho_growth``, ``rho_response``, ``compact_keys``, ``round_to``).
+            ``rho_growth``, ``rho_response``, ``compact_keys``, ``round_to``,
+            ``mask_updates``).
         qualify: How a message names an option (e.g. ``'mcp.frq'`` in a recipe).
 
     Raises:

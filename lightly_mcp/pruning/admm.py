@@ -109,6 +109,7 @@ class ADMMRegularizer(nn.Module):
         rho: float = 0.01,
         rho_growth: float = 1.0,
         round_to: int = 1,
+        fixed_mask: bool = False,
     ) -> None:
         """Initialises ``Z⁰ = Π(θ⁰)``, ``U⁰ = 0`` from the encoder's current weights.
 
@@ -120,6 +121,10 @@ class ADMMRegularizer(nn.Module):
             rho_growth: Factor ≥ 1 multiplying ρ after every update.
             round_to: Every group keeps a multiple of this many channels where its
                 size allows (``ChannelGroup.num_kept``); 1: exactly ``n_g``.
+            fixed_mask: Keep the first mask (``support(Π(θ⁰))``, the magnitude
+                mask of the start) at every update: ``Z ← (θ + U) ⊙ φ`` on the fixed
+                support instead of a new projection (the ablation of what the
+                changing mask adds).
         """
         super().__init__()
         self.pruning_ratio = validate_pruning_ratio(pruning_ratio)
@@ -132,6 +137,7 @@ class ADMMRegularizer(nn.Module):
         self.groups = list(groups)
         self.rho_growth = float(rho_growth)
         self.round_to = validate_round_to(round_to)
+        self.fixed_mask = bool(fixed_mask)
         # A parameter after a concatenation is a member of several groups.
         self.param_names = list(
             dict.fromkeys(name for g in self.groups for name in g.param_names)
@@ -301,9 +307,14 @@ class ADMMRegularizer(nn.Module):
         params = self._parameters_of(encoder)
         u = self.u()
         shifted = {n: params[n].detach() + u[n] for n in self.param_names}
-        z_new, masks_new = project_onto_channel_budget(
-            shifted, self.groups, self.pruning_ratio, self.round_to
-        )
+        if self.fixed_mask:
+            phi = self.group_masks.multipliers(shifted)
+            z_new = {n: shifted[n] * phi[n] for n in self.param_names}
+            masks_new = [mask.clone() for mask in self.group_masks]
+        else:
+            z_new, masks_new = project_onto_channel_budget(
+                shifted, self.groups, self.pruning_ratio, self.round_to
+            )
         for i, name in enumerate(self.param_names):
             getattr(self, f"z_{i}").copy_(z_new[name])
             # U + θ − Z, written so that it is exactly zero where Z keeps θ + U.
@@ -325,6 +336,7 @@ class ADMMRegularizer(nn.Module):
             f"groups={len(self.groups)}, pruning_ratio={self.pruning_ratio}, "
             f"round_to={self.round_to}, "
             f"rho={self.rho:g}, rho_growth={self.rho_growth:g}"
+            + (", fixed_mask=True" if self.fixed_mask else "")
         )
 
 

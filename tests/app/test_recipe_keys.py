@@ -309,6 +309,9 @@ CASES: dict[str, Case] = {
     ),
     "mcp.frq": Case(2, ("prune",), check=_hparam("prune", "frq", 2)),
     "mcp.dr": Case(2, ("prune",), check=_hparam("prune", "dr", 2)),
+    "mcp.mask_updates": Case(
+        "fixed", ("prune",), check=_hparam("prune", "mask_updates", "fixed")
+    ),
     "mcp.recalibration_batches": Case(
         0, ("prune",), check=_hparam("prune", "recalibration_batches", 0)
     ),

@@ -41,6 +41,7 @@ def test_registry_names() -> None:
         "mcp_r0.76_round_to8",
         "mcp_t0.9264_round_to8",
         "mcp_r0.76_frozen_hard",
+        "mcp_r0.76_fixed_mask",
     ]
     for entry in main.METHODS.values():
         assert callable(entry["model"]) and entry["transform"] is not None
@@ -73,8 +74,9 @@ def test_grid_runs_the_headline_question_first() -> None:
     names = [name for name, _ in order]
     assert names.index("mcp_r0.76") < names.index("pruned_distill")
     # An ablation's extra seeds run after every ablation's seed 0.
-    assert order[-3:] == [
+    assert order[-4:] == [
         ("mcp_r0.76_frozen_hard", 0),
+        ("mcp_r0.76_fixed_mask", 0),
         ("mcp_r0.76_frq1_dr0", 1),
         ("mcp_r0.76_frq1_dr0", 2),
     ]

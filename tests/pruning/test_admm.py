@@ -145,6 +145,37 @@ def test_update_follows_admm_equations(tiny_net: nn.Module) -> None:
     assert int(admm.num_updates) == 1
 
 
+def test_fixed_mask_keeps_the_starts_mask_and_projects_onto_it(
+    tiny_net: nn.Module,
+) -> None:
+    groups = _groups(tiny_net)
+    admm = ADMMRegularizer(
+        tiny_net, groups, pruning_ratio=0.5, rho=0.1, fixed_mask=True
+    )
+    start = [m.clone() for m in admm.masks]
+    _, magnitude = project_onto_channel_budget(
+        {n: p.detach() for n, p in tiny_net.named_parameters()}, groups, 0.5
+    )
+    assert all(torch.equal(a, b) for a, b in zip(start, magnitude))
+    for _ in range(3):
+        with torch.no_grad():  # moves that a new projection would follow
+            for p in tiny_net.parameters():
+                p.add_(2.0 * torch.randn_like(p))
+        params = {n: p.detach().clone() for n, p in tiny_net.named_parameters()}
+        u_old = {n: u.clone() for n, u in admm.u().items()}
+        shifted = {n: params[n] + u_old[n] for n in admm.param_names}
+        _, projected = project_onto_channel_budget(shifted, groups, 0.5)
+        assert any(not torch.equal(a, b) for a, b in zip(projected, start))
+        assert admm.update(tiny_net) == 0
+        assert all(torch.equal(a, b) for a, b in zip(admm.masks, start))
+        phi = parameter_multipliers(shifted, groups, start)
+        for name in admm.param_names:
+            expected_z = shifted[name] * phi[name]
+            torch.testing.assert_close(admm.z()[name], expected_z)
+            torch.testing.assert_close(admm.u()[name], shifted[name] - expected_z)
+    assert "fixed_mask=True" in repr(admm)
+
+
 def test_admm_drives_toy_problem_to_sparse_solution() -> None:
     torch.manual_seed(0)
     net = TinyConvNet()
