@@ -142,8 +142,58 @@ def backbone_names(include_timm: bool = False) -> list[str]:
     return names
 
 
+#: The name a backbone built from a Python module gets: ``"module/<ClassName>"``.
+MODULE_PREFIX = "module/"
+
+
+def backbone_label(backbone: str | nn.Module) -> str:
+    """The name a backbone is recorded under: the name itself, a :class:`Backbone`'s
+    ``name``, or ``"module/<ClassName>"`` for any other module.
+    """
+    if isinstance(backbone, Backbone):
+        return backbone.name
+    if isinstance(backbone, nn.Module):
+        return MODULE_PREFIX + type(backbone).__name__
+    return backbone
+
+
+def backbone_from_module(net: nn.Module, input_size: int = 32) -> Backbone:
+    """Wraps a user's network as a :class:`Backbone` (a ``Backbone`` is returned as
+    it is).
+
+    The network must map images ``[B, 3, H, W]`` to pooled features ``[B, D]`` (or
+    ``[B, D, 1, 1]``): a classifier's head removed (e.g. a torchvision ResNet with
+    ``fc = nn.Identity()``). ``D`` is found with a shape-only forward of one
+    ``input_size`` image on the meta device (no compute).
+
+    Raises:
+        InputError: If the network does not run on such an image, or returns
+            something other than one feature vector per image.
+    """
+    if isinstance(net, Backbone):
+        return net
+    label = backbone_label(net)
+    out = _probe_output(net, (3, input_size, input_size))
+    fix = (
+        "give a module that maps images [B, 3, H, W] to pooled features [B, D] "
+        "(no classifier head, e.g. fc = nn.Identity())"
+    )
+    if out is None:
+        raise InputError(
+            f"backbone module {type(net).__name__} does not run on a [1, 3, "
+            f"{input_size}, {input_size}] image batch; {fix}."
+        )
+    if out.dim() not in (2, 4) or (out.dim() == 4 and tuple(out.shape[2:]) != (1, 1)):
+        raise InputError(
+            f"backbone module {type(net).__name__} returns shape {tuple(out.shape)} "
+            f"for a [1, 3, {input_size}, {input_size}] batch, not pooled features; "
+            f"{fix}."
+        )
+    return Backbone(net, feature_dim=int(out.shape[1]), name=label)
+
+
 def build_backbone(
-    name: str,
+    name: str | nn.Module,
     *,
     small_input: bool = False,
     width_multiplier: float | None = None,
@@ -156,9 +206,12 @@ def build_backbone(
 
     Args:
         name: ``"torchvision/<arch>"`` for any classification model of
-            ``torchvision.models`` (:data:`SUPPORTED_TORCHVISION`), or
+            ``torchvision.models`` (:data:`SUPPORTED_TORCHVISION`),
             ``"timm/<arch>"`` for any timm model (built with
-            ``timm.create_model(arch, pretrained=False, num_classes=0)``).
+            ``timm.create_model(arch, pretrained=False, num_classes=0)``), or a
+            network itself (see :func:`backbone_from_module`; recorded as
+            ``"module/<ClassName>"``, so a checkpoint of it needs the module again
+            to be loaded).
         small_input: Adapt the stem to 28-64 px images: stride-1 first convolution and
             no early max-pool. torchvision resnets (and resnext, wide resnet) get a
             3x3 stride-1 ``conv1``; other torchvision models get stride 1 in their
@@ -188,6 +241,23 @@ def build_backbone(
         >>> build_backbone("torchvision/mobilenet_v2", width_multiplier=0.5).feature_dim
         1280
     """
+    if isinstance(name, nn.Module):
+        if small_input or width_multiplier is not None or weights is not None:
+            raise InputError(
+                "small_input, width_multiplier and weights apply to backbone names; "
+                "a backbone module is used as it is (adapt and load it yourself)."
+            )
+        return backbone_from_module(name)
+    if not isinstance(name, str):
+        raise InputError(
+            f"backbone must be a name or an nn.Module, got {type(name).__name__}."
+        )
+    if name.startswith(MODULE_PREFIX):
+        raise InputError(
+            f"backbone {name!r} was a Python module when this model was saved; pass "
+            f"the module again (e.g. MCP.load_from_checkpoint(path, "
+            f"backbone={name[len(MODULE_PREFIX) :]}(...)))."
+        )
     if width_multiplier is not None and not width_multiplier > 0:
         raise InputError(f"width_multiplier must be positive, got {width_multiplier}")
     library, _, arch = name.partition("/")
@@ -579,7 +649,15 @@ def _first_strided_conv(module: nn.Module, prefix: str) -> tuple[str, nn.Conv2d 
 
 
 def _probe_output_dim(net: nn.Module, input_size: tuple[int, ...]) -> int | None:
-    """Runs a shape-only forward on the meta device and returns the feature size.
+    """The size of the flattened output of :func:`_probe_output` (None if the
+    forward fails).
+    """
+    out = _probe_output(net, input_size)
+    return None if out is None else int(out.flatten(1).shape[1])
+
+
+def _probe_output(net: nn.Module, input_size: tuple[int, ...]) -> Tensor | None:
+    """Runs a shape-only forward on the meta device and returns its (meta) output.
 
     Parameters and buffers are swapped for meta tensors with ``functional_call``, so
     the probe costs no compute, allocates nothing and leaves the network untouched.
@@ -589,7 +667,7 @@ def _probe_output_dim(net: nn.Module, input_size: tuple[int, ...]) -> int | None
         input_size: ``(C, H, W)`` of the probe image (batch 1).
 
     Returns:
-        The size of the flattened output, or ``None`` if the forward fails.
+        The output, or ``None`` if the forward fails or returns no tensor.
     """
     state = {
         key: torch.empty_like(value, device="meta")
@@ -606,7 +684,7 @@ def _probe_output_dim(net: nn.Module, input_size: tuple[int, ...]) -> int | None
         return None
     if not isinstance(out, Tensor):
         return None
-    return int(out.flatten(1).shape[1])
+    return out
 
 
 def _extract_state_dict(loaded: object, file: Path) -> dict[str, Tensor]:

@@ -13,7 +13,10 @@ Reference:
 from __future__ import annotations
 
 import copy
+import inspect
 import random
+import types
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -33,7 +36,7 @@ from torch.optim import SGD
 from torch.optim.lr_scheduler import LambdaLR
 
 from lightly_mcp.errors import InputError, TrainingDivergedError
-from lightly_mcp.methods.backbones import build_backbone
+from lightly_mcp.methods.backbones import backbone_label, build_backbone
 from lightly_mcp.methods.resumable_data import restore_loader_positions
 from lightly_mcp.methods.transforms import build_transform
 from lightly_mcp.pruning.batchnorm import use_split_batchnorm
@@ -49,7 +52,9 @@ class MoCoV2(LightningModule):
 
     Args:
         backbone: Backbone name for ``build_backbone`` (e.g.
-            ``"torchvision/resnet18"``, ``"timm/efficientnet_b0"``).
+            ``"torchvision/resnet18"``, ``"timm/efficientnet_b0"``), or your own
+            network mapping images to pooled features (recorded in checkpoints as
+            ``"module/<ClassName>"``: load them with ``backbone=`` the module).
         backbone_kwargs: Options for ``build_backbone`` (``small_input``,
             ``width_multiplier``, ``weights``).
         batch_size_per_device: Batch size on one device (scales the learning rate).
@@ -76,7 +81,7 @@ class MoCoV2(LightningModule):
 
     def __init__(
         self,
-        backbone: str = "torchvision/resnet18",
+        backbone: str | nn.Module = "torchvision/resnet18",
         backbone_kwargs: dict[str, Any] | None = None,
         batch_size_per_device: int = 256,
         temperature: float = 0.2,
@@ -101,6 +106,10 @@ class MoCoV2(LightningModule):
             raise InputError(f"momentum must be in [0, 1], got {momentum}.")
         if memory_bank_size < 0:
             raise InputError(f"memory_bank_size must be >= 0, got {memory_bank_size}.")
+        # A backbone module is recorded by its label, never pickled into checkpoints.
+        self._backbone_label = (
+            backbone_label(backbone) if isinstance(backbone, nn.Module) else None
+        )
         self.save_hyperparameters()
         self.batch_size_per_device = batch_size_per_device
 
@@ -122,6 +131,25 @@ class MoCoV2(LightningModule):
             memory_bank_size=(memory_bank_size, projection_dim),
             gather_distributed=True,
         )
+
+    def save_hyperparameters(
+        self,
+        *args: Any,
+        ignore: Sequence[str] | str | None = None,
+        frame: types.FrameType | None = None,
+        logger: bool = True,
+    ) -> None:
+        """Lightning's, with a backbone module recorded as ``"module/<ClassName>"``
+        (a checkpoint holds its weights, never the module itself).
+        """
+        frame = frame or inspect.currentframe().f_back  # type: ignore[union-attr]
+        ignored = [ignore] if isinstance(ignore, str) else list(ignore or [])
+        label = getattr(self, "_backbone_label", None)
+        if label is not None:
+            ignored.append("backbone")
+        super().save_hyperparameters(*args, ignore=ignored, frame=frame, logger=logger)
+        if label is not None:
+            self.hparams["backbone"] = label
 
     # --- forward -------------------------------------------------------------------
     def _layout(self, x: Tensor) -> Tensor:

@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
+from lightly_mcp.errors import InputError
 from lightly_mcp.methods.backbones import (
     SUPPORTED_TORCHVISION,
     Backbone,
@@ -448,3 +449,53 @@ def test_timm_blur_pool_follows_the_channels_and_keeps_the_output() -> None:
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         assert torch.equal(backbone(x), reference(x))
+
+
+# --- your own module ------------------------------------------------------------------
+class _PooledCNN(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 16, 3, padding=1)
+        self.bn = torch.nn.BatchNorm2d(16)
+        self.head = torch.nn.Conv2d(16, 8, 1)
+        self.pool = torch.nn.AdaptiveAvgPool2d(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pool(self.head(torch.relu(self.bn(self.conv(x)))))
+
+
+def test_a_module_is_wrapped_with_its_feature_dimension() -> None:
+    from lightly_mcp.methods.backbones import Backbone, backbone_label
+
+    net = _PooledCNN()
+    backbone = build_backbone(net)
+    assert isinstance(backbone, Backbone) and backbone.net is net
+    assert backbone.feature_dim == 8 and backbone.name == "module/_PooledCNN"
+    assert backbone(torch.randn(2, 3, 16, 16)).shape == (2, 8)
+    assert build_backbone(backbone) is backbone  # a Backbone is used as it is
+    assert backbone_label(backbone) == "module/_PooledCNN"
+    assert backbone_label("timm/resnet18") == "timm/resnet18"
+
+
+@pytest.mark.parametrize(
+    ("net", "message"),
+    [
+        (torch.nn.Conv2d(3, 4, 3), r"returns shape \(1, 4, 30, 30\) .* not pooled"),
+        (torch.nn.Conv2d(1, 4, 3), r"does not run on a \[1, 3, 32, 32\] image batch"),
+    ],
+)
+def test_a_module_that_gives_no_pooled_features_is_refused(
+    net: torch.nn.Module, message: str
+) -> None:
+    with pytest.raises(InputError, match=message) as refused:
+        build_backbone(net)
+    assert "nn.Identity()" in str(refused.value)
+
+
+def test_name_options_with_a_module_and_a_saved_module_label_are_refused() -> None:
+    with pytest.raises(InputError, match="apply to backbone names"):
+        build_backbone(_PooledCNN(), small_input=True)
+    with pytest.raises(InputError, match=r"was a Python module .* backbone=_PooledCNN"):
+        build_backbone("module/_PooledCNN")
+    with pytest.raises(InputError, match="must be a name or an nn.Module, got int"):
+        build_backbone(3)  # type: ignore[arg-type]

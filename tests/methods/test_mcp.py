@@ -493,3 +493,36 @@ def test_training_ends_with_recalibrated_subnet_statistics(tmp_path: Path) -> No
     assert not torch.allclose(
         got["net.bn1.running_var"], encoder["net.bn1.running_var"]
     )
+
+
+def test_your_own_backbone_module_trains_saves_and_loads_with_it(
+    tmp_path: Path,
+) -> None:
+    from lightly_mcp.errors import InputError
+    from lightly_mcp.methods.checkpoints import read_checkpoint
+    from tests.methods.test_backbones import _PooledCNN
+
+    torch.manual_seed(0)
+    kwargs = {k: v for k, v in TINY.items() if k not in ("backbone", "backbone_kwargs")}
+    model = MCP(backbone=_PooledCNN(), pruning_ratio=0.5, round_to=1, **kwargs)
+    assert model.hparams["backbone"] == "module/_PooledCNN"
+    assert model.backbone.feature_dim == 8 and len(model.groups) == 1
+    run = trainer(tmp_path, max_steps=2, enable_checkpointing=True)
+    run.fit(model, loader())
+    path = tmp_path / "mcp.ckpt"
+    run.save_checkpoint(path)
+    saved = read_checkpoint(path)  # weights_only: no module pickled in it
+    assert saved["hyper_parameters"]["backbone"] == "module/_PooledCNN"
+    with pytest.raises(InputError, match="pass the module again"):
+        MCP.load_from_checkpoint(path, weights_only=True)
+    loaded = MCP.load_from_checkpoint(path, weights_only=True, backbone=_PooledCNN())
+    state, expected = loaded.state_dict(), model.state_dict()
+    assert state.keys() == expected.keys()
+    assert all(torch.equal(state[k], expected[k]) for k in state)
+    # Exported from memory: the compact network of the module, folded and checked.
+    from lightly_mcp import export
+
+    report = export(loaded, tmp_path / "export", latency=False)
+    assert report["backbone"] == "module/_PooledCNN"
+    assert (tmp_path / "export" / "model.pt2").is_file()
+    assert report["compact"]["params"] < report["dense"]["params"]
