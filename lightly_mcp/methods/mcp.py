@@ -20,6 +20,7 @@ Reference:
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -40,7 +41,12 @@ from lightly_mcp.methods.checkpoints import (
     read_checkpoint,
 )
 from lightly_mcp.methods.moco_v2 import MoCoV2
-from lightly_mcp.methods.options import check_mcp_options
+from lightly_mcp.methods.options import (
+    CONVERGING_RESPONSE,
+    CONVERGING_SCHEDULE,
+    check_mcp_options,
+    converging_blocks,
+)
 from lightly_mcp.methods.transforms import build_transform
 from lightly_mcp.pruning.admm import ADMMRegularizer
 from lightly_mcp.pruning.compaction import compact
@@ -103,6 +109,15 @@ class MCP(MoCoV2):
             support_penalty``); ``"hard"`` sets them to zero at the start of the
             frozen phase and after every step, so the query encoder trains as the
             compact network the momentum subnet will be.
+        schedule: ``"manual"`` (the schedule arguments as given) or
+            ``"converging"``: laid out from the run's length (the Trainer's
+            ``max_steps`` or epochs) so that the mask settles: 2 to 4 ADMM blocks of
+            at least ``3 / (1 − momentum)`` steps where the run allows, ρ derived
+            for a θ-response of 1 per block (``rho_response``, if given, instead),
+            a cosine learning rate restarting every block, keys from the full
+            momentum encoder until the mask holds, the last block with the mask
+            frozen. A run too short for it is refused when training starts, with
+            the shortest that works.
         mask_updates: ``"admm"`` (every update projects ``θ_q + U`` anew: the
             method) or ``"fixed"`` (the start's magnitude mask is kept and ADMM
             pulls θ_q onto it with the same schedule and subnet keys: the ablation
@@ -214,6 +229,7 @@ class MCP(MoCoV2):
         frq: int = 100,
         dr: int = 1,
         mask_updates: str = "admm",
+        schedule: str = "manual",
         recalibration_batches: int = 20,
         keep_output_dim: bool = True,
         compact_keys: bool = True,
@@ -240,8 +256,34 @@ class MCP(MoCoV2):
                 "compact_keys": compact_keys,
                 "round_to": round_to,
                 "mask_updates": mask_updates,
+                "schedule": schedule,
             }
         )
+        if schedule == "converging":
+            given = {
+                "admm_interval_unit": admm_interval_unit,
+                "lr_schedule": lr_schedule,
+                "frozen_blocks": frozen_blocks,
+                "transition": transition,
+            }
+            defaults = inspect.signature(MCP.__init__).parameters
+            clash = [
+                name
+                for name, value in given.items()
+                if value not in (defaults[name].default, CONVERGING_SCHEDULE[name])
+            ]
+            if clash:
+                raise InputError(
+                    f"schedule='converging' sets {', '.join(CONVERGING_SCHEDULE)} "
+                    f"itself; {', '.join(clash)} given: leave them out, or use "
+                    "schedule='manual'."
+                )
+            admm_interval_unit = CONVERGING_SCHEDULE["admm_interval_unit"]
+            lr_schedule = CONVERGING_SCHEDULE["lr_schedule"]
+            frozen_blocks = CONVERGING_SCHEDULE["frozen_blocks"]
+            transition = CONVERGING_SCHEDULE["transition"]
+            if rho_response is None:
+                rho_response = CONVERGING_RESPONSE
         if rho_response is not None:
             if not self.hparams["sgd_momentum"] < 1:
                 raise InputError("rho_response needs sgd_momentum < 1.")
@@ -360,7 +402,10 @@ class MCP(MoCoV2):
             trainer = self.trainer
             total = int(trainer.estimated_stepping_batches)
             block = self.hparams["admm_interval"]
-            if self.hparams["admm_interval_unit"] == "epochs":
+            if self.hparams.get("schedule") == "converging":
+                _, block = converging_blocks(max(1, total), self.hparams["momentum"])
+                self.hparams["admm_interval"] = block
+            elif self.hparams["admm_interval_unit"] == "epochs":
                 batches = trainer.num_training_batches
                 if not math.isfinite(batches):
                     raise InputError(
@@ -448,7 +493,50 @@ class MCP(MoCoV2):
         self.subnet.refresh()
         schedule = self.block_schedule()
         if self.hparams["rho_response"] is not None:
-            self.admm.set_rho(self.block_rho(schedule.block_of(self.global_step)))
+            try:
+                rho = self.block_rho(schedule.block_of(self.global_step))
+            except InputError as error:
+                if self.hparams.get("schedule") != "converging":
+                    raise
+                raise InputError(self._too_short(schedule)) from error
+            self.admm.set_rho(rho)
+
+    def _too_short(self, schedule: BlockSchedule) -> str:
+        """``schedule='converging'``'s message for a run too short for its blocks:
+        the shortest run that works (found by doubling the run, then bisecting).
+        """
+
+        def fits(total: int) -> bool:
+            blocks = converging_blocks(total, self.hparams["momentum"])[1]
+            trial = BlockSchedule(
+                blocks, total, schedule.frozen_blocks, schedule.lr_schedule
+            )
+            peak = self.hparams["lr"] * self.batch_size_per_device / 256
+            try:
+                for block in range(trial.num_blocks):
+                    trial.derived_rho(
+                        block,
+                        self.hparams["rho_response"],
+                        lambda t: peak * trial.lr_factor(t),
+                        self.hparams["sgd_momentum"],
+                    )
+            except InputError:
+                return False
+            return True
+
+        low, high = schedule.total_steps, schedule.total_steps * 2
+        while not fits(high) and high < 1 << 24:
+            low, high = high, high * 2
+        while high - low > 1:
+            middle = (low + high) // 2
+            low, high = (low, middle) if fits(middle) else (middle, high)
+        return (
+            f"schedule='converging' needs a run of at least {high} optimizer steps "
+            f"for its ADMM blocks to settle the mask (θ-response "
+            f"{self.hparams['rho_response']:g}); this run has "
+            f"{schedule.total_steps}: raise the Trainer's max_steps (or epochs), or "
+            "lower rho_response."
+        )
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         """ADMM update at the end of every block (once per optimizer step)."""

@@ -19,6 +19,7 @@ Examples:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -27,6 +28,22 @@ from lightly_mcp.pruning.schedule import FROZEN_MASKS, LR_SCHEDULES, TRANSITIONS
 
 #: Units of ``admm_interval``.
 ADMM_INTERVAL_UNITS = ("steps", "epochs")
+
+#: ``schedule``: ``manual`` (the arguments as given) or ``converging`` (the blocks,
+#: ρ, learning rate and transition laid out from the run's length).
+SCHEDULES = ("manual", "converging")
+
+#: What ``schedule: converging`` sets (the values of the converging schedule of
+#: DESIGN.md section 8 at quickstart scale); ``admm_interval`` comes from the run.
+CONVERGING_SCHEDULE = {
+    "admm_interval_unit": "steps",
+    "lr_schedule": "block_cosine",
+    "frozen_blocks": 1,
+    "transition": "stable_mask",
+}
+#: The θ-response ``schedule: converging`` derives ρ for, unless ``rho_response``
+#: is given: the longest that 100-step blocks hold with SGD momentum 0.9.
+CONVERGING_RESPONSE = 1.0
 
 #: What an ADMM update does to the mask: ``admm`` (a new projection of θ + U, the
 #: method) or ``fixed`` (the start's magnitude mask kept; an ablation).
@@ -52,6 +69,7 @@ CHOICE_OPTIONS = {
     "frozen_mask": FROZEN_MASKS,
     "transition": TRANSITIONS,
     "mask_updates": MASK_UPDATES,
+    "schedule": SCHEDULES,
 }
 
 
@@ -65,7 +83,7 @@ def check_mcp_options(
             ``frozen_blocks``, ``recalibration_batches``, ``admm_interval_unit``,
             ``lr_schedule``, ``frozen_mask``, ``transition``, ``rho``,
             ``rho_growth``, ``rho_response``, ``compact_keys``, ``round_to``,
-            ``mask_updates``).
+            ``mask_updates``, ``schedule``).
         qualify: How a message names an option (e.g. ``'mcp.frq'`` in a recipe).
 
     Raises:
@@ -104,3 +122,13 @@ def check_mcp_options(
                 f"{qualify('rho_growth')} must be 1 with {qualify('rho_response')} "
                 "(rho is derived for every block)."
             )
+
+
+def converging_blocks(total_steps: int, momentum: float) -> tuple[int, int]:
+    """``(blocks, block_steps)`` of ``schedule: converging`` for a run of
+    ``total_steps``: blocks of at least ``3 / (1 − m)`` steps (the momentum encoder
+    follows the query encoder within a block) where the run allows, 2 to 4 of them.
+    """
+    follow = math.ceil(3.0 / (1.0 - momentum)) if momentum < 1 else total_steps
+    blocks = min(4, max(2, total_steps // max(1, follow)))
+    return blocks, max(1, math.ceil(total_steps / blocks))

@@ -526,3 +526,66 @@ def test_your_own_backbone_module_trains_saves_and_loads_with_it(
     assert report["backbone"] == "module/_PooledCNN"
     assert (tmp_path / "export" / "model.pt2").is_file()
     assert report["compact"]["params"] < report["dense"]["params"]
+
+
+# --- schedule="converging" --------------------------------------------------------------
+def _converging(**kwargs: Any) -> MCP:
+    tiny = {
+        **TINY,
+        "backbone": "torchvision/mobilenet_v2",
+        "backbone_kwargs": {"width_multiplier": 0.25},
+        "sgd_momentum": 0.9,
+    }
+    return MCP(pruning_ratio=0.5, round_to=1, schedule="converging", **tiny, **kwargs)
+
+
+def test_converging_blocks_follow_the_momentum_and_the_run() -> None:
+    from lightly_mcp.methods.options import converging_blocks
+
+    assert converging_blocks(200, 0.99) == (2, 100)  # the quickstart's
+    assert converging_blocks(1200, 0.99) == (4, 300)  # the accuracy grid's
+    assert converging_blocks(20000, 0.99) == (4, 5000)
+    assert converging_blocks(100, 0.9) == (3, 34)
+
+
+def test_converging_schedule_lays_out_its_blocks_from_the_run(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = _converging()
+    assert {
+        k: model.hparams[k]
+        for k in ("lr_schedule", "frozen_blocks", "transition", "rho_response")
+    } == {
+        "lr_schedule": "block_cosine",
+        "frozen_blocks": 1,
+        "transition": "stable_mask",
+        "rho_response": 1.0,
+    }
+    run = trainer(tmp_path, max_steps=200)
+    run.fit(model, loader(n=64, batch_size=8))
+    schedule = model.block_schedule()
+    assert (schedule.block_steps, schedule.num_blocks) == (100, 2)
+    assert model.hparams["admm_interval"] == 100
+    assert [b["step"] for b in model.block_history] == [100.0]  # block 2 frozen
+    path = tmp_path / "converging.ckpt"
+    run.save_checkpoint(path)
+    reloaded = MCP.load_from_checkpoint(path, weights_only=True)
+    assert reloaded.hparams["schedule"] == "converging"
+
+
+def test_converging_schedule_refuses_a_short_run_with_the_shortest_that_works(
+    tmp_path: Path,
+) -> None:
+    from lightly_mcp.errors import InputError
+
+    with pytest.raises(InputError, match="sets admm_interval_unit, lr_schedule"):
+        _converging(transition="paper", frq=3, frozen_blocks=2)
+    with pytest.raises(InputError) as refused:
+        trainer(tmp_path, max_steps=20).fit(_converging(), loader(n=64, batch_size=8))
+    message = str(refused.value)
+    assert "this run has 20" in message
+    shortest = int(message.split("at least ")[1].split()[0])
+    assert 40 < shortest < 400
+    torch.manual_seed(0)
+    trainer(tmp_path / "ok", max_steps=shortest).fit(
+        _converging(), loader(n=64, batch_size=8)
+    )
