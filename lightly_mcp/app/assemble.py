@@ -350,6 +350,7 @@ def mcp_model(recipe: Recipe, dense: Path | None = None) -> MCP:
         "frq": m.frq,
         "dr": m.dr,
         "mask_updates": m.mask_updates,
+        "schedule": m.schedule,
         "recalibration_batches": m.recalibration_batches,
         "keep_output_dim": m.keep_output_dim,
         "compact_keys": m.compact_keys,

@@ -222,7 +222,7 @@ def _fit(
     final = stage_dir / FINAL
     # Collective; rank 0 writes the file, atomically (AtomicCheckpointIO).
     trainer.save_checkpoint(str(final))
-    trainer.strategy.barrier("final.ckpt")  # the next stage reads it on every rank
+    trainer.strategy.barrier(FINAL)  # the next stage reads it on every rank
     return final
 
 

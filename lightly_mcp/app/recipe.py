@@ -149,6 +149,12 @@ class MCPSection(StageSchedule):
             until an update leaves the mask unchanged).
         mask_updates: ``admm`` (the method) or ``fixed`` (the start's magnitude
             mask kept at every update: an ablation).
+        schedule: ``manual`` (the keys above as given) or ``converging``: the ADMM
+            blocks, ρ (``rho_response`` 1 unless set), the learning rate and the
+            transition laid out from the stage's length (``MCP(schedule=...)``);
+            ``admm_interval``, ``admm_interval_unit``, ``lr_schedule``,
+            ``frozen_blocks`` and ``transition`` must then be left at their
+            defaults.
         recalibration_batches: Batches re-estimating the momentum subnet's
             BatchNorm statistics when training ends (0: off).
         compact_keys: Compute the momentum subnet's keys with a physically pruned
@@ -170,6 +176,7 @@ class MCPSection(StageSchedule):
     frq: int = 100
     dr: int = 1
     mask_updates: str = "admm"
+    schedule: str = "manual"
     recalibration_batches: int = 20
     keep_output_dim: bool = True
     compact_keys: bool = True

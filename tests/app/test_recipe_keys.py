@@ -170,6 +170,13 @@ def _transfer(out: Path, results: Results) -> None:
     assert held["models"]["compact"] != evaluated["models"]["compact"]
 
 
+def _converging(out: Path, results: Results) -> None:
+    saved = read_checkpoint(out / "prune" / "final.ckpt")["hyper_parameters"]
+    assert saved["schedule"] == "converging", saved["schedule"]
+    assert (saved["lr_schedule"], saved["frozen_blocks"]) == ("block_cosine", 1)
+    assert (saved["transition"], saved["admm_interval"]) == ("stable_mask", 4)
+
+
 def _baselines_skipped(out: Path, results: Results) -> None:
     assert "baselines" not in results["evaluate"]
 
@@ -309,6 +316,18 @@ CASES: dict[str, Case] = {
     ),
     "mcp.frq": Case(2, ("prune",), check=_hparam("prune", "frq", 2)),
     "mcp.dr": Case(2, ("prune",), check=_hparam("prune", "dr", 2)),
+    "mcp.schedule": Case(  # 8 steps: blocks of 4, rho for a response small enough
+        "converging",
+        ("prune",),
+        {
+            "mcp.admm_interval": 1,
+            "mcp.admm_interval_unit": "epochs",
+            "mcp.rho_response": 0.001,
+            "mcp.max_steps": 8,
+            "mcp.epochs": 4,
+        },
+        check=_converging,
+    ),
     "mcp.mask_updates": Case(
         "fixed", ("prune",), check=_hparam("prune", "mask_updates", "fixed")
     ),
