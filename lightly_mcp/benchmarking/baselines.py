@@ -361,7 +361,7 @@ class DistilledSmall(CompactMoCoV2):
         merge_split_batchnorm(teacher.backbone_momentum)
         self.teacher_backbone = teacher.backbone_momentum.requires_grad_(False)
         self.teacher_head = teacher.projection_head_momentum.requires_grad_(False)
-        self.criterion = SEEDLoss(  # type: ignore[assignment]
+        self.criterion = SEEDLoss(
             queue_size=int(self.hparams["memory_bank_size"]),
             dim=int(self.hparams["projection_dim"]),
             student_temperature=student_temperature,

@@ -278,10 +278,10 @@ class MCP(MoCoV2):
                     f"itself; {', '.join(clash)} given: leave them out, or use "
                     "schedule='manual'."
                 )
-            admm_interval_unit = CONVERGING_SCHEDULE["admm_interval_unit"]
-            lr_schedule = CONVERGING_SCHEDULE["lr_schedule"]
-            frozen_blocks = CONVERGING_SCHEDULE["frozen_blocks"]
-            transition = CONVERGING_SCHEDULE["transition"]
+            admm_interval_unit = str(CONVERGING_SCHEDULE["admm_interval_unit"])
+            lr_schedule = str(CONVERGING_SCHEDULE["lr_schedule"])
+            frozen_blocks = int(CONVERGING_SCHEDULE["frozen_blocks"])  # type: ignore[call-overload]
+            transition = str(CONVERGING_SCHEDULE["transition"])
             if rho_response is None:
                 rho_response = CONVERGING_RESPONSE
         if rho_response is not None:

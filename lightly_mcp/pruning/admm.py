@@ -21,6 +21,7 @@ from lightly_mcp.pruning.groups import (
 )
 from lightly_mcp.pruning.masks import (
     GroupMasks,
+    Masks,
     masked_tensors,
     parameter_multipliers,
     register_masks,
@@ -307,6 +308,7 @@ class ADMMRegularizer(nn.Module):
         params = self._parameters_of(encoder)
         u = self.u()
         shifted = {n: params[n].detach() + u[n] for n in self.param_names}
+        masks_new: Masks
         if self.fixed_mask:
             phi = self.group_masks.multipliers(shifted)
             z_new = {n: shifted[n] * phi[n] for n in self.param_names}
