@@ -30,15 +30,15 @@ model = MCP(
     batch_size_per_device=16,
     memory_bank_size=256,
     pruning_ratio=0.73,  # channels removed in every group
-    rho=0.01,
-    frq=4,  # smooth transition: 4, 3, 2, 1 full-encoder steps between subnet steps
-    dr=1,
-    admm_interval=2,
-    admm_interval_unit="steps",
+    schedule="converging",  # ADMM blocks, rho and transition from the Trainer's steps
     dense_checkpoint=None,  # or a MoCoV2 checkpoint to start from
 )
 trainer = pl.Trainer(
-    max_steps=8, accelerator="auto", devices=1, logger=False, enable_checkpointing=False
+    max_steps=160,
+    accelerator="auto",
+    devices=1,
+    logger=False,
+    enable_checkpointing=False,
 )
 trainer.fit(model, DataLoader(RandomImages(), batch_size=16, drop_last=True))
 
