@@ -230,6 +230,11 @@ def test_time_limit_refuses_a_pathological_graph_and_restores_the_model() -> Non
     # sliced residuals ran for minutes): far longer than 0.05 s.
     backbone = build_backbone("timm/rexnet_100").train()
     backbone.net.stem.requires_grad_(False)
+    # Traced before in this process (the backbone zoo, on the same pytest worker),
+    # its groups would be reused without tracing, and nothing would time out.
+    from lightly_mcp.pruning import prunable_groups
+
+    prunable_groups.clear_traced_groups()
     start = time.perf_counter()
     with pytest.raises(
         UnsupportedBackboneError, match="took longer than 0.05 s of CPU time"
