@@ -103,9 +103,11 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import datetime
 import inspect
+import json
 import math
 import platform
 import shlex
@@ -394,8 +396,6 @@ def distill_steps(
             f"{name} seed {ctx.seed}: its budget is {mcp_file.name}'s training time; "
             f"run --only {DISTILL_BUDGET_ROW} first"
         )
-    import json
-
     budget = float(json.loads(mcp_file.read_text())["train_seconds"])
     probe = copy_for_timing(model)
     _, loader = training_data(
@@ -429,8 +429,6 @@ def distill_steps(
 
 def copy_for_timing(model: LightningModule) -> LightningModule:
     """A copy of ``model`` whose timing steps leave the original untouched."""
-    import copy
-
     probe = copy.deepcopy(model)
     probe.log = lambda *args, **kwargs: None  # type: ignore[method-assign]
     return probe
@@ -708,8 +706,6 @@ def save_row_model(
     program, ``OUT/models/<name>_seed<k>.pt2`` (folded BatchNorm, any batch size;
     read with ``lightly_mcp.io.model_files.load_program``), checked against the
     network; None (with the reason printed) when it does not export."""
-    import copy
-
     network = copy.deepcopy(next(iter(networks.values()))).cpu().eval()
     merge_split_batchnorm(network)
     path = out / "models" / f"{name}_seed{seed}.pt2"

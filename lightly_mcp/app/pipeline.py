@@ -673,12 +673,7 @@ def _evaluate_on(
     cached = {name: stored[name] for name in wanted if name in stored}
     missing = [name for name in wanted if name not in cached]
     if missing:
-        extra, extra_runtimes = in_runtime(
-            _baseline_models(recipe, device, missing),
-            e.runtime,
-            recipe.data.input_size,
-            device,
-        )
+        extra, extra_runtimes = _baselines_in_runtime(recipe, device, missing)
         models.update(extra)
         runtimes.update(extra_runtimes)
     digest = DataDigest()
@@ -694,12 +689,7 @@ def _evaluate_on(
         # Same description, other images (files changed): recompute.
         stored = {}
         if cached:
-            extra, _ = in_runtime(
-                _baseline_models(recipe, device, list(cached)),
-                e.runtime,
-                recipe.data.input_size,
-                device,
-            )
+            extra, _ = _baselines_in_runtime(recipe, device, list(cached))
             for (features, _), loader in zip(embedded, (train_loader, test_loader)):
                 features.update(embed_models(extra, loader, device, progress)[0])
             cached = {}
@@ -759,6 +749,14 @@ def transfer_summary(part: dict[str, Any]) -> dict[str, Any]:
         for name, result in scores.items()
     }
     return summary
+
+
+def _baselines_in_runtime(
+    recipe: Recipe, device: str, names: Sequence[str]
+) -> tuple[dict[str, nn.Module], dict[str, str]]:
+    """The baselines of ``names`` (:func:`_baseline_models`) in the recipe's runtime."""
+    models = _baseline_models(recipe, device, names)
+    return in_runtime(models, recipe.eval.runtime, recipe.data.input_size, device)
 
 
 def _runtime_note(runtimes: dict[str, str]) -> str:

@@ -156,9 +156,9 @@ class LabeledImages(Dataset[tuple[Any, int]]):
         """Number of items of the full dataset, before ``subset`` (after
         :meth:`keep_classes`: the items of the kept classes).
         """
-        if self.kept_classes is not None:
-            return int(np.isin(self.base_labels, self.kept_classes).sum())
-        return len(self.base_labels)
+        return (
+            len(self.pool) if self.kept_classes is not None else len(self.base_labels)
+        )
 
     @property
     def pool(self) -> list[int]:
